@@ -1,0 +1,176 @@
+"""AsyncEngine: the engine loop in a background thread, many asyncio callers.
+
+The engine is owned by one thread. Callers talk to it through a command queue
+(add, abort) and receive outputs on per-request asyncio queues, so any number of
+coroutines on any event loops can stream at once. Leaving the iterator early
+(break, cancellation, client disconnect) aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.metrics import EngineStats
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no more requests can run."""
+
+
+@dataclass
+class _AddCommand:
+    prompt: str | list[int]
+    params: SamplingParams
+    request_id: str
+    priority: int
+    stream: "_Stream"
+    accepted: concurrent.futures.Future
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
+        self.engine = engine or LLMEngine(config)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopped = False
+        self._dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="semline-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    # --- public API -----------------------------------------------------------
+
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; the last one has `finished=True`."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine loop is not running ({self._dead_error!r})")
+        request_id = request_id or uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(_AddCommand(prompt, sampling_params or SamplingParams(), request_id, priority,
+                               stream, accepted))
+        await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters and gauges."""
+        return copy.deepcopy(self.engine.stats)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    # --- the engine thread --------------------------------------------------------
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not vanish
+            logger.exception("engine loop died")
+            self._dead_error = exc
+            self._stopped = True
+            for stream in self._streams.values():
+                stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _AddCommand):
+                self._add(command)
+            else:
+                self._abort(command[1])
+
+    def _add(self, command: _AddCommand) -> None:
+        try:
+            self.engine.add_request(command.prompt, command.params, command.request_id, command.priority)
+        except Exception as exc:  # validation errors go back to the caller
+            command.accepted.set_exception(exc)
+            return
+        self._streams[command.request_id] = command.stream
+        command.accepted.set_result(True)
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            # A failed step fails the requests in it rather than the whole engine.
+            logger.exception("engine step failed; aborting running requests")
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+                stream = self._streams.pop(request_id, None)
+                if stream:
+                    stream.put(RuntimeError(f"engine step failed: {exc!r}"))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put(output)

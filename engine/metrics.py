@@ -1,0 +1,101 @@
+"""The line's efficiency figures: FLOPs per step and energy, per request and in aggregate."""
+
+from __future__ import annotations
+
+import glob
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.models.llama import LlamaArgs
+
+
+def chunk_flops(args: LlamaArgs, num_cached: int, num_new: int, samples_token: bool) -> float:
+    """FLOPs to compute `num_new` tokens after `num_cached` ones.
+
+    2 x (layer parameters) per token, plus attention: QK^T and AV cost
+    2 x 2 x heads x head_dim per (query, key) pair, where query i sees
+    num_cached + i + 1 keys; plus the output head for a sampled token.
+    """
+    layer_params = args.num_parameters - args.vocab_size * args.hidden_size
+    pairs = num_new * num_cached + num_new * (num_new + 1) // 2
+    attention = 4 * args.num_layers * args.num_heads * args.head_dim * pairs
+    head = 2 * args.vocab_size * args.hidden_size if samples_token else 0
+    return float(2 * layer_params * num_new + attention + head)
+
+
+class EnergyMeter:
+    """Joules used by the device, measured where the platform allows, else estimated.
+
+    CUDA: NVML's total energy counter (through torch.cuda). CPU: RAPL package
+    counters under /sys/class/powercap when readable. Otherwise a configured
+    power figure times the busy time, labelled "estimate".
+    """
+
+    def __init__(self, device: torch.device, power_watts: float) -> None:
+        self.device = device
+        self.power_watts = power_watts
+        self._rapl_files = [f for f in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj")
+                            if f.count(":") == 1 and _readable(f)]
+        self.source = self._pick_source()
+
+    def _pick_source(self) -> str:
+        if self.device.type == "cuda":
+            try:
+                import pynvml  # noqa: F401
+
+                return "nvml"
+            except ImportError:
+                return "estimate"
+        return "rapl" if self._rapl_files else "estimate"
+
+    def read(self) -> float:
+        """A monotonic energy reading in joules (an estimate's reading is wall time x watts)."""
+        if self.source == "nvml":
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = self.device.index or 0
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+        if self.source == "rapl":
+            return sum(int(open(f).read()) for f in self._rapl_files) / 1e6
+        return time.perf_counter() * self.power_watts
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path) as f:
+            int(f.read())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class EngineStats:
+    """Aggregate counters since the engine started (monotonic), and current gauges."""
+
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    flops: float = 0.0
+    energy_joules: float = 0.0
+    busy_seconds: float = 0.0
+    finished_reasons: dict[str, int] = field(default_factory=dict)
+    # Gauges, refreshed every step.
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        return self.num_generation_tokens / self.busy_seconds if self.busy_seconds else 0.0
+
+    @property
+    def joules_per_token(self) -> float:
+        total = self.num_prompt_tokens + self.num_generation_tokens
+        return self.energy_joules / total if total else 0.0

@@ -1,0 +1,136 @@
+"""Turns a scheduled step into tensors, runs the model, returns logits.
+
+The runner owns the weights and the KV cache tensors; the block manager owns
+the accounting. Everything here is per step: one forward for all chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import AttentionMetadata, build_decode_groups, make_prefill_chunk
+from engine.config import EngineConfig
+from engine.loader import load_weights
+from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding
+from engine.scheduler import ScheduledChunk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_GB = 2.0
+CUDA_KV_CACHE_FRACTION = 0.8
+
+
+@dataclass
+class ModelInput:
+    """One step's batch, flattened across sequences."""
+
+    # [T] token ids, chunk after chunk.
+    input_ids: torch.Tensor
+    # [T] position of each token in its sequence.
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    # [N] flat index of the last token of each chunk that samples (chunk order).
+    logits_indices: torch.Tensor
+
+
+def kv_bytes_per_block(args: LlamaArgs, block_size: int, dtype: torch.dtype, num_layers: int) -> int:
+    """K and V for `block_size` tokens over `num_layers` layers."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * num_layers * block_size * args.num_kv_heads * args.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.args = LlamaArgs.from_hf_config(hf_config)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.args, hf_config, max_model_len)
+        # Built on the meta device (no random init), then filled from the checkpoint.
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.rotary = RotaryEmbedding(hf_config, self.args.head_dim, max_model_len).to(device)
+        model.load_hf_weights(load_weights(model_dir, model.weight_names(), dtype))
+        self.model = model.eval()
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    # --- KV cache -----------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = kv_bytes_per_block(self.args, self.block_size, self.dtype, len(self.model.layers))
+        if self.config.kv_cache_memory_gb is not None:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * CUDA_KV_CACHE_FRACTION
+        else:
+            budget = DEFAULT_CPU_KV_CACHE_GB * 2**30
+        return max(1, int(budget // per_block))
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, self.block_size, self.args.num_kv_heads, self.args.head_dim)
+        logger.info("KV cache: %d blocks x %d tokens (%s)", num_blocks, self.block_size, self.dtype)
+        return [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in self.model.layers
+        ]
+
+    # --- one step -----------------------------------------------------------
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> ModelInput:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_indices: list[int] = []
+        decode_tokens, decode_tables, decode_lens = [], [], []
+        prefill_chunks = []
+        bs = self.block_size
+        for chunk in chunks:
+            request = chunk.request
+            start = request.num_computed_tokens
+            end = start + chunk.num_new_tokens
+            offset = len(input_ids)
+            input_ids += request.token_ids_slice(start, end)
+            positions += range(start, end)
+            table = request.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if chunk.num_new_tokens == 1:
+                decode_tokens.append(offset)
+                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_lens.append(end)
+            else:
+                prefill_chunks.append(make_prefill_chunk(offset, offset + chunk.num_new_tokens, start,
+                                                         table, bs, self.device))
+            if chunk.samples_token:
+                logits_indices.append(len(input_ids) - 1)
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            decode_groups=build_decode_groups(decode_tokens, decode_tables, decode_lens, bs,
+                                              self.device, self.dtype),
+            prefill_chunks=prefill_chunks,
+            block_size=bs,
+        )
+        return ModelInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            attn=attn,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def execute(self, model_input: ModelInput) -> torch.Tensor:
+        """Run the forward; [N, V] fp32 logits for the chunks that sample."""
+        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches, model_input.attn)
+        if model_input.logits_indices.numel() == 0:
+            return torch.empty(0, self.args.vocab_size, device=self.device)
+        return self.model.compute_logits(hidden[model_input.logits_indices])

@@ -1,0 +1,110 @@
+"""A request's state as it moves through the line.
+
+There is no prefill phase or decode phase: each request has a number of
+computed tokens (whose K/V sit in the cache) that must catch up with its number
+of tokens (prompt + generated). A fresh request is far behind (its prompt), a
+decoding one is one token behind, a preempted one starts again from zero.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from engine.outputs import RequestMetrics, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+class Request:
+    """Mutable state of one request; owned by the engine thread."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        # 0 = realtime; larger numbers run later.
+        self.priority = priority
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        # Monotonic tie-breaker for FIFO order within a priority; set by the scheduler.
+        self.arrival_seq = 0
+        self.status = RequestStatus.WAITING
+        self.output_token_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprob] = []
+        # Output tokens already reported in a RequestOutput (for deltas).
+        self.num_output_tokens_sent = 0
+        # Tokens whose K/V are in the cache.
+        self.num_computed_tokens = 0
+        # KV block ids, one per block_size tokens.
+        self.block_table: list[int] = []
+        self.stop_reason: str | int | None = None
+        # Per-request RNG so a seed gives the same text whatever else is in the batch.
+        self.generator: torch.Generator | None = None
+        self.metrics = RequestMetrics(
+            arrival_time=self.arrival_time, num_prompt_tokens=len(prompt_token_ids)
+        )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without building the whole list."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def sort_key(self) -> tuple[int, int]:
+        """Scheduling order: lower priority number first, then earlier arrival."""
+        return (self.priority, self.arrival_seq)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.value}, prio={self.priority}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+        )

@@ -1,0 +1,120 @@
+"""From logits to one token per sequence: penalties, temperature, top-k/p, min-p, seeds, logprobs.
+
+Logprobs are the model's own distribution (log-softmax of the raw logits), as
+OpenAI and vLLM report them. A request with a seed samples from its own
+generator, so its text does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.request import Request
+
+
+@dataclass
+class SampledLogprobs:
+    """Logprob of the sampled token and the top-n alternatives."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    # One sampled token id per input row.
+    token_ids: list[int]
+    # Per row: logprobs when the request asked for them, else None.
+    logprobs: list[SampledLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed % 2**64)
+        return gen
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: [N, V] fp32, row i belongs to requests[i]."""
+        raw_logprobs = None
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        rows_with_penalties = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
+        if rows_with_penalties:
+            logits = logits.clone()
+            _apply_penalties(logits, rows_with_penalties, requests)
+        token_ids = logits.argmax(dim=-1).tolist()
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
+        if random_rows:
+            sampled = self._sample(logits[random_rows], [requests[i] for i in random_rows])
+            for i, token in zip(random_rows, sampled):
+                token_ids[i] = token
+        logprobs = [
+            _gather_logprobs(raw_logprobs[i], token_ids[i], r.sampling_params.logprobs)
+            if r.sampling_params.logprobs is not None else None
+            for i, r in enumerate(requests)
+        ]
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        # logits: [R, V] rows of the requests that sample randomly.
+        params = [r.sampling_params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            probs = _top_k_top_p(probs, params)
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        if bool((min_p > 0).any()):
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        tokens = []
+        for row, request in enumerate(requests):
+            gen = request.generator or self.generator
+            tokens.append(int(torch.multinomial(probs[row], 1, generator=gen)))
+        return tokens
+
+
+def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    vocab = probs.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    top_p = torch.tensor([p.top_p for p in params], device=probs.device)
+    ranks = torch.arange(vocab, device=probs.device)[None, :]
+    # Keep a token while the mass before it is below top_p (so the top token always stays).
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (ranks >= top_k[:, None]) | (mass_before >= top_p[:, None])
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+    """In place on logits[rows]: repetition (prompt + output), presence and frequency (output)."""
+    vocab = logits.shape[-1]
+    for row in rows:
+        request = requests[row]
+        params = request.sampling_params
+        output = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(request.all_token_ids, dtype=torch.long, device=logits.device).unique()
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                            values * params.repetition_penalty)
+        logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _gather_logprobs(row_logprobs: torch.Tensor, token_id: int, num_top: int) -> SampledLogprobs:
+    top_ids: list[int] = []
+    top_values: list[float] = []
+    if num_top > 0:
+        values, ids = row_logprobs.topk(num_top)
+        top_ids, top_values = ids.tolist(), values.tolist()
+    return SampledLogprobs(logprob=float(row_logprobs[token_id]), top_ids=top_ids, top_logprobs=top_values)

@@ -1,0 +1,80 @@
+"""Per-request sampling parameters, validated by pydantic (errors name the field)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LEN = 256
+
+
+class SamplingParams(BaseModel):
+    """How to pick each next token and when to stop."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
+    top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 keeps all.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="HF-style penalty on tokens already in prompt or output."
+    )
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
+    seed: int | None = Field(None, description="Same seed gives the same text, whatever else runs.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation (removed).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end generation.")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return the sampled token's logprob and this many top ones."
+    )
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        for s in value:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_STRING_LEN:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LEN} characters")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_ids(cls, value: list[int]) -> list[int]:
+        if any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be non-negative")
+        return value
+
+    @model_validator(mode="after")
+    def _check_seed(self):
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
+            raise ValueError("seed must fit in 64 bits")
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )

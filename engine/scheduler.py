@@ -1,0 +1,177 @@
+"""Iteration-level scheduling under a token budget, with priorities and preemption.
+
+Every step the scheduler decides, for each request, how many of its tokens to
+compute: the whole rest of a short prompt, a chunk of a long one, or the one new
+token of a decoding request. Running requests go first (in priority order), so
+decodes are never starved by a long prefill; waiting requests fill what is left
+of the budget. When KV blocks run out, the lowest-priority, latest-arrived
+running request is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """A run of one request's tokens computed in this step."""
+
+    request: Request
+    # Tokens [request.num_computed_tokens, + num_new_tokens) are computed now.
+    num_new_tokens: int
+    # True when the chunk reaches the request's last token, so a new token is sampled.
+    samples_token: bool
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes."""
+
+    # In execution order: running requests first, then newly admitted ones.
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Requests preempted in this step (blocks freed, back in the waiting queue).
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.block_manager = block_manager
+        # Heap of (priority, arrival_seq, request).
+        self.waiting: list[tuple[int, int, Request]] = []
+        # Kept sorted by Request.sort_key at the start of each step.
+        self.running: list[Request] = []
+        self._arrival_counter = itertools.count()
+        self.num_preemptions = 0
+
+    # --- queue management -------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        request.arrival_seq = next(self._arrival_counter)
+        self._push_waiting(request)
+
+    def _push_waiting(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        heapq.heappush(self.waiting, (request.priority, request.arrival_seq, request))
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues for good and free its blocks."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status == RequestStatus.WAITING:
+            self.waiting = [item for item in self.waiting if item[2] is not request]
+            heapq.heapify(self.waiting)
+        request.status = status
+        self.block_manager.free(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self._push_waiting(request)
+
+    # --- the step ---------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self.running.sort(key=Request.sort_key)
+        self._make_room_for_higher_priority(out)
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _make_room_for_higher_priority(self, out: SchedulerOutput) -> None:
+        """Preempt lower-priority running requests a waiting higher-priority one cannot run without."""
+        if not self.waiting:
+            return
+        head = self.waiting[0][2]
+        num_new = self._num_new_tokens(head, self.max_num_batched_tokens)
+        needed = self.block_manager.num_blocks_needed(head, head.num_computed_tokens + num_new)
+        while self.running and self.running[-1].priority > head.priority and (
+            len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(needed)
+        ):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                index += 1
+                continue
+            if not self._allocate_or_preempt(request, num_new, out):
+                break  # the request preempted itself: nothing behind it can run either
+            self._add_chunk(out, request, num_new)
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Allocate blocks for the chunk, preempting from the back of `running` as needed."""
+        total = request.num_computed_tokens + num_new
+        while not self.block_manager.allocate_slots(request, total):
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0][2]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                break
+            if not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+                break
+            heapq.heappop(self.waiting)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add_chunk(out, request, num_new)
+            budget -= num_new
+
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= budget:
+            return remaining
+        # Without chunked prefill a prompt runs whole or waits for a step with room.
+        return budget if self.enable_chunked_prefill else 0
+
+    @staticmethod
+    def _add_chunk(out: SchedulerOutput, request: Request, num_new: int) -> None:
+        samples = request.num_computed_tokens + num_new == request.num_tokens
+        out.chunks.append(ScheduledChunk(request, num_new, samples))
