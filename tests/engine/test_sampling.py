@@ -1,0 +1,155 @@
+"""Sampling parameters behave as documented; invalid ones are rejected by name."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from engine import RequestError, SamplingParams
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=24, seed=1234, ignore_eos=True)
+    [alone] = llm.generate("Once upon a time", params)
+    [again] = llm.generate("Once upon a time", params)
+    assert alone.token_ids == again.token_ids
+    others = [
+        SamplingParams(temperature=0.8, max_tokens=30, seed=7, ignore_eos=True),
+        SamplingParams(temperature=1.3, max_tokens=10, ignore_eos=True),  # unseeded neighbour
+        params,
+        SamplingParams(temperature=0.0, max_tokens=5),
+    ]
+    prompts = ["The weather today", "Numbers: 1, 2,", "Once upon a time", "Hello"]
+    batch = llm.generate(prompts, others)
+    assert batch[2].token_ids == alone.token_ids
+    # A different seed gives a different continuation (24 tokens at T=1 never collide by chance).
+    [other_seed] = llm.generate("Once upon a time", params.model_copy(update={"seed": 4321}))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_max_tokens_and_length_finish(llm):
+    [out] = llm.generate("The alphabet:", SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    assert out.metrics.num_generated_tokens == 7
+
+
+def test_stop_string_is_removed_and_ends_generation(llm):
+    prompt = "Count: 1, 2, 3, 4, 5, 6,"
+    [free] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert " 9" in free.text
+    [out] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=[" 9", "never"]))
+    assert out.finish_reason == "stop" and out.stop_reason == " 9"
+    assert out.text == free.text[: free.text.index(" 9")]
+    assert len(out.token_ids) < len(free.token_ids)
+
+
+def test_stop_token_ids(llm, tokenizer):
+    prompt = "Count: 1, 2, 3, 4, 5, 6,"
+    [free] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    # The first token (after the first) that did not occur before it.
+    at = next(i for i in range(1, 10) if free.token_ids[i] not in free.token_ids[:i])
+    stop_id = free.token_ids[at]
+    [out] = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id]))
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    assert out.token_ids == free.token_ids[: at + 1]
+    assert out.text == tokenizer.decode(free.token_ids[:at])
+
+
+def test_eos_ends_generation_unless_ignored(llm):
+    chat = [{"role": "user", "content": "Say hi."}]
+    [out] = llm.chat(chat, SamplingParams(temperature=0, max_tokens=200))
+    assert out.finish_reason == "stop" and out.token_ids[-1] in llm.engine.eos_token_ids
+    assert "<|im_end|>" not in out.text
+    [ignored] = llm.chat(chat, SamplingParams(temperature=0, max_tokens=len(out.token_ids) + 3, ignore_eos=True))
+    assert ignored.finish_reason == "length" and ignored.token_ids[: len(out.token_ids)] == out.token_ids
+
+
+def test_logprobs_shape_and_values(llm):
+    [out] = llm.generate("Paris is the capital of", SamplingParams(temperature=0.7, seed=3, max_tokens=6,
+                                                                    logprobs=4, ignore_eos=True))
+    assert len(out.logprobs) == 6
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert entry.token_id == token and entry.logprob <= 0
+        assert len(entry.top_logprobs) == 4
+        values = [lp for _, _, lp in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1.0 + 1e-5
+        assert entry.logprob <= values[0] + 1e-6
+    [none] = llm.generate("Paris", SamplingParams(max_tokens=2))
+    assert none.logprobs is None
+
+
+def test_top_k_one_is_greedy(llm):
+    [greedy] = llm.generate("The sky is", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    [top1] = llm.generate("The sky is", SamplingParams(temperature=1.5, top_k=1, seed=9, max_tokens=12,
+                                                        ignore_eos=True))
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_penalties_change_repetitive_output(llm):
+    prompt = "Repeat after me: apple apple apple apple apple"
+    base = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    [plain] = llm.generate(prompt, base)
+    [penalised] = llm.generate(prompt, base.model_copy(update={"frequency_penalty": 2.0,
+                                                               "repetition_penalty": 1.5}))
+    assert plain.token_ids != penalised.token_ids
+    assert len(set(penalised.token_ids)) > len(set(plain.token_ids))
+
+
+def test_multibyte_text_is_never_split(llm, tokenizer):
+    """Streaming deltas concatenate to the full decode and never end in half a character."""
+    engine = llm.engine
+    engine.add_request("日本の首都は東京です。大阪は", SamplingParams(temperature=0, max_tokens=40,
+                                                               ignore_eos=True), request_id="jp")
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            final = out
+    assert "".join(deltas) == final.text == tokenizer.decode(final.token_ids)
+    # Only the last output may hold a partial character (max_tokens can cut one in half).
+    assert not any("\ufffd" in d for d in deltas[:-1])
+    assert any(ord(ch) > 0x3000 for ch in final.text)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", 0),
+        ("temperature", -0.5),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 2.0),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 3.0),
+        ("frequency_penalty", -2.5),
+        ("logprobs", 50),
+        ("stop", [""]),
+        ("stop_token_ids", [-1]),
+        ("no_such_field", 1),
+    ],
+)
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**{field: value})
+    assert field in str(info.value)
+
+
+def test_prompt_too_long_or_empty_is_rejected(llm):
+    engine = llm.engine
+    with pytest.raises(RequestError, match="context"):
+        engine.add_request([1] * engine.max_model_len, SamplingParams())
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("", SamplingParams())
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request([10**9], SamplingParams())
+    assert not engine.has_unfinished_requests()
+
+
+def test_output_stops_at_context_limit(make_llm):
+    short = make_llm(max_model_len=32)
+    [out] = short.generate([5] * 20, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.token_ids) == 12
