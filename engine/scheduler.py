@@ -92,8 +92,9 @@ class Scheduler:
         request.status = status
         self.block_manager.free(request)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.block_manager.free(request)
+        out.preempted.append(request)
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -102,12 +103,39 @@ class Scheduler:
     # --- the step ---------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks: running and waiting requests merged by priority.
+
+        Within a priority, running requests go first (decodes are never starved by a
+        new prefill). A waiting request of a better priority goes before running ones
+        of a worse priority, so a realtime prompt never waits behind a batch prefill.
+        """
         out = SchedulerOutput()
         self.running.sort(key=Request.sort_key)
         self._make_room_for_higher_priority(out)
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
-        if not out.preempted:
-            self._schedule_waiting(out, budget)
+        num_preempted_for_priority = len(out.preempted)
+        budget = self.max_num_batched_tokens
+        index = 0  # running[:index] have been considered this step
+        can_admit = True  # False once a request could not get blocks or a seat
+        while budget > 0:
+            # A step that ran out of blocks admits nothing new: the preempted come back first.
+            can_admit = can_admit and len(out.preempted) == num_preempted_for_priority
+            request = self.running[index] if index < len(self.running) else None
+            head = self.waiting[0][2] if self.waiting and can_admit else None
+            if request is None and head is None:
+                break
+            if request is not None and (head is None or request.priority <= head.priority):
+                num_new = self._num_new_tokens(request, budget)
+                if num_new and not self._allocate_or_preempt(request, num_new, out):
+                    continue  # the request preempted itself; `running` shrank under index
+                if num_new:
+                    self._add_chunk(out, request, num_new)
+                    budget -= num_new
+                index += 1
+            elif self._admit(head, budget, index, out):
+                budget -= out.chunks[-1].num_new_tokens
+                index += 1
+            else:
+                can_admit = False
         return out
 
     def _make_room_for_higher_priority(self, out: SchedulerOutput) -> None:
@@ -120,49 +148,30 @@ class Scheduler:
         while self.running and self.running[-1].priority > head.priority and (
             len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(needed)
         ):
-            victim = self.running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim)
-
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = self._num_new_tokens(request, budget)
-            if num_new == 0:
-                index += 1
-                continue
-            if not self._allocate_or_preempt(request, num_new, out):
-                break  # the request preempted itself: nothing behind it can run either
-            self._add_chunk(out, request, num_new)
-            budget -= num_new
-            index += 1
-        return budget
+            self._preempt(self.running.pop(), out)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for the chunk, preempting from the back of `running` as needed."""
         total = request.num_computed_tokens + num_new
         while not self.block_manager.allocate_slots(request, total):
             victim = self.running.pop()
-            self._preempt(victim)
-            out.preempted.append(victim)
+            self._preempt(victim, out)
             if victim is request:
                 return False
         return True
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0][2]
-            num_new = self._num_new_tokens(request, budget)
-            if num_new == 0:
-                break
-            if not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
-                break
-            heapq.heappop(self.waiting)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            self._add_chunk(out, request, num_new)
-            budget -= num_new
+    def _admit(self, request: Request, budget: int, index: int, out: SchedulerOutput) -> bool:
+        """Move the waiting head into `running` at `index` with its first chunk, if it fits."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        num_new = self._num_new_tokens(request, budget)
+        if num_new == 0 or not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+            return False
+        heapq.heappop(self.waiting)
+        request.status = RequestStatus.RUNNING
+        self.running.insert(index, request)
+        self._add_chunk(out, request, num_new)
+        return True
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
