@@ -4,10 +4,12 @@ The K/V cache of one layer is a tensor [num_blocks, block_size, num_kv_heads, he
 Each step first writes the new tokens' K/V into their slots, then reads every
 sequence's context back through its block table:
 
-- decode tokens (one query per sequence) are grouped by context length; each
-  group gathers its blocks into a padded [B, L] buffer with one index_select and
-  runs one SDPA call, the query heads that share a KV head folded into the query
-  axis so K/V are never repeated for grouped-query attention;
+- decode tokens (one query per sequence) run through semline's compiled CPU
+  kernel (engine/kernels), which reads K/V in place through the block tables;
+  where it is not available (CUDA, no compiler) they are grouped by context
+  length, each group gathered into a padded [B, L] buffer with one index_select
+  and run through one SDPA call, the query heads that share a KV head folded
+  into the query axis so K/V are never repeated for grouped-query attention;
 - prefill chunks (many queries of one sequence) run one SDPA call each, causal
   over the chunk and full over the cached context before it.
 
@@ -52,11 +54,27 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeBatch:
+    """All decode sequences, for the compiled kernel that reads K/V through block tables."""
+
+    # [B] positions of the query tokens in the flat batch.
+    token_indices: torch.Tensor
+    # [B, max_blocks] int64 block tables, rows padded with block 0.
+    block_tables: torch.Tensor
+    # [B] int64 keys each query attends to.
+    context_lens: torch.Tensor
+    # The compiled module (engine.kernels) that runs it.
+    kernel: object
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step attention inputs shared by every layer."""
 
     # [T] flat slot (block_id * block_size + offset) where each new token's K/V go.
     slot_mapping: torch.Tensor
+    # Decode tokens go either through the kernel (decode_batch) or gathered groups.
+    decode_batch: DecodeBatch | None = None
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
@@ -82,6 +100,10 @@ def paged_attention(
     """q: [T, H, D]; k, v: [T, KVH, D] (this step's); caches: [N, block_size, KVH, D] -> [T, H, D]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
+    batch = meta.decode_batch
+    if batch is not None:
+        out[batch.token_indices] = batch.kernel.paged_decode_attention(
+            q[batch.token_indices], k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
     for group in meta.decode_groups:
         out[group.token_indices] = _decode_attention(q[group.token_indices], k_cache, v_cache, group, scale)
     for chunk in meta.prefill_chunks:
@@ -174,6 +196,20 @@ def _partition(sorted_lens: list[int], overhead: int) -> list[tuple[int, int]]:
         runs.append((cut[end], end))
         end = cut[end]
     return runs[::-1]
+
+
+def build_decode_batch(token_indices: list[int], block_tables: list[list[int]], context_lens: list[int],
+                       device: torch.device, kernel) -> DecodeBatch:
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.long)
+    for row, table in enumerate(block_tables):
+        tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    return DecodeBatch(
+        token_indices=torch.tensor(token_indices, device=device),
+        block_tables=tables.to(device),
+        context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
+        kernel=kernel,
+    )
 
 
 def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype):

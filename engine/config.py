@@ -44,6 +44,12 @@ class EngineConfig:
     max_model_len: int | None = None
     # Split long prompts into chunks that share steps with running decodes.
     enable_chunked_prefill: bool = True
+    # Decode attention: "auto" (semline's compiled CPU kernel when it builds, else
+    # PyTorch), "cpu_kernel" (require the kernel) or "torch" (gather + SDPA).
+    attention_backend: str = "auto"
+    # CPU float32: run linear layers through oneDNN with prepacked weights
+    # (engine/models/linear.py); off = PyTorch's default GEMM.
+    onednn_linear: bool = True
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.
@@ -58,6 +64,9 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "cpu_kernel", "torch"):
+            raise ConfigError(f"attention_backend must be 'auto', 'cpu_kernel' or 'torch', "
+                              f"got {self.attention_backend!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

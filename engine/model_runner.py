@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata, build_decode_groups, make_prefill_chunk
+from engine.attention import AttentionMetadata, build_decode_batch, build_decode_groups, make_prefill_chunk
 from engine.config import EngineConfig
 from engine.loader import load_weights
+from engine.models.linear import onednn_available, prepack_linears
 from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding
 from engine.scheduler import ScheduledChunk
 
@@ -57,9 +58,24 @@ class ModelRunner:
         model = model.to(dtype=dtype).to_empty(device=device)
         model.rotary = RotaryEmbedding(hf_config, self.args.head_dim, max_model_len).to(device)
         model.load_hf_weights(load_weights(model_dir, model.weight_names(), dtype))
+        if config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
+            prepack_linears(model)
         self.model = model.eval()
+        self.decode_kernel = self._pick_decode_kernel()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    def _pick_decode_kernel(self):
+        """semline's compiled paged-attention kernel on the CPU, unless told otherwise."""
+        backend = self.config.attention_backend
+        if backend == "torch" or self.device.type != "cpu":
+            return None
+        from engine.kernels import load_paged_attention
+
+        kernel = load_paged_attention()
+        if kernel is None and backend == "cpu_kernel":
+            raise RuntimeError("attention_backend 'cpu_kernel' requested but the kernel could not be built")
+        return kernel
 
     # --- KV cache -----------------------------------------------------------
 
@@ -115,11 +131,15 @@ class ModelRunner:
                 logits_indices.append(len(input_ids) - 1)
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            decode_groups=build_decode_groups(decode_tokens, decode_tables, decode_lens, bs,
-                                              self.device, self.dtype),
             prefill_chunks=prefill_chunks,
             block_size=bs,
         )
+        if decode_tokens and self.decode_kernel is not None:
+            attn.decode_batch = build_decode_batch(decode_tokens, decode_tables, decode_lens,
+                                                   self.device, self.decode_kernel)
+        elif decode_tokens:
+            attn.decode_groups = build_decode_groups(decode_tokens, decode_tables, decode_lens, bs,
+                                                     self.device, self.dtype)
         return ModelInput(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),

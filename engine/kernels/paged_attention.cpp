@@ -1,0 +1,130 @@
+// Paged decode attention for the CPU: one query token per sequence, K/V read in
+// place through the block table (no gather copy, no padding).
+//
+// q:            [B, H, D]                  (contiguous)
+// k/v cache:    [N, block_size, KVH, D]    (contiguous)
+// block_tables: [B, max_blocks] int64      (rows padded with any valid id)
+// context_lens: [B] int64                  (keys each query attends to)
+// returns:      [B, H, D]
+//
+// Work is split over sequences (or, for small batches, sequence x KV head); the
+// query heads that share a KV head read the same rows, so each is loaded once.
+// Scores are accumulated in float32 whatever the cache dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+inline float dot(const float* q, const scalar_t* k, int64_t dim) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<float>(k[d]);
+  return sum;
+}
+
+template <typename scalar_t>
+inline void axpy(float* acc, float w, const scalar_t* v, int64_t dim) {
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) acc[d] += w * static_cast<float>(v[d]);
+}
+
+// One work item: heads [head_begin, head_end) of sequence b. Keys and values are
+// walked token by token in slot order, so each item streams its rows once.
+template <typename scalar_t>
+void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
+            int64_t length, scalar_t* out, int64_t head_begin, int64_t head_end, int64_t group,
+            int64_t num_kv_heads, int64_t dim, int64_t block_size, float scale,
+            std::vector<float>& queries, std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t heads = head_end - head_begin;
+  const int64_t token_stride = num_kv_heads * dim;  // between consecutive slots
+  queries.resize(heads * dim);
+  scores.resize(heads * length);
+  acc.assign(heads * dim, 0.f);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < dim; ++d) queries[h * dim + d] = static_cast<float>(q[(head_begin + h) * dim + d]) * scale;
+  // Pass 1: every head's score for every key.
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    const scalar_t* row = k_cache + slot * token_stride;
+    for (int64_t h = 0; h < heads; ++h)
+      scores[h * length + t] = dot(&queries[h * dim], row + ((head_begin + h) / group) * dim, dim);
+  }
+  // Pass 2: softmax per head (max-subtracted, float32); keep 1 / sum.
+  std::vector<float> inv_totals(heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = &scores[h * length];
+    const float max_score = *std::max_element(s, s + length);
+    float total = 0.f;
+    for (int64_t t = 0; t < length; ++t) {
+      s[t] = std::exp(s[t] - max_score);
+      total += s[t];
+    }
+    inv_totals[h] = 1.f / total;
+  }
+  // Pass 3: weighted sum of the values.
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    const scalar_t* row = v_cache + slot * token_stride;
+    for (int64_t h = 0; h < heads; ++h)
+      axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
+  }
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < dim; ++d)
+      out[(head_begin + h) * dim + d] = static_cast<scalar_t>(acc[h * dim + d] * inv_totals[h]);
+}
+
+template <typename scalar_t>
+void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                      const int64_t* block_tables, const int64_t* context_lens, scalar_t* out,
+                      int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim,
+                      int64_t block_size, int64_t max_blocks, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  // Whole sequences per item when there are enough to keep every thread busy (each
+  // K/V row is then read once); otherwise split sequences by KV head.
+  const int64_t splits = batch >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
+  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries, scores, acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / splits, part = item % splits;
+      const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
+      attend(q + b * num_heads * dim, k_cache, v_cache, block_tables + b * max_blocks, context_lens[b],
+             out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
+             queries, scores, acc);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "not contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_tables and context_lens must be int64");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  const int64_t batch = q.size(0), num_heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim && num_heads % num_kv_heads == 0, "head shapes disagree");
+  TORCH_CHECK(tables.size(0) == batch && lens.size(0) == batch, "one table and length per sequence");
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    decode_attention<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
+                               v_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
+                               lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, num_heads,
+                               num_kv_heads, dim, block_size, tables.size(1), static_cast<float>(scale));
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)");
+}
