@@ -58,7 +58,9 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
   std::vector<float> inv_totals(heads);
   for (int64_t h = 0; h < heads; ++h) {
     float* s = &scores[h * length];
-    const float max_score = *std::max_element(s, s + length);
+    float max_score = s[0];
+#pragma omp simd reduction(max : max_score)
+    for (int64_t t = 0; t < length; ++t) max_score = std::max(max_score, s[t]);
     float total = 0.f;
     for (int64_t t = 0; t < length; ++t) {
       s[t] = std::exp(s[t] - max_score);
@@ -87,16 +89,20 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
   // Whole sequences per item when there are enough to keep every thread busy (each
   // K/V row is then read once); otherwise split sequences by KV head.
   const int64_t splits = batch >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
-  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
+  // Dynamic scheduling: sequence lengths differ, so static halves would leave a thread idle.
+  const int64_t num_items = batch * splits;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> queries, scores, acc;
-    for (int64_t item = begin; item < end; ++item) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / splits, part = item % splits;
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
       attend(q + b * num_heads * dim, k_cache, v_cache, block_tables + b * max_blocks, context_lens[b],
              out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
              queries, scores, acc);
     }
-  });
+  }
 }
 
 }  // namespace

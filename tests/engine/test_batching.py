@@ -119,3 +119,12 @@ def test_abort_frees_blocks_at_once(make_llm, tokenizer):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.has_unfinished_requests()
     assert engine.abort_request("unknown") is None
+
+
+def test_pytorch_fallback_paths_give_same_tokens(make_llm, mixed_prompts, alone):
+    """Gather+SDPA attention and PyTorch's GEMM (the paths used where the kernel or
+    oneDNN are unavailable, e.g. CUDA) agree with the default CPU path."""
+    fallback = make_llm(attention_backend="torch", onednn_linear=False, max_num_batched_tokens=128)
+    assert fallback.engine.runner.decode_kernel is None
+    outs = fallback.generate(mixed_prompts, _greedy())
+    assert [o.token_ids for o in outs] == alone
