@@ -6,6 +6,7 @@ Not thread-safe: one thread owns an LLMEngine (AsyncEngine runs it in its own th
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -53,7 +54,9 @@ class LLMEngine:
         # A lone request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
         if not config.enable_chunked_prefill:
-            config.max_num_batched_tokens = max(config.max_num_batched_tokens, self.max_model_len)
+            # A whole prompt must fit in one step's budget, or it would wait forever.
+            config = self.config = dataclasses.replace(
+                config, max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len))
         self.scheduler = Scheduler(config, self.block_manager)
         self.sampler = Sampler(config.seed, self.device)
         self.eos_token_ids = self._eos_token_ids()
