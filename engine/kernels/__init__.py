@@ -2,7 +2,7 @@
 
 The paged decode-attention kernel reads K/V in place through the block table,
 where the pure-PyTorch path must first gather them into a padded buffer. It is
-built once per machine (cached under torch's extension dir) with ninja and the
+built once per machine (cached under $SEMLINE_CACHE/kernels) with ninja and the
 system C++ compiler; when that is impossible the engine falls back to the
 PyTorch path and says so in its log.
 """
@@ -25,7 +25,8 @@ def load_paged_attention():
     try:
         from torch.utils.cpp_extension import load
 
-        build_dir = Path(os.environ.get("SEMLINE_KERNEL_DIR", Path.home() / ".cache" / "semline" / "kernels"))
+        cache = os.environ.get("SEMLINE_CACHE") or Path.home() / ".cache" / "semline"
+        build_dir = Path(cache) / "kernels"
         build_dir.mkdir(parents=True, exist_ok=True)
         return load(
             name="semline_paged_attention",
