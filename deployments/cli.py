@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
 
@@ -45,6 +46,42 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from deployments.app import build_app
+    from deployments.config import SemlineConfig
+
+    config = SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig()
+    if args.port:
+        config.http.port = args.port
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                logging_config=LoggingConfig(enable_access_log=False))
+    serve.run(build_app(config), name="semline", route_prefix="/")
+    url = f"http://{config.http.host}:{config.http.port}"
+    print(f"semline is serving {config.model_name} at {url}  (Ctrl-C to stop)\n"
+          f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", "
+          f"\"content\": \"Hello!\"}}]}}'", flush=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semline", description="semline: LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     _add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API on a local Ray cluster")
+    srv.add_argument("--config", default=None, help="YAML config (see deployments/config.py)")
+    srv.add_argument("--port", type=int, default=None, help="override http.port")
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

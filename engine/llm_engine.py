@@ -101,6 +101,7 @@ class LLMEngine:
         self._detokenizers[request_id] = IncrementalDetokenizer(
             self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
         self.scheduler.add_request(request)
+        self._refresh_gauges()
         return request
 
     def _check_prompt(self, token_ids: list[int]) -> None:
@@ -119,6 +120,7 @@ class LLMEngine:
         if request is None:
             return None
         self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._refresh_gauges()
         return self._make_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -139,7 +141,8 @@ class LLMEngine:
         self._account(scheduled.chunks, time.perf_counter() - start_time,
                       self.energy_meter.read() - start_energy)
         outputs = self._update(scheduled.chunks, sampling, sampled)
-        self._refresh_gauges(len(scheduled.preempted))
+        self.stats.num_preemptions += len(scheduled.preempted)
+        self._refresh_gauges()
         return outputs
 
     def _update(self, chunks: list[ScheduledChunk], sampling: list[ScheduledChunk],
@@ -252,8 +255,7 @@ class LLMEngine:
         self.stats.busy_seconds += seconds
         self.stats.num_steps += 1
 
-    def _refresh_gauges(self, num_preempted: int) -> None:
-        self.stats.num_preemptions += num_preempted
+    def _refresh_gauges(self) -> None:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
         self.stats.kv_cache_usage = self.block_manager.usage

@@ -1,0 +1,62 @@
+"""The service's configuration: one pydantic model, read from YAML. Unknown keys are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.config import EngineConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AutoscalingSettings(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest LLM server replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most LLM server replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica Serve aims for.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Sustained demand before scaling up (seconds).")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Sustained idleness before scaling down (seconds).")
+
+
+class ServerSettings(_Strict):
+    num_cpus: float = Field(2, gt=0, description="CPUs per LLM server replica (also its torch threads).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per LLM server replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests one replica accepts.")
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+
+
+class HTTPSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
+
+
+class SemlineConfig(_Strict):
+    """Everything `semline serve` needs."""
+
+    model_name: str = Field("SmolLM2-135M-Instruct", description="Model id clients use in requests.")
+    engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields (see engine/config.py).")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    http: HTTPSettings = Field(default_factory=HTTPSettings)
+    api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
+
+    @field_validator("engine")
+    @classmethod
+    def _check_engine(cls, value: dict[str, Any]) -> dict[str, Any]:
+        EngineConfig.from_dict(value)  # raises ConfigError naming unknown keys or bad values
+        return value
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.from_dict(self.engine)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SemlineConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+        return cls.model_validate(data)

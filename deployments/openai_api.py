@@ -1,0 +1,283 @@
+"""The realtime lane: an OpenAI-compatible HTTP API (FastAPI) in front of the LLM servers.
+
+Errors are mapped in one place (`_error_response`) to OpenAI's error body:
+{"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from deployments.config import SemlineConfig
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from engine import RequestError, RequestOutput
+
+REALTIME_PRIORITY = 0
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    """An error with an HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return JSONResponse(body, status_code=exc.status)
+
+
+def _to_api_error(exc: BaseException) -> APIError:
+    """Map engine and validation errors (possibly wrapped by Ray) to API errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+        param = ".".join(loc) or None
+        return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc).split("\n")[-1] if "RequestError" in str(exc) else str(exc))
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+def build_fastapi(config: SemlineConfig) -> FastAPI:
+    app = FastAPI(title="semline", description="OpenAI-compatible LLM serving on Ray")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError):
+        return _error_response(_to_api_error(exc))
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _json_error(_: Request, exc: json.JSONDecodeError):
+        return _error_response(APIError(400, f"malformed JSON body: {exc}"))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if config.api_key and not _authorized(request, config.api_key):
+                return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
+                                                code="invalid_api_key"))
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.http.max_body_bytes:
+                return _error_response(APIError(413, f"request body larger than {config.http.max_body_bytes} bytes",
+                                                code="request_too_large"))
+        return await call_next(request)
+
+    return app
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    return hmac.compare_digest(token.encode(), api_key.encode())
+
+
+class OpenAIIngress:
+    """Route handlers; `llm` is a DeploymentHandle to the LLM server (injected)."""
+
+    def __init__(self, llm, config: SemlineConfig) -> None:
+        self.llm = llm
+        self.config = config
+
+    # --- routes --------------------------------------------------------------
+
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
+                                            "created": 0, "owned_by": "semline"}]}
+
+    async def completions(self, request: Request):
+        body = await self._parse(request, CompletionRequest)
+        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+        params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
+        streams = [self._generate(body.prompt, None, p) for p in params]
+        if body.stream:
+            return _sse(self._stream_chunks(streams, body, "text_completion"))
+        return await self._complete(streams, body, "text_completion")
+
+    async def chat_completions(self, request: Request):
+        body = await self._parse(request, ChatCompletionRequest)
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        streams = [self._generate(None, messages, p) for p in params]
+        if body.stream:
+            return _sse(self._stream_chunks(streams, body, "chat.completion.chunk"))
+        return await self._complete(streams, body, "chat.completion")
+
+    # --- helpers -------------------------------------------------------------
+
+    async def _parse(self, request: Request, model):
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"malformed JSON body: {exc}") from exc
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise _to_api_error(exc) from exc
+        if body.model != self.config.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
+        return body
+
+    def _generate(self, prompt, messages, params) -> AsyncIterator[RequestOutput]:
+        return self.llm.options(stream=True).generate.remote(
+            prompt, messages, params, REALTIME_PRIORITY, uuid.uuid4().hex)
+
+    async def _complete(self, streams, body, object_name: str) -> dict:
+        async def final(stream):
+            last = None
+            async for out in stream:
+                last = out
+            return last
+
+        try:
+            outputs = await asyncio.gather(*(final(s) for s in streams))
+        except asyncio.CancelledError:
+            for stream in streams:
+                stream.cancel()
+            raise
+        except Exception as exc:
+            raise _to_api_error(exc) from exc
+        choices = [_choice(i, out, object_name, body) for i, out in enumerate(outputs)]
+        return _envelope(object_name, body.model, choices, _usage(outputs))
+
+    async def _stream_chunks(self, streams, body, object_name: str) -> AsyncIterator[str]:
+        """Merge the n choices' streams into SSE chunks; errors end the stream with an error event."""
+        queue: asyncio.Queue = asyncio.Queue()
+        response_id = _new_id(object_name)
+
+        async def pump(index, stream):
+            try:
+                async for out in stream:
+                    await queue.put((index, out))
+            except asyncio.CancelledError:
+                stream.cancel()  # reaches the LLM server, whose engine aborts the request
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported to the client below
+                await queue.put((index, exc))
+            await queue.put((index, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        finals: dict[int, RequestOutput] = {}
+        try:
+            if object_name == "chat.completion.chunk":
+                for i in range(len(streams)):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _data(_envelope(object_name, body.model, [_stream_choice(i, delta, None, object_name)],
+                                          None, response_id))
+            done = 0
+            while done < len(streams):
+                index, item = await queue.get()
+                if item is None:
+                    done += 1
+                    continue
+                if isinstance(item, Exception):
+                    error = _to_api_error(item)
+                    yield _data({"error": {"message": error.message, "type": error.type,
+                                           "param": error.param, "code": error.code}})
+                    return
+                if item.finished:
+                    finals[index] = item
+                if item.delta_text or item.finished:
+                    content = ({"content": item.delta_text} if object_name == "chat.completion.chunk"
+                               else item.delta_text)
+                    choice = _stream_choice(index, content, item.finish_reason if item.finished else None,
+                                            object_name)
+                    yield _data(_envelope(object_name, body.model, [choice], None, response_id))
+            if body.stream_options and body.stream_options.include_usage:
+                yield _data(_envelope(object_name, body.model, [], _usage(list(finals.values())), response_id))
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()  # a client that left: cancelling the streams aborts the requests
+
+
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream")
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _new_id(object_name: str) -> str:
+    prefix = "chatcmpl" if object_name.startswith("chat") else "cmpl"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _envelope(object_name, model, choices, usage, response_id=None) -> dict:
+    payload = {"id": response_id or _new_id(object_name), "object": object_name, "created": int(time.time()),
+               "model": model, "choices": choices}
+    if usage is not None:
+        payload["usage"] = usage
+    return payload
+
+
+def _usage(outputs: list[RequestOutput]) -> dict:
+    prompt = outputs[0].metrics.num_prompt_tokens if outputs else 0
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(out: RequestOutput) -> str:
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+def _choice(index: int, out: RequestOutput, object_name: str, body) -> dict:
+    if object_name == "chat.completion":
+        return {"index": index, "message": {"role": "assistant", "content": out.text},
+                "logprobs": _chat_logprobs(out), "finish_reason": _finish_reason(out)}
+    return {"index": index, "text": out.text, "logprobs": _completion_logprobs(out),
+            "finish_reason": _finish_reason(out)}
+
+
+def _stream_choice(index: int, content, finish_reason, object_name: str) -> dict:
+    reason = None if finish_reason is None else ("length" if finish_reason == "length" else "stop")
+    if object_name == "chat.completion.chunk":
+        return {"index": index, "delta": content, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": content, "logprobs": None, "finish_reason": reason}
+
+
+def _chat_logprobs(out: RequestOutput) -> dict | None:
+    if out.logprobs is None:
+        return None
+    return {"content": [
+        {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
+         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for _, t, v in lp.top_logprobs]}
+        for lp in out.logprobs]}
+
+
+def _completion_logprobs(out: RequestOutput) -> dict | None:
+    if out.logprobs is None:
+        return None
+    return {"tokens": [lp.token for lp in out.logprobs],
+            "token_logprobs": [lp.logprob for lp in out.logprobs],
+            "top_logprobs": [{t: v for _, t, v in lp.top_logprobs} for lp in out.logprobs],
+            "text_offset": []}

@@ -1,0 +1,48 @@
+"""One local Ray cluster and one Serve application per test session."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """The real application (ingress + LLM server) on a free loopback port, with an API key."""
+    import ray
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from deployments.app import build_app
+    from deployments.config import SemlineConfig
+
+    port = _free_port()
+    config = SemlineConfig(
+        api_key=API_KEY,
+        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
+        http={"port": port, "max_body_bytes": 64 * 1024},
+    )
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                logging_config=LoggingConfig(enable_access_log=False))
+    serve.run(build_app(config), name="semline", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(serve_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{serve_app}/v1", api_key=API_KEY, max_retries=0, timeout=120)

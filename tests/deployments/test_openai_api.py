@@ -1,0 +1,112 @@
+"""The realtime lane through the official openai client, against real Ray Serve and the real model."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.deployments.conftest import API_KEY, MODEL
+
+
+def test_list_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_completion(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=20, temperature=0)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 10
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_streamed_chat_matches_unstreamed(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=16,
+                  temperature=0)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completion_with_n_seed_stop_and_logprobs(client):
+    resp = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=12, temperature=0.9,
+                                      seed=5, n=2, stop=["9"], logprobs=2)
+    assert len(resp.choices) == 2
+    for choice in resp.choices:
+        assert "9" not in choice.text
+        assert len(choice.logprobs.tokens) == len(choice.logprobs.token_logprobs) > 0
+    again = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=12, temperature=0.9,
+                                       seed=5, n=2, stop=["9"])
+    assert [c.text for c in again.choices] == [c.text for c in resp.choices]
+
+
+def test_streamed_completion(client):
+    stream = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=10, temperature=0,
+                                       stream=True)
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    assert "".join(pieces)
+
+
+@pytest.mark.parametrize("kwargs, status, param", [
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"temperature": 5}, 400, "temperature"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"n": 1000}, 400, "n"),
+])
+def test_errors_use_openai_body(client, kwargs, status, param):
+    args = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**args)
+    assert info.value.status_code == status
+    error = info.value.response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=MODEL, prompt=[5] * 9000, max_tokens=5)
+
+
+def test_malformed_json_too_large_and_auth(serve_app):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    bad = httpx.post(f"{serve_app}/v1/chat/completions", content=b"{not json", headers=headers)
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    big = httpx.post(f"{serve_app}/v1/completions", content=b"x" * (128 * 1024), headers=headers)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    for auth in ({}, {"Authorization": "Bearer wrong"}):
+        denied = httpx.get(f"{serve_app}/v1/models", headers=auth)
+        assert denied.status_code == 401 and MODEL not in denied.text
+    assert httpx.get(f"{serve_app}/health").json() == {"status": "ok"}
+
+
+def test_client_disconnect_frees_kv_blocks(serve_app):
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name="semline")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{serve_app}/v1/chat/completions", json=body, headers=headers,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        for i, _ in enumerate(resp.iter_lines()):
+            if i >= 6:
+                break
+        assert handle.stats.remote().result()["num_running"] == 1
+    # The connection is closed: the request must leave the engine and free its blocks.
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = handle.stats.remote().result()
+        if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
