@@ -1,0 +1,42 @@
+"""Service configuration: YAML in, strict validation, Serve options out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.app import llm_server_options
+from deployments.config import SemlineConfig
+
+SERVE_YAML = Path(__file__).parents[2] / "deployments" / "serve.yaml"
+
+
+def test_unknown_keys_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name: x\nserver:\n  num_cpus: 1\n  replicas_typo: 3\n")
+    with pytest.raises(ValidationError, match="replicas_typo"):
+        SemlineConfig.from_yaml(path)
+    path.write_text("engine:\n  max_num_seq: 3\n")
+    with pytest.raises(ValidationError, match="max_num_seq"):
+        SemlineConfig.from_yaml(path)
+
+
+def test_autoscaling_becomes_serve_options():
+    fixed = llm_server_options(SemlineConfig())
+    assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
+    scaling = SemlineConfig.model_validate(
+        {"server": {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
+    options = llm_server_options(scaling)
+    assert options["autoscaling_config"]["max_replicas"] == 3
+    assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+
+
+def test_serve_yaml_is_valid_for_serve_and_semline():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(SERVE_YAML.read_text())
+    ServeDeploySchema.model_validate(data)
+    SemlineConfig.model_validate(data["applications"][0]["args"])
