@@ -42,6 +42,7 @@ def _error_response(exc: APIError) -> JSONResponse:
 
 def _to_api_error(exc: BaseException) -> APIError:
     """Map engine and validation errors (possibly wrapped by Ray) to API errors."""
+    exc = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, (RequestValidationError, ValidationError)):
@@ -50,9 +51,7 @@ def _to_api_error(exc: BaseException) -> APIError:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
         param = ".".join(loc) or None
         return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
-    if isinstance(exc, RequestError):
-        return APIError(400, str(exc).split("\n")[-1] if "RequestError" in str(exc) else str(exc))
-    if isinstance(exc, ValueError):
+    if isinstance(exc, (RequestError, ValueError)):
         return APIError(400, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 

@@ -38,27 +38,30 @@ class EnergyMeter:
         self.power_watts = power_watts
         self._rapl_files = [f for f in glob.glob("/sys/class/powercap/intel-rapl:*/energy_uj")
                             if f.count(":") == 1 and _readable(f)]
-        self.source = self._pick_source()
+        self._nvml_handle = self._open_nvml() if device.type == "cuda" else None
+        if self._nvml_handle is not None:
+            self.source = "nvml"
+        else:
+            self.source = "rapl" if self._rapl_files else "estimate"
 
-    def _pick_source(self) -> str:
-        if self.device.type == "cuda":
-            try:
-                import pynvml  # noqa: F401
-
-                return "nvml"
-            except ImportError:
-                return "estimate"
-        return "rapl" if self._rapl_files else "estimate"
-
-    def read(self) -> float:
-        """A monotonic energy reading in joules (an estimate's reading is wall time x watts)."""
-        if self.source == "nvml":
+    def _open_nvml(self):
+        """NVML handle of the device (package nvidia-ml-py), or None where NVML is unavailable."""
+        try:
             import pynvml
 
             pynvml.nvmlInit()
-            index = self.device.index or 0
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # older GPUs lack the counter
+            return handle
+        except Exception:  # noqa: BLE001 - no pynvml, no driver, no counter: estimate instead
+            return None
+
+    def read(self) -> float:
+        """A monotonic energy reading in joules (an estimate's reading is wall time x watts)."""
+        if self._nvml_handle is not None:
+            import pynvml
+
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._nvml_handle) / 1000.0
         if self.source == "rapl":
             return sum(int(open(f).read()) for f in self._rapl_files) / 1e6
         return time.perf_counter() * self.power_watts

@@ -70,8 +70,10 @@ def test_errors_use_openai_body(client, kwargs, status, param):
 
 
 def test_prompt_longer_than_context_is_400(client):
-    with pytest.raises(openai.BadRequestError, match="context"):
+    with pytest.raises(openai.BadRequestError, match="context") as info:
         client.completions.create(model=MODEL, prompt=[5] * 9000, max_tokens=5)
+    message = info.value.response.json()["error"]["message"]
+    assert message.startswith("the prompt has 9000 tokens") and "Traceback" not in message
 
 
 def test_malformed_json_too_large_and_auth(serve_app):
