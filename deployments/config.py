@@ -36,6 +36,25 @@ class HTTPSettings(_Strict):
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
 
 
+class RouterSettings(_Strict):
+    max_inflight: int = Field(64, ge=1, description="Requests admitted to the LLM servers at once.")
+    max_queued_realtime: int = Field(256, ge=0, description="Realtime requests the router holds (429 above).")
+    max_queued_batch: int = Field(4096, ge=0, description="Batch requests the router holds (429 above).")
+    batch_wait_ms: float = Field(20, ge=0, description="How long batch-lane work may gather before dispatch.")
+    max_batch_size: int = Field(16, ge=1, description="Most requests dispatched together.")
+    queue_timeout_s: float = Field(600, gt=0, description="Longest wait for admission before 503.")
+    retry_after_s: float = Field(1, ge=0, description="Retry-After sent with 429.")
+
+    def admission_config(self) -> dict:
+        return {
+            "max_inflight": self.max_inflight,
+            "max_queued": {"realtime": self.max_queued_realtime, "batch": self.max_queued_batch},
+            "batch_wait_ms": {"realtime": 0.0, "batch": self.batch_wait_ms},
+            "max_batch_size": self.max_batch_size,
+            "retry_after_s": self.retry_after_s,
+        }
+
+
 class SemlineConfig(_Strict):
     """Everything `semline serve` needs."""
 
@@ -43,6 +62,7 @@ class SemlineConfig(_Strict):
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields (see engine/config.py).")
     server: ServerSettings = Field(default_factory=ServerSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
 
     @field_validator("engine")

@@ -9,20 +9,26 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from cluster.admission import QueueFullError
+from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine import RequestError, RequestOutput
 
 REALTIME_PRIORITY = 0
+REALTIME_LANE = "realtime"
+ROUTER_NAME = "semline-router"
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -30,14 +36,15 @@ class APIError(Exception):
     """An error with an HTTP status and OpenAI error fields."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def _error_response(exc: APIError) -> JSONResponse:
     body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
 
 def _to_api_error(exc: BaseException) -> APIError:
@@ -45,6 +52,11 @@ def _to_api_error(exc: BaseException) -> APIError:
     exc = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
+    if isinstance(exc, asyncio.TimeoutError):
+        return APIError(503, "timed out waiting for capacity", "server_error", code="queue_timeout")
     if isinstance(exc, (RequestValidationError, ValidationError)):
         errors = exc.errors()
         first = errors[0] if errors else {}
@@ -93,11 +105,13 @@ def _authorized(request: Request, api_key: str) -> bool:
 
 
 class OpenAIIngress:
-    """Route handlers; `llm` is a DeploymentHandle to the LLM server (injected)."""
+    """Route handlers; `llm` is a DeploymentHandle to the LLM server, `router` the router
+    actor (both injected; the router is looked up by name when not given)."""
 
-    def __init__(self, llm, config: SemlineConfig) -> None:
+    def __init__(self, llm, config: SemlineConfig, router=None) -> None:
         self.llm = llm
         self.config = config
+        self.router = router or get_or_create_router(ROUTER_NAME, config.router.admission_config())
 
     # --- routes --------------------------------------------------------------
 
@@ -112,10 +126,11 @@ class OpenAIIngress:
         body = await self._parse(request, CompletionRequest)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
         params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
+        ticket = await self._admit(REALTIME_LANE)
         streams = [self._generate(body.prompt, None, p) for p in params]
         if body.stream:
-            return _sse(self._stream_chunks(streams, body, "text_completion"))
-        return await self._complete(streams, body, "text_completion")
+            return _sse(self._stream_chunks(streams, body, "text_completion", ticket))
+        return await self._complete(streams, body, "text_completion", ticket)
 
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
@@ -123,10 +138,11 @@ class OpenAIIngress:
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        ticket = await self._admit(REALTIME_LANE)
         streams = [self._generate(None, messages, p) for p in params]
         if body.stream:
-            return _sse(self._stream_chunks(streams, body, "chat.completion.chunk"))
-        return await self._complete(streams, body, "chat.completion")
+            return _sse(self._stream_chunks(streams, body, "chat.completion.chunk", ticket))
+        return await self._complete(streams, body, "chat.completion", ticket)
 
     # --- helpers -------------------------------------------------------------
 
@@ -145,11 +161,25 @@ class OpenAIIngress:
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         return body
 
+    async def _admit(self, lane: str) -> int:
+        """Wait for the router's ticket; 429 when the lane's queue is full."""
+        ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # the client left while queued: withdraw (or hand back) the ticket
+            raise
+        except Exception as exc:
+            raise _to_api_error(exc) from exc
+
+    def _release(self, ticket: int) -> None:
+        self.router.release.remote(ticket)
+
     def _generate(self, prompt, messages, params) -> AsyncIterator[RequestOutput]:
         return self.llm.options(stream=True).generate.remote(
             prompt, messages, params, REALTIME_PRIORITY, uuid.uuid4().hex)
 
-    async def _complete(self, streams, body, object_name: str) -> dict:
+    async def _complete(self, streams, body, object_name: str, ticket: int) -> dict:
         async def final(stream):
             last = None
             async for out in stream:
@@ -164,10 +194,12 @@ class OpenAIIngress:
             raise
         except Exception as exc:
             raise _to_api_error(exc) from exc
+        finally:
+            self._release(ticket)
         choices = [_choice(i, out, object_name, body) for i, out in enumerate(outputs)]
         return _envelope(object_name, body.model, choices, _usage(outputs))
 
-    async def _stream_chunks(self, streams, body, object_name: str) -> AsyncIterator[str]:
+    async def _stream_chunks(self, streams, body, object_name: str, ticket: int) -> AsyncIterator[str]:
         """Merge the n choices' streams into SSE chunks; errors end the stream with an error event."""
         queue: asyncio.Queue = asyncio.Queue()
         response_id = _new_id(object_name)
@@ -216,6 +248,7 @@ class OpenAIIngress:
         finally:
             for task in tasks:
                 task.cancel()  # a client that left: cancelling the streams aborts the requests
+            self._release(ticket)
 
 
 def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:

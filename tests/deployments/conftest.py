@@ -31,6 +31,8 @@ def serve_app():
         api_key=API_KEY,
         engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
         http={"port": port, "max_body_bytes": 64 * 1024},
+        # Small enough that the overload test can fill the realtime queue.
+        router={"max_inflight": 4, "max_queued_realtime": 4},
     )
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port},

@@ -112,3 +112,35 @@ def test_client_disconnect_frees_kv_blocks(serve_app):
             break
         time.sleep(0.2)
     assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+
+
+def test_overload_gets_429_with_retry_after_and_the_rest_complete(serve_app):
+    """4 admitted + 4 queued fit; the router refuses the excess at once."""
+    import asyncio
+
+    async def one(client):
+        return await client.post("/v1/completions", json={
+            "model": MODEL, "prompt": "Tell me about rivers.", "max_tokens": 40, "ignore_eos": True,
+            "temperature": 0})
+
+    async def main():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=serve_app, headers=headers, timeout=120) as client:
+            return await asyncio.gather(*(one(client) for _ in range(24)))
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 8 and codes.count(200) >= 8
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    ok = next(r for r in responses if r.status_code == 200)
+    assert ok.json()["usage"]["completion_tokens"] == 40
+
+    from ray import serve  # every ticket went back: nothing is left in flight
+    import ray
+
+    router = ray.get_actor("semline-router")
+    assert ray.get(router.stats.remote())["inflight"] == 0
+    assert serve.get_deployment_handle("LLMServer", app_name="semline").stats.remote().result()[
+        "num_running"] == 0

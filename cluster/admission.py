@@ -1,0 +1,155 @@
+"""Priority admission control: the router's core, with no Ray in it.
+
+Work is admitted to the LLM servers only while they have capacity, so a flood
+of batch work never sits in front of a realtime request in some replica's
+queue. Waiters queue per lane; whenever capacity frees, the dispatcher grants
+tickets realtime lane first, FIFO within a lane, in batches (up to
+`max_batch_size`, after waiting up to the lane's `batch_wait_ms` for a batch to
+gather). A lane whose queue is full refuses at once (the HTTP layer answers 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+LANES = ("realtime", "batch")  # in priority order
+
+
+class QueueFullError(Exception):
+    """The lane's queue is full: retry after `retry_after_s` seconds."""
+
+    def __init__(self, lane: str, retry_after_s: float) -> None:
+        super().__init__(f"the {lane} queue is full; retry after {retry_after_s:.0f} s")
+        self.lane = lane
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # crosses process boundaries (router actor -> ingress) intact
+        return (QueueFullError, (self.lane, self.retry_after_s))
+
+
+@dataclass
+class AdmissionConfig:
+    # Requests admitted to the LLM servers at once (all replicas together).
+    max_inflight: int = 64
+    # Waiters each lane may hold before refusing.
+    max_queued: dict[str, int] = field(default_factory=lambda: {"realtime": 256, "batch": 4096})
+    # How long the dispatcher lets a lane's batch gather before granting (milliseconds).
+    batch_wait_ms: dict[str, float] = field(default_factory=lambda: {"realtime": 0.0, "batch": 20.0})
+    # Most tickets granted in one dispatch.
+    max_batch_size: int = 16
+    # Retry-After suggested to refused clients (seconds).
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1 or self.max_batch_size < 1:
+            raise ValueError("max_inflight and max_batch_size must be >= 1")
+        for name in ("max_queued", "batch_wait_ms"):
+            unknown = set(getattr(self, name)) - set(LANES)
+            if unknown or set(LANES) - set(getattr(self, name)):
+                raise ValueError(f"{name} needs exactly the lanes {LANES}, got {sorted(getattr(self, name))}")
+
+
+@dataclass
+class _Waiter:
+    ticket: int
+    lane: str
+    enqueued_at: float
+    granted: asyncio.Future
+
+
+class AdmissionController:
+    """Grants tickets; must be used from one event loop."""
+
+    def __init__(self, config: AdmissionConfig) -> None:
+        self.config = config
+        self._queues: dict[str, deque[_Waiter]] = {lane: deque() for lane in LANES}
+        self._inflight: set[int] = set()
+        self._tickets = itertools.count(1)
+        self._wakeup = asyncio.Event()
+        self._dispatcher: asyncio.Task | None = None
+        # (lane, ticket) in the order tickets were granted, for tests and debugging.
+        self.grant_log: deque[tuple[str, int]] = deque(maxlen=10_000)
+        self.num_rejected: dict[str, int] = {lane: 0 for lane in LANES}
+
+    # --- API -------------------------------------------------------------------
+
+    async def acquire(self, lane: str, timeout_s: float | None = None) -> int:
+        """Wait for admission; returns a ticket to release when the request ends."""
+        if lane not in self._queues:
+            raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
+        queue = self._queues[lane]
+        if len(queue) >= self.config.max_queued[lane]:
+            self.num_rejected[lane] += 1
+            raise QueueFullError(lane, self.config.retry_after_s)
+        self._ensure_dispatcher()
+        waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future())
+        queue.append(waiter)
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            self._withdraw(waiter)
+            raise
+
+    def release(self, ticket: int) -> None:
+        if ticket in self._inflight:
+            self._inflight.discard(ticket)
+            self._wakeup.set()
+
+    def stats(self) -> dict:
+        return {"inflight": len(self._inflight),
+                "queued": {lane: len(q) for lane, q in self._queues.items()},
+                "rejected": dict(self.num_rejected)}
+
+    # --- the dispatcher -------------------------------------------------------------
+
+    def _withdraw(self, waiter: _Waiter) -> None:
+        """A waiter that gave up: out of its queue, or its ticket back if it was granted meanwhile."""
+        if waiter.granted.done() and not waiter.granted.cancelled():
+            self.release(waiter.granted.result())
+        elif waiter in self._queues[waiter.lane]:
+            self._queues[waiter.lane].remove(waiter)
+
+    def _ensure_dispatcher(self) -> None:
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop())
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._capacity() > 0 and self._next_lane() is not None:
+                await self._gather(self._next_lane())
+                self._grant_batch()
+
+    def _capacity(self) -> int:
+        return self.config.max_inflight - len(self._inflight)
+
+    def _next_lane(self) -> str | None:
+        return next((lane for lane in LANES if self._queues[lane]), None)
+
+    async def _gather(self, lane: str) -> None:
+        """Let a batch gather for up to the lane's wait, unless it is already full."""
+        wait_s = self.config.batch_wait_ms[lane] / 1000
+        oldest = self._queues[lane][0].enqueued_at
+        remaining = oldest + wait_s - time.monotonic()
+        if remaining > 0 and len(self._queues[lane]) < self.config.max_batch_size:
+            await asyncio.sleep(remaining)
+
+    def _grant_batch(self) -> None:
+        """Grant up to max_batch_size tickets within capacity, best lane first."""
+        budget = min(self._capacity(), self.config.max_batch_size)
+        for lane in LANES:
+            queue = self._queues[lane]
+            while budget > 0 and queue:
+                waiter = queue.popleft()
+                if waiter.granted.done():  # cancelled while queued
+                    continue
+                self._inflight.add(waiter.ticket)
+                self.grant_log.append((lane, waiter.ticket))
+                waiter.granted.set_result(waiter.ticket)
+                budget -= 1

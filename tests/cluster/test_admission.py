@@ -1,0 +1,109 @@
+"""The router's admission control, alone: capacity, lane priority, FIFO, refusal, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.admission import AdmissionConfig, AdmissionController, QueueFullError
+
+
+def _controller(**overrides) -> AdmissionController:
+    values = {"max_inflight": 1, "max_batch_size": 1,
+              "batch_wait_ms": {"realtime": 0.0, "batch": 0.0}, **overrides}
+    return AdmissionController(AdmissionConfig(**values))
+
+
+def test_capacity_bounds_inflight_and_release_admits_next():
+    async def main():
+        ctl = _controller(max_inflight=2, max_batch_size=4)
+        first, second = await ctl.acquire("batch"), await ctl.acquire("batch")
+        third = asyncio.create_task(ctl.acquire("batch"))
+        await asyncio.sleep(0.05)
+        assert not third.done() and ctl.stats()["inflight"] == 2
+        ctl.release(first)
+        assert await asyncio.wait_for(third, 1) not in (first, second)
+        assert ctl.stats()["inflight"] == 2
+
+    asyncio.run(main())
+
+
+def test_waiting_realtime_is_granted_before_waiting_batch():
+    async def main():
+        ctl = _controller()
+        held = await ctl.acquire("batch")
+        waiters = [asyncio.create_task(ctl.acquire(lane)) for lane in ("batch", "batch", "realtime", "realtime")]
+        await asyncio.sleep(0.02)
+        for _ in waiters:  # free one seat at a time
+            ctl.release(held)
+            done, _ = await asyncio.wait([w for w in waiters if not w.done()],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            held = done.pop().result()
+        lanes = [lane for lane, _ in ctl.grant_log][1:]
+        assert lanes == ["realtime", "realtime", "batch", "batch"]
+        tickets = [t for _, t in ctl.grant_log][1:]
+        assert tickets[:2] == sorted(tickets[:2]) and tickets[2:] == sorted(tickets[2:])  # FIFO per lane
+
+    asyncio.run(main())
+
+
+def test_full_lane_refuses_at_once_with_retry_after():
+    async def main():
+        ctl = _controller(max_queued={"realtime": 1, "batch": 2}, retry_after_s=3)
+        held = await ctl.acquire("realtime")
+        queued = [asyncio.create_task(ctl.acquire("batch")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as info:
+            await ctl.acquire("batch")
+        assert info.value.retry_after_s == 3 and ctl.stats()["rejected"]["batch"] == 1
+        ctl.release(held)
+        for task in queued:
+            ctl.release(await task)
+
+    asyncio.run(main())
+
+
+def test_timed_out_waiter_leaves_the_queue():
+    async def main():
+        ctl = _controller()
+        held = await ctl.acquire("batch")
+        with pytest.raises(asyncio.TimeoutError):
+            await ctl.acquire("realtime", timeout_s=0.05)
+        assert ctl.stats()["queued"] == {"realtime": 0, "batch": 0}
+        ctl.release(held)
+        assert ctl.stats()["inflight"] == 0
+
+    asyncio.run(main())
+
+
+def test_batch_lane_gathers_then_dispatches_together():
+    async def main():
+        ctl = _controller(max_inflight=8, max_batch_size=4, batch_wait_ms={"realtime": 0.0, "batch": 80.0})
+        start = time.monotonic()
+        tasks = []
+        for _ in range(3):
+            tasks.append(asyncio.create_task(ctl.acquire("batch")))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert time.monotonic() - start >= 0.07  # waited for the batch to gather
+        assert len(ctl.grant_log) == 3
+        # A realtime request does not wait for a batch to gather.
+        quick = time.monotonic()
+        await ctl.acquire("realtime")
+        assert time.monotonic() - quick < 0.05
+
+    asyncio.run(main())
+
+
+def test_config_names_lanes():
+    with pytest.raises(ValueError, match="lanes"):
+        AdmissionConfig(max_queued={"realtime": 1})
+
+
+def test_queue_full_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(QueueFullError("batch", 2.5)))
+    assert error.lane == "batch" and error.retry_after_s == 2.5 and "batch" in str(error)
