@@ -126,11 +126,7 @@ class OpenAIIngress:
         body = await self._parse(request, CompletionRequest)
         max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
         params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
-        ticket = await self._admit(REALTIME_LANE)
-        streams = [self._generate(body.prompt, None, p) for p in params]
-        if body.stream:
-            return _sse(self._stream_chunks(streams, body, "text_completion", ticket))
-        return await self._complete(streams, body, "text_completion", ticket)
+        return await self._run(body, body.prompt, None, params, "text_completion", "text_completion")
 
     async def chat_completions(self, request: Request):
         body = await self._parse(request, ChatCompletionRequest)
@@ -138,11 +134,19 @@ class OpenAIIngress:
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk")
+
+    async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str):
+        """Admit through the router, start one stream per choice, answer whole or streamed."""
         ticket = await self._admit(REALTIME_LANE)
-        streams = [self._generate(None, messages, p) for p in params]
+        try:
+            streams = [self._generate(prompt, messages, p) for p in params]
+        except BaseException:
+            self._release(ticket)
+            raise
         if body.stream:
-            return _sse(self._stream_chunks(streams, body, "chat.completion.chunk", ticket))
-        return await self._complete(streams, body, "chat.completion", ticket)
+            return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
+        return await self._complete(streams, body, object_name, ticket)
 
     # --- helpers -------------------------------------------------------------
 
