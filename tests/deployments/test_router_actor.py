@@ -1,0 +1,30 @@
+"""The router as a Ray actor: a caller that gives up while queued leaves no ticket behind."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def test_cancelled_waiter_is_withdrawn(serve_app):
+    import ray
+
+    from cluster.router import get_or_create_router
+
+    router = get_or_create_router("test-router", {
+        "max_inflight": 1, "max_queued": {"realtime": 4, "batch": 4},
+        "batch_wait_ms": {"realtime": 0.0, "batch": 0.0}, "max_batch_size": 1})
+    held = ray.get(router.acquire.remote("batch"))
+    waiting = router.acquire.remote("realtime")
+    deadline = time.time() + 10
+    while ray.get(router.stats.remote())["queued"]["realtime"] != 1 and time.time() < deadline:
+        time.sleep(0.05)
+    ray.cancel(waiting)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+        ray.get(waiting, timeout=10)
+    ray.get(router.release.remote(held))
+    time.sleep(0.2)
+    assert ray.get(router.stats.remote()) == {"inflight": 0, "queued": {"realtime": 0, "batch": 0},
+                                              "rejected": {"realtime": 0, "batch": 0}}
+    ray.kill(router)
