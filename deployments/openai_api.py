@@ -24,7 +24,7 @@ from cluster.admission import QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
-from engine import RequestError, RequestOutput
+from engine import RequestOutput
 
 REALTIME_PRIORITY = 0
 REALTIME_LANE = "realtime"
@@ -63,7 +63,7 @@ def _to_api_error(exc: BaseException) -> APIError:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
         param = ".".join(loc) or None
         return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
-    if isinstance(exc, (RequestError, ValueError)):
+    if isinstance(exc, ValueError):  # the engine's RequestError (prompt too long, ...) is one
         return APIError(400, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 

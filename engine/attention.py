@@ -198,27 +198,27 @@ def _partition(sorted_lens: list[int], overhead: int) -> list[tuple[int, int]]:
     return runs[::-1]
 
 
+def _padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """[len(tables), longest] int64 block ids, short rows padded with block 0."""
+    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    for row, table in enumerate(tables):
+        padded[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    return padded
+
+
 def build_decode_batch(token_indices: list[int], block_tables: list[list[int]], context_lens: list[int],
                        device: torch.device, kernel) -> DecodeBatch:
-    max_blocks = max(len(t) for t in block_tables)
-    tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.long)
-    for row, table in enumerate(block_tables):
-        tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
     return DecodeBatch(
         token_indices=torch.tensor(token_indices, device=device),
-        block_tables=tables.to(device),
+        block_tables=_padded_block_tables(block_tables).to(device),
         context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
         kernel=kernel,
     )
 
 
 def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype):
-    num_blocks = max(len(block_tables[i]) for i in members)
-    padded_len = num_blocks * block_size
-    block_ids = torch.zeros(len(members), num_blocks, dtype=torch.long)
-    for row, i in enumerate(members):
-        table = block_tables[i]
-        block_ids[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    block_ids = _padded_block_tables([block_tables[i] for i in members])
+    padded_len = block_ids.shape[1] * block_size
     lens = torch.tensor([context_lens[i] for i in members])
     valid = torch.arange(padded_len)[None, :] < lens[:, None]
     mask = torch.zeros(len(members), 1, 1, padded_len, dtype=dtype)

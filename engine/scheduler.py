@@ -59,7 +59,6 @@ class Scheduler:
         # Kept sorted by Request.sort_key at the start of each step.
         self.running: list[Request] = []
         self._arrival_counter = itertools.count()
-        self.num_preemptions = 0
 
     # --- queue management -------------------------------------------------
 
@@ -97,7 +96,6 @@ class Scheduler:
         out.preempted.append(request)
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
-        self.num_preemptions += 1
         self._push_waiting(request)
 
     # --- the step ---------------------------------------------------------
