@@ -33,7 +33,8 @@ class QueueFullError(Exception):
 
 @dataclass
 class AdmissionConfig:
-    # Requests admitted to the LLM servers at once (all replicas together).
+    # Requests admitted to the LLM servers at once (all replicas together); the router
+    # actor replaces it with the live replicas' capacity (set_capacity).
     max_inflight: int = 64
     # Waiters each lane may hold before refusing.
     max_queued: dict[str, int] = field(default_factory=lambda: {"realtime": 256, "batch": 4096})
@@ -45,8 +46,8 @@ class AdmissionConfig:
     retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_inflight < 1 or self.max_batch_size < 1:
-            raise ValueError("max_inflight and max_batch_size must be >= 1")
+        if self.max_inflight < 0 or self.max_batch_size < 1:
+            raise ValueError("max_inflight must be >= 0 and max_batch_size >= 1")
         for name in ("max_queued", "batch_wait_ms"):
             unknown = set(getattr(self, name)) - set(LANES)
             if unknown or set(LANES) - set(getattr(self, name)):
@@ -71,8 +72,11 @@ class AdmissionController:
         self._tickets = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
-        # (lane, ticket) in the order tickets were granted, for tests and debugging.
-        self.grant_log: deque[tuple[str, int]] = deque(maxlen=10_000)
+        # (lane, ticket, newest ticket issued at that moment) in the order tickets were
+        # granted: enough to check afterwards that no batch ticket was granted while a
+        # realtime request waited (see violations_of_priority).
+        self.grant_log: deque[tuple[str, int, int]] = deque(maxlen=10_000)
+        self._last_ticket = 0
         self.num_rejected: dict[str, int] = {lane: 0 for lane in LANES}
 
     # --- API -------------------------------------------------------------------
@@ -87,6 +91,7 @@ class AdmissionController:
             raise QueueFullError(lane, self.config.retry_after_s)
         self._ensure_dispatcher()
         waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future())
+        self._last_ticket = waiter.ticket
         queue.append(waiter)
         self._wakeup.set()
         try:
@@ -100,8 +105,14 @@ class AdmissionController:
             self._inflight.discard(ticket)
             self._wakeup.set()
 
+    def set_capacity(self, max_inflight: int) -> None:
+        """Change how many requests may be in flight (replicas came or went)."""
+        if max_inflight != self.config.max_inflight:
+            self.config.max_inflight = max(0, max_inflight)
+            self._wakeup.set()
+
     def stats(self) -> dict:
-        return {"inflight": len(self._inflight),
+        return {"inflight": len(self._inflight), "capacity": self.config.max_inflight,
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected)}
 
@@ -150,6 +161,20 @@ class AdmissionController:
                 if waiter.granted.done():  # cancelled while queued
                     continue
                 self._inflight.add(waiter.ticket)
-                self.grant_log.append((lane, waiter.ticket))
+                self.grant_log.append((lane, waiter.ticket, self._last_ticket))
                 waiter.granted.set_result(waiter.ticket)
                 budget -= 1
+
+
+def violations_of_priority(grant_log) -> list[tuple[int, int]]:
+    """(batch ticket, realtime ticket) pairs where a batch ticket was granted while the
+    realtime request already waited (it had a ticket then and was granted later)."""
+    granted_at = {(lane, ticket): i for i, (lane, ticket, _) in enumerate(grant_log)}
+    violations = []
+    for i, (lane, ticket, newest) in enumerate(grant_log):
+        if lane != "batch":
+            continue
+        for (other_lane, other), j in granted_at.items():
+            if other_lane == "realtime" and other <= newest and j > i:
+                violations.append((ticket, other))
+    return violations

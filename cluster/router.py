@@ -4,9 +4,18 @@ A named async Ray actor around AdmissionController. Lanes ask it for a ticket
 before they send work to the LLM server and give the ticket back when the
 request ends; token streams then go from the LLM server to the ingress
 directly, so tokens make no extra hop through the router.
+
+The router's capacity follows the live replicas: each LLM server replica sends
+a heartbeat every second with how many requests it takes at once; a replica
+silent for `replica_ttl_s` no longer counts. The heartbeat's answer carries the
+router's queue depths, which the replicas report to Serve's autoscaler, so work
+held back here still counts as demand.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import ray
 
@@ -14,8 +23,11 @@ from cluster.admission import AdmissionConfig, AdmissionController
 
 
 class Router:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, replica_ttl_s: float = 5.0) -> None:
         self.admission = AdmissionController(AdmissionConfig(**config))
+        self.replica_ttl_s = replica_ttl_s
+        self._replicas: dict[str, tuple[int, float]] = {}  # replica id -> (capacity, last heartbeat)
+        self._reaper: asyncio.Task | None = None
 
     async def acquire(self, lane: str, timeout_s: float | None = None) -> int:
         return await self.admission.acquire(lane, timeout_s)
@@ -23,11 +35,33 @@ class Router:
     async def release(self, ticket: int) -> None:
         self.admission.release(ticket)
 
-    async def stats(self) -> dict:
+    async def heartbeat(self, replica_id: str, capacity: int) -> dict:
+        """A replica is alive and takes `capacity` requests; returns the router's stats."""
+        self._replicas[replica_id] = (capacity, time.monotonic())
+        self._refresh_capacity()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         return self.admission.stats()
+
+    async def deregister(self, replica_id: str) -> None:
+        self._replicas.pop(replica_id, None)
+        self._refresh_capacity()
+
+    async def stats(self) -> dict:
+        return {**self.admission.stats(), "replicas": len(self._replicas)}
 
     async def grant_log(self) -> list[tuple[str, int]]:
         return list(self.admission.grant_log)
+
+    def _refresh_capacity(self) -> None:
+        now = time.monotonic()
+        self._replicas = {r: (c, t) for r, (c, t) in self._replicas.items() if now - t < self.replica_ttl_s}
+        self.admission.set_capacity(sum(c for c, _ in self._replicas.values()))
+
+    async def _reap(self) -> None:
+        while self._replicas:
+            await asyncio.sleep(1.0)
+            self._refresh_capacity()
 
 
 def get_or_create_router(name: str, config: dict):

@@ -1,16 +1,24 @@
 """build_app: a plain function from SemlineConfig to the Serve application graph.
 
+    OpenAIIngress (HTTP) ──► router actor (tickets) ──► LLMServer replicas (engines)
+    BatchRunner (batch jobs) ─┘
+
 (No `from __future__ import annotations` here: FastAPI must see the real `Request`
 type on the route methods that Serve wraps.)
 """
 
 
 from fastapi import Request
+from fastapi.responses import Response
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
+from deployments.batch_runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
 from deployments.openai_api import OpenAIIngress, build_fastapi
+
+ROUTING_STATS_PERIOD_S = 1.0
 
 
 def llm_server_options(config: SemlineConfig) -> dict:
@@ -22,22 +30,19 @@ def llm_server_options(config: SemlineConfig) -> dict:
         "ray_actor_options": {"num_cpus": server.num_cpus, "num_gpus": server.num_gpus},
         "max_ongoing_requests": server.max_ongoing_requests,
         "health_check_period_s": 5,
+        "request_router_config": RequestRouterConfig(
+            request_router_class="deployments.routing:FreeKVRouter",
+            request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
     }
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.max_replicas
     else:
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        }
+        options["autoscaling_config"] = scaling.serve_autoscaling_config()
     return options
 
 
 def build_app(config: SemlineConfig | dict | None = None):
-    """The realtime lane's ingress bound to the LLM server deployment."""
+    """The ingress bound to the batch runner and the LLM server deployment."""
     if not isinstance(config, SemlineConfig):
         config = SemlineConfig.model_validate(config or {})
     app = build_fastapi(config)
@@ -60,8 +65,49 @@ def build_app(config: SemlineConfig | dict | None = None):
         async def post_chat_completions(self, request: Request):
             return await self.chat_completions(request)
 
+        @app.post("/v1/files")
+        async def post_files(self, request: Request):
+            return await self.upload_file(request)
+
+        @app.get("/v1/files")
+        async def get_files(self):
+            return await self._call_batch("list_files")
+
+        @app.get("/v1/files/{file_id}")
+        async def get_file(self, file_id: str):
+            return await self._call_batch("get_file", file_id)
+
+        @app.delete("/v1/files/{file_id}")
+        async def delete_file(self, file_id: str):
+            return await self._call_batch("delete_file", file_id)
+
+        @app.get("/v1/files/{file_id}/content")
+        async def get_file_content(self, file_id: str):
+            data = await self._call_batch("file_content", file_id)
+            return Response(data, media_type="application/jsonl")
+
+        @app.post("/v1/batches")
+        async def post_batches(self, request: Request):
+            return await self.create_batch(request)
+
+        @app.get("/v1/batches")
+        async def get_batches(self, after: str | None = None, limit: int = 20):
+            return await self._call_batch("list_batches", after, max(1, min(limit, 100)))
+
+        @app.get("/v1/batches/{batch_id}")
+        async def get_batch(self, batch_id: str):
+            return await self._call_batch("get_batch", batch_id)
+
+        @app.post("/v1/batches/{batch_id}/cancel")
+        async def post_batch_cancel(self, batch_id: str):
+            return await self._call_batch("cancel_batch", batch_id)
+
+    router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
-        config.engine, int(max(1, config.server.num_cpus)))
+        config.engine, int(max(1, config.server.num_cpus)), *router_args)
+    batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=1024).bind(llm, config)
     ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096)
-    return ingress.bind(llm, config)
+    return ingress.bind(llm, batch, config)
+

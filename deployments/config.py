@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,29 @@ class _Strict(BaseModel):
 
 
 class AutoscalingSettings(_Strict):
-    min_replicas: int = Field(1, ge=0, description="Fewest LLM server replicas.")
+    min_replicas: int = Field(1, ge=1, description="Fewest LLM server replicas (>= 1: the router's backlog "
+                                                   "reaches the autoscaler through a live replica).")
     max_replicas: int = Field(1, ge=1, description="Most LLM server replicas.")
     target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica Serve aims for.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Sustained demand before scaling up (seconds).")
     downscale_delay_s: float = Field(30.0, ge=0, description="Sustained idleness before scaling down (seconds).")
+    metrics_interval_s: float | None = Field(None, gt=0, description="How often replicas report load (Serve's default when unset).")
+    look_back_period_s: float | None = Field(None, gt=0, description="Window load is averaged over (Serve's default when unset).")
+
+    def serve_autoscaling_config(self) -> dict:
+        """Serve's autoscaling_config, with the policy that counts the router's backlog."""
+        config = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "policy": {"policy_function": "deployments.autoscaling:backlog_policy"},
+        }
+        for key in ("metrics_interval_s", "look_back_period_s"):
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
+        return config
 
 
 class ServerSettings(_Strict):
@@ -37,7 +56,10 @@ class HTTPSettings(_Strict):
 
 
 class RouterSettings(_Strict):
-    max_inflight: int = Field(64, ge=1, description="Requests admitted to the LLM servers at once.")
+    actor_name: str = Field("semline-router", description="Name of the router actor (one per application).")
+    max_inflight_per_replica: int | None = Field(
+        None, ge=1, description="Requests admitted per live LLM server replica; None = the engine's max_num_seqs. "
+                                "The router's capacity follows the number of replicas.")
     max_queued_realtime: int = Field(256, ge=0, description="Realtime requests the router holds (429 above).")
     max_queued_batch: int = Field(4096, ge=0, description="Batch requests the router holds (429 above).")
     batch_wait_ms: float = Field(20, ge=0, description="How long batch-lane work may gather before dispatch.")
@@ -47,12 +69,22 @@ class RouterSettings(_Strict):
 
     def admission_config(self) -> dict:
         return {
-            "max_inflight": self.max_inflight,
+            "max_inflight": 0,  # no replica yet: capacity arrives with the replicas' heartbeats
             "max_queued": {"realtime": self.max_queued_realtime, "batch": self.max_queued_batch},
             "batch_wait_ms": {"realtime": 0.0, "batch": self.batch_wait_ms},
             "max_batch_size": self.max_batch_size,
             "retry_after_s": self.retry_after_s,
         }
+
+
+class BatchSettings(_Strict):
+    storage_dir: str = Field(os.path.join(os.environ.get("SEMLINE_CACHE", "~/.cache/semline"), "batches"),
+                             description="Where batch files and batch state persist (survives restarts).")
+    max_file_bytes: int = Field(64 * 2**20, ge=1024, description="Largest uploaded file (413 above).")
+    max_concurrency: int = Field(256, ge=1, description="Batch lines waiting at the router or running, all batches.")
+    max_open_batches: int = Field(64, ge=1, description="Batches not yet finished (429 above).")
+    max_requests_per_batch: int = Field(50_000, ge=1, description="Lines one batch file may hold.")
+    max_retries: int = Field(5, ge=0, description="Retries of a line that hit a full router or a lost replica.")
 
 
 class SemlineConfig(_Strict):
@@ -63,6 +95,7 @@ class SemlineConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
 
     @field_validator("engine")

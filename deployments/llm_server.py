@@ -2,13 +2,21 @@
 
 A thin shim: the engine knows nothing of Ray. Prompts arrive as text, token ids
 or chat messages; outputs stream back as RequestOutput objects.
+
+Each replica also keeps the router informed (a heartbeat thread: it is alive
+and how many requests it takes), reports the router's backlog to Serve's
+autoscaler (`record_autoscaling_stats`) and its free KV blocks to the request
+router that picks replicas (`record_routing_stats`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from collections.abc import AsyncIterator
 
+import ray
 import torch
 
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
@@ -16,12 +24,26 @@ from engine.llm import apply_chat_template
 
 logger = logging.getLogger(__name__)
 
+HEARTBEAT_PERIOD_S = 1.0
+
 
 class LLMServer:
-    def __init__(self, engine_config: dict, num_threads: int) -> None:
+    def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
+                 router_config: dict | None = None, capacity: int | None = None) -> None:
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
         torch.set_num_threads(max(1, num_threads))
         self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}))
+        self.capacity = capacity or self.engine.engine.config.max_num_seqs
+        self.replica_id = _replica_id()
+        self.router_stats: dict = {}
+        self._stop = threading.Event()
+        self.router = None
+        if router_name is not None:
+            from cluster.router import get_or_create_router
+
+            self.router = get_or_create_router(router_name, router_config or {})
+            self._heartbeat()  # the router knows this replica before the first request arrives
+            threading.Thread(target=self._heartbeat_loop, name="router-heartbeat", daemon=True).start()
 
     async def model_info(self) -> dict:
         core = self.engine.engine
@@ -43,11 +65,48 @@ class LLMServer:
 
     def stats(self) -> dict:
         stats = self.engine.stats()
-        return {"num_running": stats.num_running, "num_waiting": stats.num_waiting,
+        return {"replica_id": self.replica_id, "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                 "kv_cache_usage": stats.kv_cache_usage, "num_free_blocks": stats.num_free_blocks,
                 "num_generation_tokens": stats.num_generation_tokens}
+
+    def record_routing_stats(self) -> dict:
+        """Read by deployments.routing.FreeKVRouter in every process that calls this deployment."""
+        stats = self.engine.stats()
+        return {"num_free_blocks": stats.num_free_blocks, "num_waiting": stats.num_waiting}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Work the router holds back counts as demand (see deployments.autoscaling)."""
+        queued = self.router_stats.get("queued", {})
+        return {"router_queued": float(sum(queued.values()))}
 
     def check_health(self) -> None:
         """Called by Serve: an engine whose loop died makes the replica unhealthy."""
         if not self.engine.is_running:
             raise RuntimeError("engine loop is not running")
+
+    def __del__(self) -> None:
+        self._stop.set()
+        if self.router is not None:
+            try:
+                self.router.deregister.remote(self.replica_id)
+            except Exception:  # noqa: BLE001 - shutting down; the router's TTL covers it
+                pass
+
+    def _heartbeat(self) -> None:
+        try:
+            self.router_stats = ray.get(self.router.heartbeat.remote(self.replica_id, self.capacity), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - a restarting router: try again next period
+            logger.warning("router heartbeat failed: %s", exc)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_PERIOD_S):
+            self._heartbeat()
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not running under Serve
+        return uuid.uuid4().hex

@@ -18,7 +18,8 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.admission import QueueFullError
 from cluster.router import get_or_create_router
@@ -26,9 +27,9 @@ from deployments.config import SemlineConfig
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
 
-REALTIME_PRIORITY = 0
-REALTIME_LANE = "realtime"
-ROUTER_NAME = "semline-router"
+REALTIME_LANE, BATCH_LANE = "realtime", "batch"
+LANE_PRIORITY = {REALTIME_LANE: 0, BATCH_LANE: 1}  # the engine schedules lower numbers first
+ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -40,6 +41,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
+
+    def __reduce__(self):  # raised in the batch runner, caught in the ingress
+        return (APIError, (self.status, self.message, self.type, self.param, self.code, self.headers))
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -79,6 +83,11 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     async def _validation_error(_: Request, exc: RequestValidationError):
         return _error_response(_to_api_error(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):  # unknown route, wrong method, ...
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
+
     @app.exception_handler(json.JSONDecodeError)
     async def _json_error(_: Request, exc: json.JSONDecodeError):
         return _error_response(APIError(400, f"malformed JSON body: {exc}"))
@@ -89,9 +98,10 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
             if config.api_key and not _authorized(request, config.api_key):
                 return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
                                                 code="invalid_api_key"))
+            limit = config.batch.max_file_bytes if request.url.path == "/v1/files" else config.http.max_body_bytes
             length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > config.http.max_body_bytes:
-                return _error_response(APIError(413, f"request body larger than {config.http.max_body_bytes} bytes",
+            if length and length.isdigit() and int(length) > limit:
+                return _error_response(APIError(413, f"request body larger than {limit} bytes",
                                                 code="request_too_large"))
         return await call_next(request)
 
@@ -104,14 +114,16 @@ def _authorized(request: Request, api_key: str) -> bool:
     return hmac.compare_digest(token.encode(), api_key.encode())
 
 
-class OpenAIIngress:
-    """Route handlers; `llm` is a DeploymentHandle to the LLM server, `router` the router
-    actor (both injected; the router is looked up by name when not given)."""
+class OpenAIServing:
+    """Runs OpenAI requests through the router and the LLM servers, for both lanes.
+
+    `llm` is a DeploymentHandle to the LLM server; the router actor is looked up
+    by the name in the config (created on first use)."""
 
     def __init__(self, llm, config: SemlineConfig, router=None) -> None:
         self.llm = llm
         self.config = config
-        self.router = router or get_or_create_router(ROUTER_NAME, config.router.admission_config())
+        self.router = router or get_or_create_router(config.router.actor_name, config.router.admission_config())
 
     # --- routes --------------------------------------------------------------
 
@@ -123,38 +135,32 @@ class OpenAIIngress:
                                             "created": 0, "owned_by": "semline"}]}
 
     async def completions(self, request: Request):
-        body = await self._parse(request, CompletionRequest)
-        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
-        params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
-        return await self._run(body, body.prompt, None, params, "text_completion", "text_completion")
+        return await self.respond("/v1/completions", await _json_body(request), REALTIME_LANE)
 
     async def chat_completions(self, request: Request):
-        body = await self._parse(request, ChatCompletionRequest)
-        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-        num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk")
+        return await self.respond("/v1/chat/completions", await _json_body(request), REALTIME_LANE)
 
-    async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str):
-        """Admit through the router, start one stream per choice, answer whole or streamed."""
-        ticket = await self._admit(REALTIME_LANE)
-        try:
-            streams = [self._generate(prompt, messages, p) for p in params]
-        except BaseException:
-            self._release(ticket)
-            raise
-        if body.stream:
-            return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
-        return await self._complete(streams, body, object_name, ticket)
+    async def respond(self, url: str, data, lane: str):
+        """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
+        response when it asks to stream. Raises APIError."""
+        body = self.validate(url, data)
+        if body.stream and lane != REALTIME_LANE:
+            raise APIError(400, "stream is not supported in the batch lane", param="stream")
+        if isinstance(body, ChatCompletionRequest):
+            max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+            num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk", lane)
+        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+        params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
+        return await self._run(body, body.prompt, None, params, "text_completion", "text_completion", lane)
 
-    # --- helpers -------------------------------------------------------------
-
-    async def _parse(self, request: Request, model):
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"malformed JSON body: {exc}") from exc
+    def validate(self, url: str, data):
+        """The request body for `url`, validated; APIError (400/404) otherwise."""
+        model = ENDPOINTS.get(url)
+        if model is None:
+            raise APIError(400, f"unsupported url {url!r}; supported: {sorted(ENDPOINTS)}", param="url")
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:
@@ -164,6 +170,20 @@ class OpenAIIngress:
         if body.model != self.config.model_name:
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         return body
+
+    async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str, lane: str):
+        """Admit through the router, start one stream per choice, answer whole or streamed."""
+        ticket = await self._admit(lane)
+        try:
+            streams = [self._generate(prompt, messages, p, LANE_PRIORITY[lane]) for p in params]
+        except BaseException:
+            self._release(ticket)
+            raise
+        if body.stream:
+            return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
+        return await self._complete(streams, body, object_name, ticket)
+
+    # --- helpers -------------------------------------------------------------
 
     async def _admit(self, lane: str) -> int:
         """Wait for the router's ticket; 429 when the lane's queue is full."""
@@ -179,9 +199,8 @@ class OpenAIIngress:
     def _release(self, ticket: int) -> None:
         self.router.release.remote(ticket)
 
-    def _generate(self, prompt, messages, params) -> AsyncIterator[RequestOutput]:
-        return self.llm.options(stream=True).generate.remote(
-            prompt, messages, params, REALTIME_PRIORITY, uuid.uuid4().hex)
+    def _generate(self, prompt, messages, params, priority: int) -> AsyncIterator[RequestOutput]:
+        return self.llm.options(stream=True).generate.remote(prompt, messages, params, priority, uuid.uuid4().hex)
 
     async def _complete(self, streams, body, object_name: str, ticket: int) -> dict:
         async def final(stream):
@@ -253,6 +272,58 @@ class OpenAIIngress:
             for task in tasks:
                 task.cancel()  # a client that left: cancelling the streams aborts the requests
             self._release(ticket)
+
+
+class BatchCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+
+
+class OpenAIIngress(OpenAIServing):
+    """The HTTP routes' logic: the realtime lane runs here, the batch lane's calls go to the
+    BatchRunner deployment (`batch`, a DeploymentHandle)."""
+
+    def __init__(self, llm, batch, config: SemlineConfig, router=None) -> None:
+        super().__init__(llm, config, router)
+        self.batch = batch
+
+    async def upload_file(self, request: Request) -> dict:
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=self.config.batch.max_file_bytes)
+        except Exception as exc:  # noqa: BLE001 - starlette raises several kinds for bad multipart bodies
+            raise APIError(400, f"expected a multipart/form-data body with 'file' and 'purpose': {exc}") from exc
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "missing the 'file' part", param="file")
+        if not isinstance(purpose, str):
+            raise APIError(400, "missing the 'purpose' field", param="purpose")
+        data = await upload.read()
+        return await self._call_batch("create_file", data, upload.filename or "upload.jsonl", purpose)
+
+    async def create_batch(self, request: Request) -> dict:
+        data = await _json_body(request)
+        try:
+            body = BatchCreateRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _to_api_error(exc) from exc
+        return await self._call_batch("create_batch", body.input_file_id, body.endpoint, body.completion_window,
+                                      body.metadata)
+
+    async def _call_batch(self, method: str, *args):
+        try:
+            return await getattr(self.batch, method).remote(*args)
+        except Exception as exc:
+            raise _to_api_error(exc) from exc
+
+
+async def _json_body(request: Request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"malformed JSON body: {exc}") from exc
 
 
 def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:

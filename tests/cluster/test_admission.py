@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster.admission import AdmissionConfig, AdmissionController, QueueFullError
+from cluster.admission import AdmissionConfig, AdmissionController, QueueFullError, violations_of_priority
 
 
 def _controller(**overrides) -> AdmissionController:
@@ -41,12 +41,20 @@ def test_waiting_realtime_is_granted_before_waiting_batch():
             done, _ = await asyncio.wait([w for w in waiters if not w.done()],
                                          return_when=asyncio.FIRST_COMPLETED)
             held = done.pop().result()
-        lanes = [lane for lane, _ in ctl.grant_log][1:]
+        lanes = [lane for lane, _, _ in ctl.grant_log][1:]
         assert lanes == ["realtime", "realtime", "batch", "batch"]
-        tickets = [t for _, t in ctl.grant_log][1:]
+        tickets = [t for _, t, _ in ctl.grant_log][1:]
         assert tickets[:2] == sorted(tickets[:2]) and tickets[2:] == sorted(tickets[2:])  # FIFO per lane
+        assert violations_of_priority(ctl.grant_log) == []
 
     asyncio.run(main())
+
+
+def test_priority_violations_are_detected_from_the_grant_log():
+    # batch ticket 2 granted when ticket 3 (realtime) already waited: one violation
+    log = [("batch", 1, 1), ("batch", 2, 3), ("realtime", 3, 3)]
+    assert violations_of_priority(log) == [(2, 3)]
+    assert violations_of_priority([("realtime", 3, 3), ("batch", 2, 3)]) == []
 
 
 def test_full_lane_refuses_at_once_with_retry_after():

@@ -17,27 +17,38 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_app():
+def storage_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("batches")
+
+
+@pytest.fixture(scope="session")
+def app_config(storage_dir):
+    from deployments.config import SemlineConfig
+
+    return SemlineConfig(
+        api_key=API_KEY,
+        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
+        http={"port": _free_port(), "max_body_bytes": 64 * 1024},
+        # Small enough that the overload test can fill the realtime queue.
+        router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},
+        batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024},
+    )
+
+
+@pytest.fixture(scope="session")
+def serve_app(app_config):
     """The real application (ingress + LLM server) on a free loopback port, with an API key."""
     import ray
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
     from deployments.app import build_app
-    from deployments.config import SemlineConfig
 
-    port = _free_port()
-    config = SemlineConfig(
-        api_key=API_KEY,
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
-        http={"port": port, "max_body_bytes": 64 * 1024},
-        # Small enough that the overload test can fill the realtime queue.
-        router={"max_inflight": 4, "max_queued_realtime": 4},
-    )
+    port = app_config.http.port
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config=LoggingConfig(enable_access_log=False))
-    serve.run(build_app(config), name="semline", route_prefix="/")
+    serve.run(build_app(app_config), name="semline", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -31,6 +31,11 @@ def test_autoscaling_becomes_serve_options():
         {"server": {"num_cpus": 1, "autoscaling": {"min_replicas": 1, "max_replicas": 3}}})
     options = llm_server_options(scaling)
     assert options["autoscaling_config"]["max_replicas"] == 3
+    # Serve accepts it, with our policy that counts the router's backlog.
+    from ray.serve.config import AutoscalingConfig
+
+    serve_config = AutoscalingConfig.model_validate(options["autoscaling_config"])
+    assert serve_config.policy.policy_function == "deployments.autoscaling:backlog_policy"
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
 
 

@@ -1,0 +1,326 @@
+"""The batch lane: OpenAI Batch API jobs, run at batch priority through the router.
+
+`BatchRunner` is a Serve deployment (one replica) that owns the batch store. It
+validates and stores uploaded files, creates batches, and runs each open batch
+as an asyncio task: every input line goes through the same `OpenAIServing` path
+as the realtime lane, in the router's batch lane (so realtime work is always
+admitted first), with at most `batch.max_concurrency` lines waiting or running
+at once across all batches.
+
+Exactly once: a finished line is appended (fsynced) to the batch's results log
+before it counts as done; after a restart the runner reopens every batch that
+was not finished, skips the lines the log already holds and runs the rest. The
+output and error files are built from the log, in input order, one record per
+line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from deployments.batch_store import BatchStore, NotFound, derived_file_id
+from deployments.config import SemlineConfig
+from deployments.openai_api import BATCH_LANE, ENDPOINTS, APIError, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+RETRYABLE = (429, 500, 503)  # router full or timed out, a replica that died: try the line again
+
+
+@dataclass
+class InputLine:
+    key: tuple  # ("id", custom_id) for a valid line, ("line", n) for one that is not
+    line_no: int
+    custom_id: str | None = None
+    body: dict | None = None
+    error: dict | None = None  # {"code", "message"} for a line that cannot run
+
+
+@dataclass
+class Job:
+    batch: dict
+    cancelled: bool = False
+    tasks: set = field(default_factory=set)
+    task: asyncio.Task | None = None
+    last_saved: float = 0.0
+
+
+def parse_input(data: bytes, endpoint: str) -> list[InputLine]:
+    """One InputLine per non-blank line; lines that cannot run carry an error."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"the input file is not UTF-8: {exc}", param="input_file_id") from exc
+    lines, seen = [], set()
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        line = InputLine(key=("line", n), line_no=n)
+        try:
+            item = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            line.error = {"code": "invalid_json_line", "message": f"line {n} is not valid JSON: {exc}"}
+            lines.append(line)
+            continue
+        custom_id = item.get("custom_id") if isinstance(item, dict) else None
+        if not isinstance(custom_id, str) or not custom_id:
+            line.error = {"code": "missing_custom_id", "message": f"line {n} has no string custom_id"}
+        elif custom_id in seen:
+            raise APIError(400, f"custom_id {custom_id!r} appears more than once (line {n}); "
+                                "custom_ids must be unique within a batch", param="input_file_id")
+        else:
+            seen.add(custom_id)
+            line.key, line.custom_id = ("id", custom_id), custom_id
+            if item.get("method") != "POST":
+                line.error = {"code": "invalid_method", "message": f"line {n}: method must be POST"}
+            elif item.get("url") != endpoint:
+                line.error = {"code": "invalid_url",
+                              "message": f"line {n}: url {item.get('url')!r} does not match the batch's "
+                                         f"endpoint {endpoint!r}"}
+            elif not isinstance(item.get("body"), dict):
+                line.error = {"code": "invalid_body", "message": f"line {n}: body must be a JSON object"}
+            else:
+                line.body = item["body"]
+        lines.append(line)
+    if not lines:
+        raise APIError(400, "the input file has no requests", param="input_file_id")
+    if all(line.error and line.error["code"] == "invalid_json_line" for line in lines):
+        raise APIError(400, "the input file is not JSONL (no line is a JSON object)", param="input_file_id")
+    return lines
+
+
+class BatchRunner:
+    async def __init__(self, llm, config: SemlineConfig) -> None:
+        self.config = config
+        self.settings = config.batch
+        self.store = BatchStore(self.settings.storage_dir)
+        self.serving = OpenAIServing(llm, config)
+        self.slots = asyncio.Semaphore(self.settings.max_concurrency)
+        self.jobs: dict[str, Job] = {}
+        for batch in self.store.list_batches():
+            if batch["status"] in OPEN_STATUSES:
+                logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
+                self._start(batch)
+
+    # --- files ---------------------------------------------------------------------
+
+    async def create_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        if purpose != "batch":
+            raise APIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
+        if not data.strip():
+            raise APIError(400, "the file is empty", param="file")
+        if len(data) > self.settings.max_file_bytes:
+            raise APIError(413, f"file larger than {self.settings.max_file_bytes} bytes", code="file_too_large")
+        return self.store.create_file(data, filename, purpose)
+
+    async def get_file(self, file_id: str) -> dict:
+        return self._lookup(self.store.get_file, file_id)
+
+    async def file_content(self, file_id: str) -> bytes:
+        return self._lookup(self.store.file_content, file_id)
+
+    async def list_files(self) -> dict:
+        return {"object": "list", "data": self.store.list_files(), "has_more": False}
+
+    async def delete_file(self, file_id: str) -> dict:
+        self._lookup(self.store.delete_file, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # --- batches -------------------------------------------------------------------
+
+    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
+                           metadata: dict | None) -> dict:
+        if endpoint not in ENDPOINTS:
+            raise APIError(400, f"unsupported endpoint {endpoint!r}; supported: {sorted(ENDPOINTS)}",
+                           param="endpoint")
+        if completion_window not in COMPLETION_WINDOWS:
+            raise APIError(400, f"completion_window must be one of {sorted(COMPLETION_WINDOWS)}",
+                           param="completion_window")
+        meta = self._lookup(self.store.get_file, input_file_id)
+        if meta["purpose"] != "batch":
+            raise APIError(400, f"file {input_file_id} has purpose {meta['purpose']!r}, not 'batch'",
+                           param="input_file_id")
+        open_batches = sum(1 for job in self.jobs.values() if job.batch["status"] in OPEN_STATUSES)
+        if open_batches >= self.settings.max_open_batches:
+            raise APIError(429, f"{open_batches} batches are open (limit {self.settings.max_open_batches}); "
+                                "retry when one finishes", "rate_limit_error", code="too_many_batches",
+                           headers={"Retry-After": "30"})
+        lines = parse_input(self.store.file_content(input_file_id), endpoint)
+        if len(lines) > self.settings.max_requests_per_batch:
+            raise APIError(400, f"the file has {len(lines)} requests; the limit is "
+                                f"{self.settings.max_requests_per_batch}", param="input_file_id")
+        now = int(time.time())
+        batch = {
+            "id": self.store.new_batch_id(), "object": "batch", "endpoint": endpoint, "errors": None,
+            "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + COMPLETION_WINDOWS[completion_window], "finalizing_at": None,
+            "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+            "cancelled_at": None, "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": metadata,
+        }
+        self.store.save_batch(batch)  # accepted = on disk
+        self._start(batch)
+        return dict(batch)
+
+    async def get_batch(self, batch_id: str) -> dict:
+        job = self.jobs.get(batch_id)
+        return dict(job.batch) if job else self._lookup(self.store.get_batch, batch_id)
+
+    async def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
+        batches = [self.jobs[b["id"]].batch if b["id"] in self.jobs else b for b in self.store.list_batches()]
+        if after:
+            ids = [b["id"] for b in batches]
+            batches = batches[ids.index(after) + 1:] if after in ids else []
+        page = batches[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}
+
+    async def cancel_batch(self, batch_id: str) -> dict:
+        batch = await self.get_batch(batch_id)
+        job = self.jobs.get(batch_id)
+        if job is None or batch["status"] not in ("validating", "in_progress"):
+            if batch["status"] in ("cancelling", "cancelled"):
+                return batch
+            raise APIError(409, f"batch {batch_id} is {batch['status']} and cannot be cancelled",
+                           code="batch_not_cancellable")
+        job.cancelled = True
+        self._set_status(job, "cancelling")
+        for task in list(job.tasks):
+            task.cancel()
+        return dict(job.batch)
+
+    async def check_health(self) -> None:
+        for job in self.jobs.values():
+            if job.task is not None and job.task.done() and job.batch["status"] in OPEN_STATUSES:
+                raise RuntimeError(f"batch {job.batch['id']} stopped in status {job.batch['status']}")
+
+    # --- running --------------------------------------------------------------------
+
+    def _lookup(self, fn, object_id):
+        try:
+            return fn(object_id)
+        except NotFound as exc:
+            raise APIError(404, str(exc), param="file_id" if exc.kind == "file" else "batch_id",
+                           code=f"{exc.kind}_not_found") from None
+
+    def _start(self, batch: dict) -> None:
+        job = Job(batch=batch)
+        self.jobs[batch["id"]] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+
+    def _set_status(self, job: Job, status: str) -> None:
+        job.batch["status"] = status
+        job.batch[f"{status}_at"] = int(time.time())
+        self._save(job)
+
+    def _save(self, job: Job) -> None:
+        self.store.save_batch(job.batch)
+        job.last_saved = time.monotonic()
+
+    async def _run(self, job: Job) -> None:
+        batch = job.batch
+        try:
+            if batch["status"] in ("validating", "in_progress"):
+                await self._run_lines(job)
+            await self._finalize(job)
+        except asyncio.CancelledError:
+            raise  # the replica is shutting down: the batch resumes on the next start
+        except Exception as exc:  # noqa: BLE001 - the batch fails, the service goes on
+            logger.exception("batch %s failed", batch["id"])
+            batch["errors"] = {"object": "list", "data": [{"code": "internal_error", "message": str(exc),
+                                                          "param": None, "line": None}]}
+            self._set_status(job, "failed")
+
+    async def _run_lines(self, job: Job) -> None:
+        batch = job.batch
+        lines = parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"])
+        results = self.store.read_results(batch["id"])
+        done = {tuple(r["key"]) for r in results}
+        batch["request_counts"].update(total=len(lines), completed=sum(r["kind"] == "output" for r in results),
+                      failed=sum(r["kind"] == "error" for r in results))
+        if batch["status"] == "validating":
+            self._set_status(job, "in_progress")
+        log = self.store.open_results(batch["id"])
+        try:
+            for line in lines:
+                if job.cancelled:
+                    break
+                if line.key in done:
+                    continue
+                if line.error is not None:
+                    self._record(job, log, line, None, line.error)
+                    continue
+                await self.slots.acquire()
+                if job.cancelled:
+                    self.slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._run_line(job, log, line))
+                job.tasks.add(task)
+                task.add_done_callback(job.tasks.discard)
+            while job.tasks:
+                await asyncio.gather(*list(job.tasks), return_exceptions=True)
+        finally:
+            log.close()
+        if job.cancelled:
+            self._set_status(job, "cancelling")
+
+    async def _run_line(self, job: Job, log, line: InputLine) -> None:
+        try:
+            delay = 0.5
+            for attempt in range(1, self.settings.max_retries + 2):
+                try:
+                    response = await self.serving.respond(job.batch["endpoint"], line.body, BATCH_LANE)
+                except APIError as exc:
+                    if exc.status in RETRYABLE and attempt <= self.settings.max_retries:
+                        logger.warning("batch %s line %d: %s; retrying", job.batch["id"], line.line_no, exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 10)
+                        continue
+                    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
+                                      "code": exc.code}}
+                    self._record(job, log, line, (exc.status, body), None)
+                    return
+                self._record(job, log, line, (200, response), None)
+                return
+        finally:
+            self.slots.release()
+
+    def _record(self, job: Job, log, line: InputLine, response: tuple[int, dict] | None,
+                error: dict | None) -> None:
+        """Append one line's result (fsynced) and count it."""
+        record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
+                  "error": error}
+        if response is not None:
+            status, body = response
+            record["response"] = {"status_code": status, "request_id": body.get("id", record["id"]),
+                                  "body": body}
+        kind = "output" if response is not None and response[0] == 200 else "error"
+        log.append({"key": list(line.key), "line": line.line_no, "kind": kind, "record": record})
+        job.batch["request_counts"]["completed" if kind == "output" else "failed"] += 1
+        if time.monotonic() - job.last_saved > 1.0:
+            self._save(job)  # counts on disk are a hint; the log is the truth
+
+    async def _finalize(self, job: Job) -> None:
+        batch = job.batch
+        cancelled = job.cancelled or batch["status"] == "cancelling"
+        if batch["status"] != "cancelling":
+            self._set_status(job, "finalizing")
+        results = sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"])
+        outputs = [r["record"] for r in results if r["kind"] == "output"]
+        errors = [r["record"] for r in results if r["kind"] == "error"]
+        batch["request_counts"].update(completed=len(outputs), failed=len(errors))
+        for role, records, key in (("output", outputs, "output_file_id"), ("error", errors, "error_file_id")):
+            if records:
+                data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+                file_id = derived_file_id(batch["id"], role)
+                self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id)
+                batch[key] = file_id
+        self._set_status(job, "cancelled" if cancelled else "completed")

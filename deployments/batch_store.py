@@ -1,0 +1,168 @@
+"""Durable storage for the batch lane: uploaded files, batch objects and per-batch result logs.
+
+Layout under the storage directory:
+
+    files/<file-id>.data        the file's bytes
+    files/<file-id>.json        its OpenAI file object (written last: a file exists once this exists)
+    batches/<batch-id>.json     the OpenAI batch object (status, counts, file ids)
+    batches/<batch-id>.log      append-only results, one JSON line per finished input line
+
+Every whole-file write goes to a temporary file, is fsynced and renamed over the
+target, and the directory is fsynced: a crash leaves either the old or the new
+version. The results log is appended and fsynced line by line; a line torn by a
+crash is cut off when the log is reopened. Ids are generated here and checked
+against a strict pattern before they touch a path, so no request can name a
+path outside the storage directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
+BATCH_ID = re.compile(r"^batch_[0-9a-f]{32}$")
+
+
+class NotFound(LookupError):
+    """An unknown (or malformed) file or batch id."""
+
+    def __init__(self, kind: str, object_id: str) -> None:
+        super().__init__(f"no {kind} with id {object_id!r}")
+        self.kind, self.object_id = kind, object_id
+
+    def __reduce__(self):
+        return (NotFound, (self.kind, self.object_id))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def derived_file_id(batch_id: str, role: str) -> str:
+    """A stable file id for a batch's output or error file, so finalizing twice writes one file."""
+    return "file-" + hashlib.sha256(f"{batch_id}/{role}".encode()).hexdigest()[:32]
+
+
+class BatchStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.files = self.root / "files"
+        self.batches = self.root / "batches"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.batches.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.files.glob(".*.tmp")) + list(self.batches.glob(".*.tmp")):
+            stale.unlink(missing_ok=True)  # left by a crash mid-write
+
+    # --- files ---------------------------------------------------------------------
+
+    def create_file(self, data: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict:
+        file_id = file_id or f"file-{uuid.uuid4().hex}"
+        meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        atomic_write(self.files / f"{file_id}.data", data)
+        atomic_write(self.files / f"{file_id}.json", json.dumps(meta).encode())
+        return meta
+
+    def get_file(self, file_id: str) -> dict:
+        return json.loads(self._file_path(file_id, ".json").read_text())
+
+    def file_content(self, file_id: str) -> bytes:
+        self.get_file(file_id)  # only committed files are readable
+        return self._file_path(file_id, ".data").read_bytes()
+
+    def list_files(self) -> list[dict]:
+        metas = [json.loads(p.read_text()) for p in self.files.glob("file-*.json")]
+        return sorted(metas, key=lambda m: m["created_at"], reverse=True)
+
+    def delete_file(self, file_id: str) -> None:
+        meta = self._file_path(file_id, ".json")
+        meta.unlink()  # uncommit first, then drop the data
+        self._file_path(file_id, ".data", must_exist=False).unlink(missing_ok=True)
+        _fsync_dir(self.files)
+
+    def _file_path(self, file_id: str, suffix: str, must_exist: bool = True) -> Path:
+        if not isinstance(file_id, str) or not FILE_ID.match(file_id):
+            raise NotFound("file", str(file_id)[:80])
+        path = self.files / f"{file_id}{suffix}"
+        if must_exist and not path.exists():
+            raise NotFound("file", file_id)
+        return path
+
+    # --- batches -------------------------------------------------------------------
+
+    def new_batch_id(self) -> str:
+        return f"batch_{uuid.uuid4().hex}"
+
+    def save_batch(self, batch: dict) -> None:
+        atomic_write(self._batch_path(batch["id"], ".json", must_exist=False), json.dumps(batch).encode())
+
+    def get_batch(self, batch_id: str) -> dict:
+        return json.loads(self._batch_path(batch_id, ".json").read_text())
+
+    def list_batches(self) -> list[dict]:
+        batches = [json.loads(p.read_text()) for p in self.batches.glob("batch_*.json")]
+        return sorted(batches, key=lambda b: (b["created_at"], b["id"]), reverse=True)
+
+    def _batch_path(self, batch_id: str, suffix: str, must_exist: bool = True) -> Path:
+        if not isinstance(batch_id, str) or not BATCH_ID.match(batch_id):
+            raise NotFound("batch", str(batch_id)[:80])
+        path = self.batches / f"{batch_id}{suffix}"
+        if must_exist and not path.exists():
+            raise NotFound("batch", batch_id)
+        return path
+
+    # --- results logs ---------------------------------------------------------------
+
+    def read_results(self, batch_id: str) -> list[dict[str, Any]]:
+        """The results recorded so far; a torn last line (crash mid-append) is cut off."""
+        path = self._batch_path(batch_id, ".log", must_exist=False)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+    def open_results(self, batch_id: str) -> "ResultLog":
+        return ResultLog(self._batch_path(batch_id, ".log", must_exist=False))
+
+
+class ResultLog:
+    """Append-only, fsynced line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "ab")
+        _fsync_dir(path.parent)
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
