@@ -84,7 +84,11 @@ class AsyncEngine:
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._send(_AddCommand(prompt, sampling_params or SamplingParams(), request_id, priority,
                                stream, accepted))
-        await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
+        try:
+            await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the caller left while the engine was adding it
+            raise
         finished = False
         try:
             while not finished:
@@ -143,6 +147,8 @@ class AsyncEngine:
                 self._abort(command[1])
 
     def _add(self, command: _AddCommand) -> None:
+        if not command.accepted.set_running_or_notify_cancel():
+            return  # the caller left before the engine saw the request
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id, command.priority)
         except Exception as exc:  # validation errors go back to the caller

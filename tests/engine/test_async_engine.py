@@ -84,6 +84,27 @@ def test_cancelled_task_aborts_request(async_engine):
     assert asyncio.run(main())
 
 
+def test_callers_cancelled_while_being_added_leave_the_engine_running(async_engine):
+    """A caller cancelled before the engine thread takes its request must not kill the loop."""
+    engine = async_engine.engine
+
+    async def main():
+        for delay in (0, 0, 0.0005, 0.001, 0.002) * 8:
+            task = asyncio.create_task(_collect(async_engine, "Hello there.", _greedy(50)))
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for _ in range(300):
+            if engine.block_manager.num_used_blocks == 0 and not engine.requests:
+                break
+            await asyncio.sleep(0.01)
+        return await _collect(async_engine, "Still alive?", _greedy(3))
+
+    outputs = asyncio.run(main())
+    assert async_engine.is_running and outputs[-1].finished and len(outputs[-1].token_ids) == 3
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_invalid_request_raises_in_caller(async_engine):
     async def main():
         return await _collect(async_engine, "", _greedy(3))
