@@ -40,6 +40,11 @@ class AdmissionConfig:
     max_queued: dict[str, int] = field(default_factory=lambda: {"realtime": 256, "batch": 4096})
     # How long the dispatcher lets a lane's batch gather before granting (milliseconds).
     batch_wait_ms: dict[str, float] = field(default_factory=lambda: {"realtime": 0.0, "batch": 20.0})
+    # The largest share of max_inflight each lane may hold at once. Keeping the batch lane
+    # below 1.0 leaves seats free for realtime arrivals, so they are admitted at once
+    # instead of waiting for a batch request to finish (on a CPU-bound engine, fewer
+    # concurrent batch sequences also keep each step, and so realtime latency, short).
+    max_share: dict[str, float] = field(default_factory=lambda: {"realtime": 1.0, "batch": 0.5})
     # Most tickets granted in one dispatch.
     max_batch_size: int = 16
     # Retry-After suggested to refused clients (seconds).
@@ -48,7 +53,9 @@ class AdmissionConfig:
     def __post_init__(self) -> None:
         if self.max_inflight < 0 or self.max_batch_size < 1:
             raise ValueError("max_inflight must be >= 0 and max_batch_size >= 1")
-        for name in ("max_queued", "batch_wait_ms"):
+        if any(not 0 < share <= 1 for share in self.max_share.values()):
+            raise ValueError(f"max_share values must be in (0, 1], got {self.max_share}")
+        for name in ("max_queued", "batch_wait_ms", "max_share"):
             unknown = set(getattr(self, name)) - set(LANES)
             if unknown or set(LANES) - set(getattr(self, name)):
                 raise ValueError(f"{name} needs exactly the lanes {LANES}, got {sorted(getattr(self, name))}")
@@ -68,7 +75,7 @@ class AdmissionController:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self._queues: dict[str, deque[_Waiter]] = {lane: deque() for lane in LANES}
-        self._inflight: set[int] = set()
+        self._inflight: dict[int, str] = {}  # ticket -> lane
         self._tickets = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
@@ -102,7 +109,7 @@ class AdmissionController:
 
     def release(self, ticket: int) -> None:
         if ticket in self._inflight:
-            self._inflight.discard(ticket)
+            del self._inflight[ticket]
             self._wakeup.set()
 
     def set_capacity(self, max_inflight: int) -> None:
@@ -113,6 +120,7 @@ class AdmissionController:
 
     def stats(self) -> dict:
         return {"inflight": len(self._inflight), "capacity": self.config.max_inflight,
+                "inflight_by_lane": {lane: self._lane_inflight(lane) for lane in LANES},
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected)}
 
@@ -140,8 +148,16 @@ class AdmissionController:
     def _capacity(self) -> int:
         return self.config.max_inflight - len(self._inflight)
 
+    def _lane_inflight(self, lane: str) -> int:
+        return sum(1 for granted_lane in self._inflight.values() if granted_lane == lane)
+
+    def _lane_room(self, lane: str) -> int:
+        """Seats the lane may still take under its share (at least one while there is capacity)."""
+        cap = max(1, int(self.config.max_inflight * self.config.max_share[lane]))
+        return cap - self._lane_inflight(lane)
+
     def _next_lane(self) -> str | None:
-        return next((lane for lane in LANES if self._queues[lane]), None)
+        return next((lane for lane in LANES if self._queues[lane] and self._lane_room(lane) > 0), None)
 
     async def _gather(self, lane: str) -> None:
         """Let a batch gather for up to the lane's wait, unless it is already full."""
@@ -156,14 +172,16 @@ class AdmissionController:
         budget = min(self._capacity(), self.config.max_batch_size)
         for lane in LANES:
             queue = self._queues[lane]
-            while budget > 0 and queue:
+            room = self._lane_room(lane)
+            while budget > 0 and room > 0 and queue:
                 waiter = queue.popleft()
                 if waiter.granted.done():  # cancelled while queued
                     continue
-                self._inflight.add(waiter.ticket)
+                self._inflight[waiter.ticket] = lane
                 self.grant_log.append((lane, waiter.ticket, self._last_ticket))
                 waiter.granted.set_result(waiter.ticket)
                 budget -= 1
+                room -= 1
 
 
 def violations_of_priority(grant_log) -> list[tuple[int, int]]:

@@ -82,6 +82,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_batch_submit(args: argparse.Namespace) -> int:
+    """Upload a JSONL file, create a batch, follow it with a progress bar, write its results."""
+    import json
+    import os
+    from pathlib import Path
+
+    from openai import OpenAI
+    from tqdm import tqdm
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    endpoint = args.endpoint
+    if endpoint is None:  # the first request line names it
+        with path.open() as f:
+            first = next((line for line in f if line.strip()), "{}")
+        try:
+            endpoint = json.loads(first).get("url") or "/v1/chat/completions"
+        except (json.JSONDecodeError, AttributeError):
+            endpoint = "/v1/chat/completions"
+    api_key = args.api_key or os.environ.get("SEMLINE_API_KEY") or "none"
+    client = OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=api_key, max_retries=3)
+    upload = client.files.create(file=(path.name, path.read_bytes()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
+    print(f"batch {batch.id}: {batch.request_counts.total} requests to {endpoint}", file=sys.stderr)
+    final = ("completed", "failed", "cancelled", "expired")
+    try:
+        with tqdm(total=batch.request_counts.total, unit="req", file=sys.stderr) as bar:
+            while True:
+                counts = batch.request_counts
+                bar.update(counts.completed + counts.failed - bar.n)
+                bar.set_postfix(status=batch.status, failed=counts.failed)
+                if batch.status in final:
+                    break
+                time.sleep(args.poll)
+                batch = client.batches.retrieve(batch.id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; batch {batch.id} keeps running on the server", file=sys.stderr)
+        return 130
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".output.jsonl")
+    written = []
+    for file_id, target in ((batch.output_file_id, output),
+                            (batch.error_file_id, output.with_name(output.stem + ".errors.jsonl"))):
+        if file_id:
+            target.write_bytes(client.files.content(file_id).content)
+            written.append(str(target))
+    counts = batch.request_counts
+    print(f"batch {batch.id} {batch.status}: {counts.completed} completed, {counts.failed} failed"
+          + (f"; wrote {', '.join(written)}" if written else ""), file=sys.stderr)
+    return 0 if batch.status == "completed" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semline", description="semline: LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default=None, help="YAML config (see deployments/config.py)")
     srv.add_argument("--port", type=int, default=None, help="override http.port")
     srv.set_defaults(func=_cmd_serve)
+    batch = sub.add_parser("batch", help="OpenAI-compatible batch jobs on a running server")
+    batch_sub = batch.add_subparsers(dest="batch_command", required=True)
+    submit = batch_sub.add_parser("submit", help="submit a JSONL batch, follow it, download the results")
+    submit.add_argument("file", help="JSONL: one {custom_id, method, url, body} per line")
+    submit.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    submit.add_argument("--api-key", default=None, help="API key (default: $SEMLINE_API_KEY)")
+    submit.add_argument("--endpoint", default=None, help="default: the url of the file's first line")
+    submit.add_argument("--output", default=None, help="results file (default: FILE.output.jsonl; "
+                                                       "errors go to *.errors.jsonl beside it)")
+    submit.add_argument("--poll", type=float, default=1.0, help="seconds between status checks")
+    submit.set_defaults(func=_cmd_batch_submit)
     return parser
 
 
@@ -108,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"semline: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # openai's API and connection errors: one line, not a traceback
+        if type(exc).__module__.startswith("openai"):
+            print(f"semline: error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from cluster.admission import AdmissionConfig, AdmissionController, QueueFullErr
 
 
 def _controller(**overrides) -> AdmissionController:
-    values = {"max_inflight": 1, "max_batch_size": 1,
+    values = {"max_inflight": 1, "max_batch_size": 1, "max_share": {"realtime": 1.0, "batch": 1.0},
               "batch_wait_ms": {"realtime": 0.0, "batch": 0.0}, **overrides}
     return AdmissionController(AdmissionConfig(**values))
 
@@ -46,6 +46,27 @@ def test_waiting_realtime_is_granted_before_waiting_batch():
         tickets = [t for _, t, _ in ctl.grant_log][1:]
         assert tickets[:2] == sorted(tickets[:2]) and tickets[2:] == sorted(tickets[2:])  # FIFO per lane
         assert violations_of_priority(ctl.grant_log) == []
+
+    asyncio.run(main())
+
+
+def test_batch_lane_keeps_to_its_share_and_leaves_seats_for_realtime():
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8, max_share={"realtime": 1.0, "batch": 0.5})
+        batch = [asyncio.create_task(ctl.acquire("batch")) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert sum(t.done() for t in batch) == 2 and ctl.stats()["queued"]["batch"] == 2
+        realtime = [await asyncio.wait_for(ctl.acquire("realtime"), 1) for _ in range(2)]  # admitted at once
+        assert ctl.stats()["inflight"] == 4
+        ctl.release(realtime[0])  # a realtime seat frees: batch stays at its share
+        await asyncio.sleep(0.05)
+        assert sum(t.done() for t in batch) == 2
+        ctl.release(next(t for t in batch if t.done()).result())
+        await asyncio.sleep(0.05)
+        assert sum(t.done() for t in batch) == 3
+        ctl.set_capacity(8)  # a replica joined: the share grows with it
+        await asyncio.sleep(0.05)
+        assert all(t.done() for t in batch)
 
     asyncio.run(main())
 

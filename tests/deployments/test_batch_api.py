@@ -188,3 +188,22 @@ def test_unfinished_batch_resumes_after_restart_exactly_once(client, app_config)
     counts = collections.Counter(r["custom_id"] for r in outputs)
     assert counts == {f"r{i}": 1 for i in range(total)}
     assert batch.request_counts.completed == total and batch.request_counts.failed == 0
+
+
+def test_cli_batch_submit_follows_and_downloads(serve_app, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "questions.jsonl"
+    path.write_bytes(_jsonl([_line(f"c{i}", f"Name a colour, {i}.") for i in range(3)] + ["not json"]))
+    done = subprocess.run([sys.executable, "-m", "deployments.cli", "batch", "submit", str(path), "--url", serve_app,
+                           "--api-key", API_KEY, "--poll", "0.3"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "3 completed, 1 failed" in done.stderr and "req" in done.stderr  # the progress bar
+    outputs = [json.loads(line) for line in (tmp_path / "questions.output.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in outputs) == ["c0", "c1", "c2"]
+    errors = (tmp_path / "questions.output.errors.jsonl").read_text().splitlines()
+    assert len(errors) == 1 and json.loads(errors[0])["error"]["code"] == "invalid_json_line"
+    refused = subprocess.run([sys.executable, "-m", "deployments.cli", "batch", "submit", str(path), "--url",
+                              serve_app, "--api-key", "wrong"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "invalid or missing API key" in refused.stderr
