@@ -40,10 +40,10 @@ class AdmissionConfig:
     max_queued: dict[str, int] = field(default_factory=lambda: {"realtime": 256, "batch": 4096})
     # How long the dispatcher lets a lane's batch gather before granting (milliseconds).
     batch_wait_ms: dict[str, float] = field(default_factory=lambda: {"realtime": 0.0, "batch": 20.0})
-    # The largest share of max_inflight each lane may hold at once. Keeping the batch lane
-    # below 1.0 leaves seats free for realtime arrivals, so they are admitted at once
-    # instead of waiting for a batch request to finish (on a CPU-bound engine, fewer
-    # concurrent batch sequences also keep each step, and so realtime latency, short).
+    # The largest share of max_inflight each lane and the lanes above it may hold at once.
+    # Keeping the batch lane below 1.0 leaves seats free for realtime arrivals, so they are
+    # admitted at once instead of waiting for a batch request to finish, and fewer
+    # sequences per step keep each engine step, and so realtime latency, short.
     max_share: dict[str, float] = field(default_factory=lambda: {"realtime": 1.0, "batch": 0.5})
     # Most tickets granted in one dispatch.
     max_batch_size: int = 16
@@ -152,9 +152,12 @@ class AdmissionController:
         return sum(1 for granted_lane in self._inflight.values() if granted_lane == lane)
 
     def _lane_room(self, lane: str) -> int:
-        """Seats the lane may still take under its share (at least one while there is capacity)."""
-        cap = max(1, int(self.config.max_inflight * self.config.max_share[lane]))
-        return cap - self._lane_inflight(lane)
+        """Seats the lane may still take under its share. Lower lanes share their seats with
+        the lanes above them (realtime work in flight shrinks the batch lane's room, down
+        to one seat), so the batch lane only fills capacity that realtime leaves idle."""
+        cap = int(self.config.max_inflight * self.config.max_share[lane])
+        above = sum(self._lane_inflight(other) for other in LANES[:LANES.index(lane)])
+        return max(1, cap - above) - self._lane_inflight(lane)
 
     def _next_lane(self) -> str | None:
         return next((lane for lane in LANES if self._queues[lane] and self._lane_room(lane) > 0), None)

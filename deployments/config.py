@@ -63,8 +63,9 @@ class RouterSettings(_Strict):
     max_queued_realtime: int = Field(256, ge=0, description="Realtime requests the router holds (429 above).")
     max_queued_batch: int = Field(4096, ge=0, description="Batch requests the router holds (429 above).")
     batch_wait_ms: float = Field(20, ge=0, description="How long batch-lane work may gather before dispatch.")
-    batch_max_share: float = Field(0.5, gt=0, le=1, description="Largest share of the capacity the batch lane "
-                                   "holds at once; the rest stays free for realtime arrivals.")
+    batch_max_share: float = Field(0.25, gt=0, le=1, description="Share of the capacity the batch lane may fill, "
+                                   "less the realtime requests in flight (at least one seat): batch work only "
+                                   "uses what realtime leaves idle.")
     max_batch_size: int = Field(16, ge=1, description="Most requests dispatched together.")
     queue_timeout_s: float = Field(600, gt=0, description="Longest wait for admission before 503.")
     retry_after_s: float = Field(1, ge=0, description="Retry-After sent with 429.")

@@ -63,6 +63,15 @@ class LLMServer:
             # stream now (not at garbage collection) so the request is aborted at once.
             await stream.aclose()
 
+    async def complete(self, prompt: str | list[int] | None, messages: list[dict] | None,
+                       params: SamplingParams, priority: int, request_id: str) -> RequestOutput:
+        """The final output only: no per-token messages for callers that do not stream
+        (the batch lane, non-streamed requests). Cancelling the call aborts the request."""
+        final = None
+        async for output in self.generate(prompt, messages, params, priority, request_id):
+            final = output
+        return final
+
     def stats(self) -> dict:
         stats = self.engine.stats()
         return {"replica_id": self.replica_id, "num_running": stats.num_running, "num_waiting": stats.num_waiting,

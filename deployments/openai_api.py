@@ -172,16 +172,17 @@ class OpenAIServing:
         return body
 
     async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str, lane: str):
-        """Admit through the router, start one stream per choice, answer whole or streamed."""
+        """Admit through the router, then stream the choices or wait for their final outputs."""
         ticket = await self._admit(lane)
+        priority = LANE_PRIORITY[lane]
         try:
-            streams = [self._generate(prompt, messages, p, LANE_PRIORITY[lane]) for p in params]
+            if body.stream:
+                streams = [self._call("generate", prompt, messages, p, priority, stream=True) for p in params]
+                return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
         except BaseException:
             self._release(ticket)
             raise
-        if body.stream:
-            return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
-        return await self._complete(streams, body, object_name, ticket)
+        return await self._complete(prompt, messages, params, priority, body, object_name, ticket)
 
     # --- helpers -------------------------------------------------------------
 
@@ -199,21 +200,18 @@ class OpenAIServing:
     def _release(self, ticket: int) -> None:
         self.router.release.remote(ticket)
 
-    def _generate(self, prompt, messages, params, priority: int) -> AsyncIterator[RequestOutput]:
-        return self.llm.options(stream=True).generate.remote(prompt, messages, params, priority, uuid.uuid4().hex)
+    def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
+        handle = self.llm.options(stream=True) if stream else self.llm
+        return getattr(handle, method).remote(prompt, messages, params, priority, uuid.uuid4().hex)
 
-    async def _complete(self, streams, body, object_name: str, ticket: int) -> dict:
-        async def final(stream):
-            last = None
-            async for out in stream:
-                last = out
-            return last
-
+    async def _complete(self, prompt, messages, params, priority: int, body, object_name: str, ticket: int) -> dict:
+        calls = []
         try:
-            outputs = await asyncio.gather(*(final(s) for s in streams))
+            calls = [self._call("complete", prompt, messages, p, priority) for p in params]
+            outputs = await asyncio.gather(*calls)
         except asyncio.CancelledError:
-            for stream in streams:
-                stream.cancel()
+            for call in calls:
+                call.cancel()  # reaches the LLM server, whose engine aborts the request
             raise
         except Exception as exc:
             raise _to_api_error(exc) from exc

@@ -44,6 +44,11 @@ class EngineConfig:
     max_model_len: int | None = None
     # Split long prompts into chunks that share steps with running decodes.
     enable_chunked_prefill: bool = True
+    # While requests of a better priority are in the engine, worse-priority requests
+    # prefill at most this many tokens per step (all of them together; their decodes
+    # are not limited): a wave of batch prompts then cannot make the steps that
+    # realtime requests wait on long. None = no limit. Needs chunked prefill.
+    background_prefill_tokens: int | None = 64
     # Decode attention: "auto" (semline's compiled CPU kernel when it builds, else
     # PyTorch), "cpu_kernel" (require the kernel) or "torch" (gather + SDPA).
     attention_backend: str = "auto"
@@ -72,6 +77,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.background_prefill_tokens is not None and self.background_prefill_tokens < 1:
+            raise ConfigError(f"background_prefill_tokens must be >= 1 or None, got {self.background_prefill_tokens}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.max_model_len is not None and self.max_model_len < 2:

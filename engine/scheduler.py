@@ -53,6 +53,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.background_prefill_tokens = config.background_prefill_tokens if config.enable_chunked_prefill else None
         self.block_manager = block_manager
         # Heap of (priority, arrival_seq, request).
         self.waiting: list[tuple[int, int, Request]] = []
@@ -112,6 +113,17 @@ class Scheduler:
         self._make_room_for_higher_priority(out)
         num_preempted_for_priority = len(out.preempted)
         budget = self.max_num_batched_tokens
+        # Prefill tokens left this step for requests worse than the best priority present.
+        best = min([r.priority for r in self.running] + [w[0] for w in self.waiting[:1]], default=0)
+        background = self.background_prefill_tokens
+
+        def room(request: Request) -> int:
+            if background is None or request.priority == best:
+                return budget
+            if request.num_tokens - request.num_computed_tokens <= 1:
+                return budget  # a decode: never held back
+            return min(budget, background)
+
         index = 0  # running[:index] have been considered this step
         can_admit = True  # False once a request could not get blocks or a seat
         while budget > 0:
@@ -122,18 +134,23 @@ class Scheduler:
             if request is None and head is None:
                 break
             if request is not None and (head is None or request.priority <= head.priority):
-                num_new = self._num_new_tokens(request, budget)
+                num_new = self._num_new_tokens(request, room(request))
                 if num_new and not self._allocate_or_preempt(request, num_new, out):
                     continue  # the request preempted itself; `running` shrank under index
                 if num_new:
                     self._add_chunk(out, request, num_new)
                     budget -= num_new
                 index += 1
-            elif self._admit(head, budget, index, out):
-                budget -= out.chunks[-1].num_new_tokens
+            elif self._admit(head, room(head), index, out):
+                num_new = out.chunks[-1].num_new_tokens
+                budget -= num_new
+                request = head
                 index += 1
             else:
                 can_admit = False
+                continue
+            if background is not None and request.priority != best and num_new > 1:
+                background -= num_new
         return out
 
     def _make_room_for_higher_priority(self, out: SchedulerOutput) -> None:

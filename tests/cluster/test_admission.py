@@ -62,6 +62,9 @@ def test_batch_lane_keeps_to_its_share_and_leaves_seats_for_realtime():
         await asyncio.sleep(0.05)
         assert sum(t.done() for t in batch) == 2
         ctl.release(next(t for t in batch if t.done()).result())
+        await asyncio.sleep(0.05)  # realtime in flight shares the batch lane's seats
+        assert sum(t.done() for t in batch) == 2 and ctl.stats()["inflight_by_lane"] == {"realtime": 1, "batch": 1}
+        ctl.release(realtime[1])  # realtime idle: the batch lane gets its whole share back
         await asyncio.sleep(0.05)
         assert sum(t.done() for t in batch) == 3
         ctl.set_capacity(8)  # a replica joined: the share grows with it

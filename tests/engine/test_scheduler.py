@@ -129,3 +129,25 @@ def test_waiting_realtime_goes_before_running_batch_prefill():
     out = scheduler.schedule()
     assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 10), ("batch", 6)]
     assert [r.request_id for r in scheduler.running] == ["rt", "batch"]
+
+
+def test_background_prefill_is_capped_while_realtime_runs():
+    """Batch prompts prefill in small chunks while a realtime request is in the engine."""
+    scheduler, _ = _scheduler(num_blocks=200, max_num_batched_tokens=256, background_prefill_tokens=32)
+    scheduler.add_request(_request("rt", 8, priority=0))
+    for i in range(3):
+        scheduler.add_request(_request(f"b{i}", 100, priority=1))
+    out = scheduler.schedule()
+    chunks = [(c.request.request_id, c.num_new_tokens) for c in out.chunks]
+    assert chunks == [("rt", 8), ("b0", 32)]  # 32 background prefill tokens in all
+    _run(scheduler, out)
+    out = scheduler.schedule()  # rt decodes; the cap applies again
+    assert sum(c.num_new_tokens for c in out.chunks if c.request.priority == 1) == 32
+
+
+def test_background_prefill_is_not_capped_when_alone():
+    scheduler, _ = _scheduler(num_blocks=200, max_num_batched_tokens=256, background_prefill_tokens=32)
+    for i in range(3):
+        scheduler.add_request(_request(f"b{i}", 100, priority=1))
+    out = scheduler.schedule()
+    assert [c.num_new_tokens for c in out.chunks] == [100, 100, 56]
