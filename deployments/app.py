@@ -19,6 +19,7 @@ from deployments.llm_server import LLMServer
 from deployments.openai_api import OpenAIIngress, build_fastapi
 
 ROUTING_STATS_PERIOD_S = 1.0
+QUIET = {"enable_access_log": False}  # no log line per request and per internal call
 
 
 def llm_server_options(config: SemlineConfig) -> dict:
@@ -30,6 +31,7 @@ def llm_server_options(config: SemlineConfig) -> dict:
         "ray_actor_options": {"num_cpus": server.num_cpus, "num_gpus": server.num_gpus},
         "max_ongoing_requests": server.max_ongoing_requests,
         "health_check_period_s": 5,
+        "logging_config": QUIET,
         "request_router_config": RequestRouterConfig(
             request_router_class="deployments.routing:FreeKVRouter",
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
@@ -106,8 +108,8 @@ def build_app(config: SemlineConfig | dict | None = None):
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
         config.engine, int(max(1, config.server.num_cpus)), *router_args)
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                             max_ongoing_requests=1024).bind(llm, config)
+                             max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)
     ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=4096)
+                               max_ongoing_requests=4096, logging_config=QUIET)
     return ingress.bind(llm, batch, config)
 

@@ -105,7 +105,8 @@ class LLMServer:
         try:
             self.router_stats = ray.get(self.router.heartbeat.remote(self.replica_id, self.capacity), timeout=5)
         except Exception as exc:  # noqa: BLE001 - a restarting router: try again next period
-            logger.warning("router heartbeat failed: %s", exc)
+            if not self._stop.is_set():
+                logger.warning("router heartbeat failed: %s", exc)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_PERIOD_S):

@@ -6,7 +6,9 @@ ingress and the batch runner). Replicas report their free KV blocks through
 fewest waiting requests), one replica per tier, so Serve tries the best one and
 moves down the list only when it is at its `max_ongoing_requests`. Until every
 candidate has reported, Serve's default choice (power of two choices on queue
-length) decides.
+length) decides. FIFOMixin hands a chosen replica to the oldest waiting request
+(the bare RequestRouter only matches a replica to the request that asked, and
+lets the others wait).
 """
 
 from __future__ import annotations

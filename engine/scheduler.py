@@ -117,6 +117,12 @@ class Scheduler:
         best = min([r.priority for r in self.running] + [w[0] for w in self.waiting[:1]], default=0)
         background = self.background_prefill_tokens
 
+        # A best-priority prompt waiting for its first step gets a step without the
+        # worse-priority decodes: its time to first token is then one short step.
+        head = self.waiting[0][2] if self.waiting else None
+        hold_back = (background is not None and head is not None and head.priority == best
+                     and head.num_computed_tokens == 0 and any(r.priority > best for r in self.running))
+
         def room(request: Request) -> int:
             if background is None or request.priority == best:
                 return budget
@@ -134,6 +140,9 @@ class Scheduler:
             if request is None and head is None:
                 break
             if request is not None and (head is None or request.priority <= head.priority):
+                if hold_back and request.priority > best:
+                    index += 1  # sits this step out (not preempted: it keeps its blocks)
+                    continue
                 num_new = self._num_new_tokens(request, room(request))
                 if num_new and not self._allocate_or_preempt(request, num_new, out):
                     continue  # the request preempted itself; `running` shrank under index

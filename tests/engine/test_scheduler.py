@@ -126,9 +126,12 @@ def test_waiting_realtime_goes_before_running_batch_prefill():
     scheduler.add_request(batch)
     _run(scheduler, scheduler.schedule())  # batch's first 16-token chunk
     scheduler.add_request(_request("rt", 10, priority=0))
-    out = scheduler.schedule()
-    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 10), ("batch", 6)]
+    out = scheduler.schedule()  # the new realtime prompt's first step is its own
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 10)]
     assert [r.request_id for r in scheduler.running] == ["rt", "batch"]
+    _run(scheduler, out)
+    out = scheduler.schedule()  # then the batch prefill goes on, beside rt's decode
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 1), ("batch", 15)]
 
 
 def test_background_prefill_is_capped_while_realtime_runs():
@@ -151,3 +154,17 @@ def test_background_prefill_is_not_capped_when_alone():
         scheduler.add_request(_request(f"b{i}", 100, priority=1))
     out = scheduler.schedule()
     assert [c.num_new_tokens for c in out.chunks] == [100, 100, 56]
+
+
+def test_new_realtime_prompt_gets_a_step_without_batch_decodes():
+    scheduler, _ = _scheduler(num_blocks=200, max_num_batched_tokens=256)
+    for i in range(2):
+        scheduler.add_request(_request(f"b{i}", 10, priority=1))
+    _run(scheduler, scheduler.schedule())  # both batch prompts prefilled: they decode now
+    scheduler.add_request(_request("rt", 12, priority=0))
+    out = scheduler.schedule()
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 12)]
+    assert {r.request_id for r in scheduler.running} == {"rt", "b0", "b1"}  # held back, not preempted
+    _run(scheduler, out)
+    out = scheduler.schedule()
+    assert [(c.request.request_id, c.num_new_tokens) for c in out.chunks] == [("rt", 1), ("b0", 1), ("b1", 1)]
