@@ -10,6 +10,10 @@ sees), whatever the server's state. Phases, all in one run on one application:
 3. realtime at each rate while a large batch keeps the batch lane saturated, and
    the batch lane's throughput over the same time.
 
+Batch throughput counts the output tokens of the lines that finished inside a
+phase (their `created` time in the output file, so the server's clock: run the
+generator on the same machine or one with a synced clock).
+
 Targets (from the serving issue): realtime TTFT p99 with the batch lane
 saturated within 2x of realtime alone, at every rate; the batch lane keeps at
 least 50% of its alone throughput. Writes benchmarks/results/serving.json.
@@ -114,6 +118,21 @@ async def stop_batch(http: httpx.AsyncClient, batch_id: str) -> None:
         await asyncio.sleep(0.5)
 
 
+async def batch_finish_times(http: httpx.AsyncClient, batch_id: str) -> list[tuple[int, int]]:
+    """(finish time, output tokens) of every line the batch answered, from its output file."""
+    batch = (await http.get(f"/v1/batches/{batch_id}")).json()
+    if not batch["output_file_id"]:
+        return []
+    text = (await http.get(f"/v1/files/{batch['output_file_id']}/content")).text
+    records = [json.loads(line)["response"]["body"] for line in text.splitlines()]
+    return [(body["created"], body["usage"]["completion_tokens"]) for body in records]
+
+
+def batch_throughput(finished: list[tuple[int, int]], start: float, end: float) -> float:
+    """Output tokens/s of the batch lines that finished within [start, end) (server clock, 1 s grain)."""
+    return sum(tokens for created, tokens in finished if start <= created < end) / (end - start)
+
+
 async def until_saturated(http: httpx.AsyncClient, batch_id: str) -> None:
     """Wait until the batch's first lines finished (the lane is warm and full)."""
     while await batch_done(http, batch_id) < 4:
@@ -132,20 +151,23 @@ async def run(args) -> dict:
 
         batch_id = await start_batch(http, args.batch_size, args.batch_max_tokens)
         await until_saturated(http, batch_id)
-        before = await batch_done(http, batch_id)
+        start = time.time()
         await asyncio.sleep(args.window)
-        batch_alone = (await batch_done(http, batch_id) - before) * args.batch_max_tokens / args.window
-        print(f"batch alone          {batch_alone:.1f} output tok/s", flush=True)
+        alone_window = (start, time.time())
 
-        mixed = []
+        mixed, windows = [], []
         for i, rate in enumerate(args.rates):
-            before, start = await batch_done(http, batch_id), time.perf_counter()
-            row = await open_loop(http, rate, args.duration, args.max_tokens, seed=i)
-            elapsed = time.perf_counter() - start
-            row["batch_output_tokens_per_s"] = (await batch_done(http, batch_id) - before) * args.batch_max_tokens / elapsed
-            print("realtime with batch ", row, flush=True)
-            mixed.append(row)
+            start = time.time()
+            mixed.append(await open_loop(http, rate, args.duration, args.max_tokens, seed=i))
+            windows.append((start, time.time()))
         await stop_batch(http, batch_id)
+        finished = await batch_finish_times(http, batch_id)
+
+    batch_alone = batch_throughput(finished, *alone_window)
+    print(f"batch alone          {batch_alone:.1f} output tok/s", flush=True)
+    for row, window in zip(mixed, windows):
+        row["batch_output_tokens_per_s"] = batch_throughput(finished, *window)
+        print("realtime with batch ", row, flush=True)
 
     checks = []
     for a, m in zip(alone, mixed):
