@@ -65,6 +65,17 @@ def derived_file_id(batch_id: str, role: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}/{role}".encode()).hexdigest()[:32]
 
 
+def _checked_path(kind: str, pattern: re.Pattern, folder: Path, object_id: str, suffix: str,
+                  must_exist: bool) -> Path:
+    """The path of a server-generated id; any other string is NotFound before it touches a path."""
+    if not isinstance(object_id, str) or not pattern.match(object_id):
+        raise NotFound(kind, str(object_id)[:80])
+    path = folder / f"{object_id}{suffix}"
+    if must_exist and not path.exists():
+        raise NotFound(kind, object_id)
+    return path
+
+
 class BatchStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
@@ -103,12 +114,7 @@ class BatchStore:
         _fsync_dir(self.files)
 
     def _file_path(self, file_id: str, suffix: str, must_exist: bool = True) -> Path:
-        if not isinstance(file_id, str) or not FILE_ID.match(file_id):
-            raise NotFound("file", str(file_id)[:80])
-        path = self.files / f"{file_id}{suffix}"
-        if must_exist and not path.exists():
-            raise NotFound("file", file_id)
-        return path
+        return _checked_path("file", FILE_ID, self.files, file_id, suffix, must_exist)
 
     # --- batches -------------------------------------------------------------------
 
@@ -126,12 +132,7 @@ class BatchStore:
         return sorted(batches, key=lambda b: (b["created_at"], b["id"]), reverse=True)
 
     def _batch_path(self, batch_id: str, suffix: str, must_exist: bool = True) -> Path:
-        if not isinstance(batch_id, str) or not BATCH_ID.match(batch_id):
-            raise NotFound("batch", str(batch_id)[:80])
-        path = self.batches / f"{batch_id}{suffix}"
-        if must_exist and not path.exists():
-            raise NotFound("batch", batch_id)
-        return path
+        return _checked_path("batch", BATCH_ID, self.batches, batch_id, suffix, must_exist)
 
     # --- results logs ---------------------------------------------------------------
 

@@ -1,0 +1,56 @@
+"""The batch lane's durable store: crash leftovers, torn log lines, ids that name no path."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.batch_runner import parse_input
+from deployments.batch_store import BatchStore, NotFound
+from deployments.openai_api import APIError
+
+
+def test_torn_last_log_line_is_cut_and_appends_continue(tmp_path):
+    store = BatchStore(tmp_path)
+    batch_id = store.new_batch_id()
+    log = store.open_results(batch_id)
+    log.append({"key": ["id", "a"], "kind": "output"})
+    log.close()
+    with open(tmp_path / "batches" / f"{batch_id}.log", "ab") as f:
+        f.write(b'{"key": ["id", "b"], "ki')  # a crash mid-append
+    assert [r["key"] for r in store.read_results(batch_id)] == [["id", "a"]]
+    log = store.open_results(batch_id)
+    log.append({"key": ["id", "b"], "kind": "output"})
+    log.close()
+    assert [r["key"] for r in store.read_results(batch_id)] == [["id", "a"], ["id", "b"]]
+
+
+def test_leftover_temporary_files_are_removed_and_files_round_trip(tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / ".file-x.json.123.tmp").write_text("half")
+    store = BatchStore(tmp_path)
+    assert not list((tmp_path / "files").glob(".*.tmp"))
+    meta = store.create_file(b'{"a": 1}\n', "in.jsonl", "batch")
+    assert store.get_file(meta["id"]) == meta and store.file_content(meta["id"]) == b'{"a": 1}\n'
+    store.delete_file(meta["id"])
+    with pytest.raises(NotFound):
+        store.get_file(meta["id"])
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "file-../../x", "file-" + "0" * 31 + "/", "", "batch_1"])
+def test_ids_that_are_not_generated_ones_name_no_path(tmp_path, bad_id):
+    store = BatchStore(tmp_path)
+    with pytest.raises(NotFound):
+        store.get_file(bad_id)
+    with pytest.raises(NotFound):
+        store.get_batch(bad_id)
+
+
+def test_parse_input_marks_bad_lines_and_refuses_files_that_are_not_jsonl():
+    good = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}'
+    lines = parse_input(good + b"\n\n[1, 2]\n{oops\n", "/v1/completions")
+    assert [(line.key, line.error and line.error["code"]) for line in lines] == [
+        (("id", "a"), None), (("line", 3), "missing_custom_id"), (("line", 4), "invalid_json_line")]
+    with pytest.raises(APIError, match="not JSONL"):
+        parse_input(b"a,b\n1,2\n", "/v1/completions")
+    with pytest.raises(APIError, match="not UTF-8"):
+        parse_input(b"\xff\xfe\n", "/v1/completions")
