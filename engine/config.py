@@ -44,6 +44,9 @@ class EngineConfig:
     max_model_len: int | None = None
     # Split long prompts into chunks that share steps with running decodes.
     enable_chunked_prefill: bool = True
+    # Reuse the KV blocks of prompt prefixes seen before (full blocks, by token hash):
+    # a shared system prompt is prefilled once.
+    enable_prefix_caching: bool = True
     # While requests of a better priority are in the engine, worse-priority requests
     # prefill at most this many tokens per step (all of them together; their decodes
     # are not limited): a wave of batch prompts then cannot make the steps that

@@ -50,7 +50,7 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {max_len} exceeds the model's "
                               f"max_position_embeddings {self.hf_config.max_position_embeddings}")
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A lone request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
         if not config.enable_chunked_prefill:
@@ -151,9 +151,12 @@ class LLMEngine:
         for chunk in chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_new_tokens
+            self.block_manager.register_full_blocks(request)
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
+                self.stats.prefix_cache_queries += request.num_prompt_tokens
+                self.stats.prefix_cache_hits += request.num_cached_tokens
         outputs = []
         for chunk, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
             request = chunk.request

@@ -88,6 +88,9 @@ class EngineStats:
     energy_joules: float = 0.0
     busy_seconds: float = 0.0
     finished_reasons: dict[str, int] = field(default_factory=dict)
+    # Prompt tokens looked up in the prefix cache, and how many were found there.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # Gauges, refreshed every step.
     num_running: int = 0
     num_waiting: int = 0
@@ -97,6 +100,11 @@ class EngineStats:
     @property
     def generation_tokens_per_second(self) -> float:
         return self.num_generation_tokens / self.busy_seconds if self.busy_seconds else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens reused from the cache / prompt tokens."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def joules_per_token(self) -> float:

@@ -188,9 +188,15 @@ class Scheduler:
         """Move the waiting head into `running` at `index` with its first chunk, if it fits."""
         if len(self.running) >= self.max_num_seqs:
             return False
+        if request.num_computed_tokens == 0:
+            request.num_computed_tokens = self.block_manager.match_prefix(request)
         num_new = self._num_new_tokens(request, budget)
         if num_new == 0 or not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
+            self.block_manager.free(request)  # hand back the cached blocks it matched
+            request.num_computed_tokens = 0
             return False
+        if request.metrics.first_scheduled_time is None:
+            request.num_cached_tokens = request.num_computed_tokens
         heapq.heappop(self.waiting)
         request.status = RequestStatus.RUNNING
         self.running.insert(index, request)
