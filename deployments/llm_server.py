@@ -76,7 +76,8 @@ class LLMServer:
         stats = self.engine.stats()
         return {"replica_id": self.replica_id, "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                 "kv_cache_usage": stats.kv_cache_usage, "num_free_blocks": stats.num_free_blocks,
-                "num_generation_tokens": stats.num_generation_tokens}
+                "num_generation_tokens": stats.num_generation_tokens,
+                "prefix_cache_hit_rate": stats.prefix_cache_hit_rate}
 
     def record_routing_stats(self) -> dict:
         """Read by deployments.routing.FreeKVRouter in every process that calls this deployment."""
