@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import ray
 import torch
 
+from cluster.router import get_or_create_router
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
 from engine.llm import apply_chat_template
 
@@ -38,10 +39,9 @@ class LLMServer:
         self.router_stats: dict = {}
         self._stop = threading.Event()
         self.router = None
+        self.router_name, self.router_config = router_name, router_config or {}
         if router_name is not None:
-            from cluster.router import get_or_create_router
-
-            self.router = get_or_create_router(router_name, router_config or {})
+            self.router = get_or_create_router(router_name, self.router_config)
             self._heartbeat()  # the router knows this replica before the first request arrives
             threading.Thread(target=self._heartbeat_loop, name="router-heartbeat", daemon=True).start()
 
@@ -105,7 +105,11 @@ class LLMServer:
     def _heartbeat(self) -> None:
         try:
             self.router_stats = ray.get(self.router.heartbeat.remote(self.replica_id, self.capacity), timeout=5)
-        except Exception as exc:  # noqa: BLE001 - a restarting router: try again next period
+        except ray.exceptions.RayActorError:
+            if not self._stop.is_set():  # the router went away with its owner: find or start a new one
+                logger.warning("router is gone; reconnecting")
+                self.router = get_or_create_router(self.router_name, self.router_config)
+        except Exception as exc:  # noqa: BLE001 - a slow or restarting router: try again next period
             if not self._stop.is_set():
                 logger.warning("router heartbeat failed: %s", exc)
 

@@ -188,14 +188,24 @@ class OpenAIServing:
 
     async def _admit(self, lane: str) -> int:
         """Wait for the router's ticket; 429 when the lane's queue is full."""
-        ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s)
-        try:
-            return await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)  # the client left while queued: withdraw (or hand back) the ticket
-            raise
-        except Exception as exc:
-            raise _to_api_error(exc) from exc
+        for attempt in range(2):
+            ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s)
+            try:
+                return await ref
+            except asyncio.CancelledError:
+                ray.cancel(ref)  # the client left while queued: withdraw (or hand back) the ticket
+                raise
+            except ray.exceptions.RayActorError as exc:
+                # The router went away (with the replica that created it): find or start
+                # a new one; the LLM servers re-register with it within a second.
+                if attempt:
+                    raise APIError(503, "the router is unavailable; retry", "server_error",
+                                   code="router_unavailable") from exc
+                self.router = get_or_create_router(self.config.router.actor_name,
+                                                   self.config.router.admission_config())
+            except Exception as exc:
+                raise _to_api_error(exc) from exc
+        raise AssertionError("unreachable")
 
     def _release(self, ticket: int) -> None:
         self.router.release.remote(ticket)

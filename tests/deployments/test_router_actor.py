@@ -28,3 +28,20 @@ def test_cancelled_waiter_is_withdrawn(serve_app):
     stats = ray.get(router.stats.remote())
     assert stats["inflight"] == 0 and stats["queued"] == {"realtime": 0, "batch": 0}
     ray.kill(router)
+
+
+def test_service_recovers_when_the_router_actor_dies(client, serve_app):
+    """The router fate-shares with the replica that created it; holders find or start a new one."""
+    import ray
+
+    from tests.deployments.conftest import MODEL
+
+    old = ray.get_actor("semline-router")
+    ray.kill(old, no_restart=True)
+    resp = client.completions.create(model=MODEL, prompt="Still there?", max_tokens=4, temperature=0)
+    assert resp.choices[0].text and resp.usage.completion_tokens == 4
+    new = ray.get_actor("semline-router")
+    deadline = time.time() + 10
+    while ray.get(new.stats.remote())["capacity"] == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.get(new.stats.remote())["capacity"] == 4  # the LLM server re-registered
