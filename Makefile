@@ -7,6 +7,9 @@ STAMP := $(VENV)/.semline-installed
 # install your CUDA build of torch into .venv first (or override TORCH_SPEC).
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= Explain in two sentences what a KV cache is.
+# Prometheus for the metrics tests: Debian's package, unpacked without root.
+TOOLS := .tools
+PROMETHEUS := $(TOOLS)/prometheus/usr/bin/prometheus
 
 .PHONY: setup run demo test bench clean
 
@@ -29,11 +32,17 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/semline generate --chat "$(PROMPT)"
 
-test: $(STAMP)
+test: $(STAMP) $(PROMETHEUS)
 	$(BIN)/python -m pytest tests
+
+$(PROMETHEUS):
+	mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && apt-get download prometheus 2>/dev/null || { echo "could not fetch Debian's prometheus package: install prometheus (apt-get install prometheus) or put its binary at $(PROMETHEUS)"; exit 1; }
+	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/prometheus
+	rm -rf $(TOOLS)/deb
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(TOOLS)

@@ -18,8 +18,24 @@ import asyncio
 import time
 
 import ray
+from ray.util.metrics import Counter, Gauge
 
-from cluster.admission import AdmissionConfig, AdmissionController
+from cluster.admission import AdmissionConfig, AdmissionController, QueueFullError
+
+
+class RouterMetrics:
+    """Exported through Ray's metrics API as ray_semline_router_*."""
+
+    def __init__(self) -> None:
+        self.queue_depth = Gauge("semline_router_queue_depth", "Requests waiting at the router.", ("lane",))
+        self.inflight = Gauge("semline_router_inflight", "Requests admitted and not yet finished.", ("lane",))
+        self.rejected = Counter("semline_router_requests_rejected", "Requests the router refused.",
+                                ("lane", "reason"))
+
+    def update(self, stats: dict) -> None:
+        for lane, depth in stats["queued"].items():
+            self.queue_depth.set(depth, {"lane": lane})
+            self.inflight.set(stats["inflight_by_lane"][lane], {"lane": lane})
 
 
 class Router:
@@ -28,9 +44,17 @@ class Router:
         self.replica_ttl_s = replica_ttl_s
         self._replicas: dict[str, tuple[int, float]] = {}  # replica id -> (capacity, last heartbeat)
         self._reaper: asyncio.Task | None = None
+        self.metrics = RouterMetrics()
 
     async def acquire(self, lane: str, timeout_s: float | None = None) -> int:
-        return await self.admission.acquire(lane, timeout_s)
+        try:
+            return await self.admission.acquire(lane, timeout_s)
+        except QueueFullError:
+            self.metrics.rejected.inc(1, {"lane": lane, "reason": "queue_full"})
+            raise
+        except asyncio.TimeoutError:
+            self.metrics.rejected.inc(1, {"lane": lane, "reason": "timeout"})
+            raise
 
     async def release(self, ticket: int) -> None:
         self.admission.release(ticket)
@@ -39,6 +63,7 @@ class Router:
         """A replica is alive and takes `capacity` requests; returns the router's stats."""
         self._replicas[replica_id] = (capacity, time.monotonic())
         self._refresh_capacity()
+        self.metrics.update(self.admission.stats())
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
         return self.admission.stats()

@@ -106,7 +106,7 @@ def build_app(config: SemlineConfig | dict | None = None):
 
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
-        config.engine, int(max(1, config.server.num_cpus)), *router_args)
+        config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name)
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1, ray_actor_options={"num_cpus": 0},
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)
     ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},

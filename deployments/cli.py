@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -61,7 +62,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig()
     if args.port:
         config.http.port = args.port
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "5000")
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, _metrics_export_port=config.metrics_export_port)
     serve.start(http_options={"host": config.http.host, "port": config.http.port},
                 logging_config=LoggingConfig(enable_access_log=False))
     serve.run(build_app(config), name="semline", route_prefix="/")
@@ -69,7 +71,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"semline is serving {config.model_name} at {url}  (Ctrl-C to stop)\n"
           f"try:\n  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", "
-          f"\"content\": \"Hello!\"}}]}}'", flush=True)
+          f"\"content\": \"Hello!\"}}]}}'\n"
+          f"Prometheus metrics: http://127.0.0.1:{config.metrics_export_port}/metrics (ray_semline_*)", flush=True)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:
         while True:

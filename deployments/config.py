@@ -101,6 +101,8 @@ class SemlineConfig(_Strict):
     router: RouterSettings = Field(default_factory=RouterSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
+    metrics_export_port: int = Field(8080, ge=1, le=65535, description="Port of the Ray node's Prometheus "
+                                     "metrics (`semline serve` starts Ray with it).")
 
     @field_validator("engine")
     @classmethod

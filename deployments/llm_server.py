@@ -20,6 +20,7 @@ import ray
 import torch
 
 from cluster.router import get_or_create_router
+from deployments.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
 from engine.llm import apply_chat_template
 
@@ -30,7 +31,8 @@ HEARTBEAT_PERIOD_S = 1.0
 
 class LLMServer:
     def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
-                 router_config: dict | None = None, capacity: int | None = None) -> None:
+                 router_config: dict | None = None, capacity: int | None = None,
+                 model_name: str = "semline") -> None:
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
         torch.set_num_threads(max(1, num_threads))
         self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}))
@@ -38,12 +40,13 @@ class LLMServer:
         self.replica_id = _replica_id()
         self.router_stats: dict = {}
         self._stop = threading.Event()
+        self.metrics = ServerMetrics(model_name)
         self.router = None
         self.router_name, self.router_config = router_name, router_config or {}
         if router_name is not None:
             self.router = get_or_create_router(router_name, self.router_config)
             self._heartbeat()  # the router knows this replica before the first request arrives
-            threading.Thread(target=self._heartbeat_loop, name="router-heartbeat", daemon=True).start()
+        threading.Thread(target=self._background_loop, name="heartbeat-and-metrics", daemon=True).start()
 
     async def model_info(self) -> dict:
         core = self.engine.engine
@@ -55,8 +58,10 @@ class LLMServer:
         if messages is not None:
             prompt = apply_chat_template(self.engine.tokenizer, messages)
         stream = self.engine.generate(prompt, params, request_id=request_id, priority=priority)
+        tracker = self.metrics.request_tracker(priority)
         try:
             async for output in stream:
+                tracker.observe(output)
                 yield output
         finally:
             # Serve cancels this generator when the caller goes away; close the engine's
@@ -113,9 +118,14 @@ class LLMServer:
             if not self._stop.is_set():
                 logger.warning("router heartbeat failed: %s", exc)
 
-    def _heartbeat_loop(self) -> None:
+    def _background_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_PERIOD_S):
-            self._heartbeat()
+            if self.router is not None:
+                self._heartbeat()
+            try:
+                self.metrics.update_engine(self.engine.stats())
+            except Exception as exc:  # noqa: BLE001 - metrics must never take the replica down
+                logger.warning("metrics update failed: %s", exc)
 
 
 def _replica_id() -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +39,12 @@ def app_config(storage_dir):
 
 
 @pytest.fixture(scope="session")
-def serve_app(app_config):
+def metrics_port():
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_app(app_config, metrics_port):
     """The real application (ingress + LLM server) on a free loopback port, with an API key."""
     import ray
     from ray import serve
@@ -45,7 +53,8 @@ def serve_app(app_config):
     from deployments.app import build_app
 
     port = app_config.http.port
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the port within ~1 s
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config=LoggingConfig(enable_access_log=False))
     serve.run(build_app(app_config), name="semline", route_prefix="/")
@@ -59,3 +68,39 @@ def client(serve_app):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{serve_app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+PROMETHEUS = Path(__file__).parents[2] / ".tools" / "prometheus" / "usr" / "bin" / "prometheus"
+
+
+@pytest.fixture(scope="session")
+def prometheus(serve_app, metrics_port, tmp_path_factory):
+    """A real Prometheus on loopback scraping the Ray cluster's metrics port every second."""
+    import subprocess
+    import time
+
+    import httpx
+
+    if not PROMETHEUS.exists():
+        pytest.fail(f"Prometheus is not at {PROMETHEUS}: `make test` fetches it (apt-get download prometheus; "
+                    "dpkg-deb -x); or install it with apt-get install prometheus and link it there")
+    folder = tmp_path_factory.mktemp("prometheus")
+    port = _free_port()
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
+    proc = subprocess.Popen([str(PROMETHEUS), f"--config.file={folder / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/-/ready").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(10)

@@ -1,0 +1,106 @@
+"""Prometheus metrics of the service, through Ray's metrics API (`ray.util.metrics`).
+
+Ray exports them on each node's metrics port with a `ray_` prefix (and `_total`
+on counters): `semline_generation_tokens` is scraped as
+`ray_semline_generation_tokens_total`. Names follow vLLM's, under `semline_`,
+with a `model_name` tag and a `lane` tag where it applies.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from engine.metrics import EngineStats
+from engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0]
+TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+LANE_OF_PRIORITY = {0: "realtime"}  # anything else is the batch lane
+
+
+def lane_of(priority: int) -> str:
+    return LANE_OF_PRIORITY.get(priority, "batch")
+
+
+class ServerMetrics:
+    """The LLM server replica's metrics: engine counters as deltas, gauges, per-request histograms."""
+
+    def __init__(self, model_name: str) -> None:
+        self.tags = {"model_name": model_name}
+        model, lane = ("model_name",), ("model_name", "lane")
+        self.running = Gauge("semline_num_requests_running", "Requests in the engine's running set.", model)
+        self.waiting = Gauge("semline_num_requests_waiting", "Requests waiting in the engine.", model)
+        self.kv_usage = Gauge("semline_kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", model)
+        self.counters = {
+            "num_prompt_tokens": Counter("semline_prompt_tokens", "Prompt tokens processed.", model),
+            "num_generation_tokens": Counter("semline_generation_tokens", "Tokens generated.", model),
+            "num_preemptions": Counter("semline_num_preemptions", "Requests preempted.", model),
+            "prefix_cache_queries": Counter("semline_prefix_cache_queries", "Prompt tokens looked up.", model),
+            "prefix_cache_hits": Counter("semline_prefix_cache_hits", "Prompt tokens found cached.", model),
+            "flops": Counter("semline_flops", "Floating-point operations (2 x params x tokens + attention).", model),
+            "energy_joules": Counter("semline_energy_joules", "Energy used (measured or estimated).", model),
+        }
+        self.success = Counter("semline_request_success", "Finished requests.", model + ("lane", "finished_reason"))
+        self.ttft = Histogram("semline_time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS, lane)
+        self.itl = Histogram("semline_inter_token_latency_seconds", "Time between output tokens.",
+                             LATENCY_BUCKETS, lane)
+        self.e2e = Histogram("semline_e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS, lane)
+        self.queue = Histogram("semline_request_queue_time_seconds", "Arrival to first scheduled.",
+                               LATENCY_BUCKETS, lane)
+        self.prompt_tokens = Histogram("semline_request_prompt_tokens", "Prompt tokens per request.",
+                                       TOKEN_BUCKETS, lane)
+        self.generation_tokens = Histogram("semline_request_generation_tokens", "Output tokens per request.",
+                                           TOKEN_BUCKETS, lane)
+        self._last = EngineStats()
+        for counter in self.counters.values():
+            # Export 0 before the first event, so "no preemptions yet" is a series with value 0
+            # rather than no series (Ray's public inc() refuses 0).
+            counter._record(0.0, tags=self.tags)
+
+    def update_engine(self, stats: EngineStats) -> None:
+        """Gauges now, counters by what they grew since the last call."""
+        self.running.set(stats.num_running, self.tags)
+        self.waiting.set(stats.num_waiting, self.tags)
+        self.kv_usage.set(stats.kv_cache_usage, self.tags)
+        for field, counter in self.counters.items():
+            delta = getattr(stats, field) - getattr(self._last, field)
+            if delta > 0:
+                counter.inc(delta, self.tags)
+        self._last = stats
+
+    def request_tracker(self, priority: int) -> "RequestTracker":
+        return RequestTracker(self, lane_of(priority))
+
+
+class RequestTracker:
+    """Follows one request's stream: inter-token gaps as tokens arrive, the rest at the end."""
+
+    def __init__(self, metrics: ServerMetrics, lane: str) -> None:
+        self.metrics, self.tags = metrics, {**metrics.tags, "lane": lane}
+        self.last_token_time: float | None = None
+        self.num_tokens = 0
+
+    def observe(self, output: RequestOutput) -> None:
+        now, new = time.time(), len(output.token_ids) - self.num_tokens
+        if new > 0:
+            if self.last_token_time is not None:
+                gap = (now - self.last_token_time) / new
+                for _ in range(new):
+                    self.metrics.itl.observe(gap, self.tags)
+            self.last_token_time, self.num_tokens = now, len(output.token_ids)
+        if output.finished:
+            self.finish(output)
+
+    def finish(self, output: RequestOutput) -> None:
+        m, tags = output.metrics, self.tags
+        self.metrics.success.inc(1, {**tags, "finished_reason": output.finish_reason or "abort"})
+        if m.time_to_first_token is not None:
+            self.metrics.ttft.observe(m.time_to_first_token, tags)
+        if m.queue_time is not None:
+            self.metrics.queue.observe(m.queue_time, tags)
+        if m.finished_time is not None:
+            self.metrics.e2e.observe(m.finished_time - m.arrival_time, tags)
+        self.metrics.prompt_tokens.observe(m.num_prompt_tokens, tags)
+        self.metrics.generation_tokens.observe(m.num_generated_tokens, tags)

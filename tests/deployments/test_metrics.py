@@ -1,0 +1,71 @@
+"""Prometheus metrics: a real Prometheus scrapes the Ray cluster; counters match the traffic sent."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.deployments.conftest import MODEL
+
+NAMES = [
+    "ray_semline_num_requests_running", "ray_semline_num_requests_waiting", "ray_semline_kv_cache_usage_perc",
+    "ray_semline_router_queue_depth", "ray_semline_router_inflight",
+    "ray_semline_prompt_tokens_total", "ray_semline_generation_tokens_total", "ray_semline_num_preemptions_total",
+    "ray_semline_request_success_total", "ray_semline_prefix_cache_queries_total",
+    "ray_semline_prefix_cache_hits_total", "ray_semline_flops_total", "ray_semline_energy_joules_total",
+    "ray_semline_time_to_first_token_seconds_bucket", "ray_semline_inter_token_latency_seconds_bucket",
+    "ray_semline_e2e_request_latency_seconds_bucket", "ray_semline_request_queue_time_seconds_bucket",
+    "ray_semline_request_prompt_tokens_bucket", "ray_semline_request_generation_tokens_bucket",
+]
+
+
+def _query(prometheus: str, promql: str) -> list[dict]:
+    resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"]["result"]
+
+
+def _value(prometheus: str, promql: str) -> float:
+    result = _query(prometheus, promql)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def _settled(prometheus: str, promql: str, timeout: float = 60) -> float:
+    """The value once it stops moving (three equal readings a second apart)."""
+    deadline, readings = time.time() + timeout, []
+    while time.time() < deadline:
+        readings = (readings + [_value(prometheus, promql)])[-3:]
+        if len(readings) == 3 and len(set(readings)) == 1:
+            return readings[-1]
+        time.sleep(1)
+    raise AssertionError(f"{promql} kept changing: {readings}")
+
+
+def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus):
+    tokens = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
+    prompt = f'sum(ray_semline_prompt_tokens_total{{model_name="{MODEL}"}})'
+    success = f'sum(ray_semline_request_success_total{{model_name="{MODEL}",lane="realtime"}})'
+    before = {q: _settled(prometheus, q) for q in (tokens, prompt, success)}
+
+    usages = []
+    for i in range(3):
+        resp = client.chat.completions.create(model=MODEL, max_tokens=6 + i, temperature=0,
+                                              messages=[{"role": "user", "content": f"Say hello {i}."}])
+        usages.append(resp.usage)
+    stream = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=5, stream=True,
+                                       stream_options={"include_usage": True}, temperature=0)
+    usages.append([chunk for chunk in stream][-1].usage)
+
+    expected = {tokens: sum(u.completion_tokens for u in usages), prompt: sum(u.prompt_tokens for u in usages),
+                success: len(usages)}
+    for promql, delta in expected.items():
+        deadline = time.time() + 60
+        while _value(prometheus, promql) < before[promql] + delta and time.time() < deadline:
+            time.sleep(1)
+        assert _settled(prometheus, promql) == before[promql] + delta, promql
+
+    missing = [name for name in NAMES if not _query(prometheus, name)]
+    assert not missing, f"no data in Prometheus for {missing}"
+    ttft_count = f'sum(ray_semline_time_to_first_token_seconds_count{{lane="realtime"}})'
+    assert _value(prometheus, ttft_count) >= len(usages)
