@@ -101,6 +101,14 @@ def prometheus(serve_app, metrics_port, tmp_path_factory):
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
+    while time.time() < deadline:  # ...and until its first scrape of the cluster succeeded
+        result = httpx.get(f"{url}/api/v1/query", params={"query": 'up{job="ray"}'}).json()["data"]["result"]
+        if result and result[0]["value"][1] == "1":
+            break
+        time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("Prometheus did not scrape the Ray metrics port within 30 s")
     yield url
     proc.terminate()
     proc.wait(10)

@@ -32,9 +32,12 @@ def _value(prometheus: str, promql: str) -> float:
 
 
 def _settled(prometheus: str, promql: str, timeout: float = 60) -> float:
-    """The value once it stops moving (three equal readings a second apart)."""
+    """The value once it is there and stops moving (three equal readings a second apart)."""
     deadline, readings = time.time() + timeout, []
     while time.time() < deadline:
+        if not _query(prometheus, promql):
+            time.sleep(1)
+            continue
         readings = (readings + [_value(prometheus, promql)])[-3:]
         if len(readings) == 3 and len(set(readings)) == 1:
             return readings[-1]
@@ -45,7 +48,8 @@ def _settled(prometheus: str, promql: str, timeout: float = 60) -> float:
 def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus):
     tokens = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
     prompt = f'sum(ray_semline_prompt_tokens_total{{model_name="{MODEL}"}})'
-    success = f'sum(ray_semline_request_success_total{{model_name="{MODEL}",lane="realtime"}})'
+    # (no series at all until a first request succeeded)
+    success = f'sum(ray_semline_request_success_total{{model_name="{MODEL}",lane="realtime"}}) or vector(0)'
     before = {q: _settled(prometheus, q) for q in (tokens, prompt, success)}
 
     usages = []
