@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +89,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_batch_submit(args: argparse.Namespace) -> int:
     """Upload a JSONL file, create a batch, follow it with a progress bar, write its results."""
     import json
-    import os
-    from pathlib import Path
 
     from openai import OpenAI
     from tqdm import tqdm
@@ -137,6 +136,22 @@ def _cmd_batch_submit(args: argparse.Namespace) -> int:
     return 0 if batch.status == "completed" else 1
 
 
+def _cmd_dashboard_render(args: argparse.Namespace) -> int:
+    from deployments.dashboard import DASHBOARD_FILE, render
+
+    print(render(Path(args.output) if args.output else DASHBOARD_FILE))
+    return 0
+
+
+def _cmd_dashboard_provision(args: argparse.Namespace) -> int:
+    from deployments.dashboard import provision
+
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    for what, action in provision(args.grafana_url, args.prometheus_url, token).items():
+        print(f"{what}: {action}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semline", description="semline: LLM serving on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "errors go to *.errors.jsonl beside it)")
     submit.add_argument("--poll", type=float, default=1.0, help="seconds between status checks")
     submit.set_defaults(func=_cmd_batch_submit)
+    dash = sub.add_parser("dashboard", help="the Grafana dashboard")
+    dash_sub = dash.add_subparsers(dest="dashboard_command", required=True)
+    render = dash_sub.add_parser("render", help="write the dashboard JSON (default: k8s/grafana/semline.json)")
+    render.add_argument("--output", default=None)
+    render.set_defaults(func=_cmd_dashboard_render)
+    prov = dash_sub.add_parser("provision", help="create or update the datasource and dashboard in Grafana")
+    prov.add_argument("--grafana-url", required=True)
+    prov.add_argument("--prometheus-url", required=True, help="as Grafana's server reaches it")
+    prov.add_argument("--token", default=None, help="a Grafana service-account token (default: $GRAFANA_TOKEN)")
+    prov.set_defaults(func=_cmd_dashboard_provision)
     return parser
 
 
