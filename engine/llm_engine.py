@@ -156,8 +156,7 @@ class LLMEngine:
                 request.metrics.first_scheduled_time = now
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
                 self.stats.prefix_cache_queries += request.num_prompt_tokens
-                self.stats.prefix_cache_hits += request.num_cached_tokens
-                request.metrics.num_cached_tokens = request.num_cached_tokens
+                self.stats.prefix_cache_hits += request.metrics.num_cached_tokens
         outputs = []
         for chunk, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
             request = chunk.request

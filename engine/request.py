@@ -64,11 +64,10 @@ class Request:
         # KV block ids, one per block_size tokens.
         self.block_table: list[int] = []
         # Prefix caching: chained hashes of the full blocks of tokens (they depend only on
-        # the tokens, so they survive preemption), how many of this request's blocks are
-        # registered, and how many prompt tokens came from the cache at first admission.
+        # the tokens, so they survive preemption) and how many of this request's blocks
+        # are registered. (metrics.num_cached_tokens: prompt tokens found cached.)
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
-        self.num_cached_tokens = 0
         self.stop_reason: str | int | None = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None

@@ -196,7 +196,7 @@ class Scheduler:
             request.num_computed_tokens = 0
             return False
         if request.metrics.first_scheduled_time is None:
-            request.num_cached_tokens = request.num_computed_tokens
+            request.metrics.num_cached_tokens = request.num_computed_tokens
         heapq.heappop(self.waiting)
         request.status = RequestStatus.RUNNING
         self.running.insert(index, request)
