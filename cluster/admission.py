@@ -16,7 +16,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-LANES = ("realtime", "batch")  # in priority order
+REALTIME_LANE, BATCH_LANE = "realtime", "batch"
+LANES = (REALTIME_LANE, BATCH_LANE)  # in priority order
+# Each lane's engine priority: the engine schedules lower numbers first.
+LANE_PRIORITY = {REALTIME_LANE: 0, BATCH_LANE: 1}
+
+
+def lane_of_priority(priority: int) -> str:
+    """The lane a request of this engine priority came through (realtime only at 0)."""
+    return REALTIME_LANE if priority == LANE_PRIORITY[REALTIME_LANE] else BATCH_LANE
 
 
 class QueueFullError(Exception):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from deployments.batch_store import BatchStore, NotFound, derived_file_id
 from deployments.config import SemlineConfig
-from deployments.openai_api import BATCH_LANE, ENDPOINTS, APIError, OpenAIServing
+from cluster.admission import BATCH_LANE
+from deployments.openai_api import ENDPOINTS, APIError, OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,12 @@ def parse_input(data: bytes, endpoint: str) -> list[InputLine]:
     if all(line.error and line.error["code"] == "invalid_json_line" for line in lines):
         raise APIError(400, "the input file is not JSONL (no line is a JSON object)", param="input_file_id")
     return lines
+
+
+def _count(batch: dict, results: list[dict]) -> None:
+    """request_counts from the results log (the truth; the counts saved on disk are a hint)."""
+    batch["request_counts"].update(completed=sum(r["kind"] == "output" for r in results),
+                                   failed=sum(r["kind"] == "error" for r in results))
 
 
 class BatchRunner:
@@ -244,8 +251,8 @@ class BatchRunner:
         lines = parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"])
         results = self.store.read_results(batch["id"])
         done = {tuple(r["key"]) for r in results}
-        batch["request_counts"].update(total=len(lines), completed=sum(r["kind"] == "output" for r in results),
-                      failed=sum(r["kind"] == "error" for r in results))
+        _count(batch, results)
+        batch["request_counts"]["total"] = len(lines)
         if batch["status"] == "validating":
             self._set_status(job, "in_progress")
         log = self.store.open_results(batch["id"])
@@ -269,8 +276,6 @@ class BatchRunner:
                 await asyncio.gather(*list(job.tasks), return_exceptions=True)
         finally:
             log.close()
-        if job.cancelled:
-            self._set_status(job, "cancelling")
 
     async def _run_line(self, job: Job, log, line: InputLine) -> None:
         try:
@@ -284,9 +289,7 @@ class BatchRunner:
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 10)
                         continue
-                    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param,
-                                      "code": exc.code}}
-                    self._record(job, log, line, (exc.status, body), None)
+                    self._record(job, log, line, (exc.status, exc.body()), None)
                     return
                 self._record(job, log, line, (200, response), None)
                 return
@@ -316,7 +319,7 @@ class BatchRunner:
         results = sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"])
         outputs = [r["record"] for r in results if r["kind"] == "output"]
         errors = [r["record"] for r in results if r["kind"] == "error"]
-        batch["request_counts"].update(completed=len(outputs), failed=len(errors))
+        _count(batch, results)
         for role, records, key in (("output", outputs, "output_file_id"), ("error", errors, "error_file_id")):
             if records:
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()

@@ -12,17 +12,12 @@ import time
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from cluster.admission import lane_of_priority
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0]
 TOKEN_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-LANE_OF_PRIORITY = {0: "realtime"}  # anything else is the batch lane
-
-
-def lane_of(priority: int) -> str:
-    return LANE_OF_PRIORITY.get(priority, "batch")
-
 
 class ServerMetrics:
     """The LLM server replica's metrics: engine counters as deltas, gauges, per-request histograms."""
@@ -71,7 +66,7 @@ class ServerMetrics:
         self._last = stats
 
     def request_tracker(self, priority: int) -> "RequestTracker":
-        return RequestTracker(self, lane_of(priority))
+        return RequestTracker(self, lane_of_priority(priority))
 
 
 class RequestTracker:

@@ -18,17 +18,15 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.admission import QueueFullError
+from cluster.admission import LANE_PRIORITY, REALTIME_LANE, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
 
-REALTIME_LANE, BATCH_LANE = "realtime", "batch"
-LANE_PRIORITY = {REALTIME_LANE: 0, BATCH_LANE: 1}  # the engine schedules lower numbers first
 ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 DEFAULT_MAX_TOKENS = 256
 
@@ -45,10 +43,13 @@ class APIError(Exception):
     def __reduce__(self):  # raised in the batch runner, caught in the ingress
         return (APIError, (self.status, self.message, self.type, self.param, self.code, self.headers))
 
+    def body(self) -> dict:
+        """OpenAI's error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
 
 def _error_response(exc: APIError) -> JSONResponse:
-    body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def _to_api_error(exc: BaseException) -> APIError:
@@ -123,7 +124,7 @@ class OpenAIServing:
     def __init__(self, llm, config: SemlineConfig, router=None) -> None:
         self.llm = llm
         self.config = config
-        self.router = router or get_or_create_router(config.router.actor_name, config.router.admission_config())
+        self.router = router or self._connect_router()
 
     # --- routes --------------------------------------------------------------
 
@@ -201,11 +202,13 @@ class OpenAIServing:
                 if attempt:
                     raise APIError(503, "the router is unavailable; retry", "server_error",
                                    code="router_unavailable") from exc
-                self.router = get_or_create_router(self.config.router.actor_name,
-                                                   self.config.router.admission_config())
+                self.router = self._connect_router()
             except Exception as exc:
                 raise _to_api_error(exc) from exc
         raise AssertionError("unreachable")
+
+    def _connect_router(self):
+        return get_or_create_router(self.config.router.actor_name, self.config.router.admission_config())
 
     def _release(self, ticket: int) -> None:
         self.router.release.remote(ticket)
@@ -261,9 +264,7 @@ class OpenAIServing:
                     done += 1
                     continue
                 if isinstance(item, Exception):
-                    error = _to_api_error(item)
-                    yield _data({"error": {"message": error.message, "type": error.type,
-                                           "param": error.param, "code": error.code}})
+                    yield _data(_to_api_error(item).body())
                     return
                 if item.finished:
                     finals[index] = item
