@@ -28,6 +28,7 @@ from pathlib import Path
 
 from engine import AsyncEngine, EngineConfig, SamplingParams
 from engine.llm import apply_chat_template
+from engine.metrics import percentile
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "long_prompt.txt"
@@ -67,9 +68,9 @@ def measure(prefix_caching: bool, prompts, args) -> dict:
     wall = time.perf_counter() - start
     stats = engine.stats()
     engine.shutdown()
-    ttfts = sorted(o.metrics.time_to_first_token for o in outputs)
+    ttfts = [o.metrics.time_to_first_token for o in outputs]
     return {"prefix_caching": prefix_caching, "ttft_mean_s": statistics.mean(ttfts),
-            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p99_s": ttfts[-1] if len(ttfts) < 100 else ttfts[98 * len(ttfts) // 100],
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
             "prefix_cache_hit_rate": stats.prefix_cache_hit_rate, "prompt_tokens": stats.num_prompt_tokens,
             "wall_s": wall, "token_ids": [o.token_ids for o in outputs]}
 

@@ -38,16 +38,11 @@ from pathlib import Path
 
 import httpx
 
+from engine.metrics import percentile
+
 RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
 TOPICS = ["rivers", "mountains", "bread", "trains", "the moon", "bees", "chess", "volcanoes", "tea", "maps"]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 async def realtime_request(http: httpx.AsyncClient, i: int, max_tokens: int) -> dict:

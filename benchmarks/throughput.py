@@ -34,6 +34,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from engine import LLM, SamplingParams
+from engine.metrics import percentile
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "long_prompt.txt"
@@ -128,14 +129,13 @@ def run_semline(llm: LLM, workload) -> dict:
 
 
 def _summary(tokens, elapsed, ttfts, tpots, computed_tokens=None) -> dict:
-    ordered = sorted(ttfts)
     return {
         "output_tokens": tokens,
         "computed_output_tokens": computed_tokens or tokens,
         "seconds": elapsed,
         "output_tokens_per_s": tokens / elapsed,
-        "ttft_p50_s": statistics.median(ordered),
-        "ttft_p99_s": ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))],
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p99_s": percentile(ttfts, 99),
         "tpot_mean_s": statistics.fmean(tpots),
     }
 

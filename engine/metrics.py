@@ -110,3 +110,11 @@ class EngineStats:
     def joules_per_token(self) -> float:
         total = self.num_prompt_tokens + self.num_generation_tokens
         return self.energy_joules / total if total else 0.0
+
+
+def percentile(values, q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
