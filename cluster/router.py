@@ -20,7 +20,9 @@ import time
 import ray
 from ray.util.metrics import Counter, Gauge
 
-from cluster.admission import AdmissionConfig, AdmissionController, QueueFullError
+from cluster.admission import LANES, AdmissionConfig, AdmissionController, QueueFullError
+
+REJECT_REASONS = ("queue_full", "timeout")
 
 
 class RouterMetrics:
@@ -31,6 +33,11 @@ class RouterMetrics:
         self.inflight = Gauge("semline_router_inflight", "Requests admitted and not yet finished.", ("lane",))
         self.rejected = Counter("semline_router_requests_rejected", "Requests the router refused.",
                                 ("lane", "reason"))
+        # Zero from the start, so that rates (dashboard, alerts) exist before the first refusal.
+        # Counter.inc() refuses 0: _record is the call inc() makes (recheck on Ray upgrades).
+        for lane in LANES:
+            for reason in REJECT_REASONS:
+                self.rejected._record(0.0, tags={"lane": lane, "reason": reason})
 
     def update(self, stats: dict) -> None:
         for lane, depth in stats["queued"].items():

@@ -43,6 +43,14 @@ def llm_server_options(config: SemlineConfig) -> dict:
     return options
 
 
+def batch_runner_actor_options(config: SemlineConfig) -> dict:
+    """The batch runner needs no CPU; a node resource pins it to the node with its storage."""
+    options = {"num_cpus": 0}
+    if config.batch.node_resource:
+        options["resources"] = {config.batch.node_resource: 1}
+    return options
+
+
 def build_app(config: SemlineConfig | dict | None = None):
     """The ingress bound to the batch runner and the LLM server deployment."""
     if not isinstance(config, SemlineConfig):
@@ -107,7 +115,8 @@ def build_app(config: SemlineConfig | dict | None = None):
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
         config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name)
-    batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1, ray_actor_options={"num_cpus": 0},
+    batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1,
+                             ray_actor_options=batch_runner_actor_options(config),
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)
     ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=4096, logging_config=QUIET)

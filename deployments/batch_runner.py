@@ -97,6 +97,32 @@ def parse_input(data: bytes, endpoint: str) -> list[InputLine]:
     return lines
 
 
+def result_record(custom_id: str | None, response: tuple[int, dict] | None, error: dict | None) -> dict:
+    """One line of an OpenAI batch output (or error) file."""
+    record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": error}
+    if response is not None:
+        status, body = response
+        record["response"] = {"status_code": status, "request_id": body.get("id", record["id"]), "body": body}
+    return record
+
+
+def record_kind(record: dict) -> str:
+    """'output' for a line answered with 200, 'error' for the rest (OpenAI's two files)."""
+    response = record["response"]
+    return "output" if response is not None and response["status_code"] == 200 else "error"
+
+
+async def answer_line(serving: OpenAIServing, endpoint: str, body: dict) -> tuple[int, dict]:
+    """Run one batch line through the serving path: (200, response body) or (status, error body).
+    Raises APIError only for statuses worth a retry (RETRYABLE)."""
+    try:
+        return 200, await serving.respond(endpoint, body, BATCH_LANE)
+    except APIError as exc:
+        if exc.status in RETRYABLE:
+            raise
+        return exc.status, exc.body()
+
+
 def _count(batch: dict, results: list[dict]) -> None:
     """request_counts from the results log (the truth; the counts saved on disk are a hint)."""
     batch["request_counts"].update(completed=sum(r["kind"] == "output" for r in results),
@@ -282,16 +308,15 @@ class BatchRunner:
             delay = 0.5
             for attempt in range(1, self.settings.max_retries + 2):
                 try:
-                    response = await self.serving.respond(job.batch["endpoint"], line.body, BATCH_LANE)
+                    response = await answer_line(self.serving, job.batch["endpoint"], line.body)
                 except APIError as exc:
-                    if exc.status in RETRYABLE and attempt <= self.settings.max_retries:
+                    if attempt <= self.settings.max_retries:
                         logger.warning("batch %s line %d: %s; retrying", job.batch["id"], line.line_no, exc)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 10)
                         continue
-                    self._record(job, log, line, (exc.status, exc.body()), None)
-                    return
-                self._record(job, log, line, (200, response), None)
+                    response = (exc.status, exc.body())
+                self._record(job, log, line, response, None)
                 return
         finally:
             self.slots.release()
@@ -299,13 +324,8 @@ class BatchRunner:
     def _record(self, job: Job, log, line: InputLine, response: tuple[int, dict] | None,
                 error: dict | None) -> None:
         """Append one line's result (fsynced) and count it."""
-        record = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id, "response": None,
-                  "error": error}
-        if response is not None:
-            status, body = response
-            record["response"] = {"status_code": status, "request_id": body.get("id", record["id"]),
-                                  "body": body}
-        kind = "output" if response is not None and response[0] == 200 else "error"
+        record = result_record(line.custom_id, response, error)
+        kind = record_kind(record)
         log.append({"key": list(line.key), "line": line.line_no, "kind": kind, "record": record})
         job.batch["request_counts"]["completed" if kind == "output" else "failed"] += 1
         if time.monotonic() - job.last_saved > 1.0:

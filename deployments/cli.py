@@ -136,6 +136,84 @@ def _cmd_batch_submit(args: argparse.Namespace) -> int:
     return 0 if batch.status == "completed" else 1
 
 
+def _cmd_job_submit(args: argparse.Namespace) -> int:
+    """Submit an offline batch job (deployments.batch_job) through Ray's Jobs API, follow its log,
+    and write its output and error files locally."""
+    import json
+    import shlex
+    import shutil
+    import tempfile
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from deployments.batch_job import ECHO_PREFIX
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    client = JobSubmissionClient(args.address)
+    with tempfile.TemporaryDirectory(prefix="semline-job-") as workdir:
+        # The job's working directory travels with it: the input (and config) need no shared storage.
+        shutil.copy(path, Path(workdir) / "input.jsonl")
+        command = ["python", "-m", "deployments.batch_job", "--input", "input.jsonl", "--output", "output.jsonl",
+                   "--num-replicas", str(args.num_replicas), "--batch-size", str(args.batch_size), "--echo-results"]
+        if args.config:
+            shutil.copy(args.config, Path(workdir) / "semline.yaml")
+            command += ["--config", "semline.yaml"]
+        for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)):
+            if value is not None:
+                command += [flag, str(value)]
+        job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env={"working_dir": workdir},
+                                   metadata={"semline": "batch", "input": path.name})
+    print(f"job {job_id} submitted to {args.address}", file=sys.stderr)
+    if args.no_wait:
+        print(job_id)
+        return 0
+
+    async def follow() -> None:  # the job's log, less the result lines, as it comes
+        pending = ""
+        async for chunk in client.tail_job_logs(job_id):
+            pending += chunk
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                if not line.startswith(ECHO_PREFIX):
+                    print(line, file=sys.stderr)
+
+    try:
+        asyncio.run(follow())
+        while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                 JobStatus.STOPPED}:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (ray job stop {job_id} ends it)", file=sys.stderr)
+        return 130
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        print(f"job {job_id} {status.value}: {info.message or ''}", file=sys.stderr)
+        return 1
+    files: dict[str, list[str]] = {"output": [], "errors": []}
+    for line in client.get_job_logs(job_id).splitlines():
+        if line.startswith(ECHO_PREFIX):
+            item = json.loads(line[len(ECHO_PREFIX):])
+            files[item["file"]].append(json.dumps(item["record"], ensure_ascii=False) + "\n")
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".output.jsonl")
+    errors = output.with_name(output.stem + ".errors.jsonl")
+    output.write_text("".join(files["output"]))
+    errors.write_text("".join(files["errors"]))
+    print(f"job {job_id} succeeded: {len(files['output'])} completed, {len(files['errors'])} failed; "
+          f"wrote {output}, {errors}", file=sys.stderr)
+    return 0
+
+
+def _cmd_k8s_render(args: argparse.Namespace) -> int:
+    from deployments.k8s import DEFAULT_CONFIG, K8S_DIR, render
+
+    for path in render(Path(args.config) if args.config else DEFAULT_CONFIG,
+                       Path(args.output_dir) if args.output_dir else K8S_DIR):
+        print(path)
+    return 0
+
+
 def _cmd_dashboard_render(args: argparse.Namespace) -> int:
     from deployments.dashboard import DASHBOARD_FILE, render
 
@@ -178,6 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "errors go to *.errors.jsonl beside it)")
     submit.add_argument("--poll", type=float, default=1.0, help="seconds between status checks")
     submit.set_defaults(func=_cmd_batch_submit)
+    job = sub.add_parser("job", help="offline batch jobs on a Ray cluster (Ray Jobs API)")
+    job_sub = job.add_subparsers(dest="job_command", required=True)
+    jsub = job_sub.add_parser("submit", help="run a JSONL batch as a Ray job, follow it, download the results")
+    jsub.add_argument("file", help="OpenAI batch input JSONL")
+    jsub.add_argument("--address", default="http://127.0.0.1:8265", help="the Ray dashboard (Jobs API) URL")
+    jsub.add_argument("--config", default=None, help="semline config YAML (model and engine settings)")
+    jsub.add_argument("--output", default=None, help="results file (default: FILE.output.jsonl; "
+                                                     "errors go to *.errors.jsonl beside it)")
+    jsub.add_argument("--num-replicas", type=int, default=1, help="engine actors")
+    jsub.add_argument("--batch-size", type=int, default=64, help="lines per engine call")
+    jsub.add_argument("--num-cpus", type=float, default=None, help="CPUs per engine actor (default: config)")
+    jsub.add_argument("--num-gpus", type=float, default=None, help="GPUs per engine actor (default: config)")
+    jsub.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    jsub.set_defaults(func=_cmd_job_submit)
+    k8s = sub.add_parser("k8s", help="Kubernetes manifests")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    krender = k8s_sub.add_parser("render", help="write rayservice.yaml and rayjob-batch.yaml from a config")
+    krender.add_argument("--config", default=None, help="default: k8s/semline.yaml")
+    krender.add_argument("--output-dir", default=None, help="default: k8s/")
+    krender.set_defaults(func=_cmd_k8s_render)
     dash = sub.add_parser("dashboard", help="the Grafana dashboard")
     dash_sub = dash.add_subparsers(dest="dashboard_command", required=True)
     render = dash_sub.add_parser("render", help="write the dashboard JSON (default: k8s/grafana/semline.json)")

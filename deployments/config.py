@@ -89,6 +89,24 @@ class BatchSettings(_Strict):
     max_open_batches: int = Field(64, ge=1, description="Batches not yet finished (429 above).")
     max_requests_per_batch: int = Field(50_000, ge=1, description="Lines one batch file may hold.")
     max_retries: int = Field(5, ge=0, description="Retries of a line that hit a full router or a lost replica.")
+    node_resource: str | None = Field(None, description="A custom Ray resource the batch runner requires: pins it "
+                                      "to the node that holds storage_dir (on Kubernetes, the head with its volume).")
+
+
+class KubernetesSettings(_Strict):
+    """The cluster around the application; read only by `semline k8s render`."""
+
+    name: str = Field("semline", description="Name of the RayService (and prefix of the other objects).")
+    namespace: str = Field("semline", description="Namespace of every object.")
+    image: str = Field("ghcr.io/semline/semline:0.1.0", description="The serving image (see Dockerfile).")
+    head_cpu: str = Field("4", description="Head pod CPU request and limit (runs the proxy, ingress, router, batch runner).")
+    head_memory: str = Field("16Gi", description="Head pod memory request and limit.")
+    worker_cpu: str = Field("8", description="GPU worker pod CPU request and limit.")
+    worker_memory: str = Field("32Gi", description="GPU worker pod memory request and limit.")
+    worker_gpus: int = Field(1, ge=1, description="GPUs per worker pod (nvidia.com/gpu).")
+    batch_volume_size: str = Field("20Gi", description="Size of the volume that holds batch files and state.")
+    batch_job_input: str = Field("/data/jobs/input.jsonl", description="Input of the offline batch RayJob.")
+    batch_job_output: str = Field("/data/jobs/output.jsonl", description="Output of the offline batch RayJob.")
 
 
 class SemlineConfig(_Strict):
@@ -103,6 +121,8 @@ class SemlineConfig(_Strict):
     api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
     metrics_export_port: int = Field(8080, ge=1, le=65535, description="Port of the Ray node's Prometheus "
                                      "metrics (`semline serve` starts Ray with it).")
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings,
+                                           description="Only for `semline k8s render`.")
 
     @field_validator("engine")
     @classmethod

@@ -214,6 +214,7 @@ class OpenAIServing:
         self.router.release.remote(ticket)
 
     def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
+        """Call the LLM server: an awaitable (a stream when `stream`) that `.cancel()` aborts."""
         handle = self.llm.options(stream=True) if stream else self.llm
         return getattr(handle, method).remote(prompt, messages, params, priority, uuid.uuid4().hex)
 

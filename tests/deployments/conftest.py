@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from pathlib import Path
 
@@ -44,7 +45,18 @@ def metrics_port():
 
 
 @pytest.fixture(scope="session")
-def serve_app(app_config, metrics_port):
+def dashboard_port():
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def jobs_address(serve_app, dashboard_port):
+    """The session cluster's Jobs API (Ray's dashboard)."""
+    return f"http://127.0.0.1:{dashboard_port}"
+
+
+@pytest.fixture(scope="session")
+def serve_app(app_config, metrics_port, dashboard_port):
     """The real application (ingress + LLM server) on a free loopback port, with an API key."""
     import ray
     from ray import serve
@@ -54,7 +66,10 @@ def serve_app(app_config, metrics_port):
 
     port = app_config.http.port
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the port within ~1 s
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=metrics_port)
+    # Ray jobs run their entrypoint's `python` from PATH: this environment's, as in the serving image.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             logging_level="ERROR", _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config=LoggingConfig(enable_access_log=False))
     serve.run(build_app(app_config), name="semline", route_prefix="/")

@@ -57,7 +57,7 @@ def test_router_backlog_scales_llm_server_up_and_down(serve_app, app_config, tmp
                         "model": MODEL, "prompt": f"Story {i}:", "max_tokens": 48, "ignore_eos": True})
 
                 tasks = [asyncio.create_task(one(i)) for i in range(12)]
-                await asyncio.to_thread(_wait_for, lambda: _replicas(serve) == 2, 120, "a second replica")
+                await asyncio.to_thread(_wait_for, lambda: _replicas(serve) == 2, 180, "a second replica")
                 # The router's capacity follows the replicas.
                 await asyncio.to_thread(_wait_for, lambda: ray.get(router.stats.remote())["capacity"] == 2,
                                         30, "router capacity 2")

@@ -39,6 +39,33 @@ def test_every_panel_query_parses_and_key_panels_have_data(client, prometheus):
     assert bad.status_code == 400  # the check above can fail
 
 
+def test_alert_rules_use_series_that_exist(client, prometheus):
+    """Every metric the PrometheusRule's alerts read is one the running application exports
+    (promtool, in tests/k8s, only checks the rules against made-up series)."""
+    import re
+
+    import openai
+    import yaml
+
+    with pytest.raises(openai.NotFoundError):  # an error for the error-rate alert's series
+        client.completions.create(model="no-such-model", prompt="Hello", max_tokens=2)
+    client.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+    rule = yaml.safe_load((DASHBOARD_FILE.parents[1] / "monitoring" / "prometheusrule.yaml").read_text())
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    wanted = {name for expr in exprs for name in re.findall(r"\b(ray_[a-z_]+)", expr)}
+    assert len(wanted) >= 6
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values").json()["data"])
+        if wanted <= names:
+            break
+        time.sleep(1)
+    assert wanted <= names, f"not exported: {sorted(wanted - names)}"
+    for expr in exprs:
+        resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr})
+        assert resp.status_code == 200, (expr, resp.text)
+
+
 class _GrafanaStandIn(BaseHTTPRequestHandler):
     """The few routes of Grafana's HTTP API that provisioning uses, recording every request."""
 

@@ -1,0 +1,59 @@
+"""Offline batch jobs: `semline job submit` through Ray's Jobs API to the session's Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.deployments.conftest import MODEL
+
+
+def _line(custom_id: str, content: str, **body) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": MODEL, "messages": [{"role": "user", "content": content}],
+                                "max_tokens": 6, "temperature": 0, **body}})
+
+
+def test_job_submit_answers_every_line_once(jobs_address, tmp_path):
+    good = [f"q{i}" for i in range(6)]
+    lines = [_line(cid, f"Question number {i}: name a fruit.") for i, cid in enumerate(good)]
+    lines.insert(2, "{this line is not json")
+    lines.append(_line("wrong-model", "hi", model="no-such-model"))
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out.jsonl"
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "deployments.cli", "job", "submit", str(source), "--address", jobs_address,
+         "--output", str(output), "--num-cpus", "1", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "succeeded" in proc.stderr and "progress:" in proc.stderr  # the job's log was followed
+
+    outputs = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in outputs) == sorted(good)  # each exactly once
+    for record in outputs:
+        assert record["error"] is None and record["response"]["status_code"] == 200
+        body = record["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == MODEL
+        assert body["choices"][0]["message"]["content"]
+        assert 0 < body["usage"]["completion_tokens"] <= 6
+    errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 2
+    malformed = next(r for r in errors if r["custom_id"] is None)
+    assert malformed["error"]["code"] == "invalid_json_line" and "line 3" in malformed["error"]["message"]
+    wrong = next(r for r in errors if r["custom_id"] == "wrong-model")
+    assert wrong["response"]["status_code"] == 404
+    assert wrong["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_job_entrypoint_refuses_a_file_that_cannot_run(tmp_path):
+    """A whole-file problem (duplicate custom_ids) fails fast with a clear message, before any engine starts."""
+    source = tmp_path / "dup.jsonl"
+    source.write_text(_line("same", "a") + "\n" + _line("same", "b") + "\n")
+    proc = subprocess.run([sys.executable, "-m", "deployments.batch_job", "--input", str(source),
+                           "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "custom_id 'same' appears more than once" in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()
