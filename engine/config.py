@@ -58,6 +58,9 @@ class EngineConfig:
     # CPU float32: run linear layers through oneDNN with prepacked weights
     # (engine/models/linear.py); off = PyTorch's default GEMM.
     onednn_linear: bool = True
+    # "int8": linear layers and the embedding stored as int8 with per-output-channel
+    # scales (engine/quantization.py); "none": the model's dtype.
+    quantization: str = "none"
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.
@@ -72,6 +75,8 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in ("none", "int8"):
+            raise ConfigError(f"quantization must be 'none' or 'int8', got {self.quantization!r}")
         if self.attention_backend not in ("auto", "cpu_kernel", "torch"):
             raise ConfigError(f"attention_backend must be 'auto', 'cpu_kernel' or 'torch', "
                               f"got {self.attention_backend!r}")

@@ -16,6 +16,7 @@ from engine.attention import AttentionMetadata, build_decode_batch, build_decode
 from engine.config import EngineConfig
 from engine.loader import load_weights
 from engine.models.linear import onednn_available, prepack_linears
+from engine.quantization import quantize_model
 from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding
 from engine.scheduler import ScheduledChunk
 
@@ -58,7 +59,9 @@ class ModelRunner:
         model = model.to(dtype=dtype).to_empty(device=device)
         model.rotary = RotaryEmbedding(hf_config, self.args.head_dim, max_model_len).to(device)
         model.load_hf_weights(load_weights(model_dir, model.weight_names(), dtype))
-        if config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
+        if config.quantization == "int8":
+            quantize_model(model, device, dtype)
+        elif config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
             prepack_linears(model)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()

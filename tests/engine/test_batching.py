@@ -75,12 +75,12 @@ def test_preemption_under_small_cache_gives_same_tokens(make_llm, mixed_prompts,
 
 
 def test_lower_priority_is_preempted_first(make_llm, tokenizer):
-    small = make_llm(num_kv_blocks=24, max_num_batched_tokens=256)
+    small = make_llm(num_kv_blocks=12, max_num_batched_tokens=256)
     engine = small.engine
     prompt = tokenizer.encode("Count slowly from one to one hundred: one, two,", add_special_tokens=False)
-    # Each needs ~14 of the 24 blocks: both cannot run to the end together.
-    engine.add_request(prompt, _greedy(200), request_id="batch", priority=1)
-    engine.add_request(prompt, _greedy(200), request_id="realtime", priority=0)
+    # Each needs ~8 of the 12 blocks: both cannot run to the end together.
+    engine.add_request(prompt, _greedy(110), request_id="batch", priority=1)
+    engine.add_request(prompt, _greedy(110), request_id="realtime", priority=0)
     finished = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

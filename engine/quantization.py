@@ -1,0 +1,160 @@
+"""Int8 weights (`quantization: int8`): a quarter of the bytes per weight, read once per step.
+
+Decoding is bound by memory bandwidth: every step reads every weight. Weights are
+quantized at load time, symmetric, with one scale per output channel (per row of
+the [out, in] matrix), and the matrix products run on PyTorch's own int8 kernels:
+
+- weight-only int8 (`torch._weight_int8pack_mm`): activations stay floating point (bf16
+  on the CPU, the model's bf16/fp16 on CUDA). On the CPU, batches above ~32 rows
+  (prefill chunks) dequantize the weight and use the float32 GEMM instead, which is
+  faster there; where the kernel is missing, weights are dequantized per call.
+- not fbgemm's dynamic quantization (int8 activations, one scale per tensor): it is
+  ~2x faster still on this CPU, but SmolLM2's activation outliers take its perplexity
+  on tests/data/public_domain.txt from 17.0 to 76.
+
+The token embedding is stored as int8 rows with per-row scales too (a row is
+dequantized when looked up). Norms, rotary tables and the KV cache stay in the
+model's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "int8")
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 [N, K], float32 scales [N]) with weight ≈ q * scale."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.to(weight.device), scales.to(weight.device)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.qweight[ids].float() * self.scales[ids, None]).to(self.dtype)
+
+
+class CpuInt8Linear(nn.Module):
+    """CPU, float32 model: int8 weights; small batches (decode) run PyTorch's weight-only int8
+    kernel on bf16 activations, large ones (prefill chunks) dequantize the weight and use the
+    float32 GEMM, which is faster there."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
+        # Dequantizing an output head (vocab x hidden) per call costs more than the packed
+        # kernel at any decode batch; for the layers' matrices it wins above ~32 rows.
+        self.max_packed_rows = 32 if q.numel() < 8 * 2**20 else 1 << 30
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] <= self.max_packed_rows:
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.scales_bf16).float()
+        else:
+            y = x2 @ (self.qweight.float() * self.scales[:, None]).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    """Int8 weights, activations in the model's dtype (`torch._weight_int8pack_mm`)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
+        self.packed = _int8pack_works(self.qweight.device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.packed:
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            y = x2 @ (self.qweight.to(x.dtype) * self.scales[:, None]).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_PACK_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (str(device), dtype)
+    if key not in _PACK_SUPPORT:
+        try:
+            x = torch.ones(2, 64, device=device, dtype=dtype)
+            w = torch.ones(64, 64, device=device, dtype=torch.int8)
+            y = torch._weight_int8pack_mm(x, w, torch.ones(64, device=device, dtype=dtype))
+            _PACK_SUPPORT[key] = bool(torch.allclose(y.float(), torch.full_like(y.float(), 64.0)))
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _PACK_SUPPORT[key] = False
+        if not _PACK_SUPPORT[key]:
+            logger.warning("no int8 weight kernel for %s on %s: int8 weights are dequantized per call", dtype, device)
+    return _PACK_SUPPORT[key]
+
+
+def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
+    """Swap every linear layer (and the token embedding) of `model` for its int8 form; returns
+    how many modules were swapped. A tied output head and embedding share one int8 matrix
+    (per-row scales serve both: rows are the head's output channels and the embedding's tokens)."""
+    quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = weight.data_ptr()
+        if key not in quantized:
+            quantized[key] = quantize_rows(weight)
+        return quantized[key]
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                q, scales = rows(child.weight)
+                if device.type == "cpu" and dtype == torch.float32:
+                    new = CpuInt8Linear(q, scales, child.bias)
+                else:
+                    new = WeightOnlyInt8Linear(q, scales, child.bias, dtype)
+                setattr(parent, name, new)
+                swapped += 1
+            elif isinstance(child, nn.Embedding):
+                setattr(parent, name, Int8Embedding(*rows(child.weight), dtype))
+                swapped += 1
+    return swapped
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights occupy (shared tensors once, prepacked int8 weights included)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() in seen or tensor.device.type == "meta":
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        if hasattr(module, "packed_weight"):  # a oneDNN-prepacked float linear
+            total += module.packed_weight.numel() * module.packed_weight.element_size()
+    return total
