@@ -41,6 +41,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Prefix cache hit rate", "percentunit", [
         ("sum(rate(ray_semline_prefix_cache_hits_total[5m])) / sum(rate(ray_semline_prefix_cache_queries_total[5m]))",
          "hit rate")]),
+    ("Speculative decoding acceptance rate", "percentunit", [
+        ("sum(rate(ray_semline_spec_decode_num_accepted_tokens_total[5m])) / "
+         "sum(rate(ray_semline_spec_decode_num_draft_tokens_total[5m]))", "accepted / proposed")]),
     ("Request errors/s", "short", [
         ("sum by (lane, reason) (rate(ray_semline_router_requests_rejected_total[5m]))", "rejected {{lane}} {{reason}}"),
         ('sum by (lane) (rate(ray_semline_request_success_total{finished_reason="abort"}[5m]))', "aborted " + LANE)]),

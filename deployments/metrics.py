@@ -36,6 +36,10 @@ class ServerMetrics:
             "prefix_cache_hits": Counter("semline_prefix_cache_hits", "Prompt tokens found cached.", model),
             "flops": Counter("semline_flops", "Floating-point operations (2 x params x tokens + attention).", model),
             "energy_joules": Counter("semline_energy_joules", "Energy used (measured or estimated).", model),
+            "spec_num_draft_tokens": Counter("semline_spec_decode_num_draft_tokens",
+                                             "Tokens proposed by speculative decoding.", model),
+            "spec_num_accepted_tokens": Counter("semline_spec_decode_num_accepted_tokens",
+                                                "Proposed tokens the model accepted.", model),
         }
         self.success = Counter("semline_request_success", "Finished requests.", model + ("lane", "finished_reason"))
         self.ttft = Histogram("semline_time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS, lane)

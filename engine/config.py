@@ -61,6 +61,14 @@ class EngineConfig:
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales (engine/quantization.py); "none": the model's dtype.
     quantization: str = "none"
+    # Speculative decoding (engine/speculative.py): "prompt_lookup" proposes up to
+    # num_speculative_tokens tokens per step by n-gram lookup in the prompt and output
+    # (n from prompt_lookup_max down to prompt_lookup_min); "none" turns it off.
+    # Requests with penalties or logprobs decode one token at a time.
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.
@@ -75,6 +83,10 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.speculative_method not in ("none", "prompt_lookup"):
+            raise ConfigError(f"speculative_method must be 'none' or 'prompt_lookup', got {self.speculative_method!r}")
+        if self.num_speculative_tokens < 1 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError("num_speculative_tokens must be >= 1 and 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.quantization not in ("none", "int8"):
             raise ConfigError(f"quantization must be 'none' or 'int8', got {self.quantization!r}")
         if self.attention_backend not in ("auto", "cpu_kernel", "torch"):

@@ -21,9 +21,10 @@ from engine.metrics import EnergyMeter, EngineStats, chunk_flops
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
+from engine.speculative import propose_prompt_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that got a token or finished."""
+        if self.config.speculative_method != "none":
+            self._propose()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
@@ -137,30 +140,84 @@ class LLMEngine:
         model_input = self.runner.prepare(scheduled.chunks)
         logits = self.runner.execute(model_input)
         sampling = [c for c in scheduled.chunks if c.samples_token]
-        sampled = self.sampler(logits, [c.request for c in sampling])
+        tokens = self._sample(logits, sampling)
         self._account(scheduled.chunks, time.perf_counter() - start_time,
                       self.energy_meter.read() - start_energy)
-        outputs = self._update(scheduled.chunks, sampling, sampled)
+        outputs = self._update(scheduled.chunks, sampling, tokens)
         self.stats.num_preemptions += len(scheduled.preempted)
         self._refresh_gauges()
         return outputs
 
+    def _propose(self) -> None:
+        """Speculative decoding: proposals for every running request that decodes next."""
+        config = self.config
+        for request in self.scheduler.running:
+            request.spec_token_ids = []
+            params = request.sampling_params
+            if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
+                    or params.logprobs is not None):
+                continue
+            # Room left: the step's own token counts too.
+            k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,
+                    self.max_model_len - request.num_tokens - 1)
+            if k > 0:
+                request.spec_token_ids = propose_prompt_lookup(
+                    request.all_token_ids, k, config.prompt_lookup_max, config.prompt_lookup_min)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> list[list[tuple[int, object]]]:
+        """Per sampling chunk, its new tokens with their logprobs: one token, or for a chunk
+        that verifies proposals, the accepted ones plus the model's own."""
+        rows, plain, row = [], [], 0
+        for chunk in sampling:
+            rows.append(row)
+            if not chunk.num_spec_tokens:
+                plain.append(row)
+            row += 1 + chunk.num_spec_tokens
+        result: list[list[tuple[int, object]]] = [[] for _ in sampling]
+        plain_chunks = [i for i, c in enumerate(sampling) if not c.num_spec_tokens]
+        if plain_chunks:
+            index = torch.tensor(plain, dtype=torch.long, device=logits.device)
+            sampled = self.sampler(logits[index] if len(plain) < logits.shape[0] else logits,
+                                   [sampling[i].request for i in plain_chunks])
+            for i, token_id, logprobs in zip(plain_chunks, sampled.token_ids, sampled.logprobs):
+                result[i] = [(token_id, logprobs)]
+        for i, chunk in enumerate(sampling):
+            if chunk.num_spec_tokens:
+                draft = chunk.request.spec_token_ids[: chunk.num_spec_tokens]
+                accepted = self.sampler.verify(logits[rows[i]: rows[i] + 1 + len(draft)], chunk.request, draft)
+                result[i] = [(token_id, None) for token_id in accepted]
+                self.stats.spec_num_verify_steps += 1
+                self.stats.spec_num_draft_tokens += len(draft)
+                self.stats.spec_num_accepted_tokens += len(accepted) - 1
+        return result
+
     def _update(self, chunks: list[ScheduledChunk], sampling: list[ScheduledChunk],
-                sampled: SamplerOutput) -> list[RequestOutput]:
+                tokens: list[list[tuple[int, object]]]) -> list[RequestOutput]:
         now = time.time()
         for chunk in chunks:
             request = chunk.request
-            request.num_computed_tokens += chunk.num_new_tokens
-            self.block_manager.register_full_blocks(request)
+            # Proposed positions count only once accepted (below).
+            request.num_computed_tokens += chunk.num_new_tokens - chunk.num_spec_tokens
+            if not chunk.num_spec_tokens:
+                self.block_manager.register_full_blocks(request)
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
                 self.stats.prefix_cache_queries += request.num_prompt_tokens
                 self.stats.prefix_cache_hits += request.metrics.num_cached_tokens
         outputs = []
-        for chunk, token_id, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+        for chunk, new_tokens in zip(sampling, tokens):
             request = chunk.request
-            self._append_token(request, token_id, logprobs, now)
+            request.spec_token_ids = []
+            # Accepted proposals have their K/V in the cache; the last token does not yet.
+            request.num_computed_tokens += len(new_tokens) - 1
+            for n, (token_id, logprobs) in enumerate(new_tokens):
+                self._append_token(request, token_id, logprobs, now)
+                self.stats.num_generation_tokens += n > 0  # the first is counted with the step
+                if request.is_finished:
+                    break
+            if chunk.num_spec_tokens and not request.is_finished:
+                self.block_manager.register_full_blocks(request)
             outputs.append(self._make_output(request))
             if request.is_finished:
                 self._forget(request)

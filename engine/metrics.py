@@ -91,6 +91,10 @@ class EngineStats:
     # Prompt tokens looked up in the prefix cache, and how many were found there.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Speculative decoding: steps that verified proposals, tokens proposed, tokens accepted.
+    spec_num_verify_steps: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
     # Gauges, refreshed every step.
     num_running: int = 0
     num_waiting: int = 0
@@ -105,6 +109,17 @@ class EngineStats:
     def prefix_cache_hit_rate(self) -> float:
         """Prompt tokens reused from the cache / prompt tokens."""
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Proposed tokens accepted / proposed."""
+        return self.spec_num_accepted_tokens / self.spec_num_draft_tokens if self.spec_num_draft_tokens else 0.0
+
+    @property
+    def spec_tokens_per_verify_step(self) -> float:
+        """Mean tokens a verifying step adds: accepted proposals + the model's own token."""
+        steps = self.spec_num_verify_steps
+        return (self.spec_num_accepted_tokens + steps) / steps if steps else 0.0
 
     @property
     def joules_per_token(self) -> float:

@@ -130,8 +130,8 @@ class ModelRunner:
             else:
                 prefill_chunks.append(make_prefill_chunk(offset, offset + chunk.num_new_tokens, start,
                                                          table, bs, self.device))
-            if chunk.samples_token:
-                logits_indices.append(len(input_ids) - 1)
+            if chunk.samples_token:  # the last position, and those that verify proposals
+                logits_indices += range(len(input_ids) - 1 - chunk.num_spec_tokens, len(input_ids))
         attn = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             prefill_chunks=prefill_chunks,

@@ -68,6 +68,8 @@ class Request:
         # are registered. (metrics.num_cached_tokens: prompt tokens found cached.)
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
+        # Speculative decoding: tokens proposed to follow the last one, verified this step.
+        self.spec_token_ids: list[int] = []
         self.stop_reason: str | int | None = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None
@@ -92,7 +94,10 @@ class Request:
         return self.status.is_finished
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the whole list."""
+        """Tokens [start, end) of prompt + output (+ proposed tokens past the end), without
+        building the whole list."""
+        if end > self.num_tokens:
+            return self.token_ids_slice(start, self.num_tokens) + self.spec_token_ids[: end - self.num_tokens]
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]

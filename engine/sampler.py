@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
+from engine.speculative import accept_greedy, accept_sampled
 
 
 @dataclass
@@ -64,22 +65,36 @@ class Sampler:
         ]
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
+    def verify(self, logits: torch.Tensor, request: Request, draft: list[int]) -> list[int]:
+        """Speculative decoding: logits [k+1, V] at the last token and the k proposed ones;
+        the accepted proposals plus one token of the model's (engine/speculative.py)."""
+        if request.sampling_params.is_greedy:
+            return accept_greedy(logits, draft)
+        probs = target_probs(logits, [request.sampling_params] * logits.shape[0])
+        return accept_sampled(probs, draft, request.generator or self.generator)
+
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         # logits: [R, V] rows of the requests that sample randomly.
-        params = [r.sampling_params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-            probs = _top_k_top_p(probs, params)
-        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
-        if bool((min_p > 0).any()):
-            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = target_probs(logits, [r.sampling_params for r in requests])
         tokens = []
         for row, request in enumerate(requests):
             gen = request.generator or self.generator
             tokens.append(int(torch.multinomial(probs[row], 1, generator=gen)))
         return tokens
+
+
+def target_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """[R, V] logits -> the distribution each row samples from: temperature, top-k/p, min-p
+    (unnormalized after the cuts; multinomial normalizes)."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        probs = _top_k_top_p(probs, params)
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+    if bool((min_p > 0).any()):
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
 
 
 def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:

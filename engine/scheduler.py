@@ -28,6 +28,8 @@ class ScheduledChunk:
     num_new_tokens: int
     # True when the chunk reaches the request's last token, so a new token is sampled.
     samples_token: bool
+    # Proposed tokens at the end of the chunk, verified by this step (speculative decoding).
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.block_manager.free(request)
+        request.spec_token_ids = []
         out.preempted.append(request)
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
@@ -144,6 +147,10 @@ class Scheduler:
                     index += 1  # sits this step out (not preempted: it keeps its blocks)
                     continue
                 num_new = self._num_new_tokens(request, room(request))
+                if num_new > 1 and request.spec_token_ids and not self.block_manager.allocate_slots(
+                        request, request.num_computed_tokens + num_new):
+                    request.spec_token_ids = []  # speculation never preempts anyone: decode plainly
+                    num_new = 1
                 if num_new and not self._allocate_or_preempt(request, num_new, out):
                     continue  # the request preempted itself; `running` shrank under index
                 if num_new:
@@ -158,7 +165,7 @@ class Scheduler:
             else:
                 can_admit = False
                 continue
-            if background is not None and request.priority != best and num_new > 1:
+            if background is not None and request.priority != best and num_new > 1 and not request.spec_token_ids:
                 background -= num_new
         return out
 
@@ -205,6 +212,9 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         remaining = request.num_tokens - request.num_computed_tokens
+        if remaining == 1 and request.spec_token_ids:  # a decode with proposals to verify
+            del request.spec_token_ids[max(0, budget - 1):]
+            return min(budget, 1 + len(request.spec_token_ids))
         if remaining <= budget:
             return remaining
         # Without chunked prefill a prompt runs whole or waits for a step with room.
@@ -212,5 +222,6 @@ class Scheduler:
 
     @staticmethod
     def _add_chunk(out: SchedulerOutput, request: Request, num_new: int) -> None:
-        samples = request.num_computed_tokens + num_new == request.num_tokens
-        out.chunks.append(ScheduledChunk(request, num_new, samples))
+        end = request.num_computed_tokens + num_new
+        out.chunks.append(ScheduledChunk(request, num_new, end >= request.num_tokens,
+                                         max(0, end - request.num_tokens)))

@@ -1,0 +1,110 @@
+"""Speculative decoding (prompt lookup) against plain decoding, in one run.
+
+Workloads, one request at a time (the batch-1 decode case speculation is for),
+greedy, --max-tokens output tokens each:
+- input-grounded: "edit" and "repeat/summarise" prompts over passages of
+  tests/data/public_domain.txt, where the output repeats the input (the target);
+- open-ended: chat questions with nothing to copy (reported honestly: the
+  proposer rarely finds a match, so little changes).
+The two engines (speculative_method none / prompt_lookup, otherwise identical)
+alternate per prompt. Reported: decode tokens/s (tokens after the first / time
+after the first token), the speedup, acceptance rate, mean tokens per verifying
+step, and whether greedy outputs were identical.
+Target (issue 6): >= 1.8x decode tokens/s on the input-grounded workload.
+Writes benchmarks/results/speculative.json.
+
+    .venv/bin/python benchmarks/speculative.py [--max-tokens 96] [--k 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.llm import apply_chat_template
+
+RESULTS = Path(__file__).parent / "results"
+TEXT = Path(__file__).parent.parent / "tests" / "data" / "public_domain.txt"
+OPEN_ENDED = ["What is a good way to learn a new language?", "Write a short poem about winter.",
+              "Why do cats purr?", "Give me three ideas for a birthday party."]
+
+
+def grounded_prompts(tokenizer) -> list[str]:
+    paragraphs = [p for p in TEXT.read_text().split("\n\n") if len(p) > 400][:4]
+    asks = ["Repeat the following passage exactly, then stop:", "Rewrite the passage below in modern "
+            "spelling, keeping every sentence:", "Copy this text, correcting any typos:",
+            "Quote the passage below word for word:"]
+    return [apply_chat_template(tokenizer, [{"role": "user", "content": f"{ask}\n\n{text}"}])
+            for ask, text in zip(asks, paragraphs)]
+
+
+def decode_rate(output) -> float:
+    m = output.metrics
+    return 1.0 / m.time_per_output_token if m.time_per_output_token else 0.0
+
+
+def run(engines: dict, prompts: list[str], params: SamplingParams) -> dict:
+    rates = {name: [] for name in engines}
+    tokens = {name: [] for name in engines}
+    before = engines["prompt_lookup"].engine.stats
+    start = (before.spec_num_verify_steps, before.spec_num_draft_tokens, before.spec_num_accepted_tokens)
+    for prompt in prompts:
+        for name, llm in engines.items():
+            out = llm.generate([prompt], params)[0]
+            rates[name].append(decode_rate(out))
+            tokens[name].append(out.token_ids)
+    stats = engines["prompt_lookup"].engine.stats
+    steps = stats.spec_num_verify_steps - start[0]
+    drafts = stats.spec_num_draft_tokens - start[1]
+    accepted = stats.spec_num_accepted_tokens - start[2]
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return {
+        "prompts": len(prompts),
+        "decode_tokens_per_s": {name: {"median": round(median[name], 2), "runs": [round(x, 2) for x in r]}
+                                for name, r in rates.items()},
+        "speedup": round(median["prompt_lookup"] / median["none"], 3),
+        "acceptance_rate": round(accepted / drafts, 3) if drafts else 0.0,
+        "tokens_per_verify_step": round((accepted + steps) / steps, 3) if steps else 0.0,
+        "greedy_outputs_identical": tokens["none"] == tokens["prompt_lookup"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "num_threads": args.threads}
+    engines = {"none": LLM(**base),
+               "prompt_lookup": LLM(**base, speculative_method="prompt_lookup", num_speculative_tokens=args.k)}
+    tok = engines["none"].tokenizer
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    for llm in engines.values():
+        llm.generate(["warm up"], SamplingParams(max_tokens=8))
+    open_prompts = [apply_chat_template(tok, [{"role": "user", "content": q}]) for q in OPEN_ENDED]
+    result = {
+        "benchmark": "speculative",
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "config": {"method": "prompt_lookup", "num_speculative_tokens": args.k, "max_tokens": args.max_tokens,
+                   "prompt_lookup_max": 3, "prompt_lookup_min": 1},
+        "input_grounded": run(engines, grounded_prompts(tok), params),
+        "open_ended": run(engines, open_prompts, params),
+        "not_measured": "draft-model and self-speculative proposers are not implemented yet",
+    }
+    result["target_met"] = result["input_grounded"]["speedup"] >= 1.8
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
