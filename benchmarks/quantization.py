@@ -5,8 +5,8 @@
   Reported: decode tokens/s (tokens after the first / time after the first).
 - Memory: bytes of the weights each engine holds (engine.quantization.weight_bytes:
   float32 includes oneDNN's prepacked copy of the tied output head).
-- Quality: perplexity of tests/data/public_domain.txt (HF reference model with the
-  engine's int8 modules swapped in, decode kernel path), and agreement of the first
+- Quality: the engine's perplexity of tests/data/public_domain.txt (LLMEngine.score,
+  32-token chunks: the decode-sized kernel path), and agreement of the first
   32 greedy tokens over 20 prompts (tokens equal up to the first difference / 32).
 Targets (issue 6): faster batch-1 decode than float32 on this CPU; perplexity within 3 %.
 Writes benchmarks/results/quantization.json.
@@ -17,7 +17,6 @@ Writes benchmarks/results/quantization.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.llm import apply_chat_template
-from engine.quantization import CpuInt8Linear, quantize_model, weight_bytes
+from engine.quantization import weight_bytes
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "public_domain.txt"
@@ -53,15 +52,10 @@ def decode_rate(llm: LLM, prompt: str, max_tokens: int) -> float:
     return (m.num_generated_tokens - 1) / (m.time_per_output_token * (m.num_generated_tokens - 1))
 
 
-def perplexity(model, ids: torch.Tensor, window: int = 1024) -> float:
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.shape[1] - 1, window):
-            chunk = ids[:, start:start + window + 1]
-            logits = model(chunk[:, :-1]).logits.float()
-            nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-            count += chunk.shape[1] - 1
-    return math.exp(nll / count)
+def perplexity(llm: LLM, ids: list[int]) -> float:
+    """The engine's own perplexity: teacher forcing in 32-token chunks (the decode-sized path)."""
+    logprobs = llm.engine.score(ids, chunk_size=32)
+    return math.exp(-sum(logprobs) / len(logprobs))
 
 
 def main() -> None:
@@ -91,16 +85,8 @@ def main() -> None:
         same = next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), len(r))
         agreement.append(same / len(r))
 
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(engines["float32"].engine.model_dir, dtype=torch.float32).eval()
-    ids = tok(TEXT.read_text(), return_tensors="pt").input_ids
-    ppl_fp32 = perplexity(hf, ids)
-    quantize_model(hf, torch.device("cpu"), torch.float32)
-    for module in hf.modules():
-        if isinstance(module, CpuInt8Linear):
-            module.max_packed_rows = 1 << 30  # the decode kernel everywhere
-    ppl_int8 = perplexity(hf, ids)
+    ids = tok.encode(TEXT.read_text(), add_special_tokens=False)
+    ppl_fp32, ppl_int8 = perplexity(engines["float32"], ids), perplexity(engines["int8"], ids)
 
     memory = {name: weight_bytes(llm.engine.runner.model) for name, llm in engines.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
@@ -108,7 +94,7 @@ def main() -> None:
         "benchmark": "quantization",
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "workload": {"max_tokens": args.max_tokens, "repeats": args.repeats, "agreement_prompts": len(PROMPTS),
-                     "perplexity_text": TEXT.name, "perplexity_tokens": int(ids.shape[1])},
+                     "perplexity_text": TEXT.name, "perplexity_tokens": len(ids)},
         "decode_tokens_per_s": {name: {"median": round(median[name], 2), "runs": [round(x, 2) for x in r]}
                                 for name, r in rates.items()},
         "decode_speedup": round(median["int8"] / median["float32"], 3),

@@ -65,6 +65,12 @@ class EngineConfig:
     # num_speculative_tokens tokens per step by n-gram lookup in the prompt and output
     # (n from prompt_lookup_max down to prompt_lookup_min); "none" turns it off.
     # Requests with penalties or logprobs decode one token at a time.
+    # Pipeline parallelism (cluster/pipeline.py): the layers split over this many Ray
+    # actors, one per GPU (or CPU share); pipeline_layers gives each stage's layer count
+    # (default: even); the stages' placement group strategy is PACK, SPREAD or STRICT_SPREAD.
+    pipeline_parallel_size: int = 1
+    pipeline_layers: list[int] | None = None
+    pipeline_placement_strategy: str = "PACK"
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
@@ -83,6 +89,15 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.pipeline_layers is not None and (len(self.pipeline_layers) != self.pipeline_parallel_size
+                                                 or min(self.pipeline_layers) < 1):
+            raise ConfigError("pipeline_layers must give a layer count >= 1 for each of the "
+                              f"{self.pipeline_parallel_size} stages, got {self.pipeline_layers}")
+        if self.pipeline_placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
+            raise ConfigError(f"pipeline_placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
+                              f"got {self.pipeline_placement_strategy!r}")
         if self.speculative_method not in ("none", "prompt_lookup"):
             raise ConfigError(f"speculative_method must be 'none' or 'prompt_lookup', got {self.speculative_method!r}")
         if self.num_speculative_tokens < 1 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
@@ -128,7 +143,10 @@ class EngineConfig:
             return _DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        # CPUs with bf16 matrix instructions (AVX512-BF16, AMX) run bf16 several times faster
+        # than fp32 at a perplexity cost under 1 %; without them (AVX2 machines) bf16 is
+        # emulated and no faster, so fp32 stays the default there.
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
     def resolve_cache_dir(self) -> str:
         if self.cache_dir:
@@ -136,3 +154,16 @@ class EngineConfig:
         return os.environ.get("SEMLINE_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "semline"
         )
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (Linux: avx512_bf16 or amx_bf16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False

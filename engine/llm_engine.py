@@ -50,7 +50,12 @@ class LLMEngine:
         if max_len > self.hf_config.max_position_embeddings:
             raise ConfigError(f"max_model_len {max_len} exceeds the model's "
                               f"max_position_embeddings {self.hf_config.max_position_embeddings}")
-        self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
+        if config.pipeline_parallel_size > 1:
+            from cluster.pipeline import PipelineRunner  # Ray actors, one per stage
+
+            self.runner = PipelineRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
+        else:
+            self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A lone request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
@@ -59,7 +64,7 @@ class LLMEngine:
             config = self.config = dataclasses.replace(
                 config, max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len))
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(config.seed, self.device)
+        self.sampler = Sampler(config.seed, self.runner.device)  # where the logits are
         self.eos_token_ids = self._eos_token_ids()
         self.energy_meter = EnergyMeter(self.device, config.power_watts)
         self.stats = EngineStats(num_free_blocks=self.block_manager.num_free_blocks)
@@ -123,6 +128,29 @@ class LLMEngine:
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._refresh_gauges()
         return self._make_output(request)
+
+    def score(self, token_ids: list[int], chunk_size: int = 32) -> list[float]:
+        """Log-probability of each token after the first, given the ones before it (teacher
+        forcing), from the engine's own model, dtype and quantization: chunks of `chunk_size`
+        tokens through the paged KV cache, as decoding and chunked prefill run them.
+        For quality checks (perplexity); call it from the thread that owns the engine."""
+        self._check_prompt(token_ids)
+        request = Request(f"score-{next(self._id_counter)}", None, token_ids, SamplingParams(max_tokens=1))
+        if not self.block_manager.allocate_slots(request, len(token_ids)):
+            raise RequestError("not enough free KV blocks to score this text now")
+        logprobs: list[float] = []
+        try:
+            for start in range(0, len(token_ids) - 1, chunk_size):
+                end = min(start + chunk_size, len(token_ids) - 1)
+                chunk = ScheduledChunk(request, end - start, samples_token=False, all_logits=True)
+                logits = self.runner.execute(self.runner.prepare([chunk]))
+                targets = torch.tensor(token_ids[start + 1:end + 1], device=logits.device)
+                rows = torch.log_softmax(logits.float(), dim=-1)
+                logprobs += rows.gather(1, targets[:, None]).squeeze(1).tolist()
+                request.num_computed_tokens = end
+        finally:
+            self.block_manager.free(request)
+        return logprobs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -45,16 +45,62 @@ def kv_bytes_per_block(args: LlamaArgs, block_size: int, dtype: torch.dtype, num
     return 2 * num_layers * block_size * args.num_kv_heads * args.head_dim * element
 
 
+@dataclass
+class StepPlan:
+    """One step's batch as plain lists: what every pipeline stage needs to build its own
+    tensors and attention metadata (picklable, device-free)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    logits_indices: list[int]
+    # Decode tokens: flat index, block table, context length.
+    decode_tokens: list[int]
+    decode_tables: list[list[int]]
+    decode_lens: list[int]
+    # Prefill chunks: (flat start, flat end, tokens already cached, block table).
+    prefill: list[tuple[int, int, int, list[int]]]
+
+
+def plan_step(chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
+    plan = StepPlan([], [], [], [], [], [], [], [])
+    bs = block_size
+    for chunk in chunks:
+        request = chunk.request
+        start = request.num_computed_tokens
+        end = start + chunk.num_new_tokens
+        offset = len(plan.input_ids)
+        plan.input_ids += request.token_ids_slice(start, end)
+        plan.positions += range(start, end)
+        table = request.block_table
+        plan.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        if chunk.num_new_tokens == 1:
+            plan.decode_tokens.append(offset)
+            plan.decode_tables.append(table[: (end + bs - 1) // bs])
+            plan.decode_lens.append(end)
+        else:
+            plan.prefill.append((offset, offset + chunk.num_new_tokens, start, list(table)))
+        if chunk.all_logits:
+            plan.logits_indices += range(offset, len(plan.input_ids))
+        elif chunk.samples_token:  # the last position, and those that verify proposals
+            plan.logits_indices += range(len(plan.input_ids) - 1 - chunk.num_spec_tokens, len(plan.input_ids))
+    return plan
+
+
 class ModelRunner:
+    """The model (or, in a pipeline stage, layers [first_layer, last_layer) of it) and the
+    KV cache of its layers."""
+
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int) -> None:
+                 dtype: torch.dtype, max_model_len: int, first_layer: int = 0, last_layer: int | None = None,
+                 num_blocks: int | None = None) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
         self.args = LlamaArgs.from_hf_config(hf_config)
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.args, hf_config, max_model_len)
+            model = LlamaForCausalLM(self.args, hf_config, max_model_len, first_layer, last_layer)
         # Built on the meta device (no random init), then filled from the checkpoint.
         model = model.to(dtype=dtype).to_empty(device=device)
         model.rotary = RotaryEmbedding(hf_config, self.args.head_dim, max_model_len).to(device)
@@ -65,8 +111,24 @@ class ModelRunner:
             prepack_linears(model)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = num_blocks or self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    @property
+    def num_parameters(self) -> int:
+        """Weights this runner holds, each tensor once (a pipeline stage: only its share).
+        Counts parameters, int8 weight buffers and oneDNN-prepacked weights."""
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.model.parameters()) + [b for n, b in self.model.named_buffers() if n.endswith("qweight")]
+        for tensor in tensors:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel()
+        for module in self.model.modules():
+            if hasattr(module, "packed_weight"):  # OneDNNLinear: its weight lives only packed
+                total += module.packed_weight_numel
+        return total
 
     def _pick_decode_kernel(self):
         """semline's compiled paged-attention kernel on the CPU, unless told otherwise."""
@@ -107,53 +169,37 @@ class ModelRunner:
     # --- one step -----------------------------------------------------------
 
     def prepare(self, chunks: list[ScheduledChunk]) -> ModelInput:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        decode_tokens, decode_tables, decode_lens = [], [], []
-        prefill_chunks = []
-        bs = self.block_size
-        for chunk in chunks:
-            request = chunk.request
-            start = request.num_computed_tokens
-            end = start + chunk.num_new_tokens
-            offset = len(input_ids)
-            input_ids += request.token_ids_slice(start, end)
-            positions += range(start, end)
-            table = request.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            if chunk.num_new_tokens == 1:
-                decode_tokens.append(offset)
-                decode_tables.append(table[: (end + bs - 1) // bs])
-                decode_lens.append(end)
-            else:
-                prefill_chunks.append(make_prefill_chunk(offset, offset + chunk.num_new_tokens, start,
-                                                         table, bs, self.device))
-            if chunk.samples_token:  # the last position, and those that verify proposals
-                logits_indices += range(len(input_ids) - 1 - chunk.num_spec_tokens, len(input_ids))
+        return self.build(plan_step(chunks, self.block_size))
+
+    def build(self, plan: StepPlan) -> ModelInput:
+        """The step's tensors and attention metadata on this runner's device."""
+        device, bs = self.device, self.block_size
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            prefill_chunks=prefill_chunks,
+            slot_mapping=torch.tensor(plan.slots, dtype=torch.long, device=device),
+            prefill_chunks=[make_prefill_chunk(a, b, start, table, bs, device) for a, b, start, table in plan.prefill],
             block_size=bs,
         )
-        if decode_tokens and self.decode_kernel is not None:
-            attn.decode_batch = build_decode_batch(decode_tokens, decode_tables, decode_lens,
-                                                   self.device, self.decode_kernel)
-        elif decode_tokens:
-            attn.decode_groups = build_decode_groups(decode_tokens, decode_tables, decode_lens, bs,
-                                                     self.device, self.dtype)
+        if plan.decode_tokens and self.decode_kernel is not None:
+            attn.decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens,
+                                                   device, self.decode_kernel)
+        elif plan.decode_tokens:
+            attn.decode_groups = build_decode_groups(plan.decode_tokens, plan.decode_tables, plan.decode_lens, bs,
+                                                     device, self.dtype)
         return ModelInput(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
             attn=attn,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=self.device),
+            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
         )
 
     @torch.inference_mode()
-    def execute(self, model_input: ModelInput) -> torch.Tensor:
-        """Run the forward; [N, V] fp32 logits for the chunks that sample."""
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches, model_input.attn)
+    def execute(self, model_input: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the forward: [N, V] fp32 logits for the chunks that sample; a stage before the
+        last takes (after the first) and returns [T, D] hidden states instead."""
+        x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
+        hidden = self.model(x, model_input.positions, self.kv_caches, model_input.attn)
+        if not self.model.is_last:
+            return hidden
         if model_input.logits_indices.numel() == 0:
             return torch.empty(0, self.args.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[model_input.logits_indices])

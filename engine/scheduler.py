@@ -30,6 +30,8 @@ class ScheduledChunk:
     samples_token: bool
     # Proposed tokens at the end of the chunk, verified by this step (speculative decoding).
     num_spec_tokens: int = 0
+    # Logits for every position of the chunk (scoring a text), not just the sampling ones.
+    all_logits: bool = False
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""Int8 weights: a quarter of the memory, perplexity within 3 % of float32, fluent output."""
+"""Int8 weights and bf16: memory, perplexity against float32 (the engine scoring the shipped text), fluency."""
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
@@ -11,38 +10,52 @@ import torch
 
 from engine import SamplingParams
 from engine.config import ConfigError, EngineConfig
-from engine.quantization import CpuInt8Linear, quantize_model, weight_bytes
+from engine.quantization import weight_bytes
 
 TEXT = Path(__file__).parents[1] / "data" / "public_domain.txt"
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The three primary colors are",
            "A haiku about the sea:", "def fibonacci(n):", "The largest planet in the solar system is"]
 
 
-def _perplexity(model, ids: torch.Tensor, window: int = 1024) -> float:
-    nll, count = 0.0, 0
+def _perplexity(llm, ids: list[int]) -> float:
+    """The engine's own perplexity (teacher forcing through its paged KV cache in 32-token
+    chunks: int8 layers then run their decode-sized kernel path)."""
+    logprobs = llm.engine.score(ids, chunk_size=32)
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+@pytest.fixture(scope="module")
+def text_ids(tokenizer):
+    ids = tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
+    assert len(ids) > 2000  # "a few thousand tokens" shipped; the tests score the first 1,024
+    return ids[:1024]
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(llm, text_ids):
+    return _perplexity(llm, text_ids)
+
+
+def test_engine_scores_like_the_reference_model(llm, hf_model, text_ids):
+    """The scorer itself: per-token logprobs equal HF's forward on the same tokens."""
+    ids = text_ids[:256]
+    ours = torch.tensor(llm.engine.score(ids, chunk_size=32))
     with torch.inference_mode():
-        for start in range(0, ids.shape[1] - 1, window):
-            chunk = ids[:, start:start + window + 1]
-            logits = model(chunk[:, :-1]).logits.float()
-            nll += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-            count += chunk.shape[1] - 1
-    return math.exp(nll / count)
+        logits = hf_model(torch.tensor([ids])).logits[0, :-1].float()
+    ref = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    assert (ours - ref).abs().max() < 1e-3
 
 
-def test_int8_perplexity_within_3_percent_of_float32(hf_model, tokenizer):
-    """The same int8 modules the engine uses, swapped into the HF reference model; forced onto
-    the decode path (bf16 activations, PyTorch's int8 kernel), the less precise of the two."""
-    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
-    assert ids.shape[1] > 2000  # "a few thousand tokens"
-    fp32 = _perplexity(hf_model, ids)
-    model = copy.deepcopy(hf_model)
-    assert quantize_model(model, torch.device("cpu"), torch.float32) > 200
-    for module in model.modules():
-        if isinstance(module, CpuInt8Linear):
-            module.max_packed_rows = 1 << 30
-    int8 = _perplexity(model, ids)
-    assert fp32 < 30  # the model reads this text well in float32
-    assert abs(int8 - fp32) / fp32 < 0.03, (fp32, int8)
+def test_int8_perplexity_within_3_percent_of_float32(make_llm, text_ids, fp32_perplexity):
+    int8 = _perplexity(make_llm(quantization="int8"), text_ids)
+    assert fp32_perplexity < 30  # the model reads this text well in float32
+    assert abs(int8 - fp32_perplexity) / fp32_perplexity < 0.03, (fp32_perplexity, int8)
+
+
+def test_bfloat16_perplexity_within_1_percent_of_float32(make_llm, text_ids, fp32_perplexity):
+    """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32."""
+    bf16 = _perplexity(make_llm(dtype="bfloat16"), text_ids)
+    assert abs(bf16 - fp32_perplexity) / fp32_perplexity < 0.01, (fp32_perplexity, bf16)
 
 
 def test_int8_engine_weighs_a_quarter_and_stays_fluent(llm, make_llm):

@@ -1,6 +1,7 @@
 """The Kubernetes manifests, validated offline, each validator shown to reject a planted mistake.
 
-- ray.io/v1 documents against KubeRay's CRD schemas (../shared/k8s/crds), unknown fields rejected;
+- ray.io/v1 documents against KubeRay's CRD schemas (../shared/k8s/crds, or the copy of their v1
+  schemas in tests/k8s/crds when the checkout has no ../shared), unknown fields rejected;
 - serveConfigV2 with Ray Serve's ServeDeploySchema, its args with SemlineConfig, each autoscaling
   config with AutoscalingConfig and no unknown keys;
 - core kinds (and the RayCluster pod templates, as Pods) with kubernetes-validate, strict;
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,6 +32,7 @@ from deployments.config import SemlineConfig
 ROOT = Path(__file__).parents[2]
 K8S = ROOT / "k8s"
 CRDS = ROOT.parent / "shared" / "k8s" / "crds"
+VENDORED = Path(__file__).parent / "crds"
 PROMTOOL = ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
 KUBERNETES_VERSION = "1.30"
 
@@ -52,13 +56,32 @@ def _strict(schema):
 
 
 @functools.cache
-def _crd_validator(kind: str):
-    path = next(CRDS.glob(f"ray.io_{kind.lower()}s.yaml"), None)
-    if path is None:
-        pytest.fail(f"KubeRay CRD for {kind} not found under {CRDS}")
+def _shared_schema(kind: str) -> dict | None:
+    """The v1 schema from the workspace's KubeRay CRDs (../shared/k8s/crds), when present."""
+    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
+    if not path.exists():
+        return None
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # ~1 MB each
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def _vendored_schema(kind: str) -> dict:
+    """The same schema as shipped with the tests (a clean clone has no ../shared)."""
+    with gzip.open(VENDORED / f"ray.io_{kind.lower()}s.v1.json.gz") as f:
+        return json.load(f)["schema"]
+
+
+@functools.cache
+def _crd_validator(kind: str):
+    return jsonschema.Draft7Validator(_strict(_shared_schema(kind) or _vendored_schema(kind)))
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_vendored_crd_schemas_are_kuberays(kind):
+    shared = _shared_schema(kind)
+    if shared is None:
+        pytest.skip(f"no {CRDS} here to compare with (the vendored copy is used)")
+    assert _vendored_schema(kind) == shared
 
 
 def crd_errors(doc: dict) -> list[str]:

@@ -1,0 +1,101 @@
+"""Pipeline parallelism on this machine: the same workload through 1, 2 and 3 stages, in one run.
+
+Workload: 32 requests submitted at once (prompts 32-256 tokens, 64 output tokens
+each, greedy, EOS ignored), so decode steps run batches of up to 32. Each
+configuration is a fresh engine; stages are Ray actors on this one machine,
+each with the same torch threads as the single process (stages run one after
+another within a step, so they never compete for the cores: what a pipeline
+adds here is pure overhead). Reported per configuration: output tokens/s,
+TTFT p50/p99, and the per-step overhead (wall time of a step minus the stages'
+compute time: object-store transfers, actor calls). Targets (issue 4): 2-stage
+throughput >= 80 % of 1-stage; overhead < 2 ms per step.
+Writes benchmarks/results/pipeline.json.
+
+    .venv/bin/python benchmarks/pipeline.py [--num-requests 32] [--stages 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from engine import LLM, SamplingParams
+from engine.metrics import percentile
+
+RESULTS = Path(__file__).parent / "results"
+TEXT = Path(__file__).parent.parent / "tests" / "data" / "public_domain.txt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    ray.init(num_cpus=args.threads * max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
+    rng = random.Random(0)
+    runs = {}
+    for stages in args.stages:
+        llm = LLM(device="cpu", dtype="float32", num_threads=args.threads, max_num_seqs=args.num_requests,
+                  pipeline_parallel_size=stages)
+        ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
+        rng.seed(0)
+        prompts = []
+        for _ in range(args.num_requests):
+            length = rng.randint(32, 256)
+            start = rng.randint(0, len(ids) - length)
+            prompts.append(ids[start:start + length])
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+        runner = llm.engine.runner
+        if stages > 1:
+            runner.wall_seconds, runner.num_steps = 0.0, 0
+            busy_before = sum(i["busy_seconds"] for i in runner.stage_info())
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+        ttfts = [o.metrics.time_to_first_token for o in outputs]
+        run = {
+            "output_tokens_per_s": round(sum(len(o.token_ids) for o in outputs) / elapsed, 2),
+            "seconds": round(elapsed, 2),
+            "ttft_p50_s": round(statistics.median(ttfts), 3),
+            "ttft_p99_s": round(percentile(ttfts, 99), 3),
+            "tokens": [o.token_ids for o in outputs],
+        }
+        if stages > 1:
+            busy = sum(i["busy_seconds"] for i in runner.stage_info()) - busy_before
+            run["steps"] = runner.num_steps
+            run["overhead_ms_per_step"] = round((runner.wall_seconds - busy) / runner.num_steps * 1000, 3)
+            run["stage_layers"] = [i["layers"] for i in runner.stage_info()]
+            runner.shutdown()
+        runs[stages] = run
+        del llm
+    base = runs[min(runs)]
+    result = {
+        "benchmark": "pipeline",
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads_per_stage": args.threads,
+                    "note": "all stages on one 2-core machine: no overlap possible, the cost is pure overhead"},
+        "workload": {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "prompt_tokens": "32-256"},
+        "runs": {str(k): {key: v for key, v in r.items() if key != "tokens"} for k, r in runs.items()},
+        "throughput_vs_1_stage": {str(k): round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3)
+                                  for k, r in runs.items()},
+        "outputs_identical_to_1_stage": {str(k): r["tokens"] == base["tokens"] for k, r in runs.items()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

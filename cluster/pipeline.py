@@ -1,0 +1,183 @@
+"""Pipeline parallelism: the model's layers split over Ray actors, one per GPU (or CPU share).
+
+Each `StageActor` holds a contiguous range of decoder layers (the first also the
+embedding, the last also the final norm and the output head), loads only those
+weights, and keeps the paged KV cache of its own layers. The engine's scheduler
+and block manager stay in the driver (the replica): every step, the
+`PipelineRunner` sends the step's plan (token ids, positions, slot mapping,
+block tables: plain lists) to every stage, so all stages' caches use the same
+block ids; the hidden states flow stage to stage through Ray's object store and
+the last stage returns the logits.
+
+The stages of one pipeline are placed in one placement group (one bundle per
+stage: a GPU, or a CPU share), `PACK` by default, `SPREAD`/`STRICT_SPREAD` for
+one stage per node. Inside a Serve replica that reserved bundles for them
+(`placement_group_bundles`: bundle 0 for the replica), the stages use bundles
+1..P of the replica's group.
+
+This first version runs one step at a time through the stages (no micro-batch
+overlap yet) and does not yet rebuild a pipeline whose stage died: an engine
+step then fails with the actor's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.config import ConfigError, EngineConfig
+from engine.loader import load_hf_config
+from engine.model_runner import ModelRunner, StepPlan, plan_step
+from engine.models.llama import LlamaArgs
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 120
+
+
+def split_layers(num_layers: int, num_stages: int, counts: list[int] | None = None) -> list[tuple[int, int]]:
+    """[first, last) layer ranges, one per stage: `counts` when given, else as even as possible
+    (earlier stages take the remainder)."""
+    if counts is None:
+        counts = [num_layers // num_stages + (i < num_layers % num_stages) for i in range(num_stages)]
+    if len(counts) != num_stages or sum(counts) != num_layers or min(counts) < 1:
+        raise ConfigError(f"pipeline_layers {counts} must be {num_stages} counts >= 1 summing to {num_layers}")
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count))
+        start += count
+    return ranges
+
+
+@ray.remote
+class StageActor:
+    """Layers [first, last) of the model and their KV cache, in their own process."""
+
+    def __init__(self, config: dict, model_dir: str, dtype: str, max_model_len: int,
+                 first: int, last: int, num_threads: int) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        self.config = EngineConfig.from_dict(config)
+        device = torch.device("cuda") if torch.cuda.is_available() and self.config.device != "cpu" else \
+            torch.device("cpu")
+        self.runner = ModelRunner(self.config, load_hf_config(Path(model_dir)), Path(model_dir), device,
+                                  getattr(torch, dtype), max_model_len, first, last)
+        self.first, self.last = first, last
+        self.busy_seconds, self.num_runs = 0.0, 0
+
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def resize_cache(self, num_blocks: int) -> None:
+        """Every stage must hold the same block ids: the smallest affordable count wins."""
+        if num_blocks != self.runner.num_blocks:
+            self.runner.num_blocks = num_blocks
+            self.runner.kv_caches = self.runner._allocate_kv_cache(num_blocks)
+
+    def info(self) -> dict:
+        return {"layers": [self.first, self.last], "num_parameters": self.runner.num_parameters,
+                "num_blocks": self.runner.num_blocks, "pid": os.getpid(), "device": str(self.runner.device),
+                "busy_seconds": self.busy_seconds, "num_runs": self.num_runs}
+
+    def run(self, plan: StepPlan, hidden: np.ndarray | None) -> np.ndarray:
+        """Hidden states in, hidden states (or, on the last stage, logits) out, as numpy arrays:
+        Ray stores those without pickling and the next process maps them without a copy."""
+        start = time.perf_counter()
+        if hidden is not None:
+            hidden = _tensor(hidden)
+            if hidden.dtype == torch.int16:
+                hidden = hidden.view(torch.bfloat16)
+        out = self.runner.execute(self.runner.build(plan), hidden)
+        if out.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
+            out = out.view(torch.int16)
+        out = out.cpu().numpy()
+        self.busy_seconds += time.perf_counter() - start
+        self.num_runs += 1
+        return out
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over an array Ray mapped read-only from its object store (no copy; nothing
+    downstream writes to it in place)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
+        return torch.from_numpy(array)
+
+
+class PipelineRunner:
+    """Stands in for the engine's ModelRunner when pipeline_parallel_size > 1."""
+
+    def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int) -> None:
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)
+        self.config = config
+        self.args = LlamaArgs.from_hf_config(hf_config)
+        self.block_size = config.block_size
+        self.device = torch.device("cpu")  # logits come back to the driver's memory
+        self.decode_kernel = None
+        size = config.pipeline_parallel_size
+        ranges = split_layers(self.args.num_layers, size, config.pipeline_layers)
+        on_gpu = device.type == "cuda"
+        threads = config.num_threads or 1
+        bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": threads}
+        self._own_group = None
+        group, first_bundle = get_current_placement_group(), 1
+        if group is None or len(group.bundle_specs) < size + 1:  # not inside a replica that reserved them
+            group = self._own_group = placement_group([bundle] * size, strategy=config.pipeline_placement_strategy)
+            first_bundle = 0
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        stage_config = {**{k: getattr(config, k) for k in config.__dataclass_fields__}, "pipeline_parallel_size": 1,
+                        "pipeline_layers": None}
+        dtype_name = str(dtype).removeprefix("torch.")
+        self.stages = [
+            StageActor.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first_bundle + i),
+            ).remote(stage_config, str(model_dir), dtype_name, max_model_len, first, last, threads)
+            for i, (first, last) in enumerate(ranges)
+        ]
+        self.num_blocks = min(ray.get([stage.num_blocks.remote() for stage in self.stages]))
+        ray.get([stage.resize_cache.remote(self.num_blocks) for stage in self.stages])
+        self.wall_seconds, self.num_steps = 0.0, 0
+        logger.info("pipeline of %d stages (layers %s), %d KV blocks", size, ranges, self.num_blocks)
+
+    def prepare(self, chunks) -> StepPlan:
+        return plan_step(chunks, self.block_size)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """The plan through every stage; the last stage's logits."""
+        start = time.perf_counter()
+        plan_ref, hidden = ray.put(plan), None
+        for stage in self.stages:
+            hidden = stage.run.remote(plan_ref, hidden)  # a ref: Ray hands it from stage to stage
+        logits = _tensor(ray.get(hidden))
+        self.wall_seconds += time.perf_counter() - start
+        self.num_steps += 1
+        return logits
+
+    def overhead_per_step(self) -> float:
+        """Mean seconds a step spends outside the stages' compute (transfers, scheduling)."""
+        busy = sum(info["busy_seconds"] for info in self.stage_info())
+        return (self.wall_seconds - busy) / self.num_steps if self.num_steps else 0.0
+
+    def stage_info(self) -> list[dict]:
+        return ray.get([stage.info.remote() for stage in self.stages])
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(info["num_parameters"] for info in self.stage_info())
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            ray.kill(stage)
+        if self._own_group is not None:
+            remove_placement_group(self._own_group)

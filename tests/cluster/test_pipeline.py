@@ -1,0 +1,64 @@
+"""Pipeline parallelism on a local Ray cluster (CPU): stages as actors, outputs token-identical."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import SamplingParams
+from tests.conftest import BASE_CONFIG
+
+# A small KV cache and step budget: long prompts are chunked and requests get preempted.
+SMALL = {"num_kv_blocks": 10, "max_num_batched_tokens": 48}
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a kingdom by the sea, there lived an old fisherman and his wife, who " * 3,
+           "List the planets of the solar system in order from the sun:"]
+PARAMS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 40, 16, 56)]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(make_llm):
+    single = make_llm(**SMALL)
+    outputs = single.generate(PROMPTS, PARAMS)
+    assert single.engine.stats.num_preemptions > 0  # the workload does exercise preemption
+    return [o.token_ids for o in outputs], single.engine.runner.num_parameters
+
+
+@pytest.mark.parametrize("stages,layers", [(2, [10, 20]), (3, None)])
+def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers):
+    """2 stages with an explicit split, 3 split evenly."""
+    tokens, total_parameters = expected
+    pipeline = make_llm(**SMALL, pipeline_parallel_size=stages, pipeline_layers=layers, num_threads=1)
+    runner = pipeline.engine.runner
+    try:
+        outputs = pipeline.generate(PROMPTS, PARAMS)
+        assert [o.token_ids for o in outputs] == tokens
+        assert pipeline.engine.stats.num_preemptions > 0
+        info = runner.stage_info()
+        # Contiguous layer ranges covering the model, each in its own process...
+        assert [i["layers"] for i in info][0][0] == 0 and info[-1]["layers"][1] == runner.args.num_layers
+        assert all(a["layers"][1] == b["layers"][0] for a, b in zip(info, info[1:]))
+        assert layers is None or [b - a for a, b in (i["layers"] for i in info)] == layers
+        assert layers is not None or max(b - a for a, b in (i["layers"] for i in info)) == 10  # 30 / 3
+        assert len({i["pid"] for i in info}) == stages
+        # ...holding only its share of the weights: its layers, plus the embedding (first) or
+        # the output head (last); never the whole model.
+        args = runner.args
+        head = args.vocab_size * args.hidden_size
+        per_layer = (args.num_parameters - head) // args.num_layers + 2 * args.hidden_size  # + its two norms
+        for stage in info:
+            first, last = stage["layers"]
+            share = (last - first) * per_layer + head * (first == 0) + (head + args.hidden_size) * (
+                last == args.num_layers)
+            assert stage["num_parameters"] == share, (stage, share)
+            assert stage["num_parameters"] < args.num_parameters <= total_parameters
+    finally:
+        runner.shutdown()
