@@ -58,6 +58,11 @@ def split_layers(num_layers: int, num_stages: int, counts: list[int] | None = No
     return ranges
 
 
+def stage_bundle(on_gpu: bool, num_threads: int) -> dict:
+    """The resources of one stage: a GPU (and a CPU to drive it), or `num_threads` CPUs."""
+    return {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": num_threads}
+
+
 @ray.remote
 class StageActor:
     """Layers [first, last) of the model and their KV cache, in their own process."""
@@ -126,9 +131,8 @@ class PipelineRunner:
         self.decode_kernel = None
         size = config.pipeline_parallel_size
         ranges = split_layers(self.args.num_layers, size, config.pipeline_layers)
-        on_gpu = device.type == "cuda"
         threads = config.num_threads or 1
-        bundle = {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": threads}
+        bundle = stage_bundle(device.type == "cuda", threads)
         self._own_group = None
         group, first_bundle = get_current_placement_group(), 1
         if group is None or len(group.bundle_specs) < size + 1:  # not inside a replica that reserved them

@@ -13,6 +13,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from cluster.pipeline import stage_bundle
 from deployments.batch_runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
@@ -40,6 +41,14 @@ def llm_server_options(config: SemlineConfig) -> dict:
         options["num_replicas"] = scaling.max_replicas
     else:
         options["autoscaling_config"] = scaling.serve_autoscaling_config()
+    engine = config.engine_config()
+    if engine.pipeline_parallel_size > 1:
+        # Each replica reserves its whole pipeline: bundle 0 for itself, one per stage (the
+        # stages hold the GPUs), so autoscaling adds and removes whole pipelines.
+        stage = stage_bundle(server.num_gpus > 0, int(max(1, server.num_cpus)))
+        options["ray_actor_options"] = {"num_cpus": server.num_cpus, "num_gpus": 0}
+        options["placement_group_bundles"] = [{"CPU": server.num_cpus}] + [stage] * engine.pipeline_parallel_size
+        options["placement_group_strategy"] = engine.pipeline_placement_strategy
     return options
 
 

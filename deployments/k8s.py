@@ -44,6 +44,9 @@ def serve_config(config: SemlineConfig) -> dict:
         llm["autoscaling_config"] = options["autoscaling_config"]
     else:
         llm["num_replicas"] = options["num_replicas"]
+    for key in ("placement_group_bundles", "placement_group_strategy"):  # a pipeline per replica
+        if key in options:
+            llm[key] = options[key]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": config.http.host, "port": config.http.port},
@@ -65,8 +68,9 @@ def application_args(config: SemlineConfig) -> dict:
 
 
 def _workers(config: SemlineConfig, replicas: int) -> int:
-    """GPU worker pods that `replicas` LLM server replicas need."""
-    gpus = config.server.num_gpus * replicas
+    """GPU worker pods that `replicas` LLM server replicas need (a pipeline: one GPU per stage)."""
+    stages = config.engine_config().pipeline_parallel_size
+    gpus = (stages if stages > 1 and config.server.num_gpus else config.server.num_gpus) * replicas
     return max(1, math.ceil(gpus / config.kubernetes.worker_gpus)) if gpus else 0
 
 

@@ -68,7 +68,7 @@ def serve_app(app_config, metrics_port, dashboard_port):
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the port within ~1 s
     # Ray jobs run their entrypoint's `python` from PATH: this environment's, as in the serving image.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+    ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              logging_level="ERROR", _metrics_export_port=metrics_port)
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config=LoggingConfig(enable_access_log=False))

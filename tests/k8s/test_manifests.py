@@ -302,3 +302,21 @@ def test_promtool_rejects_planted_mistakes(tmp_path):
     lax["spec"]["groups"][0]["rules"][1]["expr"] = "max by (model_name) (ray_semline_kv_cache_usage_perc) > 1.5"
     test = _run_promtool(tmp_path, lax, "test", "rules", "alerts-test.yaml")
     assert test.returncode != 0 and "SemlineKVCacheNearFull" in (test.stdout + test.stderr)
+
+
+def test_pipeline_parallel_replicas_reserve_their_stages():
+    """pipeline_parallel_size: 2 in the config: each replica reserves a bundle per GPU stage,
+    and the Ray autoscaler's worker bounds count one GPU per stage."""
+    config = SemlineConfig.from_yaml(K8S / "semline.yaml")
+    config.engine["pipeline_parallel_size"] = 2
+    doc = k8s.rayservice(config)
+    assert crd_errors(doc) == []
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    assert serve_config_errors(serve_config) == []
+    app = serve_config["applications"][0]
+    assert app["args"]["engine"]["pipeline_parallel_size"] == 2
+    llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    assert llm["placement_group_bundles"] == [{"CPU": 4.0}, {"GPU": 1, "CPU": 1}, {"GPU": 1, "CPU": 1}]
+    assert llm["ray_actor_options"]["num_gpus"] == 0  # the stages hold the GPUs
+    group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (2, 8)
