@@ -22,6 +22,7 @@ step then fails with the actor's error.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -83,9 +84,7 @@ class StageActor:
 
     def resize_cache(self, num_blocks: int) -> None:
         """Every stage must hold the same block ids: the smallest affordable count wins."""
-        if num_blocks != self.runner.num_blocks:
-            self.runner.num_blocks = num_blocks
-            self.runner.kv_caches = self.runner._allocate_kv_cache(num_blocks)
+        self.runner.resize_kv_cache(num_blocks)
 
     def info(self) -> dict:
         return {"layers": [self.first, self.last], "num_parameters": self.runner.num_parameters,
@@ -139,8 +138,7 @@ class PipelineRunner:
             group = self._own_group = placement_group([bundle] * size, strategy=config.pipeline_placement_strategy)
             first_bundle = 0
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        stage_config = {**{k: getattr(config, k) for k in config.__dataclass_fields__}, "pipeline_parallel_size": 1,
-                        "pipeline_layers": None}
+        stage_config = dataclasses.asdict(dataclasses.replace(config, pipeline_parallel_size=1, pipeline_layers=None))
         dtype_name = str(dtype).removeprefix("torch.")
         self.stages = [
             StageActor.options(
@@ -167,11 +165,6 @@ class PipelineRunner:
         self.wall_seconds += time.perf_counter() - start
         self.num_steps += 1
         return logits
-
-    def overhead_per_step(self) -> float:
-        """Mean seconds a step spends outside the stages' compute (transfers, scheduling)."""
-        busy = sum(info["busy_seconds"] for info in self.stage_info())
-        return (self.wall_seconds - busy) / self.num_steps if self.num_steps else 0.0
 
     def stage_info(self) -> list[dict]:
         return ray.get([stage.info.remote() for stage in self.stages])

@@ -86,6 +86,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_paths(source: Path, output: str | None) -> tuple[Path, Path]:
+    """Where a batch's results and error records go: --output (default SOURCE.output.jsonl)
+    and *.errors.jsonl beside it."""
+    results = Path(output) if output else source.with_name(source.stem + ".output.jsonl")
+    return results, results.with_name(results.stem + ".errors.jsonl")
+
+
+def _add_output_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=None, help="results file (default: FILE.output.jsonl; "
+                                                       "errors go to *.errors.jsonl beside it)")
+
+
 def _cmd_batch_submit(args: argparse.Namespace) -> int:
     """Upload a JSONL file, create a batch, follow it with a progress bar, write its results."""
     import json
@@ -123,10 +135,9 @@ def _cmd_batch_submit(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped following; batch {batch.id} keeps running on the server", file=sys.stderr)
         return 130
-    output = Path(args.output) if args.output else path.with_name(path.stem + ".output.jsonl")
+    output, errors = _result_paths(path, args.output)
     written = []
-    for file_id, target in ((batch.output_file_id, output),
-                            (batch.error_file_id, output.with_name(output.stem + ".errors.jsonl"))):
+    for file_id, target in ((batch.output_file_id, output), (batch.error_file_id, errors)):
         if file_id:
             target.write_bytes(client.files.content(file_id).content)
             written.append(str(target))
@@ -196,8 +207,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
         if line.startswith(ECHO_PREFIX):
             item = json.loads(line[len(ECHO_PREFIX):])
             files[item["file"]].append(json.dumps(item["record"], ensure_ascii=False) + "\n")
-    output = Path(args.output) if args.output else path.with_name(path.stem + ".output.jsonl")
-    errors = output.with_name(output.stem + ".errors.jsonl")
+    output, errors = _result_paths(path, args.output)
     output.write_text("".join(files["output"]))
     errors.write_text("".join(files["errors"]))
     print(f"job {job_id} succeeded: {len(files['output'])} completed, {len(files['errors'])} failed; "
@@ -252,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     submit.add_argument("--api-key", default=None, help="API key (default: $SEMLINE_API_KEY)")
     submit.add_argument("--endpoint", default=None, help="default: the url of the file's first line")
-    submit.add_argument("--output", default=None, help="results file (default: FILE.output.jsonl; "
-                                                       "errors go to *.errors.jsonl beside it)")
+    _add_output_argument(submit)
     submit.add_argument("--poll", type=float, default=1.0, help="seconds between status checks")
     submit.set_defaults(func=_cmd_batch_submit)
     job = sub.add_parser("job", help="offline batch jobs on a Ray cluster (Ray Jobs API)")
@@ -262,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_argument("file", help="OpenAI batch input JSONL")
     jsub.add_argument("--address", default="http://127.0.0.1:8265", help="the Ray dashboard (Jobs API) URL")
     jsub.add_argument("--config", default=None, help="semline config YAML (model and engine settings)")
-    jsub.add_argument("--output", default=None, help="results file (default: FILE.output.jsonl; "
-                                                     "errors go to *.errors.jsonl beside it)")
+    _add_output_argument(jsub)
     jsub.add_argument("--num-replicas", type=int, default=1, help="engine actors")
     jsub.add_argument("--batch-size", type=int, default=64, help="lines per engine call")
     jsub.add_argument("--num-cpus", type=float, default=None, help="CPUs per engine actor (default: config)")

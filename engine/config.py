@@ -61,16 +61,16 @@ class EngineConfig:
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales (engine/quantization.py); "none": the model's dtype.
     quantization: str = "none"
-    # Speculative decoding (engine/speculative.py): "prompt_lookup" proposes up to
-    # num_speculative_tokens tokens per step by n-gram lookup in the prompt and output
-    # (n from prompt_lookup_max down to prompt_lookup_min); "none" turns it off.
-    # Requests with penalties or logprobs decode one token at a time.
     # Pipeline parallelism (cluster/pipeline.py): the layers split over this many Ray
     # actors, one per GPU (or CPU share); pipeline_layers gives each stage's layer count
     # (default: even); the stages' placement group strategy is PACK, SPREAD or STRICT_SPREAD.
     pipeline_parallel_size: int = 1
     pipeline_layers: list[int] | None = None
     pipeline_placement_strategy: str = "PACK"
+    # Speculative decoding (engine/speculative.py): "prompt_lookup" proposes up to
+    # num_speculative_tokens tokens per step by n-gram lookup in the prompt and output
+    # (n from prompt_lookup_max down to prompt_lookup_min); "none" turns it off.
+    # Requests with penalties or logprobs decode one token at a time.
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3

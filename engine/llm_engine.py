@@ -195,18 +195,18 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> list[list[tuple[int, object]]]:
         """Per sampling chunk, its new tokens with their logprobs: one token, or for a chunk
         that verifies proposals, the accepted ones plus the model's own."""
-        rows, plain, row = [], [], 0
+        rows, row = [], 0  # each chunk's first logits row: a verifying chunk has 1 + k
         for chunk in sampling:
             rows.append(row)
-            if not chunk.num_spec_tokens:
-                plain.append(row)
             row += 1 + chunk.num_spec_tokens
         result: list[list[tuple[int, object]]] = [[] for _ in sampling]
         plain_chunks = [i for i, c in enumerate(sampling) if not c.num_spec_tokens]
         if plain_chunks:
-            index = torch.tensor(plain, dtype=torch.long, device=logits.device)
-            sampled = self.sampler(logits[index] if len(plain) < logits.shape[0] else logits,
-                                   [sampling[i].request for i in plain_chunks])
+            if len(plain_chunks) < logits.shape[0]:
+                logits_plain = logits[torch.tensor([rows[i] for i in plain_chunks], device=logits.device)]
+            else:
+                logits_plain = logits  # no proposals this step: every row samples
+            sampled = self.sampler(logits_plain, [sampling[i].request for i in plain_chunks])
             for i, token_id, logprobs in zip(plain_chunks, sampled.token_ids, sampled.logprobs):
                 result[i] = [(token_id, logprobs)]
         for i, chunk in enumerate(sampling):

@@ -15,7 +15,7 @@ import torch
 from engine.attention import AttentionMetadata, build_decode_batch, build_decode_groups, make_prefill_chunk
 from engine.config import EngineConfig
 from engine.loader import load_weights
-from engine.models.linear import onednn_available, prepack_linears
+from engine.models.linear import OneDNNLinear, onednn_available, prepack_linears
 from engine.quantization import quantize_model
 from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding
 from engine.scheduler import ScheduledChunk
@@ -92,8 +92,7 @@ class ModelRunner:
     KV cache of its layers."""
 
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, first_layer: int = 0, last_layer: int | None = None,
-                 num_blocks: int | None = None) -> None:
+                 dtype: torch.dtype, max_model_len: int, first_layer: int = 0, last_layer: int | None = None) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -111,8 +110,14 @@ class ModelRunner:
             prepack_linears(model)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
-        self.num_blocks = num_blocks or self._num_kv_blocks()
+        self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        """Reallocate the (empty) KV cache with `num_blocks` blocks."""
+        if num_blocks != self.num_blocks:
+            self.num_blocks = num_blocks
+            self.kv_caches = self._allocate_kv_cache(num_blocks)
 
     @property
     def num_parameters(self) -> int:
@@ -126,8 +131,8 @@ class ModelRunner:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel()
         for module in self.model.modules():
-            if hasattr(module, "packed_weight"):  # OneDNNLinear: its weight lives only packed
-                total += module.packed_weight_numel
+            if isinstance(module, OneDNNLinear):  # its weight lives only packed, outside parameters()
+                total += module.num_parameters
         return total
 
     def _pick_decode_kernel(self):

@@ -59,7 +59,6 @@ class CpuInt8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("scales_bf16", scales.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
         # Dequantizing an output head (vocab x hidden) per call costs more than the packed
         # kernel at any decode batch; for the layers' matrices it wins above ~32 rows.
         self.max_packed_rows = 32 if q.numel() < 8 * 2**20 else 1 << 30
@@ -84,7 +83,6 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
         self.packed = _int8pack_works(self.qweight.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ class OneDNNLinear(nn.Module):
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
         # Kept for parameter counting and for stages that report what they hold.
-        self.packed_weight_numel = weight.numel()
         self.num_parameters = weight.numel() + (0 if self.bias is None else self.bias.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
