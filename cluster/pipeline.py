@@ -15,9 +15,13 @@ one stage per node. Inside a Serve replica that reserved bundles for them
 (`placement_group_bundles`: bundle 0 for the replica), the stages use bundles
 1..P of the replica's group.
 
-This first version runs one step at a time through the stages (no micro-batch
-overlap yet) and does not yet rebuild a pipeline whose stage died: an engine
-step then fails with the actor's error.
+Faults: a stage that dies (or does not answer within `pipeline_step_timeout_s`)
+fails the step with `StageFailure`; the engine then re-queues every running
+request for recomputation and calls `rebuild()`, which replaces the dead or
+unresponsive stages in their bundles (the survivors keep their weights; every
+KV cache is treated as empty). The replica reports itself unhealthy meanwhile.
+
+Steps run one at a time through the stages (no micro-batch overlap yet).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import ConfigError, EngineConfig
+from engine.llm_engine import StageFailure
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner, StepPlan, plan_step
 from engine.models.llama import LlamaArgs
@@ -81,6 +86,9 @@ class StageActor:
 
     def num_blocks(self) -> int:
         return self.runner.num_blocks
+
+    def ping(self) -> int:
+        return os.getpid()
 
     def resize_cache(self, num_blocks: int) -> None:
         """Every stage must hold the same block ids: the smallest affordable count wins."""
@@ -129,28 +137,55 @@ class PipelineRunner:
         self.device = torch.device("cpu")  # logits come back to the driver's memory
         self.decode_kernel = None
         size = config.pipeline_parallel_size
-        ranges = split_layers(self.args.num_layers, size, config.pipeline_layers)
-        threads = config.num_threads or 1
-        bundle = stage_bundle(device.type == "cuda", threads)
+        self.ranges = split_layers(self.args.num_layers, size, config.pipeline_layers)
+        self.threads = config.num_threads or 1
+        self.bundle = stage_bundle(device.type == "cuda", self.threads)
         self._own_group = None
-        group, first_bundle = get_current_placement_group(), 1
+        group, self.first_bundle = get_current_placement_group(), 1
         if group is None or len(group.bundle_specs) < size + 1:  # not inside a replica that reserved them
-            group = self._own_group = placement_group([bundle] * size, strategy=config.pipeline_placement_strategy)
-            first_bundle = 0
+            group = self._own_group = placement_group([self.bundle] * size,
+                                                      strategy=config.pipeline_placement_strategy)
+            self.first_bundle = 0
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        stage_config = dataclasses.asdict(dataclasses.replace(config, pipeline_parallel_size=1, pipeline_layers=None))
-        dtype_name = str(dtype).removeprefix("torch.")
-        self.stages = [
-            StageActor.options(
-                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=first_bundle + i),
-            ).remote(stage_config, str(model_dir), dtype_name, max_model_len, first, last, threads)
-            for i, (first, last) in enumerate(ranges)
-        ]
+        self.group = group
+        self._stage_args = (
+            dataclasses.asdict(dataclasses.replace(config, pipeline_parallel_size=1, pipeline_layers=None)),
+            str(model_dir), str(dtype).removeprefix("torch."), max_model_len)
+        self.stages = [self._start_stage(i) for i in range(size)]
         self.num_blocks = min(ray.get([stage.num_blocks.remote() for stage in self.stages]))
         ray.get([stage.resize_cache.remote(self.num_blocks) for stage in self.stages])
-        self.wall_seconds, self.num_steps = 0.0, 0
-        logger.info("pipeline of %d stages (layers %s), %d KV blocks", size, ranges, self.num_blocks)
+        self.wall_seconds, self.num_steps, self.num_rebuilds = 0.0, 0, 0
+        logger.info("pipeline of %d stages (layers %s), %d KV blocks", size, self.ranges, self.num_blocks)
+
+    def _start_stage(self, index: int):
+        first, last = self.ranges[index]
+        return StageActor.options(
+            num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.group, placement_group_bundle_index=self.first_bundle + index),
+        ).remote(*self._stage_args, first, last, self.threads)
+
+    def rebuild(self) -> list[int]:
+        """Replace every stage that is dead or does not answer; returns their indices. The
+        caller must treat every KV cache as empty (the survivors' caches are not cleared, but
+        no request may rely on them)."""
+        timeout = self.config.pipeline_step_timeout_s
+        dead = []
+        for index, stage in enumerate(self.stages):
+            try:
+                ray.get(stage.ping.remote(), timeout=timeout)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(index)
+        for index in dead:
+            ray.kill(self.stages[index], no_restart=True)
+        if self._own_group is not None:  # Ray re-places a group whose node died
+            ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        for index in dead:
+            self.stages[index] = self._start_stage(index)
+        ray.get([self.stages[i].resize_cache.remote(self.num_blocks) for i in dead], timeout=PLACEMENT_TIMEOUT_S)
+        self.num_rebuilds += 1
+        logger.warning("pipeline rebuilt: replaced stage(s) %s", dead)
+        return dead
 
     def prepare(self, chunks) -> StepPlan:
         return plan_step(chunks, self.block_size)
@@ -161,7 +196,10 @@ class PipelineRunner:
         plan_ref, hidden = ray.put(plan), None
         for stage in self.stages:
             hidden = stage.run.remote(plan_ref, hidden)  # a ref: Ray hands it from stage to stage
-        logits = _tensor(ray.get(hidden))
+        try:
+            logits = _tensor(ray.get(hidden, timeout=self.config.pipeline_step_timeout_s))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as exc:
+            raise StageFailure(f"a pipeline stage failed: {exc}") from exc
         self.wall_seconds += time.perf_counter() - start
         self.num_steps += 1
         return logits

@@ -98,6 +98,9 @@ class LLMServer:
         """Called by Serve: an engine whose loop died makes the replica unhealthy."""
         if not self.engine.is_running:
             raise RuntimeError("engine loop is not running")
+        problem = self.engine.engine.health_problem  # e.g. a pipeline stage being replaced
+        if problem:
+            raise RuntimeError(problem)
 
     def __del__(self) -> None:
         self._stop.set()

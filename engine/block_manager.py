@@ -124,6 +124,14 @@ class BlockManager:
                 self.hash_of_block[block_id] = h
         request.num_registered_blocks = num_full
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block nobody holds (their K/V can no longer be trusted)."""
+        for block_id in self.evictable:
+            del self.cached_blocks[self.hash_of_block[block_id]]
+            self.hash_of_block[block_id] = None
+            self.free_block_ids.append(block_id)
+        self.evictable.clear()
+
     def _take_block(self) -> int:
         if self.free_block_ids:
             return self.free_block_ids.popleft()

@@ -14,6 +14,8 @@ _DTYPES = {
     "float16": torch.float16,
 }
 
+SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft_model", "self_speculative")
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
@@ -67,14 +69,23 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     pipeline_layers: list[int] | None = None
     pipeline_placement_strategy: str = "PACK"
-    # Speculative decoding (engine/speculative.py): "prompt_lookup" proposes up to
-    # num_speculative_tokens tokens per step by n-gram lookup in the prompt and output
-    # (n from prompt_lookup_max down to prompt_lookup_min); "none" turns it off.
-    # Requests with penalties or logprobs decode one token at a time.
+    # A step (or a health ping) that a stage does not answer within this many seconds
+    # counts as the stage's failure: the pipeline is rebuilt and its requests recomputed.
+    pipeline_step_timeout_s: float = 60.0
+    # Speculative decoding (engine/speculative.py, engine/draft.py): each decoding request
+    # gets up to num_speculative_tokens proposals per step, verified in one forward.
+    # Proposers: "prompt_lookup" (n-gram lookup in the prompt and output, n from
+    # prompt_lookup_max down to prompt_lookup_min), "draft_model" (speculative_model: a
+    # smaller model with the same tokenizer; None = the embedded model), "self_speculative"
+    # (the model's own first speculative_draft_layers layers + its head; None = a quarter
+    # of the layers); "none" turns it off. Requests with penalties or logprobs decode one
+    # token at a time.
     speculative_method: str = "none"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    speculative_model: str | None = None
+    speculative_draft_layers: int | None = None
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.
@@ -98,8 +109,13 @@ class EngineConfig:
         if self.pipeline_placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ConfigError(f"pipeline_placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
                               f"got {self.pipeline_placement_strategy!r}")
-        if self.speculative_method not in ("none", "prompt_lookup"):
-            raise ConfigError(f"speculative_method must be 'none' or 'prompt_lookup', got {self.speculative_method!r}")
+        if self.pipeline_step_timeout_s <= 0:
+            raise ConfigError(f"pipeline_step_timeout_s must be > 0, got {self.pipeline_step_timeout_s}")
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                              f"got {self.speculative_method!r}")
+        if self.speculative_draft_layers is not None and self.speculative_draft_layers < 1:
+            raise ConfigError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_speculative_tokens < 1 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ConfigError("num_speculative_tokens must be >= 1 and 1 <= prompt_lookup_min <= prompt_lookup_max")
         if self.quantization not in ("none", "int8"):

@@ -26,6 +26,11 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.speculative import propose_prompt_lookup
 
+
+class StageFailure(RuntimeError):
+    """A pipeline stage died or did not answer: the step's work is lost and the pipeline must be
+    rebuilt (raised by cluster.pipeline.PipelineRunner.execute)."""
+
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
@@ -56,6 +61,11 @@ class LLMEngine:
             self.runner = PipelineRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
         else:
             self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
+        self.drafter = None
+        if config.speculative_method in ("draft_model", "self_speculative"):
+            from engine.draft import Drafter
+
+            self.drafter = Drafter(config, self.runner, self.tokenizer, max_len)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A lone request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
@@ -71,6 +81,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._id_counter = itertools.count()
+        # Why the engine cannot serve right now (a pipeline being rebuilt), or None.
+        self.health_problem: str | None = None
 
     def _eos_token_ids(self) -> set[int]:
         ids = set()
@@ -165,8 +177,15 @@ class LLMEngine:
         if scheduled.is_empty:
             return []
         start_time, start_energy = time.perf_counter(), self.energy_meter.read()
+        if self.drafter is not None:  # fill the proposals the scheduler made room for
+            drafted = self.drafter.propose([c for c in scheduled.chunks if c.num_spec_tokens])
+            self.stats.flops += 2.0 * self.drafter.num_parameters * drafted
         model_input = self.runner.prepare(scheduled.chunks)
-        logits = self.runner.execute(model_input)
+        try:
+            logits = self.runner.execute(model_input)
+        except StageFailure as exc:
+            self._rebuild_pipeline(exc)
+            return []
         sampling = [c for c in scheduled.chunks if c.samples_token]
         tokens = self._sample(logits, sampling)
         self._account(scheduled.chunks, time.perf_counter() - start_time,
@@ -175,6 +194,20 @@ class LLMEngine:
         self.stats.num_preemptions += len(scheduled.preempted)
         self._refresh_gauges()
         return outputs
+
+    def _rebuild_pipeline(self, exc: StageFailure) -> None:
+        """A pipeline stage failed: every running request goes back to the queue to be
+        recomputed (no KV cache can be trusted, the prefix cache is dropped), and the dead
+        stages are replaced. Unhealthy (health_problem) until the pipeline is whole again; if
+        the rebuild itself fails, the error goes to the caller and the next step tries again."""
+        logger.error("%s; rebuilding the pipeline and recomputing %d running request(s)",
+                     exc, self.scheduler.num_running)
+        self.health_problem = f"rebuilding the pipeline after: {exc}"
+        self.scheduler.preempt_all()
+        self.block_manager.reset_prefix_cache()
+        self.runner.rebuild()
+        self.stats.num_pipeline_rebuilds += 1
+        self.health_problem = None
 
     def _propose(self) -> None:
         """Speculative decoding: proposals for every running request that decodes next."""
@@ -188,7 +221,13 @@ class LLMEngine:
             # Room left: the step's own token counts too.
             k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,
                     self.max_model_len - request.num_tokens - 1)
-            if k > 0:
+            if k <= 0:
+                continue
+            if self.drafter is not None:
+                # Placeholders: the scheduler sizes the verification chunk (budget, blocks),
+                # then the draft runs on the chunks it kept (step()).
+                request.spec_token_ids = [0] * k
+            else:
                 request.spec_token_ids = propose_prompt_lookup(
                     request.all_token_ids, k, config.prompt_lookup_max, config.prompt_lookup_min)
 
@@ -239,6 +278,8 @@ class LLMEngine:
             request.spec_token_ids = []
             # Accepted proposals have their K/V in the cache; the last token does not yet.
             request.num_computed_tokens += len(new_tokens) - 1
+            # The draft's K/V stays valid up to the first rejected proposal.
+            request.draft_num_computed_tokens = min(request.draft_num_computed_tokens, request.num_computed_tokens)
             for n, (token_id, logprobs) in enumerate(new_tokens):
                 self._append_token(request, token_id, logprobs, now)
                 self.stats.num_generation_tokens += n > 0  # the first is counted with the step

@@ -95,6 +95,8 @@ class EngineStats:
     spec_num_verify_steps: int = 0
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
+    # Pipeline parallelism: times a failed stage was replaced (its requests recomputed).
+    num_pipeline_rebuilds: int = 0
     # Gauges, refreshed every step.
     num_running: int = 0
     num_waiting: int = 0

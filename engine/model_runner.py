@@ -6,6 +6,7 @@ the accounting. Everything here is per step: one forward for all chunks.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from engine.config import EngineConfig
 from engine.loader import load_weights
 from engine.models.linear import OneDNNLinear, onednn_available, prepack_linears
 from engine.quantization import quantize_model
-from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding
+from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding, TruncatedModel
 from engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
@@ -61,29 +62,35 @@ class StepPlan:
     # Prefill chunks: (flat start, flat end, tokens already cached, block table).
     prefill: list[tuple[int, int, int, list[int]]]
 
+    def add(self, request, start: int, end: int, num_logits: int, block_size: int) -> None:
+        """Tokens [start, end) of `request` (its proposed tokens past the end included), with
+        logits for the last `num_logits` of them."""
+        bs = block_size
+        offset = len(self.input_ids)
+        self.input_ids += request.token_ids_slice(start, end)
+        self.positions += range(start, end)
+        table = request.block_table
+        self.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        if end - start == 1:
+            self.decode_tokens.append(offset)
+            self.decode_tables.append(table[: (end + bs - 1) // bs])
+            self.decode_lens.append(end)
+        else:
+            self.prefill.append((offset, offset + end - start, start, list(table)))
+        self.logits_indices += range(len(self.input_ids) - num_logits, len(self.input_ids))
+
 
 def plan_step(chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
     plan = StepPlan([], [], [], [], [], [], [], [])
-    bs = block_size
     for chunk in chunks:
-        request = chunk.request
-        start = request.num_computed_tokens
-        end = start + chunk.num_new_tokens
-        offset = len(plan.input_ids)
-        plan.input_ids += request.token_ids_slice(start, end)
-        plan.positions += range(start, end)
-        table = request.block_table
-        plan.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-        if chunk.num_new_tokens == 1:
-            plan.decode_tokens.append(offset)
-            plan.decode_tables.append(table[: (end + bs - 1) // bs])
-            plan.decode_lens.append(end)
-        else:
-            plan.prefill.append((offset, offset + chunk.num_new_tokens, start, list(table)))
+        start = chunk.request.num_computed_tokens
         if chunk.all_logits:
-            plan.logits_indices += range(offset, len(plan.input_ids))
+            num_logits = chunk.num_new_tokens
         elif chunk.samples_token:  # the last position, and those that verify proposals
-            plan.logits_indices += range(len(plan.input_ids) - 1 - chunk.num_spec_tokens, len(plan.input_ids))
+            num_logits = 1 + chunk.num_spec_tokens
+        else:
+            num_logits = 0
+        plan.add(chunk.request, start, start + chunk.num_new_tokens, num_logits, block_size)
     return plan
 
 
@@ -112,6 +119,16 @@ class ModelRunner:
         self.decode_kernel = self._pick_decode_kernel()
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    def first_layers(self, num_layers: int) -> "ModelRunner":
+        """A runner over this one's first `num_layers` layers and its output head, sharing its
+        weights and those layers' KV cache (the self-speculative draft)."""
+        if not (self.model.is_first and self.model.is_last):
+            raise ValueError("first_layers needs the whole model in this process")
+        view = copy.copy(self)
+        view.model = TruncatedModel(self.model, num_layers)
+        view.kv_caches = self.kv_caches[:num_layers]
+        return view
 
     def resize_kv_cache(self, num_blocks: int) -> None:
         """Reallocate the (empty) KV cache with `num_blocks` blocks."""

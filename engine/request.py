@@ -70,6 +70,8 @@ class Request:
         self.num_registered_blocks = 0
         # Speculative decoding: tokens proposed to follow the last one, verified this step.
         self.spec_token_ids: list[int] = []
+        # Positions whose K/V the draft model holds (engine/draft.py).
+        self.draft_num_computed_tokens = 0
         self.stop_reason: str | int | None = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None
@@ -96,8 +98,10 @@ class Request:
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output (+ proposed tokens past the end), without
         building the whole list."""
-        if end > self.num_tokens:
-            return self.token_ids_slice(start, self.num_tokens) + self.spec_token_ids[: end - self.num_tokens]
+        n = self.num_tokens
+        if end > n:
+            head = self.token_ids_slice(start, n) if start < n else []
+            return head + self.spec_token_ids[max(0, start - n): end - n]
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]

@@ -100,9 +100,16 @@ class Scheduler:
         self.block_manager.free(request)
         request.spec_token_ids = []
         out.preempted.append(request)
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.draft_num_computed_tokens = 0
         request.metrics.num_preemptions += 1
         self._push_waiting(request)
+
+    def preempt_all(self) -> list[Request]:
+        """Send every running request back to the queue, to be recomputed from its tokens."""
+        out = SchedulerOutput()
+        while self.running:
+            self._preempt(self.running.pop(), out)
+        return out.preempted
 
     # --- the step ---------------------------------------------------------
 

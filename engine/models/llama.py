@@ -269,6 +269,26 @@ class LlamaForCausalLM(nn.Module):
         return names
 
 
+class TruncatedModel(nn.Module):
+    """The embedding, the first `num_layers` layers and the output head of a whole model,
+    sharing its modules: a draft for self-speculative decoding that needs no second model."""
+
+    def __init__(self, model: LlamaForCausalLM, num_layers: int) -> None:
+        super().__init__()
+        if not 1 <= num_layers <= len(model.layers):
+            raise ValueError(f"a truncated model keeps 1 to {len(model.layers)} layers, not {num_layers}")
+        self.args = model.args
+        self.is_first = self.is_last = True
+        self.rotary = model.rotary
+        self.embed_tokens = model.embed_tokens
+        self.layers = nn.ModuleList(list(model.layers)[:num_layers])
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+
+    forward = LlamaForCausalLM.forward
+    compute_logits = LlamaForCausalLM.compute_logits
+
+
 def _cat(tensors: dict, pattern: str, parts: str) -> torch.Tensor:
     return torch.cat([tensors[pattern.format(p)] for p in parts])
 

@@ -29,6 +29,18 @@ def questions(tokenizer):
     return [tokenizer.encode(" " + t, add_special_tokens=False) for t in texts]
 
 
+@pytest.fixture(scope="module")
+def prompts(prefixes, questions):
+    """Each question after each prefix, the prefixes alternating."""
+    return [prefix + q for q in questions for prefix in prefixes]
+
+
+@pytest.fixture(scope="module")
+def reference(make_llm, prompts):
+    """Greedy tokens with prefix caching off."""
+    return [o.token_ids for o in make_llm(enable_prefix_caching=False).generate(prompts, _greedy())]
+
+
 def test_block_manager_matches_registers_and_evicts_lru():
     manager = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=True)
     first = Request("a", None, list(range(1, 11)), SamplingParams())  # 10 tokens: 2 full blocks
@@ -50,9 +62,7 @@ def test_block_manager_matches_registers_and_evicts_lru():
     assert manager.num_evictions == 2 and not manager.cached_blocks
 
 
-def test_shared_prefixes_give_the_same_tokens_and_are_reused(make_llm, prefixes, questions):
-    prompts = [prefix + q for q in questions for prefix in prefixes]
-    reference = [o.token_ids for o in make_llm(enable_prefix_caching=False).generate(prompts, _greedy())]
+def test_shared_prefixes_give_the_same_tokens_and_are_reused(make_llm, prompts, reference):
     cached = make_llm(enable_prefix_caching=True)
     outputs = [cached.generate([p], _greedy())[0] for p in prompts]  # one after another
     assert [o.token_ids for o in outputs] == reference
@@ -63,11 +73,9 @@ def test_shared_prefixes_give_the_same_tokens_and_are_reused(make_llm, prefixes,
     assert cached.engine.block_manager.num_used_blocks == 0
 
 
-def test_eviction_mid_workload_keeps_tokens_identical(make_llm, prefixes, questions):
+def test_eviction_mid_workload_keeps_tokens_identical(make_llm, prompts, reference):
     # 40 blocks x 16 tokens: one prefix's request (~20 blocks + output) fits beside the
     # other's cached blocks only partly, so alternating prefixes evict each other.
-    prompts = [prefix + q for q in questions for prefix in prefixes]
-    reference = [o.token_ids for o in make_llm(enable_prefix_caching=False).generate(prompts, _greedy())]
     small = make_llm(enable_prefix_caching=True, num_kv_blocks=40, max_num_batched_tokens=256)
     outputs = [small.generate([p], _greedy())[0] for p in prompts]
     assert [o.token_ids for o in outputs] == reference
@@ -75,10 +83,9 @@ def test_eviction_mid_workload_keeps_tokens_identical(make_llm, prefixes, questi
     assert small.engine.stats.prefix_cache_hits > 0
 
 
-def test_batched_requests_sharing_a_prefix(make_llm, prefixes, questions):
+def test_batched_requests_sharing_a_prefix(make_llm, prompts, reference):
     """Requests submitted together: the later ones reuse what the first one registered."""
-    prompts = [prefixes[0] + q for q in questions]
-    reference = [o.token_ids for o in make_llm(enable_prefix_caching=False).generate(prompts, _greedy())]
+    first_prefix = prompts[0::2]  # the questions after the first prefix
     cached = make_llm(enable_prefix_caching=True, max_num_seqs=1)  # strictly one after another
-    assert [o.token_ids for o in cached.generate(prompts, _greedy())] == reference
+    assert [o.token_ids for o in cached.generate(first_prefix, _greedy())] == reference[0::2]
     assert cached.engine.stats.prefix_cache_hits >= 3 * 288

@@ -17,10 +17,10 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The t
            "A haiku about the sea:", "def fibonacci(n):", "The largest planet in the solar system is"]
 
 
-def _perplexity(llm, ids: list[int]) -> float:
+def _perplexity(llm, ids: list[int], chunk_size: int = 32) -> float:
     """The engine's own perplexity (teacher forcing through its paged KV cache in 32-token
-    chunks: int8 layers then run their decode-sized kernel path)."""
-    logprobs = llm.engine.score(ids, chunk_size=32)
+    chunks by default: int8 layers then run their decode-sized kernel path)."""
+    logprobs = llm.engine.score(ids, chunk_size=chunk_size)
     return math.exp(-sum(logprobs) / len(logprobs))
 
 
@@ -54,7 +54,8 @@ def test_int8_perplexity_within_3_percent_of_float32(make_llm, text_ids, fp32_pe
 
 def test_bfloat16_perplexity_within_1_percent_of_float32(make_llm, text_ids, fp32_perplexity):
     """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32."""
-    bf16 = _perplexity(make_llm(dtype="bfloat16"), text_ids)
+    # Long chunks: bf16 is emulated (slow) on CPUs without bf16 instructions, least so in big GEMMs.
+    bf16 = _perplexity(make_llm(dtype="bfloat16"), text_ids, chunk_size=256)
     assert abs(bf16 - fp32_perplexity) / fp32_perplexity < 0.01, (fp32_perplexity, bf16)
 
 

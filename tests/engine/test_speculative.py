@@ -1,12 +1,15 @@
-"""Speculative decoding (prompt lookup): same greedy tokens, same sampling distribution."""
+"""Speculative decoding (prompt lookup, self-speculative, draft model): same greedy tokens, same
+sampling distribution."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine import SamplingParams
+from engine.config import ConfigError
 from engine.llm import apply_chat_template
 from engine.speculative import accept_greedy, accept_sampled, propose_prompt_lookup
 
@@ -82,3 +85,38 @@ def test_seeded_sampling_with_speculation_is_reproducible(make_llm, tokenizer):
     other = SamplingParams(max_tokens=24, temperature=1.0)
     together = spec.generate([prompt, "Once upon a time"], [seeded, other])[0].token_ids
     assert alone == together
+
+
+def test_model_drafts_keep_the_greedy_output(llm, make_llm, tokenizer):
+    """The two model-based proposers in a mixed batch with chunked prefill: the self-speculative
+    draft (first 8 of the model's 30 layers + its head, sharing its KV cache) and a draft model
+    with its own KV cache (here the embedded model itself, so nearly all proposals are right),
+    the latter in a cache small enough to preempt, which resets the draft's KV."""
+    chat = apply_chat_template(tokenizer, [{"role": "user", "content": "What is a KV cache?"}])
+    grounded = apply_chat_template(tokenizer, [{"role": "user", "content": "Repeat: " + TEXT[:500]}])
+    code = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):"
+    greedy = SamplingParams(max_tokens=32, temperature=0)
+    prompts = [grounded, chat, code, chat]
+    params = [greedy, greedy, greedy, SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3)]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+
+    self_spec = make_llm(speculative_method="self_speculative", speculative_draft_layers=8,
+                         max_num_batched_tokens=96)
+    assert [o.token_ids for o in self_spec.generate(prompts, params)] == expected
+    stats = self_spec.engine.stats
+    assert stats.spec_num_verify_steps > 0 and 0 < stats.spec_num_draft_tokens
+    assert self_spec.engine.block_manager.num_used_blocks == 0
+
+    draft = make_llm(speculative_method="draft_model", num_kv_blocks=14, max_num_batched_tokens=96)
+    assert [o.token_ids for o in draft.generate(prompts, params)] == expected
+    stats = draft.engine.stats
+    assert stats.num_preemptions > 0  # the draft's KV was rebuilt after new block ids
+    assert stats.spec_acceptance_rate > 0.9, stats.spec_acceptance_rate  # same model drafting
+    assert draft.engine.block_manager.num_used_blocks == 0
+
+
+def test_draft_settings_are_checked(make_llm):
+    with pytest.raises(ConfigError, match="speculative_draft_layers"):
+        make_llm(speculative_method="self_speculative", speculative_draft_layers=30)
+    with pytest.raises(ConfigError, match="speculative_method"):
+        make_llm(speculative_method="medusa")
