@@ -2,14 +2,21 @@
 
 Workload: 32 requests submitted at once (prompts 32-256 tokens, 64 output tokens
 each, greedy, EOS ignored), so decode steps run batches of up to 32. Each
-configuration is a fresh engine; stages are Ray actors on this one machine,
-each with the same torch threads as the single process (stages run one after
-another within a step, so they never compete for the cores: what a pipeline
-adds here is pure overhead). Reported per configuration: output tokens/s,
-TTFT p50/p99, and the per-step overhead (wall time of a step minus the stages'
-compute time: object-store transfers, actor calls). Targets (issue 4): 2-stage
-throughput >= 80 % of 1-stage; overhead < 2 ms per step.
-Writes benchmarks/results/pipeline.json.
+configuration is a fresh engine; stages are Ray actors on this one machine.
+Configurations (stages x batches in flight x torch threads per stage, transport):
+- 1 x 1 x T: the single process (baseline);
+- P x 1 x T over actor calls and over a Compiled Graph: no overlap: a step
+  passes through the stages one after another, so they never compete for the
+  cores and what the pipeline adds is pure overhead, measured per step (wall
+  time minus the stages' compute time: transport, actor calls);
+- 2 x 2 x T/2 over a Compiled Graph: micro-batch overlap with one core per
+  stage (the layout that gives each stage its own compute, like one GPU per
+  stage). (Overlap with stages oversubscribing the cores, 2 x 2 x T on 2 cores,
+  ran at 0.29x in an earlier run: torch threads fighting over cores; Ray's CPU
+  accounting prevents that layout outside a benchmark.)
+Reported: output tokens/s, TTFT p50/p99, overhead per step, whether outputs
+equal the single process's. Targets (issue 4): 2-stage throughput >= 80 % of
+1-stage; overhead < 2 ms per step. Writes benchmarks/results/pipeline.json.
 
     .venv/bin/python benchmarks/pipeline.py [--num-requests 32] [--stages 1 2 3]
 """
@@ -45,10 +52,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=args.threads * max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
     rng = random.Random(0)
+    half = max(1, args.threads // 2)
+    configs = [(1, 1, args.threads, "-")]
+    for stages in (p for p in args.stages if p > 1):
+        configs += [(stages, 1, args.threads, transport) for transport in ("actor_calls", "compiled_graph")]
+    if 2 in args.stages and half < args.threads:
+        configs.append((2, 2, half, "compiled_graph"))
     runs = {}
-    for stages in args.stages:
-        llm = LLM(device="cpu", dtype="float32", num_threads=args.threads, max_num_seqs=args.num_requests,
-                  pipeline_parallel_size=stages)
+    for stages, inflight, threads, transport in configs:
+        name = f"{stages}x{inflight}x{threads}" + (f" {transport}" if stages > 1 else "")
+        options = {"pipeline_transport": transport} if stages > 1 else {}
+        llm = LLM(device="cpu", dtype="float32", num_threads=threads, max_num_seqs=args.num_requests,
+                  pipeline_parallel_size=stages, pipeline_inflight_batches=inflight, **options)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         rng.seed(0)
         prompts = []
@@ -67,6 +82,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         ttfts = [o.metrics.time_to_first_token for o in outputs]
         run = {
+            "stages": stages, "batches_in_flight": inflight, "threads_per_stage": threads, "transport": transport,
             "output_tokens_per_s": round(sum(len(o.token_ids) for o in outputs) / elapsed, 2),
             "seconds": round(elapsed, 2),
             "ttft_p50_s": round(statistics.median(ttfts), 3),
@@ -74,18 +90,19 @@ def main() -> None:
             "tokens": [o.token_ids for o in outputs],
         }
         if stages > 1:
-            busy = sum(i["busy_seconds"] for i in runner.stage_info()) - busy_before
             run["steps"] = runner.num_steps
-            run["overhead_ms_per_step"] = round((runner.wall_seconds - busy) / runner.num_steps * 1000, 3)
             run["stage_layers"] = [i["layers"] for i in runner.stage_info()]
+            if inflight == 1:  # with overlap, wall minus compute is not the transfer cost
+                busy = sum(i["busy_seconds"] for i in runner.stage_info()) - busy_before
+                run["overhead_ms_per_step"] = round((runner.wall_seconds - busy) / runner.num_steps * 1000, 3)
             runner.shutdown()
-        runs[stages] = run
+        runs[name] = run
         del llm
-    base = runs[min(runs)]
+    base = runs[f"1x1x{args.threads}"]
     result = {
         "benchmark": "pipeline",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads_per_stage": args.threads,
-                    "note": "all stages on one 2-core machine: no overlap possible, the cost is pure overhead"},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "note": "every stage on this one machine: runs are named stages x batches in flight x threads"},
         "workload": {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "prompt_tokens": "32-256"},
         "runs": {str(k): {key: v for key, v in r.items() if key != "tokens"} for k, r in runs.items()},
         "throughput_vs_1_stage": {str(k): round(r["output_tokens_per_s"] / base["output_tokens_per_s"], 3)

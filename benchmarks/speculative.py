@@ -17,6 +17,7 @@ Target (issue 6): >= 1.8x decode tokens/s on the input-grounded workload with
 prompt lookup. Writes benchmarks/results/speculative.json.
 
     .venv/bin/python benchmarks/speculative.py [--max-tokens 96] [--k 4] [--draft-layers 8]
+"""
 
 from __future__ import annotations
 

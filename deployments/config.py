@@ -52,7 +52,10 @@ class ServerSettings(_Strict):
 class HTTPSettings(_Strict):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
-    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above; "
+                                "a body sent without Content-Length is cut off as soon as it passes the limit).")
+    max_output_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for (400 above). "
+                                   "Prompt length is limited by the engine's max_prompt_tokens / max_model_len.")
 
 
 class RouterSettings(_Strict):

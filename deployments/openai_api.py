@@ -65,12 +65,18 @@ def _to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, (RequestValidationError, ValidationError)):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
         param = ".".join(loc) or None
         return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
     if isinstance(exc, ValueError):  # the engine's RequestError (prompt too long, ...) is one
         return APIError(400, str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a union that failed ('str', 'list[constrained-str]') in an
+    error's location; clients want the field's path."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or not part.isidentifier())
 
 
 def build_fastapi(config: SemlineConfig) -> FastAPI:
@@ -93,6 +99,9 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     async def _json_error(_: Request, exc: json.JSONDecodeError):
         return _error_response(APIError(400, f"malformed JSON body: {exc}"))
 
+    app.add_middleware(_BodyLimit, limit_for=lambda path: (
+        config.batch.max_file_bytes if path == "/v1/files" else config.http.max_body_bytes))
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
@@ -107,6 +116,55 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
         return await call_next(request)
 
     return app
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """ASGI middleware: a /v1/* body that streams past its limit (sent without Content-Length,
+    or longer than it said) is answered 413 as soon as the limit is passed; the rest is never
+    read, and whatever the app was about to answer is dropped."""
+
+    def __init__(self, app, limit_for) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to a cut-off body
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            response = _error_response(APIError(413, f"request body larger than {limit} bytes",
+                                                code="request_too_large"))
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
 
 
 def _authorized(request: Request, api_key: str) -> bool:
@@ -147,13 +205,19 @@ class OpenAIServing:
         body = self.validate(url, data)
         if body.stream and lane != REALTIME_LANE:
             raise APIError(400, "stream is not supported in the batch lane", param="stream")
+        requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        limit = self.config.http.max_output_tokens
+        if requested is not None and requested > limit:
+            raise APIError(400, f"max_tokens is {requested}; this server generates at most {limit} tokens "
+                           "per request", param="max_completion_tokens" if getattr(
+                               body, "max_completion_tokens", None) else "max_tokens")
         if isinstance(body, ChatCompletionRequest):
-            max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+            max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
             num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
             params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
             messages = [m.model_dump(exclude_none=True) for m in body.messages]
             return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk", lane)
-        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
         params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
         return await self._run(body, body.prompt, None, params, "text_completion", "text_completion", lane)
 

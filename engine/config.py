@@ -44,6 +44,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     # Longest prompt + output in tokens; None = the model's max_position_embeddings (capped at 8192).
     max_model_len: int | None = None
+    # Longest prompt accepted (a request over it is refused); None = max_model_len - 1.
+    max_prompt_tokens: int | None = None
     # Split long prompts into chunks that share steps with running decodes.
     enable_chunked_prefill: bool = True
     # Reuse the KV blocks of prompt prefixes seen before (full blocks, by token hash):
@@ -72,6 +74,14 @@ class EngineConfig:
     # A step (or a health ping) that a stage does not answer within this many seconds
     # counts as the stage's failure: the pipeline is rebuilt and its requests recomputed.
     pipeline_step_timeout_s: float = 60.0
+    # Batches in the pipeline at once (each from different requests, so a stage computes
+    # one while the next stage computes another); None = one per stage, 1 = no overlap.
+    pipeline_inflight_batches: int | None = None
+    # How steps travel between stages: "compiled_graph" (a Ray Compiled Graph: channels set
+    # up once, ~4x less transport time, but its channel readers poll and take CPU from the
+    # compute where stages share cores), "actor_calls" (plain actor calls chained by object
+    # refs), or "auto": compiled_graph for GPU stages, actor_calls for CPU stages.
+    pipeline_transport: str = "auto"
     # Speculative decoding (engine/speculative.py, engine/draft.py): each decoding request
     # gets up to num_speculative_tokens proposals per step, verified in one forward.
     # Proposers: "prompt_lookup" (n-gram lookup in the prompt and output, n from
@@ -109,6 +119,11 @@ class EngineConfig:
         if self.pipeline_placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ConfigError(f"pipeline_placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
                               f"got {self.pipeline_placement_strategy!r}")
+        if self.pipeline_inflight_batches is not None and self.pipeline_inflight_batches < 1:
+            raise ConfigError(f"pipeline_inflight_batches must be >= 1, got {self.pipeline_inflight_batches}")
+        if self.pipeline_transport not in ("auto", "compiled_graph", "actor_calls"):
+            raise ConfigError(f"pipeline_transport must be 'auto', 'compiled_graph' or 'actor_calls', "
+                              f"got {self.pipeline_transport!r}")
         if self.pipeline_step_timeout_s <= 0:
             raise ConfigError(f"pipeline_step_timeout_s must be > 0, got {self.pipeline_step_timeout_s}")
         if self.speculative_method not in SPECULATIVE_METHODS:
@@ -132,6 +147,8 @@ class EngineConfig:
             raise ConfigError(f"background_prefill_tokens must be >= 1 or None, got {self.background_prefill_tokens}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.power_watts < 0:

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from collections import deque
 
 import torch
 
@@ -29,7 +30,7 @@ from engine.speculative import propose_prompt_lookup
 
 class StageFailure(RuntimeError):
     """A pipeline stage died or did not answer: the step's work is lost and the pipeline must be
-    rebuilt (raised by cluster.pipeline.PipelineRunner.execute)."""
+    rebuilt (raised by cluster.pipeline.PipelineRunner.result)."""
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ MAX_DEFAULT_MODEL_LEN = 8192
 
 class RequestError(ValueError):
     """A request cannot be served as asked (too long, duplicate id, ...)."""
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A step's batch between launch (scheduled, handed to the runner) and landing."""
+
+    chunks: list[ScheduledChunk]
+    handle: object  # the runner's pending result
+    start_time: float
+    start_energy: float
 
 
 class LLMEngine:
@@ -83,6 +94,10 @@ class LLMEngine:
         self._id_counter = itertools.count()
         # Why the engine cannot serve right now (a pipeline being rebuilt), or None.
         self.health_problem: str | None = None
+        # Batches handed to the runner, oldest first, and when the last one landed.
+        self.max_inflight = self.runner.max_inflight
+        self._inflight: deque[_Batch] = deque()
+        self._last_landed = (0.0, 0.0)
 
     def _eos_token_ids(self) -> set[int]:
         ids = set()
@@ -125,6 +140,9 @@ class LLMEngine:
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise RequestError("the prompt is empty")
+        limit = self.config.max_prompt_tokens
+        if limit is not None and len(token_ids) > limit:
+            raise RequestError(f"the prompt has {len(token_ids)} tokens; this server accepts at most {limit}")
         if len(token_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(token_ids)} tokens; this model's context "
                                f"is {self.max_model_len} tokens, including the output")
@@ -165,33 +183,65 @@ class LLMEngine:
         return logprobs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._inflight)
 
     # --- the loop -------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns outputs of requests that got a token or finished."""
+        """Run one iteration; returns outputs of requests that got a token or finished.
+
+        Launches batches until the runner holds as many as it can overlap (one in process;
+        in a pipeline one per stage by default, so stage 1 computes batch k+1 while stage 2
+        computes batch k), then lands the oldest: sample, update, outputs."""
+        try:
+            while len(self._inflight) < self.max_inflight:
+                batch = self._launch()
+                if batch is None:
+                    break
+                self._inflight.append(batch)
+            if not self._inflight:
+                return []
+            self.stats.max_batches_in_flight = max(self.stats.max_batches_in_flight, len(self._inflight))
+            batch = self._inflight.popleft()
+            logits = self.runner.result(batch.handle)
+        except StageFailure as exc:
+            self._rebuild_pipeline(exc)
+            return []
+        return self._land(batch, logits)
+
+    def _launch(self) -> _Batch | None:
+        """Schedule a batch from the requests not in flight and hand it to the runner."""
         if self.config.speculative_method != "none":
             self._propose()
-        scheduled = self.scheduler.schedule()
+        max_chunks = None
+        if self.max_inflight > 1:  # spread the requests over the batches in flight
+            active = self.scheduler.num_running + self.scheduler.num_waiting
+            max_chunks = max(1, -(-active // self.max_inflight))
+        scheduled = self.scheduler.schedule(max_chunks)
+        self.stats.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
-            return []
+            return None
         start_time, start_energy = time.perf_counter(), self.energy_meter.read()
         if self.drafter is not None:  # fill the proposals the scheduler made room for
             drafted = self.drafter.propose([c for c in scheduled.chunks if c.num_spec_tokens])
             self.stats.flops += 2.0 * self.drafter.num_parameters * drafted
-        model_input = self.runner.prepare(scheduled.chunks)
-        try:
-            logits = self.runner.execute(model_input)
-        except StageFailure as exc:
-            self._rebuild_pipeline(exc)
-            return []
-        sampling = [c for c in scheduled.chunks if c.samples_token]
+        for chunk in scheduled.chunks:
+            chunk.request.in_flight = True
+        handle = self.runner.submit(self.runner.prepare(scheduled.chunks))
+        return _Batch(scheduled.chunks, handle, start_time, start_energy)
+
+    def _land(self, batch: _Batch, logits: torch.Tensor) -> list[RequestOutput]:
+        for chunk in batch.chunks:
+            chunk.request.in_flight = False
+        sampling = [c for c in batch.chunks if c.samples_token]
         tokens = self._sample(logits, sampling)
-        self._account(scheduled.chunks, time.perf_counter() - start_time,
-                      self.energy_meter.read() - start_energy)
-        outputs = self._update(scheduled.chunks, sampling, tokens)
-        self.stats.num_preemptions += len(scheduled.preempted)
+        # Overlapping batches: each is charged from its launch or the previous landing, whichever
+        # is later, so the busy time and energy add up to the wall clock, not more.
+        begin_time, begin_energy = max((batch.start_time, batch.start_energy), self._last_landed)
+        now, energy = time.perf_counter(), self.energy_meter.read()
+        self._last_landed = (now, energy)
+        self._account(batch.chunks, now - begin_time, energy - begin_energy)
+        outputs = self._update(batch.chunks, sampling, tokens)
         self._refresh_gauges()
         return outputs
 
@@ -203,6 +253,7 @@ class LLMEngine:
         logger.error("%s; rebuilding the pipeline and recomputing %d running request(s)",
                      exc, self.scheduler.num_running)
         self.health_problem = f"rebuilding the pipeline after: {exc}"
+        self._inflight.clear()
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
         self.runner.rebuild()
@@ -213,6 +264,8 @@ class LLMEngine:
         """Speculative decoding: proposals for every running request that decodes next."""
         config = self.config
         for request in self.scheduler.running:
+            if request.in_flight:  # its proposals are being verified
+                continue
             request.spec_token_ids = []
             params = request.sampling_params
             if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
@@ -263,6 +316,8 @@ class LLMEngine:
         now = time.time()
         for chunk in chunks:
             request = chunk.request
+            if request.is_finished:  # aborted while its batch was in flight
+                continue
             # Proposed positions count only once accepted (below).
             request.num_computed_tokens += chunk.num_new_tokens - chunk.num_spec_tokens
             if not chunk.num_spec_tokens:
@@ -275,6 +330,8 @@ class LLMEngine:
         outputs = []
         for chunk, new_tokens in zip(sampling, tokens):
             request = chunk.request
+            if request.is_finished:
+                continue
             request.spec_token_ids = []
             # Accepted proposals have their K/V in the cache; the last token does not yet.
             request.num_computed_tokens += len(new_tokens) - 1

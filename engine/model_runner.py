@@ -214,6 +214,15 @@ class ModelRunner:
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
         )
 
+    # In process there is nothing to overlap: a batch is computed when submitted.
+    max_inflight = 1
+
+    def submit(self, model_input: ModelInput) -> torch.Tensor:
+        return self.execute(model_input)
+
+    def result(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
     @torch.inference_mode()
     def execute(self, model_input: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Run the forward: [N, V] fp32 logits for the chunks that sample; a stage before the

@@ -70,6 +70,8 @@ class Request:
         self.num_registered_blocks = 0
         # Speculative decoding: tokens proposed to follow the last one, verified this step.
         self.spec_token_ids: list[int] = []
+        # In a pipeline micro-batch whose result has not come back yet.
+        self.in_flight = False
         # Positions whose K/V the draft model holds (engine/draft.py).
         self.draft_num_computed_tokens = 0
         self.stop_reason: str | int | None = None

@@ -108,17 +108,23 @@ class Scheduler:
         """Send every running request back to the queue, to be recomputed from its tokens."""
         out = SchedulerOutput()
         while self.running:
-            self._preempt(self.running.pop(), out)
+            request = self.running.pop()
+            request.in_flight = False
+            self._preempt(request, out)
         return out.preempted
 
     # --- the step ---------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_chunks: int | None = None) -> SchedulerOutput:
         """Pick this step's chunks: running and waiting requests merged by priority.
 
         Within a priority, running requests go first (decodes are never starved by a
         new prefill). A waiting request of a better priority goes before running ones
         of a worse priority, so a realtime prompt never waits behind a batch prefill.
+
+        Pipeline micro-batches: requests in a batch still in flight (`request.in_flight`)
+        are skipped and never preempted, and `max_chunks` caps this batch's requests so
+        the running set splits over the batches in flight.
         """
         out = SchedulerOutput()
         self.running.sort(key=Request.sort_key)
@@ -144,7 +150,7 @@ class Scheduler:
 
         index = 0  # running[:index] have been considered this step
         can_admit = True  # False once a request could not get blocks or a seat
-        while budget > 0:
+        while budget > 0 and (max_chunks is None or len(out.chunks) < max_chunks):
             # A step that ran out of blocks admits nothing new: the preempted come back first.
             can_admit = can_admit and len(out.preempted) == num_preempted_for_priority
             request = self.running[index] if index < len(self.running) else None
@@ -152,7 +158,7 @@ class Scheduler:
             if request is None and head is None:
                 break
             if request is not None and (head is None or request.priority <= head.priority):
-                if hold_back and request.priority > best:
+                if request.in_flight or (hold_back and request.priority > best):
                     index += 1  # sits this step out (not preempted: it keeps its blocks)
                     continue
                 num_new = self._num_new_tokens(request, room(request))
@@ -185,16 +191,25 @@ class Scheduler:
         head = self.waiting[0][2]
         num_new = self._num_new_tokens(head, self.max_num_batched_tokens)
         needed = self.block_manager.num_blocks_needed(head, head.num_computed_tokens + num_new)
-        while self.running and self.running[-1].priority > head.priority and (
-            len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(needed)
-        ):
-            self._preempt(self.running.pop(), out)
+        while len(self.running) >= self.max_num_seqs or not self.block_manager.can_allocate(needed):
+            victim = self._last_preemptable()
+            if victim is None or self.running[victim].priority <= head.priority:
+                return
+            self._preempt(self.running.pop(victim), out)
+
+    def _last_preemptable(self) -> int | None:
+        """Index of the last running request not in a batch in flight (the next victim)."""
+        for i in range(len(self.running) - 1, -1, -1):
+            if not self.running[i].in_flight:
+                return i
+        return None
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
-        """Allocate blocks for the chunk, preempting from the back of `running` as needed."""
+        """Allocate blocks for the chunk, preempting from the back of `running` as needed (the
+        request itself, not in flight, is the last candidate: victims are never before it)."""
         total = request.num_computed_tokens + num_new
         while not self.block_manager.allocate_slots(request, total):
-            victim = self.running.pop()
+            victim = self.running.pop(self._last_preemptable())
             self._preempt(victim, out)
             if victim is request:
                 return False

@@ -32,16 +32,20 @@ def expected(make_llm):
     return [o.token_ids for o in outputs], single.engine.runner.num_parameters
 
 
-@pytest.mark.parametrize("stages,layers", [(2, [10, 20]), (3, None)])
-def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers):
-    """2 stages with an explicit split, 3 split evenly."""
+@pytest.mark.parametrize("stages,layers,transport", [(2, [10, 20], "compiled_graph"), (3, None, "actor_calls")])
+def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers, transport):
+    """2 stages with an explicit split over a Compiled Graph, 3 split evenly over actor calls."""
     tokens, total_parameters = expected
-    pipeline = make_llm(**SMALL, pipeline_parallel_size=stages, pipeline_layers=layers, num_threads=1)
+    pipeline = make_llm(**SMALL, pipeline_parallel_size=stages, pipeline_layers=layers, num_threads=1,
+                        pipeline_transport=transport)
     runner = pipeline.engine.runner
     try:
         outputs = pipeline.generate(PROMPTS, PARAMS)
         assert [o.token_ids for o in outputs] == tokens
         assert pipeline.engine.stats.num_preemptions > 0
+        # Micro-batches overlapped: one batch per stage in flight at once.
+        assert pipeline.engine.stats.max_batches_in_flight == stages
+        assert (runner.dag is not None) == (transport == "compiled_graph")
         info = runner.stage_info()
         # Contiguous layer ranges covering the model, each in its own process...
         assert [i["layers"] for i in info][0][0] == 0 and info[-1]["layers"][1] == runner.args.num_layers
@@ -64,14 +68,15 @@ def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expec
         runner.shutdown()
 
 
-def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_llm, expected):
+@pytest.mark.parametrize("transport", ["actor_calls", "compiled_graph"])
+def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_llm, expected, transport):
     """Kill the last stage mid-generation: the engine notices at the next step, replaces only
     that stage, recomputes the running requests, and every request still ends with exactly the
     tokens of an undisturbed run; the replica then serves new requests."""
     import ray
 
     tokens, _ = expected
-    pipeline = make_llm(**SMALL, pipeline_parallel_size=2, num_threads=1)
+    pipeline = make_llm(**SMALL, pipeline_parallel_size=2, num_threads=1, pipeline_transport=transport)
     engine, runner = pipeline.engine, pipeline.engine.runner
     try:
         first_pid, old_pid = [i["pid"] for i in runner.stage_info()]

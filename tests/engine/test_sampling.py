@@ -149,7 +149,9 @@ def test_prompt_too_long_or_empty_is_rejected(llm):
     assert not engine.has_unfinished_requests()
 
 
-def test_output_stops_at_context_limit(make_llm):
-    short = make_llm(max_model_len=32)
+def test_output_stops_at_context_limit_and_prompts_at_their_limit(make_llm):
+    short = make_llm(max_model_len=32, max_prompt_tokens=20)
     [out] = short.generate([5] * 20, SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     assert out.finish_reason == "length" and len(out.token_ids) == 12
+    with pytest.raises(RequestError, match="at most 20"):
+        short.engine.add_request([5] * 21, SamplingParams())
