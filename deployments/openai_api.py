@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -99,6 +100,7 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     async def _json_error(_: Request, exc: json.JSONDecodeError):
         return _error_response(APIError(400, f"malformed JSON body: {exc}"))
 
+    _publish_request_bodies(app)
     app.add_middleware(_BodyLimit, limit_for=lambda path: (
         config.batch.max_file_bytes if path == "/v1/files" else config.http.max_body_bytes))
 
@@ -116,6 +118,42 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
         return await call_next(request)
 
     return app
+
+
+# The request bodies of the routes that read them by hand (so that malformed JSON, bodies
+# that are not UTF-8 and the batch lane share one validation path): published in the OpenAPI
+# schema as if FastAPI had parsed them.
+_UPLOAD_SCHEMA = {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+}
+
+
+def _publish_request_bodies(app: FastAPI) -> None:
+    bodies = {("post", "/v1/completions"): CompletionRequest, ("post", "/v1/chat/completions"): ChatCompletionRequest,
+              ("post", "/v1/batches"): BatchCreateRequest, ("post", "/v1/files"): _UPLOAD_SCHEMA}
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for (method, path), model in bodies.items():
+            operation = schema["paths"].get(path, {}).get(method)
+            if operation is None:
+                continue
+            if isinstance(model, dict):
+                content = {"multipart/form-data": {"schema": model}}
+            else:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+                content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+            operation["requestBody"] = {"required": True, "content": content}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
 
 
 class _BodyTooLarge(Exception):
