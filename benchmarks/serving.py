@@ -180,7 +180,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_app(config_path: str | None) -> str:
+def start_local_app(config_path=None) -> str:
+    """Start the application on a free loopback port (local Ray); `config_path`: a YAML file, a
+    SemlineConfig, or None for the defaults. Returns its base URL."""
     import tempfile
 
     import ray
@@ -190,7 +192,10 @@ def start_local_app(config_path: str | None) -> str:
     from deployments.app import build_app
     from deployments.config import SemlineConfig
 
-    config = SemlineConfig.from_yaml(config_path) if config_path else SemlineConfig()
+    if isinstance(config_path, SemlineConfig):
+        config = config_path
+    else:
+        config = SemlineConfig.from_yaml(config_path) if config_path else SemlineConfig()
     config.http.port = _free_port()
     config.batch.storage_dir = tempfile.mkdtemp(prefix="semline-bench-")
     ray.init(include_dashboard=False, logging_level="ERROR")

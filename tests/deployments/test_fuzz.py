@@ -16,7 +16,7 @@ import pytest
 
 from tests.deployments.conftest import API_KEY, MODEL
 
-EXAMPLES = {"positive": 25, "negative": 25}
+EXAMPLES = {"positive": 16, "negative": 16}
 TIMEOUT_S = 60
 STATS: dict[str, int] = {}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -141,6 +143,9 @@ def test_overload_gets_429_with_retry_after_and_the_rest_complete(serve_app):
     import ray
 
     router = ray.get_actor("semline-router")
+    deadline = time.time() + 10  # releases are fire-and-forget messages: allow them to land
+    while ray.get(router.stats.remote())["inflight"] and time.time() < deadline:
+        time.sleep(0.1)
     assert ray.get(router.stats.remote())["inflight"] == 0
     assert serve.get_deployment_handle("LLMServer", app_name="semline").stats.remote().result()[
         "num_running"] == 0

@@ -49,8 +49,8 @@ def test_chunked_prefill_shares_steps_with_decodes(make_llm, mixed_prompts):
     steps = []
     schedule = engine.scheduler.schedule
 
-    def recording_schedule():
-        scheduled = schedule()
+    def recording_schedule(*args, **kwargs):
+        scheduled = schedule(*args, **kwargs)
         steps.append({c.request.request_id: c.num_new_tokens for c in scheduled.chunks})
         return scheduled
 
