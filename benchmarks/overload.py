@@ -13,11 +13,14 @@ Target (issue 7): the excess gets 429 quickly and admitted realtime TTFT p99
 stays within 3x the unloaded figure. That needs a short realtime queue and a
 bounded concurrency: the started application admits --clients requests at a
 time (router.max_inflight_per_replica, the concurrency the sustainable rate was
-measured at) and queues --queue more (router.max_queued_realtime, default 2),
-so the router refuses what it cannot start soon (the defaults, 64 and 256,
-trade TTFT for fewer refusals). Writes benchmarks/results/overload.json.
+measured at, default 4) and queues --queue more (router.max_queued_realtime,
+default 0: admit or refuse at once), so the router refuses what it cannot
+start now. Measured on 2 cores:
+4 seats, no queue: 1.3x; 8 seats, no queue: 3.5x; 8 seats + 2 queued: 16x
+(queued requests wait for a seat). The service defaults (64 seats, 256
+queued) trade TTFT for fewer refusals. Writes benchmarks/results/overload.json.
 
-    .venv/bin/python benchmarks/overload.py [--duration 30] [--factor 10] [--queue 2]
+    .venv/bin/python benchmarks/overload.py [--duration 30] [--factor 10] [--clients 4] [--queue 0]
 """
 
 from __future__ import annotations
@@ -104,10 +107,11 @@ def main() -> None:
     parser.add_argument("--api-key", default=os.environ.get("SEMLINE_API_KEY"))
     parser.add_argument("--duration", type=float, default=30)
     parser.add_argument("--base-rate", type=float, default=0.5, help="unloaded realtime requests/s")
-    parser.add_argument("--clients", type=int, default=8, help="closed-loop clients measuring the sustainable rate")
+    parser.add_argument("--clients", type=int, default=4, help="closed-loop clients measuring the sustainable rate "
+                        "(and the started app's seats)")
     parser.add_argument("--factor", type=float, default=10)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--queue", type=int, default=2, help="router.max_queued_realtime of the app started here")
+    parser.add_argument("--queue", type=int, default=0, help="router.max_queued_realtime of the app started here")
     args = parser.parse_args()
     if args.url is None:
         from deployments.config import SemlineConfig

@@ -37,12 +37,13 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 def _replica_rss() -> int:
+    """Resident memory of the LLM server replica's process (Ray titles it ray::ServeReplica:...)."""
     import psutil
-    from ray.util.state import list_actors
 
-    (replica,) = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-                  if a.class_name == "ServeReplica:semline:LLMServer"]
-    return psutil.Process(replica.pid).memory_info().rss
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica:semline:LLMServer" in part for part in proc.info["cmdline"] or []):
+            return proc.memory_info().rss
+    raise RuntimeError("no LLM server replica process found")
 
 
 class Load:

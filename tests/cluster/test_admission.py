@@ -139,3 +139,17 @@ def test_queue_full_error_survives_pickling():
 
     error = pickle.loads(pickle.dumps(QueueFullError("batch", 2.5)))
     assert error.lane == "batch" and error.retry_after_s == 2.5 and "batch" in str(error)
+
+
+def test_an_empty_queue_limit_admits_or_refuses_at_once():
+    """max_queued 0: a request that finds a free seat is admitted, one that would wait is refused."""
+    async def main():
+        ctl = _controller(max_inflight=2, max_queued={"realtime": 0, "batch": 0})
+        first = await asyncio.wait_for(ctl.acquire("realtime"), 1)
+        await asyncio.wait_for(ctl.acquire("realtime"), 1)
+        with pytest.raises(QueueFullError):
+            await ctl.acquire("realtime")
+        ctl.release(first)
+        await asyncio.wait_for(ctl.acquire("realtime"), 1)
+
+    asyncio.run(main())
