@@ -101,11 +101,10 @@ class AdmissionController:
         if lane not in self._queues:
             raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
         queue = self._queues[lane]
-        # The queue limit counts requests that must wait: one that finds a free seat (nobody
-        # queued ahead to take it) passes through, so max_queued 0 means "admit or refuse now".
-        free_now = (self._capacity() - sum(len(q) for q in self._queues.values()) > 0
-                    and self._lane_room(lane) - len(queue) > 0)
-        if not free_now and len(queue) >= self.config.max_queued[lane]:
+        # The queue limit counts requests that must wait: those the free seats will take at
+        # once pass through, so max_queued 0 means "admit now or refuse".
+        waiting = len(queue) - max(0, min(self._capacity(), self._lane_room(lane)))
+        if waiting >= self.config.max_queued[lane]:
             self.num_rejected[lane] += 1
             raise QueueFullError(lane, self.config.retry_after_s)
         self._ensure_dispatcher()
