@@ -29,14 +29,13 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 import httpx
 
 from engine.metrics import percentile
-from serving import realtime_request, start_local_app  # benchmarks/serving.py
+from serving import poisson_requests, realtime_request, start_local_app  # benchmarks/serving.py
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,17 +56,6 @@ async def closed_loop(http: httpx.AsyncClient, clients: int, duration: float, ma
     return len(done) / (time.perf_counter() - start)
 
 
-async def open_loop(http: httpx.AsyncClient, rate: float, duration: float, max_tokens: int, seed: int) -> list[dict]:
-    rng, tasks, t, start = random.Random(seed), [], 0.0, time.perf_counter()
-    while True:
-        t += rng.expovariate(rate)
-        if t > duration:
-            break
-        await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
-        tasks.append(asyncio.create_task(realtime_request(http, len(tasks), max_tokens)))
-    return list(await asyncio.gather(*tasks))
-
-
 def summary(results: list[dict]) -> dict:
     ok = [r for r in results if r["status"] == 200 and r["ttft"] is not None]
     refused = [r for r in results if r["status"] == 429]
@@ -83,10 +71,10 @@ async def run(args) -> dict:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=args.url, timeout=300, headers=headers, limits=limits) as http:
         await realtime_request(http, 0, 4)  # warm-up
-        unloaded = summary(await open_loop(http, args.base_rate, args.duration, args.max_tokens, 1))
+        unloaded = summary((await poisson_requests(http, args.base_rate, args.duration, args.max_tokens, 1))[0])
         sustainable = await closed_loop(http, args.clients, args.duration, args.max_tokens)
         rate = args.factor * sustainable
-        overload = summary(await open_loop(http, rate, args.duration, args.max_tokens, 2))
+        overload = summary((await poisson_requests(http, rate, args.duration, args.max_tokens, 2))[0])
     ratio = overload["ttft_p99_s"] / unloaded["ttft_p99_s"]
     return {
         "benchmark": "overload",

@@ -64,8 +64,11 @@ async def realtime_request(http: httpx.AsyncClient, i: int, max_tokens: int) -> 
     return {"status": status, "ttft": ttft, "tokens": tokens, "e2e": time.perf_counter() - start}
 
 
-async def open_loop(http: httpx.AsyncClient, rate: float, duration: float, max_tokens: int, seed: int) -> dict:
-    """Poisson arrivals at `rate` per second for `duration` seconds; waits for every request."""
+async def poisson_requests(http: httpx.AsyncClient, rate: float, duration: float, max_tokens: int,
+                           seed: int) -> tuple[list[dict], float]:
+    """Realtime requests at Poisson arrival times, `rate` per second for `duration` seconds,
+    whatever the answers (open loop); waits for every one. Returns the results and the seconds
+    from the first arrival to the last answer."""
     rng = random.Random(seed)
     tasks, t, start = [], 0.0, time.perf_counter()
     while True:
@@ -75,7 +78,11 @@ async def open_loop(http: httpx.AsyncClient, rate: float, duration: float, max_t
         await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
         tasks.append(asyncio.create_task(realtime_request(http, len(tasks), max_tokens)))
     results = await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
+    return list(results), time.perf_counter() - start
+
+
+async def open_loop(http: httpx.AsyncClient, rate: float, duration: float, max_tokens: int, seed: int) -> dict:
+    results, elapsed = await poisson_requests(http, rate, duration, max_tokens, seed)
     ok = [r for r in results if r["status"] == 200 and r["ttft"] is not None]
     ttfts = [r["ttft"] for r in ok]
     return {"rate": rate, "requests": len(results), "ok": len(ok),
