@@ -215,7 +215,7 @@ class PipelineRunner:
         for index, stage in enumerate(self.stages):
             try:
                 ray.get(stage.ping.remote(), timeout=timeout)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            except STAGE_ERRORS:
                 dead.append(index)
         for index in dead:
             ray.kill(self.stages[index], no_restart=True)

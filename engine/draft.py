@@ -76,7 +76,7 @@ class Drafter:
             spans.append((request, start, chunk.num_spec_tokens))
         num_computed, j = 0, 0
         while spans:
-            plan = StepPlan([], [], [], [], [], [], [], [])
+            plan = StepPlan()
             for request, start, _ in spans:
                 # Feed [start, n + j): the tokens it missed, then the proposal before this one.
                 plan.add(request, start, request.num_tokens + j, 1, self.block_size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,16 +51,16 @@ class StepPlan:
     """One step's batch as plain lists: what every pipeline stage needs to build its own
     tensors and attention metadata (picklable, device-free)."""
 
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    logits_indices: list[int]
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
     # Decode tokens: flat index, block table, context length.
-    decode_tokens: list[int]
-    decode_tables: list[list[int]]
-    decode_lens: list[int]
+    decode_tokens: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
     # Prefill chunks: (flat start, flat end, tokens already cached, block table).
-    prefill: list[tuple[int, int, int, list[int]]]
+    prefill: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
 
     def add(self, request, start: int, end: int, num_logits: int, block_size: int) -> None:
         """Tokens [start, end) of `request` (its proposed tokens past the end included), with
@@ -81,7 +81,7 @@ class StepPlan:
 
 
 def plan_step(chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
-    plan = StepPlan([], [], [], [], [], [], [], [])
+    plan = StepPlan()
     for chunk in chunks:
         start = chunk.request.num_computed_tokens
         if chunk.all_logits:
