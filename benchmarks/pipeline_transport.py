@@ -4,15 +4,18 @@ What a pipeline step moves, without the model: the driver sends a step plan
 (the plain lists of a decode batch of --batch sequences) to P stage actors; the
 first stage turns it into hidden states [batch, 576] float32 (SmolLM2-135M's
 width), each next stage takes the previous stage's array and returns one of the
-same shape, the last returns "logits" [batch, 49152] (the vocabulary). The
-stages do no compute, so the time per step is the transport alone.
+same shape, the last returns what semline's last stage returns: "logits"
+[batch, 49152] (the vocabulary) for rows that sample, or only the argmax token
+ids (int32) for greedy rows. Both are measured: every row sampling (logits) and
+every row greedy (token ids). The stages do no compute, so the time per step is
+the transport alone.
 
 - plain: semline's PipelineRunner way: ray.put(plan), then stage.run.remote(plan_ref,
   hidden_ref) chained by object refs, ray.get on the last;
 - compiled: the same chain as a Compiled Graph (ray.dag InputNode, bind,
   experimental_compile): shared-memory channels, actors in a resident loop.
 Each is measured one step at a time (latency) and with --inflight steps in
-flight (throughput per step). Writes benchmarks/results/pipeline_transport.json.
+flight (throughput per step), for both outputs. Writes benchmarks/results/pipeline_transport.json.
 
     .venv/bin/python benchmarks/pipeline_transport.py [--stages 2] [--batch 32] [--steps 300]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -42,7 +46,10 @@ class Stage:
 
     def run(self, plan: StepPlan, hidden):
         rows = len(plan.input_ids)
-        return np.ones((rows, VOCAB if self.last else HIDDEN), dtype=np.float32)
+        if not self.last:
+            return np.ones((rows, HIDDEN), dtype=np.float32)
+        greedy = len(plan.argmax_rows)
+        return np.ones((rows - greedy, VOCAB), dtype=np.float32), np.zeros(greedy, dtype=np.int32)
 
 
 def decode_plan(batch: int, block_size: int = 16, context: int = 200) -> StepPlan:
@@ -76,18 +83,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     ray.init(include_dashboard=False, logging_level="ERROR")
-    plan = decode_plan(args.batch)
+    sampling_plan = decode_plan(args.batch)  # every row needs its logits
+    greedy_plan = decode_plan(args.batch)
+    greedy_plan.argmax_rows = list(range(args.batch))  # every row travels as a token id
     stages = [Stage.remote(i == args.stages - 1) for i in range(args.stages)]
 
-    def plain_submit():
+    def measure(submit) -> dict:
+        runs = {}
+        for name, plan in (("logits", sampling_plan), ("token_ids", greedy_plan)):
+            ray.get(submit(plan))
+            for n in (1, args.inflight):
+                runs[f"{name}_{n}_in_flight"] = [timed(lambda: submit(plan), ray.get, args.steps, n)
+                                                 for _ in range(args.repeats)]
+        return runs
+
+    def plain_submit(plan):
         plan_ref, hidden = ray.put(plan), None
         for stage in stages:
             hidden = stage.run.remote(plan_ref, hidden)
         return hidden
 
-    ray.get(plain_submit())
-    plain = {n: [timed(plain_submit, ray.get, args.steps, n) for _ in range(args.repeats)]
-             for n in (1, args.inflight)}
+    plain = measure(plain_submit)
 
     from ray.dag import InputNode
 
@@ -96,24 +112,22 @@ def main() -> None:
         for stage in stages:
             hidden = stage.run.bind(plan_node, hidden)
     compiled_dag = hidden.experimental_compile(_max_inflight_executions=args.inflight)
-    ray.get(compiled_dag.execute(plan))
-    compiled = {n: [timed(lambda: compiled_dag.execute(plan), ray.get, args.steps, n) for _ in range(args.repeats)]
-                for n in (1, args.inflight)}
+    compiled = measure(compiled_dag.execute)
     compiled_dag.teardown(kill_actors=True)
 
     def summary(runs: dict) -> dict:
-        return {f"{n}_in_flight_ms_per_step": round(statistics.median(ms), 3) for n, ms in runs.items()}
+        return {f"{key}_ms_per_step": round(statistics.median(ms), 3) for key, ms in runs.items()}
 
     result = {
         "benchmark": "pipeline_transport",
-        "machine": {"cpu": platform.processor() or platform.machine()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "workload": {"stages": args.stages, "decode_batch": args.batch, "hidden_bytes": args.batch * HIDDEN * 4,
-                     "logits_bytes": args.batch * VOCAB * 4, "steps": args.steps, "repeats": args.repeats},
+                     "logits_bytes": args.batch * VOCAB * 4, "token_ids_bytes": args.batch * 4,
+                     "steps": args.steps, "repeats": args.repeats},
         "plain_actor_calls": summary(plain),
         "compiled_graph": summary(compiled),
         "compiled_vs_plain_speedup": {
-            k: round(statistics.median(plain[n]) / statistics.median(compiled[n]), 2)
-            for n, k in ((1, "1_in_flight"), (args.inflight, f"{args.inflight}_in_flight"))},
+            key: round(statistics.median(plain[key]) / statistics.median(compiled[key]), 2) for key in plain},
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pipeline_transport.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -7,7 +7,10 @@ and block manager stay in the driver (the replica): every step, the
 `PipelineRunner` sends the step's plan (token ids, positions, slot mapping,
 block tables: plain lists) to every stage, so all stages' caches use the same
 block ids; the hidden states flow stage to stage (numpy arrays) and
-the last stage returns the logits. The chain runs as a Ray Compiled Graph
+the last stage returns the logits of the rows that sample (or need penalties or
+logprobs) and only the argmax token id of each greedy row (4 bytes instead of
+a vocabulary of floats; LogitsAssembler turns them back into rows the sampler
+reads). The chain runs as a Ray Compiled Graph
 (channels set up once; `pipeline_transport: compiled_graph`, the default for
 GPU stages) or as plain actor calls chained by object refs (`actor_calls`, the
 default for CPU stages: a compiled graph's channel readers poll, which costs
@@ -75,9 +78,10 @@ def split_layers(num_layers: int, num_stages: int, counts: list[int] | None = No
     return ranges
 
 
-def stage_bundle(on_gpu: bool, num_threads: int) -> dict:
-    """The resources of one stage: a GPU (and a CPU to drive it), or `num_threads` CPUs."""
-    return {"GPU": 1, "CPU": 1} if on_gpu else {"CPU": num_threads}
+def stage_bundle(on_gpu: bool, num_threads: int, gpus: float = 1.0) -> dict:
+    """The resources of one stage: a GPU or a share of one (and a CPU to drive it), or
+    `num_threads` CPUs."""
+    return {"GPU": gpus, "CPU": 1} if on_gpu else {"CPU": num_threads}
 
 
 @ray.remote
@@ -110,21 +114,41 @@ class StageActor:
                 "num_blocks": self.runner.num_blocks, "pid": os.getpid(), "device": str(self.runner.device),
                 "busy_seconds": self.busy_seconds, "num_runs": self.num_runs}
 
-    def run(self, plan: StepPlan, hidden: np.ndarray | None) -> np.ndarray:
-        """Hidden states in, hidden states (or, on the last stage, logits) out, as numpy arrays:
-        Ray stores those without pickling and the next process maps them without a copy."""
+    def run(self, plan: StepPlan, hidden: np.ndarray | None):
+        """Hidden states in, hidden states out, as numpy arrays: Ray stores those without
+        pickling and the next process maps them without a copy. The last stage returns
+        (logits of the rows that need them, argmax token ids of plan.argmax_rows)."""
         start = time.perf_counter()
         if hidden is not None:
             hidden = _tensor(hidden)
             if hidden.dtype == torch.int16:
                 hidden = hidden.view(torch.bfloat16)
         out = self.runner.execute(self.runner.build(plan), hidden)
-        if out.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
-            out = out.view(torch.int16)
-        out = out.cpu().numpy()
+        if self.runner.model.is_last:  # fp32 logits
+            result = _split_logits(out, plan.argmax_rows)
+        else:
+            result = _to_numpy(out)
         self.busy_seconds += time.perf_counter() - start
         self.num_runs += 1
-        return out
+        return result
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
+        tensor = tensor.view(torch.int16)
+    return tensor.cpu().numpy()
+
+
+def _split_logits(logits: torch.Tensor, argmax_rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows not in argmax_rows, the argmax of those that are): a greedy decode row
+    travels as 4 bytes instead of a vocabulary of floats (6.3 MB per step for 32 rows of
+    SmolLM2 in float32)."""
+    if not argmax_rows:
+        return logits.cpu().numpy(), np.empty(0, dtype=np.int32)
+    greedy = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    greedy[argmax_rows] = True
+    token_ids = logits[greedy].argmax(dim=-1).to(torch.int32)
+    return logits[~greedy].cpu().numpy(), token_ids.cpu().numpy()
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -133,6 +157,40 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "the given NumPy array is not writable"
         return torch.from_numpy(array)
+
+
+class LogitsAssembler:
+    """The driver's [rows, vocab] logits from the last stage's (full rows, argmax ids of
+    argmax_rows): a row sent as its argmax becomes -inf everywhere but 0 at that token, which
+    every greedy reader (the sampler's argmax, greedy verification) reads as the same token.
+    An all-greedy step (the common decode step) reuses one buffer instead of filling a new
+    tensor: only the entries the previous step set to 0 go back to -inf, so a result is
+    valid until the next call."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._buffer = torch.empty(0, vocab_size)
+        self._hot = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
+
+    def __call__(self, full: torch.Tensor, token_ids: torch.Tensor, argmax_rows: list[int],
+                 num_rows: int) -> torch.Tensor:
+        if not argmax_rows:
+            return full
+        rows = torch.tensor(argmax_rows)
+        if full.shape[0] == 0:
+            if self._buffer.shape[0] < num_rows:
+                self._buffer = torch.full((num_rows, self.vocab_size), float("-inf"))
+            else:
+                self._buffer[self._hot] = float("-inf")
+            logits = self._buffer[:num_rows]
+            self._hot = (rows, token_ids)
+        else:
+            logits = torch.full((num_rows, self.vocab_size), float("-inf"))
+            others = torch.ones(num_rows, dtype=torch.bool)
+            others[rows] = False
+            logits[others] = full
+        logits[rows, token_ids] = 0.0
+        return logits
 
 
 class PipelineRunner:
@@ -152,7 +210,7 @@ class PipelineRunner:
         self.max_inflight = config.pipeline_inflight_batches or size
         self.ranges = split_layers(self.args.num_layers, size, config.pipeline_layers)
         self.threads = config.num_threads or 1
-        self.bundle = stage_bundle(device.type == "cuda", self.threads)
+        self.bundle = stage_bundle(device.type == "cuda", self.threads, config.pipeline_gpus_per_stage)
         self._own_group = None
         group, self.first_bundle = get_current_placement_group(), 1
         if group is None or len(group.bundle_specs) < size + 1:  # not inside a replica that reserved them
@@ -173,6 +231,7 @@ class PipelineRunner:
         self.dag = None
         self._compile()
         self.wall_seconds, self.num_steps, self.num_rebuilds = 0.0, 0, 0
+        self._assemble = LogitsAssembler(self.args.vocab_size)
         logger.info("pipeline of %d stages (layers %s), %d KV blocks", size, self.ranges, self.num_blocks)
 
     def _start_stage(self, index: int):
@@ -230,7 +289,18 @@ class PipelineRunner:
         return dead
 
     def prepare(self, chunks) -> StepPlan:
-        return plan_step(chunks, self.block_size)
+        plan = plan_step(chunks, self.block_size)
+        row = 0
+        for chunk in chunks:  # logits rows in chunk order, as plan_step lays them out
+            if chunk.all_logits:
+                row += chunk.num_new_tokens
+            elif chunk.samples_token:
+                rows = range(row, row + 1 + chunk.num_spec_tokens)
+                params = chunk.request.sampling_params
+                if params.is_greedy and not params.needs_penalties and params.logprobs is None:
+                    plan.argmax_rows += rows
+                row = rows.stop
+        return plan
 
     def submit(self, plan: StepPlan) -> tuple:
         """Start the plan through the stages without waiting: each stage's call takes the
@@ -240,21 +310,25 @@ class PipelineRunner:
         start = time.perf_counter()
         try:
             if self.dag is not None:
-                return self.dag.execute(plan), start
+                return self.dag.execute(plan), start, plan
             plan_ref, hidden = ray.put(plan), None
             for stage in self.stages:
                 hidden = stage.run.remote(plan_ref, hidden)
-            return hidden, start
+            return hidden, start, plan
         except STAGE_ERRORS as exc:
             raise StageFailure(f"a pipeline stage failed: {exc}") from exc
 
     def result(self, handle: tuple) -> torch.Tensor:
-        """The last stage's logits for a submitted plan."""
-        ref, start = handle
+        """The logits of a submitted plan. A row the last stage sent as its argmax comes back
+        as -inf everywhere but 0 at that token, which every greedy reader (the sampler's
+        argmax, greedy verification) reads as the same token. Valid until the next result()."""
+        ref, start, plan = handle
         try:
-            logits = _tensor(ray.get(ref, timeout=self.config.pipeline_step_timeout_s))
+            full, token_ids = ray.get(ref, timeout=self.config.pipeline_step_timeout_s)
         except STAGE_ERRORS as exc:
             raise StageFailure(f"a pipeline stage failed: {exc}") from exc
+        logits = self._assemble(_tensor(full), torch.from_numpy(token_ids).long(), plan.argmax_rows,
+                                len(plan.logits_indices))
         self.wall_seconds += time.perf_counter() - start
         self.num_steps += 1
         return logits

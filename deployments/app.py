@@ -45,7 +45,7 @@ def llm_server_options(config: SemlineConfig) -> dict:
     if engine.pipeline_parallel_size > 1:
         # Each replica reserves its whole pipeline: bundle 0 for itself, one per stage (the
         # stages hold the GPUs), so autoscaling adds and removes whole pipelines.
-        stage = stage_bundle(server.num_gpus > 0, int(max(1, server.num_cpus)))
+        stage = stage_bundle(server.num_gpus > 0, int(max(1, server.num_cpus)), engine.pipeline_gpus_per_stage)
         options["ray_actor_options"] = {"num_cpus": server.num_cpus, "num_gpus": 0}
         options["placement_group_bundles"] = [{"CPU": server.num_cpus}] + [stage] * engine.pipeline_parallel_size
         options["placement_group_strategy"] = engine.pipeline_placement_strategy

@@ -71,6 +71,9 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     pipeline_layers: list[int] | None = None
     pipeline_placement_strategy: str = "PACK"
+    # GPUs each stage reserves: 1 = a GPU per stage; a fraction lets stages of a small
+    # model share one GPU (0.5: two stages per GPU).
+    pipeline_gpus_per_stage: float = 1.0
     # A step (or a health ping) that a stage does not answer within this many seconds
     # counts as the stage's failure: the pipeline is rebuilt and its requests recomputed.
     pipeline_step_timeout_s: float = 60.0
@@ -119,6 +122,8 @@ class EngineConfig:
         if self.pipeline_placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
             raise ConfigError(f"pipeline_placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
                               f"got {self.pipeline_placement_strategy!r}")
+        if not 0 < self.pipeline_gpus_per_stage <= 1:
+            raise ConfigError(f"pipeline_gpus_per_stage must be in (0, 1], got {self.pipeline_gpus_per_stage}")
         if self.pipeline_inflight_batches is not None and self.pipeline_inflight_batches < 1:
             raise ConfigError(f"pipeline_inflight_batches must be >= 1, got {self.pipeline_inflight_batches}")
         if self.pipeline_transport not in ("auto", "compiled_graph", "actor_calls"):

@@ -61,6 +61,9 @@ class StepPlan:
     decode_lens: list[int] = field(default_factory=list)
     # Prefill chunks: (flat start, flat end, tokens already cached, block table).
     prefill: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    # Logits rows whose argmax is all the driver needs (greedy, no penalties, no logprobs):
+    # a pipeline's last stage returns those as token ids instead of vocabulary-wide rows.
+    argmax_rows: list[int] = field(default_factory=list)
 
     def add(self, request, start: int, end: int, num_logits: int, block_size: int) -> None:
         """Tokens [start, end) of `request` (its proposed tokens past the end included), with
@@ -173,7 +176,9 @@ class ModelRunner:
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            if not (self.model.is_first and self.model.is_last):  # a pipeline stage: its share
+                free = min(free, total * self.config.pipeline_gpus_per_stage)
             budget = free * CUDA_KV_CACHE_FRACTION
         else:
             budget = DEFAULT_CPU_KV_CACHE_GB * 2**30

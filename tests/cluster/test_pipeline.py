@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import SamplingParams
 from tests.conftest import BASE_CONFIG
 
 # A small KV cache and step budget: long prompts are chunked and requests get preempted.
 SMALL = {"num_kv_blocks": 10, "max_num_batched_tokens": 48}
+# On a GPU (SEMLINE_TEST_DEVICE=cuda) the stages share the one GPU a test machine has.
+GPU_SHARE = {} if BASE_CONFIG["device"] == "cpu" else {"pipeline_gpus_per_stage": 0.33}
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a kingdom by the sea, there lived an old fisherman and his wife, who " * 3,
            "List the planets of the solar system in order from the sun:"]
-PARAMS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 40, 16, 56)]
+# Greedy rows travel from the last stage as token ids; one with penalties and one with
+# logprobs need whole logits rows, so steps mix both kinds.
+PARAMS = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **extra) for n, extra in
+          ((24, {"repetition_penalty": 1.3}), (40, {}), (16, {"logprobs": 2}), (56, {}))]
+
+
+def test_logits_assembler_gives_back_every_row_the_driver_reads():
+    """Greedy rows travel as argmax ids, the others whole; the assembled logits give the same
+    argmax for every row and the same values for whole rows, also when an all-greedy step
+    reuses the buffer of the step before."""
+    from cluster.pipeline import LogitsAssembler, _split_logits
+
+    torch.manual_seed(0)
+    assemble = LogitsAssembler(vocab_size=50)
+    for argmax_rows, num_rows in (([0, 2, 3], 6), ([0, 1, 2, 3], 4), ([0, 1, 2], 3), ([1, 2], 3),
+                                     ([], 2), ([0, 1, 2], 3), ([0, 1, 2, 3, 4], 5)):
+        logits = torch.randn(num_rows, 50)
+        full, token_ids = _split_logits(logits, argmax_rows)
+        out = assemble(torch.from_numpy(full), torch.from_numpy(token_ids).long(), argmax_rows, num_rows)
+        assert out.shape == logits.shape
+        assert torch.equal(out.argmax(-1), logits.argmax(-1))
+        for row in range(num_rows):
+            if row in argmax_rows:  # one finite entry: the token
+                assert torch.isfinite(out[row]).sum() == 1
+            else:
+                assert torch.equal(out[row], logits[row])
+
+
+def test_a_stage_reserves_a_gpu_or_a_share_of_one():
+    from cluster.pipeline import stage_bundle
+    from engine.config import ConfigError, EngineConfig
+
+    assert stage_bundle(on_gpu=True, num_threads=4) == {"GPU": 1.0, "CPU": 1}
+    assert stage_bundle(on_gpu=True, num_threads=4, gpus=0.5) == {"GPU": 0.5, "CPU": 1}
+    assert stage_bundle(on_gpu=False, num_threads=4, gpus=0.5) == {"CPU": 4}
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ConfigError, match="pipeline_gpus_per_stage"):
+            EngineConfig.from_dict({"pipeline_gpus_per_stage": bad})
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +76,8 @@ def expected(make_llm):
 def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers, transport):
     """2 stages with an explicit split over a Compiled Graph, 3 split evenly over actor calls."""
     tokens, total_parameters = expected
-    pipeline = make_llm(**SMALL, pipeline_parallel_size=stages, pipeline_layers=layers, num_threads=1,
-                        pipeline_transport=transport)
+    pipeline = make_llm(**SMALL, **GPU_SHARE, pipeline_parallel_size=stages, pipeline_layers=layers,
+                        num_threads=1, pipeline_transport=transport)
     runner = pipeline.engine.runner
     try:
         outputs = pipeline.generate(PROMPTS, PARAMS)
@@ -53,6 +93,7 @@ def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expec
         assert layers is None or [b - a for a, b in (i["layers"] for i in info)] == layers
         assert layers is not None or max(b - a for a, b in (i["layers"] for i in info)) == 10  # 30 / 3
         assert len({i["pid"] for i in info}) == stages
+        assert all(i["device"].startswith(BASE_CONFIG["device"]) for i in info)
         # ...holding only its share of the weights: its layers, plus the embedding (first) or
         # the output head (last); never the whole model.
         args = runner.args
@@ -76,7 +117,7 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
     import ray
 
     tokens, _ = expected
-    pipeline = make_llm(**SMALL, pipeline_parallel_size=2, num_threads=1, pipeline_transport=transport)
+    pipeline = make_llm(**SMALL, **GPU_SHARE, pipeline_parallel_size=2, num_threads=1, pipeline_transport=transport)
     engine, runner = pipeline.engine, pipeline.engine.runner
     try:
         first_pid, old_pid = [i["pid"] for i in runner.stage_info()]
