@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: every stage on the one GPU, each with a 1/P share of it")
+    parser.add_argument("--output", default=str(RESULTS / "pipeline.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ray.init(num_cpus=args.threads * max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
@@ -62,7 +65,10 @@ def main() -> None:
     for stages, inflight, threads, transport in configs:
         name = f"{stages}x{inflight}x{threads}" + (f" {transport}" if stages > 1 else "")
         options = {"pipeline_transport": transport} if stages > 1 else {}
-        llm = LLM(device="cpu", dtype="float32", num_threads=threads, max_num_seqs=args.num_requests,
+        if args.device != "cpu":
+            options["pipeline_gpus_per_stage"] = int(100 / stages) / 100
+            options["kv_cache_memory_gb"] = 2  # not 80 % of the GPU: the runs follow each other
+        llm = LLM(device=args.device, dtype="float32", num_threads=threads, max_num_seqs=args.num_requests,
                   pipeline_parallel_size=stages, pipeline_inflight_batches=inflight, **options)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         rng.seed(0)
@@ -102,6 +108,7 @@ def main() -> None:
     result = {
         "benchmark": "pipeline",
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
                     "note": "every stage on this one machine: runs are named stages x batches in flight x threads"},
         "workload": {"num_requests": args.num_requests, "max_tokens": args.max_tokens, "prompt_tokens": "32-256"},
         "runs": {str(k): {key: v for key, v in r.items() if key != "tokens"} for k, r in runs.items()},
@@ -109,8 +116,8 @@ def main() -> None:
                                   for k, r in runs.items()},
         "outputs_identical_to_1_stage": {str(k): r["tokens"] == base["tokens"] for k, r in runs.items()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

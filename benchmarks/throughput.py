@@ -9,7 +9,7 @@ output lengths (max_tokens, EOS ignored) from 32 to 512, greedy. Three ways:
    asked for count as useful);
 3. semline's engine with every request submitted at once.
 
-Same model (fp32), same threads. Prints a table and writes
+Same model (fp32 by default), same threads, same device (--device cuda runs both on a GPU). Prints a table and writes
 benchmarks/results/throughput.json. Usage:
 
     .venv/bin/python benchmarks/throughput.py [--num-requests 32] [--sequential-sample 32]
@@ -80,7 +80,7 @@ def _hf_generate(model, input_ids, attention_mask, max_new_tokens, pad_id):
 def run_hf_sequential(model, workload, pad_id) -> dict:
     ttfts, tpots, tokens, elapsed = [], [], 0, 0.0
     for ids, max_tokens in workload:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         start, times = _hf_generate(model, x, torch.ones_like(x), max_tokens, pad_id)
         assert len(times) == max_tokens
         elapsed += times[-1] - start
@@ -98,7 +98,7 @@ def run_hf_static(model, workload, pad_id) -> dict:
         batch[row, longest - len(ids):] = torch.tensor(ids)
         mask[row, longest - len(ids):] = 1
     max_new = max(mt for _, mt in workload)
-    start, times = _hf_generate(model, batch, mask, max_new, pad_id)
+    start, times = _hf_generate(model, batch.to(model.device), mask.to(model.device), max_new, pad_id)
     elapsed = times[-1] - start
     # Every request's first token comes with the batch's first step; each request is
     # done (for its user) when its own max_tokens-th token is out.
@@ -147,14 +147,17 @@ def main() -> None:
                         help="run only this many requests for the sequential baseline")
     parser.add_argument("--skip-hf", action="store_true", help="measure semline alone (for profiling)")
     parser.add_argument("--output", default=str(RESULTS / "throughput.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both runs on it)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (both runs)")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    llm = LLM(device="cpu", dtype="float32")
+    llm = LLM(device=args.device, dtype=args.dtype)
     workload = make_workload(llm.tokenizer, args.num_requests)
     results = {"semline": run_semline(llm, workload)}
     if not args.skip_hf:
-        model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=getattr(torch, args.dtype))
+        model = model.to(args.device).eval()
         model.generation_config.eos_token_id = None  # every request runs to its max_tokens
         pad_id = llm.tokenizer.pad_token_id or 0
         results["hf_static_batch"] = run_hf_static(model, workload, pad_id)
@@ -178,8 +181,9 @@ def main() -> None:
         "max_tokens": sum(mt for _, mt in workload),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "model": "SmolLM2-135M-Instruct (fp32)",
+        "model": f"SmolLM2-135M-Instruct ({args.dtype})",
     }
     _print_table(results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# One config for every engine in the parity tests: float32 on the CPU.
-BASE_CONFIG = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.5}
+# One config for every engine in the parity tests: float32 on the CPU (CI has no GPU).
+# SEMLINE_TEST_DEVICE=cuda runs them on a GPU, Hugging Face's reference model included.
+DEVICE = os.environ.get("SEMLINE_TEST_DEVICE", "cpu")
+BASE_CONFIG = {"device": DEVICE, "dtype": "float32", "kv_cache_memory_gb": 0.5}
 
 
 @pytest.fixture(scope="session")
@@ -42,4 +44,4 @@ def hf_model(llm):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.float32)
-    return model.eval()
+    return model.to(DEVICE).eval()

@@ -49,7 +49,7 @@ def hf_greedy(hf_model, prompts):
     results = {}
     with torch.inference_mode():
         for name, ids in prompts.items():
-            out = hf_model.generate(torch.tensor([ids]), generation_config=config)
+            out = hf_model.generate(torch.tensor([ids], device=hf_model.device), generation_config=config)
             results[name] = out[0, len(ids):].tolist()
     return results
 
@@ -60,7 +60,7 @@ def _params() -> SamplingParams:
 
 def _hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        logits = hf_model(torch.tensor([ids])).logits[0, -1].float()
+        logits = hf_model(torch.tensor([ids], device=hf_model.device)).logits[0, -1].float().cpu()
     return torch.log_softmax(logits, dim=-1)
 
 

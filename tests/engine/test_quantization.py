@@ -41,7 +41,7 @@ def test_engine_scores_like_the_reference_model(llm, hf_model, text_ids):
     ids = text_ids[:256]
     ours = torch.tensor(llm.engine.score(ids, chunk_size=32))
     with torch.inference_mode():
-        logits = hf_model(torch.tensor([ids])).logits[0, :-1].float()
+        logits = hf_model(torch.tensor([ids], device=hf_model.device)).logits[0, :-1].float().cpu()
     ref = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
     assert (ours - ref).abs().max() < 1e-3
 
