@@ -7,12 +7,15 @@ generator, so its text does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from engine.request import Request
 from engine.speculative import accept_greedy, accept_sampled
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,8 +79,16 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         # logits: [R, V] rows of the requests that sample randomly.
         probs = target_probs(logits, [r.sampling_params for r in requests])
+        # A row with nothing to sample from (no parameters lead there, but a request's row must
+        # never fail the step of every request in the batch) takes its most likely token.
+        valid = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         tokens = []
         for row, request in enumerate(requests):
+            if not valid[row]:
+                logger.warning("request %s: no valid sampling distribution; took the most likely token",
+                               request.request_id)
+                tokens.append(int(torch.nan_to_num(logits[row], nan=float("-inf")).argmax()))
+                continue
             gen = request.generator or self.generator
             tokens.append(int(torch.multinomial(probs[row], 1, generator=gen)))
         return tokens
@@ -103,9 +114,11 @@ def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
     top_p = torch.tensor([p.top_p for p in params], device=probs.device)
     ranks = torch.arange(vocab, device=probs.device)[None, :]
-    # Keep a token while the mass before it is below top_p (so the top token always stays).
+    # Keep a token while the mass before it is below top_p, and the top token always (a top_p
+    # of 1e-300 is 0.0 in float32, and 0 >= 0 would drop it too).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop = (ranks >= top_k[:, None]) | (mass_before >= top_p[:, None])
+    drop[:, 0] = False
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, sorted_ids, sorted_probs)
 

@@ -9,13 +9,17 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 
 
+# Temperatures below this sample greedily (as vLLM does).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 class SamplingParams(BaseModel):
     """How to pick each next token and when to stop."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy decoding.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 (or below 1e-5) means greedy decoding.")
     top_k: int = Field(0, ge=-1, description="Keep the k most likely tokens; 0 or -1 keeps all.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
@@ -69,7 +73,9 @@ class SamplingParams(BaseModel):
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or so close to it that logits / temperature would overflow float32
+        (1e-38 gives inf and NaN probabilities): both mean the most likely token."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

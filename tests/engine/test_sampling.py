@@ -86,6 +86,14 @@ def test_top_k_one_is_greedy(llm):
     [top1] = llm.generate("The sky is", SamplingParams(temperature=1.5, top_k=1, seed=9, max_tokens=12,
                                                         ignore_eos=True))
     assert top1.token_ids == greedy.token_ids
+    # A temperature so small that logits / temperature overflow (found by fuzzing the HTTP API:
+    # it used to fail the request with NaN probabilities) decodes greedily.
+    [tiny] = llm.generate("The sky is", SamplingParams(temperature=1.175494351e-38, max_tokens=12,
+                                                        ignore_eos=True))
+    assert tiny.token_ids == greedy.token_ids
+    # A top_p that float32 rounds to 0 keeps the top token (it used to keep none).
+    [nucleus] = llm.generate("The sky is", SamplingParams(top_p=3.5e-260, seed=1, max_tokens=12, ignore_eos=True))
+    assert nucleus.token_ids == greedy.token_ids
 
 
 def test_penalties_change_repetitive_output(llm):
@@ -155,3 +163,21 @@ def test_output_stops_at_context_limit_and_prompts_at_their_limit(make_llm):
     assert out.finish_reason == "length" and len(out.token_ids) == 12
     with pytest.raises(RequestError, match="at most 20"):
         short.engine.add_request([5] * 21, SamplingParams())
+
+
+def test_a_row_with_nothing_to_sample_takes_its_top_token_instead_of_failing_the_batch():
+    """A request whose distribution is unusable (here NaN logits outside its top token) must not
+    raise: a failed step fails every request in the batch."""
+    import torch
+
+    from engine.request import Request
+    from engine.sampler import Sampler
+
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    requests = [Request(rid, None, [1, 2, 3], SamplingParams(temperature=1.0, seed=5)) for rid in "ab"]
+    logits = torch.randn(2, 10)
+    logits[0] = float("nan")
+    logits[0, 7] = 5.0
+    out = sampler(logits, requests)
+    assert out.token_ids[0] == 7
+    assert 0 <= out.token_ids[1] < 10
