@@ -27,11 +27,12 @@ from deployments.batch_store import BatchStore, NotFound, derived_file_id
 from deployments.config import SemlineConfig
 from cluster.admission import BATCH_LANE
 from deployments.openai_api import ENDPOINTS, APIError, OpenAIServing
+from deployments.protocol import COMPLETION_WINDOWS
 
 logger = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-COMPLETION_WINDOWS = {"24h": 24 * 3600}
+
 RETRYABLE = (429, 500, 503)  # router full or timed out, a replica that died: try the line again
 
 

@@ -19,13 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.admission import LANE_PRIORITY, REALTIME_LANE, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments import protocol
+from deployments.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
 
 ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
@@ -100,7 +101,7 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     async def _json_error(_: Request, exc: json.JSONDecodeError):
         return _error_response(APIError(400, f"malformed JSON body: {exc}"))
 
-    _publish_request_bodies(app)
+    _publish_schema(app, config.model_name)
     app.add_middleware(_BodyLimit, limit_for=lambda path: (
         config.batch.max_file_bytes if path == "/v1/files" else config.http.max_body_bytes))
 
@@ -121,35 +122,80 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
 
 
 # The request bodies of the routes that read them by hand (so that malformed JSON, bodies
-# that are not UTF-8 and the batch lane share one validation path): published in the OpenAPI
-# schema as if FastAPI had parsed them.
+# that are not UTF-8 and the batch lane share one validation path), and every route's
+# answers: published in the OpenAPI schema as if FastAPI had parsed and produced them.
 _UPLOAD_SCHEMA = {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
 }
+_REQUEST_BODIES = {
+    ("post", "/v1/completions"): CompletionRequest, ("post", "/v1/chat/completions"): ChatCompletionRequest,
+    ("post", "/v1/batches"): BatchCreateRequest, ("post", "/v1/files"): _UPLOAD_SCHEMA,
+}
+# (method, path) -> (200 body model, streamed event model or None); a str is a media type.
+_RESPONSES = {
+    ("get", "/health"): (protocol.Health, None),
+    ("get", "/v1/models"): (protocol.ModelList, None),
+    ("post", "/v1/completions"): (protocol.Completion, protocol.Completion),
+    ("post", "/v1/chat/completions"): (protocol.ChatCompletion, protocol.ChatCompletionChunk),
+    ("post", "/v1/files"): (protocol.FileObject, None),
+    ("get", "/v1/files"): (protocol.FileList, None),
+    ("get", "/v1/files/{file_id}"): (protocol.FileObject, None),
+    ("delete", "/v1/files/{file_id}"): (protocol.FileDeleted, None),
+    ("get", "/v1/files/{file_id}/content"): ("application/jsonl", None),
+    ("post", "/v1/batches"): (protocol.Batch, None),
+    ("get", "/v1/batches"): (protocol.BatchList, None),
+    ("get", "/v1/batches/{batch_id}"): (protocol.Batch, None),
+    ("post", "/v1/batches/{batch_id}/cancel"): (protocol.Batch, None),
+}
 
 
-def _publish_request_bodies(app: FastAPI) -> None:
-    bodies = {("post", "/v1/completions"): CompletionRequest, ("post", "/v1/chat/completions"): ChatCompletionRequest,
-              ("post", "/v1/batches"): BatchCreateRequest, ("post", "/v1/files"): _UPLOAD_SCHEMA}
-
+def _publish_schema(app: FastAPI, model_name: str) -> None:
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for (method, path), model in bodies.items():
+
+        def ref(model: type[BaseModel]) -> dict:
+            if model.__name__ not in components:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+        for (method, path), model in _REQUEST_BODIES.items():
             operation = schema["paths"].get(path, {}).get(method)
             if operation is None:
                 continue
             if isinstance(model, dict):
                 content = {"multipart/form-data": {"schema": model}}
             else:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-                content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+                content = {"application/json": {"schema": ref(model)}}
+                if "model" in model.model_fields:  # the one model served (any other name: 404)
+                    components[model.__name__]["properties"]["model"] = {"type": "string", "enum": [model_name]}
             operation["requestBody"] = {"required": True, "content": content}
+        error = {"description": "An error (4xx/5xx), OpenAI-style",
+                 "content": {"application/json": {"schema": ref(protocol.ErrorResponse)}}}
+        for (method, path), (body, events) in _RESPONSES.items():
+            operation = schema["paths"].get(path, {}).get(method)
+            if operation is None:
+                continue
+            if isinstance(body, str):
+                content = {body: {"schema": {"type": "string"}}}
+            else:
+                content = {"application/json": {"schema": ref(body)}}
+            if events is not None:  # x-event-schema: what each `data:` event holds
+                content["text/event-stream"] = {"schema": {
+                    "type": "string", "description": f"with stream: true, server-sent events, each `data: ` + "
+                    f"a {events.__name__} (or, if the request fails mid-stream, an ErrorResponse), then "
+                    f"`data: [DONE]` unless it failed"},
+                    "x-event-schema": {"anyOf": [ref(events), ref(protocol.ErrorResponse)]}}
+            # Path and query parameters are checked by FastAPI, but their errors are answered
+            # 400 with the OpenAI-style body, not FastAPI's 422.
+            operation["responses"] = {"200": {"description": "OK", "content": content}, "default": error}
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         app.openapi_schema = schema
         return schema
 
@@ -384,14 +430,6 @@ class OpenAIServing:
             for task in tasks:
                 task.cancel()  # a client that left: cancelling the streams aborts the requests
             self._release(ticket)
-
-
-class BatchCreateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
-    metadata: dict[str, str] | None = None
 
 
 class OpenAIIngress(OpenAIServing):

@@ -2,7 +2,9 @@
 
 Valid (positive) and invalid (negative) cases per operation, against the running
 application: no 5xx, no hang (every call has a timeout), every rejection has an
-OpenAI-style error body, and the application still answers afterwards. Generated
+OpenAI-style error body, every answer (and every event of a stream) matches the
+response the schema publishes for its route and status, and the application
+still answers afterwards. Generated
 completions are capped (max_tokens <= 8, n <= 2) to keep the run bounded on a CPU;
 everything else the schema allows is fuzzed as generated.
 """
@@ -19,6 +21,7 @@ from tests.deployments.conftest import API_KEY, MODEL
 EXAMPLES = {"positive": 16, "negative": 16}
 TIMEOUT_S = 60
 STATS: dict[str, int] = {}
+VALIDATED_OK: set[str] = set()  # operations with a 200 answer checked against its schema
 
 
 def _bounded(case):
@@ -54,15 +57,54 @@ def _httpx_files(files):
     return parts
 
 
-def _check(case, response) -> None:
+class ResponseSchemas:
+    """Validates an answer against the responses the published OpenAPI schema declares for
+    its route and status (JSON bodies, and each event of a stream)."""
+
+    BASE = "urn:semline-openapi"
+
+    def __init__(self, doc: dict) -> None:
+        from referencing import Registry, Resource
+        from referencing.jsonschema import DRAFT202012
+
+        self.doc = doc
+        self.registry = Registry().with_resource(self.BASE, Resource(contents=doc, specification=DRAFT202012))
+
+    def _validate(self, schema: dict, instance) -> None:
+        from jsonschema import Draft202012Validator
+
+        if "$ref" in schema:  # refs resolve inside the OpenAPI document
+            schema = {"$ref": self.BASE + schema["$ref"]}
+        elif "anyOf" in schema:
+            schema = {"anyOf": [{"$ref": self.BASE + s["$ref"]} for s in schema["anyOf"]]}
+        Draft202012Validator(schema, registry=self.registry).validate(instance)
+
+    def validate(self, method: str, path: str, response) -> None:
+        responses = self.doc["paths"][path][method.lower()]["responses"]
+        declared = responses.get(str(response.status_code)) or responses["default"]
+        media = response.headers.get("content-type", "").split(";")[0]
+        content = declared["content"]
+        assert media in content, f"{method} {path}: {response.status_code} {media} is not declared"
+        if media == "application/json":
+            self._validate(content[media]["schema"], response.json())
+        elif media == "text/event-stream":
+            for line in response.text.splitlines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    self._validate(content[media]["x-event-schema"], json.loads(line[len("data: "):]))
+
+
+def _check(case, response, schemas: ResponseSchemas) -> None:
     STATS["cases"] = STATS.get("cases", 0) + 1
     STATS[f"{response.status_code // 100}xx"] = STATS.get(f"{response.status_code // 100}xx", 0) + 1
-    where = f"{case.method} {case.path} {getattr(case, 'body', None)!r:.300}"
+    where = f"{case.method} {case.path} {getattr(case, 'body', None)!r:.2000}"
     assert response.status_code < 500, f"{where} -> {response.status_code} {response.text[:300]}"
     if response.status_code >= 400:
         error = json.loads(response.text)["error"]  # an OpenAI-style body, never a stack trace
         assert error["message"] and error["type"], where
         assert "Traceback" not in response.text, where
+    schemas.validate(case.method, case.path, response)  # the published schema tells the truth
+    if response.status_code == 200:
+        VALIDATED_OK.add(f"{case.method} {case.path}")
 
 
 def test_every_route_survives_fuzzing(serve_app):
@@ -78,7 +120,9 @@ def test_every_route_survives_fuzzing(serve_app):
                    if a.class_name.startswith("ServeReplica"))
 
     dead_before = dead_replicas()
-    schema = schemathesis.openapi.from_url(f"{serve_app}/openapi.json")
+    doc = httpx.get(f"{serve_app}/openapi.json", timeout=TIMEOUT_S).json()
+    schemas = ResponseSchemas(doc)
+    schema = schemathesis.openapi.from_dict(doc)
     operations = [result.ok() for result in schema.get_all_operations()]
     operations = [op for op in operations if op.path.startswith("/v1/")]
     assert len(operations) >= 12
@@ -101,16 +145,62 @@ def test_every_route_survives_fuzzing(serve_app):
                     except httpx.LocalProtocolError:  # the client itself refuses to send it (bad header)
                         STATS["unsendable"] = STATS.get("unsendable", 0) + 1
                         return
-                    _check(case, response)
+                    _check(case, response, schemas)
 
                 try:
                     run()
                 except Unsatisfiable:  # nothing to make invalid (GET /v1/models has no inputs)
                     STATS["no_negative_cases"] = STATS.get("no_negative_cases", 0) + 1
-    print("fuzzed:", json.dumps(STATS))
+    print("fuzzed:", json.dumps(STATS), "200s validated for:", sorted(VALIDATED_OK))
     assert STATS["cases"] >= 200
+    # Valid cases do reach the success path (the others need ids that only exist server-side).
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/files", "GET /v1/models"} <= VALIDATED_OK
     # Still serving after the fuzzing.
     ok = httpx.post(f"{serve_app}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
                     json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
     assert ok.status_code == 200, ok.text
     assert dead_replicas() == dead_before  # no replica crashed (and was replaced) on the way
+
+
+def test_answers_of_every_kind_match_the_published_schema(serve_app):
+    """The answers fuzzing rarely reaches (logprobs, streams with usage, a batch's life) are
+    what the schema says too."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    doc = httpx.get(f"{serve_app}/openapi.json", timeout=TIMEOUT_S).json()
+    schemas = ResponseSchemas(doc)
+    short = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    chat = {**short, "messages": [{"role": "user", "content": "Hi"}]}
+    calls = [
+        ("GET", "/health", {}), ("GET", "/v1/models", {}),
+        ("POST", "/v1/completions", {"json": {**short, "prompt": "Hello", "logprobs": 2, "n": 2}}),
+        ("POST", "/v1/completions", {"json": {**short, "prompt": [1, 2, 3], "stream": True,
+                                              "stream_options": {"include_usage": True}}}),
+        ("POST", "/v1/chat/completions", {"json": {**chat, "logprobs": True, "top_logprobs": 2}}),
+        ("POST", "/v1/chat/completions", {"json": {**chat, "stream": True, "stream_options": {"include_usage": True}}}),
+        ("POST", "/v1/completions", {"json": {**short, "prompt": "Hello", "max_tokens": 10**6}}),
+    ]
+    with httpx.Client(base_url=serve_app, headers=headers, timeout=TIMEOUT_S) as http:
+        for method, path, kwargs in calls:
+            response = http.request(method, path, **kwargs)
+            assert response.status_code in (200, 400), response.text
+            schemas.validate(method, path, response)
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": chat}
+        upload = http.post("/v1/files", files={"file": ("in.jsonl", json.dumps(line).encode())},
+                           data={"purpose": "batch"})
+        schemas.validate("POST", "/v1/files", upload)
+        file_id = upload.json()["id"]
+        batch = http.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions"})
+        schemas.validate("POST", "/v1/batches", batch)
+        batch_id = batch.json()["id"]
+        for method, path in [("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
+                             ("GET", "/v1/files/{file_id}/content"), ("GET", "/v1/batches"),
+                             ("GET", "/v1/batches/{batch_id}"), ("POST", "/v1/batches/{batch_id}/cancel"),
+                             ("GET", "/v1/batches/{batch_id}"), ("GET", "/v1/files/{file_id}/nope")]:
+            response = http.request(method, path.format(file_id=file_id, batch_id=batch_id))
+            if path.endswith("/nope"):  # an unknown route: 404 with the error body
+                assert response.status_code == 404 and response.json()["error"]["message"]
+                continue
+            assert response.status_code == 200, (path, response.text)
+            schemas.validate(method, path, response)
+        spare = http.post("/v1/files", files={"file": ("x.jsonl", b"{}")}, data={"purpose": "batch"}).json()["id"]
+        schemas.validate("DELETE", "/v1/files/{file_id}", http.delete(f"/v1/files/{spare}"))
