@@ -12,6 +12,9 @@ import pytest
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "test-key-123"
+# Limits of the session's application (test_hardening.py checks they hold).
+MAX_PROMPT_TOKENS = 4096
+MAX_OPEN_BATCHES = 4
 
 
 def _free_port() -> int:
@@ -31,11 +34,11 @@ def app_config(storage_dir):
 
     return SemlineConfig(
         api_key=API_KEY,
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
+        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS},
         http={"port": _free_port(), "max_body_bytes": 64 * 1024},
         # Small enough that the overload test can fill the realtime queue.
         router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},
-        batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024},
+        batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024, "max_open_batches": MAX_OPEN_BATCHES},
     )
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from urllib.parse import urlparse
 
 import httpx
 import pytest
 
-from tests.deployments.conftest import API_KEY, MODEL
+from tests.deployments.conftest import API_KEY, MAX_OPEN_BATCHES, MAX_PROMPT_TOKENS, MODEL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -123,3 +124,39 @@ def test_a_streamed_body_over_the_limit_is_cut_off_with_413(serve_app, app_confi
     assert sent < 100 * 2**20, "the server read the whole 100 MB body"
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert sent >= app_config.http.max_body_bytes  # it was cut off after the limit, not before
+
+
+def test_configured_limits_on_prompt_tokens_and_open_batches(client):
+    """engine.max_prompt_tokens and batch.max_open_batches, over HTTP (both set low for the
+    session's application in conftest)."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match=f"accepts at most {MAX_PROMPT_TOKENS}"):
+        client.completions.create(model=MODEL, prompt=[5] * (MAX_PROMPT_TOKENS + 1), max_tokens=1)
+    assert client.completions.create(model=MODEL, prompt=[5] * 8, max_tokens=1).choices[0].text is not None
+
+    # Batches slow enough to stay open while the limit is reached.
+    slow = [{"custom_id": f"slow-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": _chat(max_tokens=128, ignore_eos=True)} for i in range(8)]
+    upload = client.files.create(file=("slow.jsonl", "\n".join(map(json.dumps, slow)).encode()), purpose="batch")
+    open_statuses = ("validating", "in_progress", "finalizing", "cancelling")
+    already_open = sum(1 for b in client.batches.list(limit=100) if b.status in open_statuses)
+    assert already_open < MAX_OPEN_BATCHES
+    create = lambda: client.batches.create(  # noqa: E731
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    created = [create() for _ in range(MAX_OPEN_BATCHES - already_open)]
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            create()
+        assert info.value.response.json()["error"]["code"] == "too_many_batches"
+        assert int(info.value.response.headers["retry-after"]) > 0
+    finally:
+        for batch in created:
+            client.batches.cancel(batch.id)
+    deadline = time.time() + 120  # cancelled batches close; the lane takes new ones again
+    while any(client.batches.retrieve(b.id).status in open_statuses for b in created):
+        assert time.time() < deadline, "cancelled batches did not close"
+        time.sleep(0.5)
+    again = create()
+    assert again.status in open_statuses
+    client.batches.cancel(again.id)

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.deployments.conftest import API_KEY, MODEL
+from tests.deployments.conftest import API_KEY, MAX_PROMPT_TOKENS, MODEL
 
 
 def test_list_models(client):
@@ -71,8 +71,9 @@ def test_errors_use_openai_body(client, kwargs, status, param):
     assert error["param"] == param and error["message"] and error["type"]
 
 
-def test_prompt_longer_than_context_is_400(client):
-    with pytest.raises(openai.BadRequestError, match="context") as info:
+def test_prompt_longer_than_allowed_is_400(client):
+    """Over the configured max_prompt_tokens (and the context): 400 saying so."""
+    with pytest.raises(openai.BadRequestError, match=f"accepts at most {MAX_PROMPT_TOKENS}") as info:
         client.completions.create(model=MODEL, prompt=[5] * 9000, max_tokens=5)
     message = info.value.response.json()["error"]["message"]
     assert message.startswith("the prompt has 9000 tokens") and "Traceback" not in message
