@@ -52,11 +52,15 @@ def test_int8_perplexity_within_3_percent_of_float32(make_llm, text_ids, fp32_pe
     assert abs(int8 - fp32_perplexity) / fp32_perplexity < 0.03, (fp32_perplexity, int8)
 
 
-def test_bfloat16_perplexity_within_1_percent_of_float32(make_llm, text_ids, fp32_perplexity):
+def test_bfloat16_perplexity_within_1_percent_of_float32(llm, make_llm, text_ids):
     """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32."""
-    # Long chunks: bf16 is emulated (slow) on CPUs without bf16 instructions, least so in big GEMMs.
-    bf16 = _perplexity(make_llm(dtype="bfloat16"), text_ids, chunk_size=256)
-    assert abs(bf16 - fp32_perplexity) / fp32_perplexity < 0.01, (fp32_perplexity, bf16)
+    # 512 tokens in long chunks: bf16 is emulated (slow) on CPUs without bf16 instructions,
+    # least so in big GEMMs.
+    ids = text_ids[:512]
+    fp32 = _perplexity(llm, ids, chunk_size=256)
+    bf16 = _perplexity(make_llm(dtype="bfloat16"), ids, chunk_size=256)
+    assert fp32 < 30
+    assert abs(bf16 - fp32) / fp32 < 0.01, (fp32, bf16)
 
 
 def test_int8_engine_weighs_a_quarter_and_stays_fluent(llm, make_llm):
