@@ -12,7 +12,8 @@ and a batch of --batch-lines lines every --batch-every seconds (batch lane).
 Afterwards (once idle) it checks, and writes to benchmarks/results/soak.json:
 - the engine holds zero KV blocks and no running or waiting request;
 - the LLM server replica's resident memory grew by at most 10 % from the
-  first minute's level (after warm-up) to the end;
+  first minute's level (after warm-up) to the end (sampled every 10 s: the
+  timeline and the second half's growth tell a leak from a high-water mark);
 - no request was lost: every request got an answer (200, an explicit 429
   refusal, or was dropped by the client on purpose), and every batch
   completed with each custom_id answered exactly once.
@@ -171,10 +172,13 @@ def main() -> None:
     load = Load(base, args.seed)
     started = time.time()
     rss = {"start": _replica_rss()}
+    timeline: list[tuple[float, int]] = []  # (seconds since start, bytes) every 10 s
+    warmup = min(60.0, args.duration / 4)
 
     async def sample_rss():
-        await asyncio.sleep(min(60.0, args.duration / 4))
-        rss["after_warmup"] = _replica_rss()
+        while time.time() - started < args.duration:
+            await asyncio.sleep(10)
+            timeline.append((round(time.time() - started), _replica_rss()))
 
     async def everything():
         sampler = asyncio.create_task(sample_rss())
@@ -189,6 +193,9 @@ def main() -> None:
                                                      or stats["kv_cache_usage"]) and time.time() < deadline:
         time.sleep(1)
     rss["end"] = _replica_rss()
+    rss["after_warmup"] = next(v for t, v in timeline if t >= warmup)
+    rss["half_time"] = next(v for t, v in timeline if t >= args.duration / 2)
+    rss["max"] = max(v for _, v in timeline)
     growth = rss["end"] / rss["after_warmup"] - 1
     result = {
         "benchmark": "soak",
@@ -202,6 +209,9 @@ def main() -> None:
         "engine_after": stats,
         "replica_rss_mb": {k: round(v / 2**20, 1) for k, v in rss.items()},
         "rss_growth_after_warmup": round(growth, 4),
+        # A leak keeps growing in the second half; a high-water mark levels off.
+        "rss_growth_second_half": round(rss["end"] / rss["half_time"] - 1, 4),
+        "replica_rss_timeline_mb": [[t, round(v / 2**20)] for t, v in timeline],
     }
     result["passed"] = bool(
         not load.lost and not batches["not_completed"] and batches["answered_once"] and batches["failed_lines"] == 0

@@ -13,7 +13,10 @@ import concurrent.futures
 import copy
 import logging
 import queue
+import ctypes
+import ctypes.util
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +28,22 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Idle periods trim the heap at most this often (benchmarks/soak.py measures the memory).
+TRIM_INTERVAL_S = 5.0
+
+
+def _load_libc():
+    """glibc, for malloc_trim; None elsewhere (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 class EngineDeadError(RuntimeError):
@@ -61,6 +80,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self._dead_error: BaseException | None = None
+        self._steps_since_trim, self._last_trim = 0, 0.0
         self._thread = threading.Thread(target=self._run, name="semline-engine", daemon=True)
         self._thread.start()
 
@@ -124,6 +144,7 @@ class AsyncEngine:
             while not self._stopped:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
+                    self._release_memory()
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
@@ -134,6 +155,16 @@ class AsyncEngine:
             self._stopped = True
             for stream in self._streams.values():
                 stream.put(EngineDeadError(f"engine loop died: {exc!r}"))
+
+    def _release_memory(self) -> None:
+        """Going idle after work: hand the heap's free pages back to the OS (glibc keeps them,
+        so a replica's resident size would stay at the high-water mark of its largest batch).
+        At most once per TRIM_INTERVAL_S: a request arriving meanwhile waits for it."""
+        now = time.monotonic()
+        if self._steps_since_trim == 0 or now - self._last_trim < TRIM_INTERVAL_S or _LIBC is None:
+            return
+        _LIBC.malloc_trim(0)
+        self._steps_since_trim, self._last_trim = 0, now
 
     def _drain_commands(self) -> None:
         while True:
@@ -162,6 +193,7 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
 
     def _step(self) -> None:
+        self._steps_since_trim += 1
         try:
             outputs = self.engine.step()
         except Exception as exc:
