@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 
+# What the ingress may call through BatchRunner.call.
+BATCH_API = ("create_file", "get_file", "file_content", "list_files", "delete_file", "create_batch", "get_batch",
+             "list_batches", "cancel_batch")
+
 RETRYABLE = (429, 500, 503)  # router full or timed out, a replica that died: try the line again
 
 
@@ -142,6 +146,16 @@ class BatchRunner:
             if batch["status"] in OPEN_STATUSES:
                 logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
                 self._start(batch)
+
+    async def call(self, method: str, *args):
+        """The ingress's entry point: a client error (APIError) comes back as the value, not
+        raised, so Serve does not log every 4xx as a failed request with a traceback."""
+        if method not in BATCH_API:
+            raise ValueError(f"not a batch API method: {method!r}")
+        try:
+            return await getattr(self, method)(*args)
+        except APIError as exc:
+            return exc
 
     # --- files ---------------------------------------------------------------------
 

@@ -464,9 +464,12 @@ class OpenAIIngress(OpenAIServing):
 
     async def _call_batch(self, method: str, *args):
         try:
-            return await getattr(self.batch, method).remote(*args)
+            result = await self.batch.call.remote(method, *args)
         except Exception as exc:
             raise _to_api_error(exc) from exc
+        if isinstance(result, APIError):  # a client error, returned rather than raised
+            raise result
+        return result
 
 
 async def _json_body(request: Request):
