@@ -313,28 +313,28 @@ class BatchRunner:
                 task = asyncio.get_running_loop().create_task(self._run_line(job, log, line))
                 job.tasks.add(task)
                 task.add_done_callback(job.tasks.discard)
+                # Released however the task ends: also when a cancel reaches it before it
+                # started (then none of its own code, a finally included, ever runs).
+                task.add_done_callback(lambda _: self.slots.release())
             while job.tasks:
                 await asyncio.gather(*list(job.tasks), return_exceptions=True)
         finally:
             log.close()
 
     async def _run_line(self, job: Job, log, line: InputLine) -> None:
-        try:
-            delay = 0.5
-            for attempt in range(1, self.settings.max_retries + 2):
-                try:
-                    response = await answer_line(self.serving, job.batch["endpoint"], line.body)
-                except APIError as exc:
-                    if attempt <= self.settings.max_retries:
-                        logger.warning("batch %s line %d: %s; retrying", job.batch["id"], line.line_no, exc)
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 10)
-                        continue
-                    response = (exc.status, exc.body())
-                self._record(job, log, line, response, None)
-                return
-        finally:
-            self.slots.release()
+        delay = 0.5
+        for attempt in range(1, self.settings.max_retries + 2):
+            try:
+                response = await answer_line(self.serving, job.batch["endpoint"], line.body)
+            except APIError as exc:
+                if attempt <= self.settings.max_retries:
+                    logger.warning("batch %s line %d: %s; retrying", job.batch["id"], line.line_no, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10)
+                    continue
+                response = (exc.status, exc.body())
+            self._record(job, log, line, response, None)
+            return
 
     def _record(self, job: Job, log, line: InputLine, response: tuple[int, dict] | None,
                 error: dict | None) -> None:

@@ -342,7 +342,10 @@ class OpenAIServing:
             try:
                 return await ref
             except asyncio.CancelledError:
-                ray.cancel(ref)  # the client left while queued: withdraw (or hand back) the ticket
+                # The caller left while queued: withdraw. If the router granted the ticket just
+                # before (the cancel came too late), hand it back once it arrives.
+                ray.cancel(ref)
+                asyncio.get_running_loop().create_task(self._release_when_granted(ref))
                 raise
             except ray.exceptions.RayActorError as exc:
                 # The router went away (with the replica that created it): find or start
@@ -360,6 +363,13 @@ class OpenAIServing:
 
     def _release(self, ticket: int) -> None:
         self.router.release.remote(ticket)
+
+    async def _release_when_granted(self, ref) -> None:
+        try:
+            ticket = await ref
+        except Exception:  # noqa: BLE001 - withdrawn (cancelled), refused or the router is gone
+            return
+        self._release(ticket)
 
     def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
         """Call the LLM server: an awaitable (a stream when `stream`) that `.cancel()` aborts."""

@@ -160,3 +160,11 @@ def test_configured_limits_on_prompt_tokens_and_open_batches(client):
     again = create()
     assert again.status in open_statuses
     client.batches.cancel(again.id)
+    # Cancelled lines hand their router seats back, also those granted just as the cancel came
+    # (a leaked seat once starved the batch lane of every later test).
+    import ray
+
+    router = ray.get_actor("semline-router")
+    while client.batches.retrieve(again.id).status in open_statuses or ray.get(router.stats.remote())["inflight"]:
+        assert time.time() < deadline + 30, ("seats still held", ray.get(router.stats.remote()))
+        time.sleep(0.5)
