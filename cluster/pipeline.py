@@ -52,7 +52,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from engine.config import ConfigError, EngineConfig
 from engine.llm_engine import StageFailure
 from engine.loader import load_hf_config
-from engine.model_runner import ModelRunner, StepPlan, plan_step
+from engine.model_runner import ModelRunner, StepPlan, num_logits, plan_step
 from engine.models.llama import LlamaArgs
 
 logger = logging.getLogger(__name__)
@@ -292,14 +292,10 @@ class PipelineRunner:
         plan = plan_step(chunks, self.block_size)
         row = 0
         for chunk in chunks:  # logits rows in chunk order, as plan_step lays them out
-            if chunk.all_logits:
-                row += chunk.num_new_tokens
-            elif chunk.samples_token:
-                rows = range(row, row + 1 + chunk.num_spec_tokens)
-                params = chunk.request.sampling_params
-                if params.is_greedy and not params.needs_penalties and params.logprobs is None:
-                    plan.argmax_rows += rows
-                row = rows.stop
+            rows = range(row, row + num_logits(chunk))
+            if chunk.samples_token and not chunk.all_logits and chunk.request.sampling_params.reads_only_argmax:
+                plan.argmax_rows += rows
+            row = rows.stop
         return plan
 
     def submit(self, plan: StepPlan) -> tuple:

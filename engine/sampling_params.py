@@ -78,6 +78,11 @@ class SamplingParams(BaseModel):
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
+    def reads_only_argmax(self) -> bool:
+        """The sampler needs nothing of this request's logits but their argmax."""
+        return self.is_greedy and not self.needs_penalties and self.logprobs is None
+
+    @property
     def needs_penalties(self) -> bool:
         return (
             self.repetition_penalty != 1.0
