@@ -6,6 +6,13 @@ queue. Waiters queue per lane; whenever capacity frees, the dispatcher grants
 tickets realtime lane first, FIFO within a lane, in batches (up to
 `max_batch_size`, after waiting up to the lane's `batch_wait_ms` for a batch to
 gather). A lane whose queue is full refuses at once (the HTTP layer answers 429).
+
+A ticket is a seat: one leaked ticket is a seat gone for good. Holders (the
+processes that acquire tickets) therefore name themselves and each request:
+a caller that gives up withdraws its request by name (whether it is still
+queued, already granted or not yet arrived), and each holder reports the
+tickets it holds every few seconds (`reconcile`); a ticket its holder no
+longer holds, or whose holder has gone silent, is reclaimed.
 """
 
 from __future__ import annotations
@@ -57,6 +64,11 @@ class AdmissionConfig:
     max_batch_size: int = 16
     # Retry-After suggested to refused clients (seconds).
     retry_after_s: float = 1.0
+    # A holder that has not reported its tickets for this long is gone: its tickets return.
+    holder_ttl_s: float = 30.0
+    # A ticket granted less than this long ago is never reclaimed: its grant may still be
+    # on the way to its holder.
+    reclaim_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0 or self.max_batch_size < 1:
@@ -75,6 +87,16 @@ class _Waiter:
     lane: str
     enqueued_at: float
     granted: asyncio.Future
+    holder: str | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class _Grant:
+    lane: str
+    holder: str | None
+    request_id: str | None
+    granted_at: float
 
 
 class AdmissionController:
@@ -83,8 +105,14 @@ class AdmissionController:
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
         self._queues: dict[str, deque[_Waiter]] = {lane: deque() for lane in LANES}
-        self._inflight: dict[int, str] = {}  # ticket -> lane
-        self._tickets = itertools.count(1)
+        self._inflight: dict[int, _Grant] = {}  # ticket -> its grant
+        # Ticket numbers grow across restarts (microseconds at start), so a ticket of a
+        # router that died never names a seat of the one that replaced it.
+        self._tickets = itertools.count(time.time_ns() // 1000)
+        self._waiting: dict[str, _Waiter] = {}  # request id -> its queued waiter
+        self._granted: dict[str, int] = {}  # request id -> its ticket
+        self._withdrawn: dict[str, float] = {}  # request ids withdrawn before they arrived
+        self._holders: dict[str, float] = {}  # holder -> when it was last heard from
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
         # (lane, ticket, newest ticket issued at that moment) in the order tickets were
@@ -93,13 +121,20 @@ class AdmissionController:
         self.grant_log: deque[tuple[str, int, int]] = deque(maxlen=10_000)
         self._last_ticket = 0
         self.num_rejected: dict[str, int] = {lane: 0 for lane in LANES}
+        self.num_reclaimed = 0
 
     # --- API -------------------------------------------------------------------
 
-    async def acquire(self, lane: str, timeout_s: float | None = None) -> int:
-        """Wait for admission; returns a ticket to release when the request ends."""
+    async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
+                      request_id: str | None = None) -> int | None:
+        """Wait for admission; returns a ticket to release when the request ends, or None
+        when the request was withdrawn (`withdraw(request_id)`) before it was granted."""
         if lane not in self._queues:
             raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
+        if holder is not None:
+            self._holders[holder] = time.monotonic()
+        if request_id is not None and self._withdrawn.pop(request_id, None) is not None:
+            return None  # its caller gave up before the request got here
         queue = self._queues[lane]
         # The queue limit counts requests that must wait: those the free seats will take at
         # once pass through, so max_queued 0 means "admit now or refuse".
@@ -108,20 +143,79 @@ class AdmissionController:
             self.num_rejected[lane] += 1
             raise QueueFullError(lane, self.config.retry_after_s)
         self._ensure_dispatcher()
-        waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future())
+        waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future(),
+                         holder, request_id)
         self._last_ticket = waiter.ticket
         queue.append(waiter)
+        if request_id is not None:
+            self._waiting[request_id] = waiter
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
         except (asyncio.CancelledError, asyncio.TimeoutError):
             self._withdraw(waiter)
             raise
+        finally:
+            if request_id is not None:
+                self._waiting.pop(request_id, None)
 
     def release(self, ticket: int) -> None:
-        if ticket in self._inflight:
-            del self._inflight[ticket]
+        grant = self._inflight.pop(ticket, None)
+        if grant is not None:
+            if grant.request_id is not None:
+                self._granted.pop(grant.request_id, None)
             self._wakeup.set()
+
+    def withdraw(self, request_id: str) -> None:
+        """The caller of `request_id` gave up: take it out of its queue (its acquire returns
+        None), or release its ticket if it was granted, or refuse it when it arrives."""
+        waiter = self._waiting.pop(request_id, None)
+        if waiter is not None:
+            if waiter in self._queues[waiter.lane]:
+                self._queues[waiter.lane].remove(waiter)
+            if not waiter.granted.done():
+                waiter.granted.set_result(None)
+            elif not waiter.granted.cancelled() and waiter.granted.result() is not None:
+                self.release(waiter.granted.result())
+            return
+        ticket = self._granted.get(request_id)
+        if ticket is not None:
+            self.release(ticket)
+            return
+        now = time.monotonic()
+        self._withdrawn[request_id] = now
+        while len(self._withdrawn) > 10_000 or (self._withdrawn and now - next(iter(self._withdrawn.values()))
+                                                 > self.config.holder_ttl_s):
+            del self._withdrawn[next(iter(self._withdrawn))]
+
+    def reconcile(self, holder: str, held) -> list[int]:
+        """`holder` holds exactly the tickets `held`: reclaim the others granted to it (once
+        past the grace period), and note that the holder is alive. Returns those reclaimed."""
+        now = time.monotonic()
+        self._holders[holder] = now
+        held, grace = set(held), self.config.reclaim_grace_s
+        lost = [ticket for ticket, grant in self._inflight.items()
+                if grant.holder == holder and ticket not in held and now - grant.granted_at > grace]
+        self._reclaim(lost)
+        return lost
+
+    def expire_holders(self) -> dict[str, list[int]]:
+        """Reclaim every ticket of holders silent for holder_ttl_s: {holder: tickets}."""
+        now = time.monotonic()
+        gone = [holder for holder, seen in self._holders.items() if now - seen > self.config.holder_ttl_s]
+        reclaimed = {}
+        for holder in gone:
+            del self._holders[holder]
+            tickets = [ticket for ticket, grant in self._inflight.items() if grant.holder == holder]
+            self._reclaim(tickets)
+            if tickets:
+                reclaimed[holder] = tickets
+        return reclaimed
+
+    def _reclaim(self, tickets: list[int]) -> None:
+        for ticket in tickets:
+            self.release(ticket)
+        self.num_reclaimed += len(tickets)
 
     def set_capacity(self, max_inflight: int) -> None:
         """Change how many requests may be in flight (replicas came or went)."""
@@ -133,14 +227,16 @@ class AdmissionController:
         return {"inflight": len(self._inflight), "capacity": self.config.max_inflight,
                 "inflight_by_lane": {lane: self._lane_inflight(lane) for lane in LANES},
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
-                "rejected": dict(self.num_rejected)}
+                "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
+                "holders": len(self._holders)}
 
     # --- the dispatcher -------------------------------------------------------------
 
     def _withdraw(self, waiter: _Waiter) -> None:
         """A waiter that gave up: out of its queue, or its ticket back if it was granted meanwhile."""
         if waiter.granted.done() and not waiter.granted.cancelled():
-            self.release(waiter.granted.result())
+            if waiter.granted.result() is not None:
+                self.release(waiter.granted.result())
         elif waiter in self._queues[waiter.lane]:
             self._queues[waiter.lane].remove(waiter)
 
@@ -160,7 +256,7 @@ class AdmissionController:
         return self.config.max_inflight - len(self._inflight)
 
     def _lane_inflight(self, lane: str) -> int:
-        return sum(1 for granted_lane in self._inflight.values() if granted_lane == lane)
+        return sum(1 for grant in self._inflight.values() if grant.lane == lane)
 
     def _lane_room(self, lane: str) -> int:
         """Seats the lane may still take under its share. Lower lanes share their seats with
@@ -191,7 +287,9 @@ class AdmissionController:
                 waiter = queue.popleft()
                 if waiter.granted.done():  # cancelled while queued
                     continue
-                self._inflight[waiter.ticket] = lane
+                self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic())
+                if waiter.request_id is not None:
+                    self._granted[waiter.request_id] = waiter.ticket
                 self.grant_log.append((lane, waiter.ticket, self._last_ticket))
                 waiter.granted.set_result(waiter.ticket)
                 budget -= 1

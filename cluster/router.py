@@ -10,11 +10,17 @@ a heartbeat every second with how many requests it takes at once; a replica
 silent for `replica_ttl_s` no longer counts. The heartbeat's answer carries the
 router's queue depths, which the replicas report to Serve's autoscaler, so work
 held back here still counts as demand.
+
+Ticket holders (the ingress and batch runner replicas) report the tickets they
+hold every few seconds (`sync`); tickets granted to a holder that no longer
+holds them, or to one that has gone silent (a killed replica), are reclaimed
+and counted in ray_semline_router_tickets_reclaimed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import ray
@@ -22,7 +28,10 @@ from ray.util.metrics import Counter, Gauge
 
 from cluster.admission import LANES, AdmissionConfig, AdmissionController, QueueFullError
 
+logger = logging.getLogger(__name__)
+
 REJECT_REASONS = ("queue_full", "timeout")
+RECLAIM_REASONS = ("not_held", "holder_gone")
 
 
 class RouterMetrics:
@@ -38,6 +47,10 @@ class RouterMetrics:
         for lane in LANES:
             for reason in REJECT_REASONS:
                 self.rejected._record(0.0, tags={"lane": lane, "reason": reason})
+        self.reclaimed = Counter("semline_router_tickets_reclaimed",
+                                 "Tickets taken back from holders that lost them or went away.", ("reason",))
+        for reason in RECLAIM_REASONS:
+            self.reclaimed._record(0.0, tags={"reason": reason})
 
     def update(self, stats: dict) -> None:
         for lane, depth in stats["queued"].items():
@@ -53,9 +66,14 @@ class Router:
         self._reaper: asyncio.Task | None = None
         self.metrics = RouterMetrics()
 
-    async def acquire(self, lane: str, timeout_s: float | None = None) -> int:
+    async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
+                      request_id: str | None = None) -> int | None:
+        """A ticket, or None if `request_id` was withdrawn first. Callers that may give up
+        name themselves and the request, and withdraw it rather than cancel this call: a
+        cancelled call's result is lost, and with it a ticket granted at that moment."""
+        self._ensure_reaper()
         try:
-            return await self.admission.acquire(lane, timeout_s)
+            return await self.admission.acquire(lane, timeout_s, holder, request_id)
         except QueueFullError:
             self.metrics.rejected.inc(1, {"lane": lane, "reason": "queue_full"})
             raise
@@ -66,13 +84,22 @@ class Router:
     async def release(self, ticket: int) -> None:
         self.admission.release(ticket)
 
+    async def withdraw(self, request_id: str) -> None:
+        self.admission.withdraw(request_id)
+
+    async def sync(self, holder: str, tickets: list[int]) -> None:
+        """`holder` is alive and holds exactly `tickets`."""
+        lost = self.admission.reconcile(holder, tickets)
+        if lost:
+            logger.warning("reclaimed %d ticket(s) %s that holder %s no longer holds", len(lost), lost, holder)
+            self.metrics.reclaimed.inc(len(lost), {"reason": "not_held"})
+
     async def heartbeat(self, replica_id: str, capacity: int) -> dict:
         """A replica is alive and takes `capacity` requests; returns the router's stats."""
         self._replicas[replica_id] = (capacity, time.monotonic())
         self._refresh_capacity()
         self.metrics.update(self.admission.stats())
-        if self._reaper is None or self._reaper.done():
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self._ensure_reaper()
         return self.admission.stats()
 
     async def deregister(self, replica_id: str) -> None:
@@ -90,10 +117,19 @@ class Router:
         self._replicas = {r: (c, t) for r, (c, t) in self._replicas.items() if now - t < self.replica_ttl_s}
         self.admission.set_capacity(sum(c for c, _ in self._replicas.values()))
 
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
     async def _reap(self) -> None:
-        while self._replicas:
+        """Every second: forget silent replicas, reclaim the tickets of silent holders."""
+        while True:
             await asyncio.sleep(1.0)
-            self._refresh_capacity()
+            if self._replicas:  # a router given a fixed capacity (no replicas) keeps it
+                self._refresh_capacity()
+            for holder, tickets in self.admission.expire_holders().items():
+                logger.warning("holder %s went silent; reclaimed its %d ticket(s)", holder, len(tickets))
+                self.metrics.reclaimed.inc(len(tickets), {"reason": "holder_gone"})
 
 
 def get_or_create_router(name: str, config: dict):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.config import EngineConfig
 
@@ -72,6 +72,17 @@ class RouterSettings(_Strict):
     max_batch_size: int = Field(16, ge=1, description="Most requests dispatched together.")
     queue_timeout_s: float = Field(600, gt=0, description="Longest wait for admission before 503.")
     retry_after_s: float = Field(1, ge=0, description="Retry-After sent with 429.")
+    holder_sync_s: float = Field(5, gt=0, description="How often each ingress and batch runner replica reports "
+                                 "the tickets it holds; a ticket granted more than twice this long ago that its "
+                                 "holder does not report is reclaimed.")
+    holder_ttl_s: float = Field(30, gt=0, description="A holder silent this long is gone (a killed replica): "
+                                "its tickets are reclaimed.")
+
+    @model_validator(mode="after")
+    def _ttl_spans_reports(self):
+        if self.holder_ttl_s <= 2 * self.holder_sync_s:
+            raise ValueError("router.holder_ttl_s must be more than twice router.holder_sync_s")
+        return self
 
     def admission_config(self) -> dict:
         return {
@@ -81,6 +92,8 @@ class RouterSettings(_Strict):
             "max_share": {"realtime": 1.0, "batch": self.batch_max_share},
             "max_batch_size": self.max_batch_size,
             "retry_after_s": self.retry_after_s,
+            "holder_ttl_s": self.holder_ttl_s,
+            "reclaim_grace_s": 2 * self.holder_sync_s,
         }
 
 

@@ -46,7 +46,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
          "sum(rate(ray_semline_spec_decode_num_draft_tokens_total[5m]))", "accepted / proposed")]),
     ("Request errors/s", "short", [
         ("sum by (lane, reason) (rate(ray_semline_router_requests_rejected_total[5m]))", "rejected {{lane}} {{reason}}"),
-        ('sum by (lane) (rate(ray_semline_request_success_total{finished_reason="abort"}[5m]))', "aborted " + LANE)]),
+        ('sum by (lane) (rate(ray_semline_request_success_total{finished_reason="abort"}[5m]))', "aborted " + LANE),
+        ("sum by (reason) (rate(ray_semline_router_tickets_reclaimed_total[5m]))", "seats reclaimed {{reason}}")]),
     ("Serve replicas", "short", [
         ("sum by (deployment) (ray_serve_deployment_replica_healthy)", "healthy {{deployment}}"),
         ("max by (deployment) (ray_serve_autoscaling_target_replicas)", "target {{deployment}}")]),

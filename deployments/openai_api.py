@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -28,6 +29,8 @@ from deployments.config import SemlineConfig
 from deployments import protocol
 from deployments.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
+
+logger = logging.getLogger(__name__)
 
 ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
 DEFAULT_MAX_TOKENS = 256
@@ -267,6 +270,11 @@ class OpenAIServing:
         self.llm = llm
         self.config = config
         self.router = router or self._connect_router()
+        # This process's name at the router and the tickets it holds, reported every
+        # router.holder_sync_s so the router can reclaim any ticket that went astray.
+        self.holder = f"{type(self).__name__}-{uuid.uuid4().hex[:12]}"
+        self._held: set[int] = set()
+        self._sync_task: asyncio.Task | None = None
 
     # --- routes --------------------------------------------------------------
 
@@ -337,15 +345,16 @@ class OpenAIServing:
 
     async def _admit(self, lane: str) -> int:
         """Wait for the router's ticket; 429 when the lane's queue is full."""
+        self._ensure_sync()
         for attempt in range(2):
-            ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s)
+            request_id = uuid.uuid4().hex
+            ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s, self.holder, request_id)
             try:
-                return await ref
+                ticket = await ref
             except asyncio.CancelledError:
-                # The caller left while queued: withdraw. If the router granted the ticket just
-                # before (the cancel came too late), hand it back once it arrives.
-                ray.cancel(ref)
-                asyncio.get_running_loop().create_task(self._release_when_granted(ref))
+                # The caller left: withdraw by name rather than ray.cancel the call (a
+                # cancelled call's result is lost, and with it a ticket granted just then).
+                self.router.withdraw.remote(request_id)
                 raise
             except ray.exceptions.RayActorError as exc:
                 # The router went away (with the replica that created it): find or start
@@ -354,22 +363,34 @@ class OpenAIServing:
                     raise APIError(503, "the router is unavailable; retry", "server_error",
                                    code="router_unavailable") from exc
                 self.router = self._connect_router()
+                continue
             except Exception as exc:
                 raise _to_api_error(exc) from exc
+            if ticket is None:  # withdrawn: only this process withdraws its requests, so never
+                raise APIError(503, "admission was withdrawn; retry", "server_error")
+            self._held.add(ticket)
+            return ticket
         raise AssertionError("unreachable")
 
     def _connect_router(self):
         return get_or_create_router(self.config.router.actor_name, self.config.router.admission_config())
 
     def _release(self, ticket: int) -> None:
+        self._held.discard(ticket)
         self.router.release.remote(ticket)
 
-    async def _release_when_granted(self, ref) -> None:
-        try:
-            ticket = await ref
-        except Exception:  # noqa: BLE001 - withdrawn (cancelled), refused or the router is gone
-            return
-        self._release(ticket)
+    def _ensure_sync(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        """Tell the router which tickets this process holds, every router.holder_sync_s."""
+        while True:
+            try:
+                await self.router.sync.remote(self.holder, sorted(self._held))
+            except Exception as exc:  # noqa: BLE001 - a router restarting: the next admission reconnects
+                logger.debug("ticket sync with the router failed: %s", exc)
+            await asyncio.sleep(self.config.router.holder_sync_s)
 
     def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
         """Call the LLM server: an awaitable (a stream when `stream`) that `.cancel()` aborts."""

@@ -153,3 +153,76 @@ def test_an_empty_queue_limit_admits_or_refuses_at_once():
         await asyncio.wait_for(ctl.acquire("realtime"), 1)
 
     asyncio.run(main())
+
+
+def test_a_withdrawn_request_leaves_no_seat_taken_whenever_it_is_withdrawn():
+    async def main():
+        ctl = _controller()
+        held = await ctl.acquire("batch", holder="h", request_id="first")
+        # Withdrawn while queued: its acquire returns None, the queue empties.
+        queued = asyncio.create_task(ctl.acquire("batch", holder="h", request_id="queued"))
+        await asyncio.sleep(0.02)
+        ctl.withdraw("queued")
+        assert await asyncio.wait_for(queued, 1) is None
+        assert ctl.stats()["queued"]["batch"] == 0
+        # Withdrawn after it was granted (the grant was on its way back): the seat returns.
+        ctl.withdraw("first")
+        assert ctl.stats()["inflight"] == 0
+        ctl.release(held)  # the holder's own release, arriving later, changes nothing
+        # Withdrawn before the request itself arrived: refused on arrival, no seat taken.
+        ctl.withdraw("early")
+        assert await ctl.acquire("batch", holder="h", request_id="early") is None
+        assert ctl.stats()["inflight"] == 0
+        assert await ctl.acquire("batch", holder="h", request_id="late") is not None
+
+    asyncio.run(main())
+
+
+def test_granted_then_withdrawn_before_the_acquire_resumed_frees_the_seat():
+    async def main():
+        ctl = _controller()
+        held = await ctl.acquire("realtime")
+        waiter = asyncio.create_task(ctl.acquire("realtime", holder="h", request_id="r"))
+        await asyncio.sleep(0.02)
+        ctl.release(held)
+        while ctl.stats()["queued"]["realtime"]:  # until the dispatcher grants "r"
+            await asyncio.sleep(0)
+        assert not waiter.done() and ctl.stats()["inflight"] == 1  # granted, its acquire not resumed
+        ctl.withdraw("r")
+        assert await asyncio.wait_for(waiter, 1) is not None
+        assert ctl.stats()["inflight"] == 0
+
+    asyncio.run(main())
+
+
+def test_tickets_a_holder_no_longer_holds_are_reclaimed_after_the_grace_period():
+    async def main():
+        ctl = _controller(max_inflight=3, max_batch_size=4, reclaim_grace_s=0.1)
+        kept, lost = await ctl.acquire("batch", holder="h"), await ctl.acquire("batch", holder="h")
+        other = await ctl.acquire("batch", holder="other")
+        assert ctl.reconcile("h", [kept]) == []  # within the grace period: may still be on its way
+        await asyncio.sleep(0.15)
+        assert ctl.reconcile("h", [kept]) == [lost]
+        assert ctl.stats()["inflight"] == 2 and ctl.stats()["reclaimed"] == 1
+        ctl.release(kept)
+        ctl.release(other)
+        assert ctl.stats()["inflight"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_silent_holder_loses_its_tickets_and_a_reporting_one_keeps_them():
+    async def main():
+        ctl = _controller(max_inflight=2, max_batch_size=2, holder_ttl_s=0.2)
+        await ctl.acquire("batch", holder="dead")
+        alive = await ctl.acquire("batch", holder="alive")
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            ctl.reconcile("alive", [alive])
+            reclaimed = ctl.expire_holders()
+            if reclaimed:
+                assert list(reclaimed) == ["dead"]
+        assert ctl.stats()["inflight"] == 1 and ctl.stats()["holders"] == 1
+        assert await asyncio.wait_for(ctl.acquire("batch", holder="alive"), 1)  # the seat is free again
+
+    asyncio.run(main())

@@ -135,27 +135,43 @@ def test_configured_limits_on_prompt_tokens_and_open_batches(client):
         client.completions.create(model=MODEL, prompt=[5] * (MAX_PROMPT_TOKENS + 1), max_tokens=1)
     assert client.completions.create(model=MODEL, prompt=[5] * 8, max_tokens=1).choices[0].text is not None
 
-    # Batches long enough to stay open while the limit is reached (they are left to finish:
-    # cancelling lines mid-flight can still leak a router seat, see docs/reliability.md).
-    lines = [{"custom_id": f"slow-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": _chat(max_tokens=48, ignore_eos=True)} for i in range(2)]
-    upload = client.files.create(file=("slow.jsonl", "\n".join(map(json.dumps, lines)).encode()), purpose="batch")
+    # Batches slow enough to stay open while the limit is reached.
+    slow = [{"custom_id": f"slow-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": _chat(max_tokens=128, ignore_eos=True)} for i in range(8)]
+    upload = client.files.create(file=("slow.jsonl", "\n".join(map(json.dumps, slow)).encode()), purpose="batch")
     open_statuses = ("validating", "in_progress", "finalizing", "cancelling")
     already_open = sum(1 for b in client.batches.list(limit=100) if b.status in open_statuses)
     assert already_open < MAX_OPEN_BATCHES
     create = lambda: client.batches.create(  # noqa: E731
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    created = [create() for _ in range(MAX_OPEN_BATCHES - already_open)]
-    with pytest.raises(openai.RateLimitError) as info:
-        create()
-    assert info.value.response.json()["error"]["code"] == "too_many_batches"
-    assert int(info.value.response.headers["retry-after"]) > 0
     import ray
 
     router = ray.get_actor("semline-router")
-    deadline = time.time() + 180  # finished batches close; the lane takes new ones again
-    while (any(client.batches.retrieve(b.id).status in open_statuses for b in created)
-           or ray.get(router.stats.remote())["inflight"]):
-        assert time.time() < deadline, ("batches still open or seats held", ray.get(router.stats.remote()))
+    created = [create() for _ in range(MAX_OPEN_BATCHES - already_open)]
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            create()
+        assert info.value.response.json()["error"]["code"] == "too_many_batches"
+        assert int(info.value.response.headers["retry-after"]) > 0
+        deadline = time.time() + 60  # cancelled with lines running and lines queued at the router
+        while not ((stats := ray.get(router.stats.remote()))["inflight_by_lane"]["batch"]
+                   and stats["queued"]["batch"]):
+            assert time.time() < deadline, stats
+            time.sleep(0.1)
+    finally:
+        for batch in created:  # their lines are queued at the router, being granted or running
+            client.batches.cancel(batch.id)
+    deadline = time.time() + 120  # cancelled batches close; the lane takes new ones again
+    while any(client.batches.retrieve(b.id).status in open_statuses for b in created):
+        assert time.time() < deadline, "cancelled batches did not close"
         time.sleep(0.5)
-    assert all(client.batches.retrieve(b.id).status == "completed" for b in created)
+    again = create()
+    assert again.status in open_statuses
+    client.batches.cancel(again.id)
+    # Every cancelled line handed its router seat back by itself, also those granted just as
+    # the cancel came (a leaked seat once starved the batch lane of every later test): none
+    # had to be reclaimed by the holders' reports.
+    while client.batches.retrieve(again.id).status in open_statuses or ray.get(router.stats.remote())["inflight"]:
+        assert time.time() < deadline + 30, ("seats still held", ray.get(router.stats.remote()))
+        time.sleep(0.5)
+    assert ray.get(router.stats.remote())["reclaimed"] == 0

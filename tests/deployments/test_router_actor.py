@@ -31,6 +31,97 @@ def test_cancelled_waiter_is_withdrawn(serve_app):
     ray.kill(router)
 
 
+def _router(name: str, **overrides):
+    from cluster.router import get_or_create_router
+
+    return get_or_create_router(name, {
+        "max_inflight": 2, "max_queued": {"realtime": 64, "batch": 64}, "max_batch_size": 2,
+        "batch_wait_ms": {"realtime": 0.0, "batch": 0.0}, "max_share": {"realtime": 1.0, "batch": 1.0},
+        **overrides})
+
+
+def _wait_for(router, predicate, timeout_s: float = 20.0) -> None:
+    """Until predicate(router stats) holds."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while not predicate(stats := ray.get(router.stats.remote())):
+        assert time.time() < deadline, f"timed out; router stats: {stats}"
+        time.sleep(0.1)
+
+
+def test_callers_that_give_up_at_any_moment_leave_no_seat_taken(serve_app):
+    """Many callers through the ingress's own admission code, each cancelled at a random
+    moment (queued, being granted, holding a seat): afterwards every seat is free."""
+    import asyncio
+    import random
+
+    import ray
+
+    from deployments.config import SemlineConfig
+    from deployments.openai_api import OpenAIServing
+
+    router = _router("test-give-up-router")
+    serving = OpenAIServing(None, SemlineConfig(), router)
+    rng = random.Random(0)
+
+    async def caller():
+        ticket = await serving._admit(rng.choice(["realtime", "batch"]))
+        try:
+            await asyncio.sleep(rng.uniform(0, 0.01))
+        finally:
+            serving._release(ticket)
+
+    async def main():
+        for _ in range(30):
+            tasks = [asyncio.create_task(caller()) for _ in range(16)]
+            await asyncio.sleep(rng.uniform(0, 0.15))  # long enough for some to be granted
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    _wait_for(router, lambda stats: stats["inflight"] == 0, 10)
+    stats = ray.get(router.stats.remote())
+    assert stats["queued"] == {"realtime": 0, "batch": 0} and stats["reclaimed"] == 0, stats
+    ray.kill(router)
+
+
+def test_tickets_lost_or_left_by_a_killed_holder_are_reclaimed(serve_app):
+    """A holder reports its tickets: one it lost track of is reclaimed after the grace
+    period, and all of them once the holder is killed and falls silent."""
+    import ray
+
+    from deployments.config import SemlineConfig
+    from deployments.openai_api import OpenAIServing
+
+    router = _router("test-holder-router", max_inflight=3, max_batch_size=3, holder_ttl_s=2.0,
+                     reclaim_grace_s=0.5)
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def __init__(self, router):
+            self.serving = OpenAIServing(None, SemlineConfig(router={"holder_sync_s": 0.3}), router)
+
+        async def take(self, n: int) -> list[int]:
+            return [await self.serving._admit("batch") for _ in range(n)]
+
+        def lose(self, ticket: int) -> None:
+            self.serving._held.discard(ticket)  # as if the grant never reached it
+
+    holder = Holder.remote(router)
+    tickets = ray.get(holder.take.remote(3))
+    assert ray.get(router.stats.remote())["inflight"] == 3
+    ray.get(holder.lose.remote(tickets[0]))
+    _wait_for(router, lambda stats: stats["inflight"] == 2)
+    time.sleep(1.0)  # more reports: the tickets it holds stay
+    assert ray.get(router.stats.remote())["inflight"] == 2
+    ray.kill(holder)
+    _wait_for(router, lambda stats: stats["inflight"] == 0)
+    assert ray.get(router.stats.remote())["reclaimed"] == 3
+    ray.kill(router)
+
+
 def test_service_recovers_when_the_router_actor_dies(client, serve_app):
     """The router fate-shares with the replica that created it; holders find or start a new one."""
     import ray
