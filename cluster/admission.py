@@ -151,7 +151,12 @@ class AdmissionController:
             self._waiting[request_id] = waiter
         self._wakeup.set()
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
+            ticket = await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
+            if ticket is not None and asyncio.current_task().cancelling():
+                # Cancelled just as it was granted (wait_for then returns the result): the
+                # canceller will not see the ticket, so it must not stay taken.
+                raise asyncio.CancelledError
+            return ticket
         except (asyncio.CancelledError, asyncio.TimeoutError):
             self._withdraw(waiter)
             raise
@@ -188,14 +193,17 @@ class AdmissionController:
                                                  > self.config.holder_ttl_s):
             del self._withdrawn[next(iter(self._withdrawn))]
 
-    def reconcile(self, holder: str, held) -> list[int]:
-        """`holder` holds exactly the tickets `held`: reclaim the others granted to it (once
-        past the grace period), and note that the holder is alive. Returns those reclaimed."""
+    def reconcile(self, holder: str, held, pending=()) -> list[int]:
+        """`holder` holds exactly the tickets `held` and still awaits the answers to the
+        requests `pending`: reclaim the other tickets granted to it (once past the grace
+        period: a grant whose answer is slow to arrive is still pending), and note that the
+        holder is alive. Returns the tickets reclaimed."""
         now = time.monotonic()
         self._holders[holder] = now
-        held, grace = set(held), self.config.reclaim_grace_s
+        held, pending, grace = set(held), set(pending), self.config.reclaim_grace_s
         lost = [ticket for ticket, grant in self._inflight.items()
-                if grant.holder == holder and ticket not in held and now - grant.granted_at > grace]
+                if grant.holder == holder and ticket not in held and grant.request_id not in pending
+                and now - grant.granted_at > grace]
         self._reclaim(lost)
         return lost
 

@@ -87,12 +87,14 @@ class Router:
     async def withdraw(self, request_id: str) -> None:
         self.admission.withdraw(request_id)
 
-    async def sync(self, holder: str, tickets: list[int]) -> None:
-        """`holder` is alive and holds exactly `tickets`."""
-        lost = self.admission.reconcile(holder, tickets)
+    async def sync(self, holder: str, tickets: list[int], pending: list[str] = ()) -> list[int]:
+        """`holder` is alive, holds exactly `tickets` and awaits the answers to the requests
+        `pending`; returns the tickets reclaimed from it."""
+        lost = self.admission.reconcile(holder, tickets, pending)
         if lost:
             logger.warning("reclaimed %d ticket(s) %s that holder %s no longer holds", len(lost), lost, holder)
             self.metrics.reclaimed.inc(len(lost), {"reason": "not_held"})
+        return lost
 
     async def heartbeat(self, replica_id: str, capacity: int) -> dict:
         """A replica is alive and takes `capacity` requests; returns the router's stats."""

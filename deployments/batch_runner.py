@@ -17,6 +17,7 @@ line.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
@@ -262,7 +263,9 @@ class BatchRunner:
     def _start(self, batch: dict) -> None:
         job = Job(batch=batch)
         self.jobs[batch["id"]] = job
-        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        # In a context of its own: not a child of the request that created the batch, which
+        # Ray would cancel (with everything it started) if that client disconnected.
+        job.task = asyncio.get_running_loop().create_task(self._run(job), context=contextvars.Context())
 
     def _set_status(self, job: Job, status: str) -> None:
         job.batch["status"] = status

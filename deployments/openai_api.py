@@ -7,6 +7,7 @@ Errors are mapped in one place (`_error_response`) to OpenAI's error body:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 import logging
@@ -274,6 +275,7 @@ class OpenAIServing:
         # router.holder_sync_s so the router can reclaim any ticket that went astray.
         self.holder = f"{type(self).__name__}-{uuid.uuid4().hex[:12]}"
         self._held: set[int] = set()
+        self._pending: set[str] = set()  # request ids whose admission is on its way
         self._sync_task: asyncio.Task | None = None
 
     # --- routes --------------------------------------------------------------
@@ -348,14 +350,10 @@ class OpenAIServing:
         self._ensure_sync()
         for attempt in range(2):
             request_id = uuid.uuid4().hex
-            ref = self.router.acquire.remote(lane, self.config.router.queue_timeout_s, self.holder, request_id)
+            self._pending.add(request_id)
+            ref = self._router_call("acquire", lane, self.config.router.queue_timeout_s, self.holder, request_id)
             try:
                 ticket = await ref
-            except asyncio.CancelledError:
-                # The caller left: withdraw by name rather than ray.cancel the call (a
-                # cancelled call's result is lost, and with it a ticket granted just then).
-                self.router.withdraw.remote(request_id)
-                raise
             except ray.exceptions.RayActorError as exc:
                 # The router went away (with the replica that created it): find or start
                 # a new one; the LLM servers re-register with it within a second.
@@ -364,8 +362,17 @@ class OpenAIServing:
                                    code="router_unavailable") from exc
                 self.router = self._connect_router()
                 continue
-            except Exception as exc:
-                raise _to_api_error(exc) from exc
+            except BaseException as exc:
+                if not isinstance(exc, QueueFullError):
+                    # The caller left (or the call failed): withdraw the request by name,
+                    # whatever state it is in at the router (queued, granted with the
+                    # answer on its way, or not arrived yet).
+                    self._router_call("withdraw", request_id)
+                if isinstance(exc, Exception):
+                    raise _to_api_error(exc) from exc
+                raise
+            finally:
+                self._pending.discard(request_id)
             if ticket is None:  # withdrawn: only this process withdraws its requests, so never
                 raise APIError(503, "admission was withdrawn; retry", "server_error")
             self._held.add(ticket)
@@ -377,17 +384,26 @@ class OpenAIServing:
 
     def _release(self, ticket: int) -> None:
         self._held.discard(ticket)
-        self.router.release.remote(ticket)
+        self._router_call("release", ticket)
+
+    def _router_call(self, method: str, *args):
+        """Call the router outside the current request's Ray task: Ray cancels what a request
+        submitted when the request is cancelled (a client that disconnects), and a cancelled
+        call loses its result (a ticket) or its effect (a release). Giving up is explicit
+        here instead (withdraw), so the router's calls must never be cancelled under it."""
+        return contextvars.Context().run(getattr(self.router, method).remote, *args)
 
     def _ensure_sync(self) -> None:
         if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop(), context=contextvars.Context())
 
     async def _sync_loop(self) -> None:
         """Tell the router which tickets this process holds, every router.holder_sync_s."""
         while True:
             try:
-                await self.router.sync.remote(self.holder, sorted(self._held))
+                lost = await self._router_call("sync", self.holder, sorted(self._held), sorted(self._pending))
+                if lost:
+                    logger.warning("the router reclaimed ticket(s) %s this process had lost", lost)
             except Exception as exc:  # noqa: BLE001 - a router restarting: the next admission reconnects
                 logger.debug("ticket sync with the router failed: %s", exc)
             await asyncio.sleep(self.config.router.holder_sync_s)

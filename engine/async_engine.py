@@ -80,7 +80,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
         self._dead_error: BaseException | None = None
-        self._steps_since_trim, self._last_trim = 0, 0.0
+        # 1: the first idle moment also gives back what loading the model left free.
+        self._steps_since_trim, self._last_trim = 1, 0.0
         self._thread = threading.Thread(target=self._run, name="semline-engine", daemon=True)
         self._thread.start()
 
@@ -145,7 +146,8 @@ class AsyncEngine:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
                     self._release_memory()
-                    self._wakeup.wait()
+                    # A trim skipped for its rate limit happens once the engine has stayed idle.
+                    self._wakeup.wait(TRIM_INTERVAL_S if self._steps_since_trim else None)
                     self._wakeup.clear()
                     continue
                 self._step()

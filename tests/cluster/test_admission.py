@@ -197,15 +197,17 @@ def test_granted_then_withdrawn_before_the_acquire_resumed_frees_the_seat():
 
 def test_tickets_a_holder_no_longer_holds_are_reclaimed_after_the_grace_period():
     async def main():
-        ctl = _controller(max_inflight=3, max_batch_size=4, reclaim_grace_s=0.1)
+        ctl = _controller(max_inflight=4, max_batch_size=4, reclaim_grace_s=0.1)
         kept, lost = await ctl.acquire("batch", holder="h"), await ctl.acquire("batch", holder="h")
+        slow = await ctl.acquire("batch", holder="h", request_id="slow")  # its answer is still on its way
         other = await ctl.acquire("batch", holder="other")
-        assert ctl.reconcile("h", [kept]) == []  # within the grace period: may still be on its way
+        assert ctl.reconcile("h", [kept], pending=["slow"]) == []  # within the grace period
         await asyncio.sleep(0.15)
-        assert ctl.reconcile("h", [kept]) == [lost]
-        assert ctl.stats()["inflight"] == 2 and ctl.stats()["reclaimed"] == 1
-        ctl.release(kept)
-        ctl.release(other)
+        assert ctl.reconcile("h", [kept], pending=["slow"]) == [lost]
+        assert ctl.stats()["inflight"] == 3 and ctl.stats()["reclaimed"] == 1
+        assert ctl.reconcile("h", [kept]) == [slow]  # no longer pending, not held: lost too
+        for ticket in (kept, other):
+            ctl.release(ticket)
         assert ctl.stats()["inflight"] == 0
 
     asyncio.run(main())
@@ -224,5 +226,24 @@ def test_a_silent_holder_loses_its_tickets_and_a_reporting_one_keeps_them():
                 assert list(reclaimed) == ["dead"]
         assert ctl.stats()["inflight"] == 1 and ctl.stats()["holders"] == 1
         assert await asyncio.wait_for(ctl.acquire("batch", holder="alive"), 1)  # the seat is free again
+
+    asyncio.run(main())
+
+
+def test_a_waiter_cancelled_just_as_it_is_granted_gives_the_seat_back():
+    """The router's caller is cancelled (by Ray, with the request that made the call) in the
+    moment its ticket is granted: the canceller never sees the ticket, so it must not stay taken."""
+    async def main():
+        ctl = _controller()
+        held = await ctl.acquire("realtime")
+        waiter = asyncio.create_task(ctl.acquire("realtime", timeout_s=5))
+        await asyncio.sleep(0.02)
+        ctl.release(held)
+        while ctl.stats()["queued"]["realtime"]:  # until the dispatcher grants it
+            await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert ctl.stats()["inflight"] == 0
 
     asyncio.run(main())

@@ -174,3 +174,52 @@ def test_requests_queued_when_the_router_dies_are_redispatched(client, serve_app
     after = client.completions.create(model=MODEL, prompt="Still there?", max_tokens=4,
                                       extra_body={"ignore_eos": True})  # 4 tokens, whatever it samples
     assert after.usage.completion_tokens == 4
+
+
+def test_clients_that_drop_at_any_moment_leave_no_seat_or_block_behind(serve_app):
+    """Streamed and plain requests whose clients go away at random moments (queued at the
+    router, before the first byte, mid-stream): every seat comes back by itself, none is
+    reclaimed by the holders' reports, and the engine frees every KV block."""
+    import asyncio
+    import random
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from tests.deployments.conftest import API_KEY, MODEL
+
+    router = ray.get_actor("semline-router")
+    reclaimed_before = ray.get(router.stats.remote())["reclaimed"]
+    rng = random.Random(7)
+
+    async def one(http, i):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Story number {i}."}],
+                "max_tokens": 64, "ignore_eos": True, "stream": i % 3 != 0}
+
+        async def call():
+            if not body["stream"]:
+                return await http.post("/v1/chat/completions", json=body)
+            async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                async for _ in resp.aiter_lines():
+                    pass
+
+        try:
+            await asyncio.wait_for(call(), rng.uniform(0.05, 6.0))
+        except (asyncio.TimeoutError, httpx.HTTPError):
+            pass
+
+    async def main():
+        async with httpx.AsyncClient(base_url=serve_app, timeout=60,
+                                     headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+            await asyncio.gather(*(one(http, i) for i in range(24)))
+
+    asyncio.run(main())
+    llm = serve.get_deployment_handle("LLMServer", app_name="semline")
+    _wait_for(router, lambda stats: stats["inflight"] == 0 and not any(stats["queued"].values()), 60)
+    stats = ray.get(router.stats.remote())
+    assert stats["reclaimed"] == reclaimed_before, stats
+    deadline = time.time() + 20
+    while (engine := llm.stats.remote().result())["num_running"] or engine["kv_cache_usage"]:
+        assert time.time() < deadline, engine
+        time.sleep(0.2)
