@@ -32,8 +32,9 @@ BLOCK_ROWS = 256
 
 def padded_rows(rows: int) -> int:
     """The row count the GEMM runs at for `rows` (<= BLOCK_ROWS) rows: exact up to 16, then
-    the next multiple of 8 up to 64 and of 16 beyond: 34 shapes per weight, at most 15
-    padding rows (< 7 % from 17 rows up)."""
+    the next multiple of 8 up to 64 and of 16 beyond: 34 shapes per weight, at most 7
+    padding rows up to 64 and 15 beyond (small row counts are bound by reading the weight,
+    so a few more rows cost little)."""
     if rows <= 16:
         return rows
     step = 8 if rows <= 64 else 16
