@@ -176,12 +176,9 @@ class AdmissionController:
         None), or release its ticket if it was granted, or refuse it when it arrives."""
         waiter = self._waiting.pop(request_id, None)
         if waiter is not None:
-            if waiter in self._queues[waiter.lane]:
-                self._queues[waiter.lane].remove(waiter)
             if not waiter.granted.done():
-                waiter.granted.set_result(None)
-            elif not waiter.granted.cancelled() and waiter.granted.result() is not None:
-                self.release(waiter.granted.result())
+                waiter.granted.set_result(None)  # its acquire returns None
+            self._withdraw(waiter)
             return
         ticket = self._granted.get(request_id)
         if ticket is not None:
@@ -241,12 +238,12 @@ class AdmissionController:
     # --- the dispatcher -------------------------------------------------------------
 
     def _withdraw(self, waiter: _Waiter) -> None:
-        """A waiter that gave up: out of its queue, or its ticket back if it was granted meanwhile."""
-        if waiter.granted.done() and not waiter.granted.cancelled():
-            if waiter.granted.result() is not None:
-                self.release(waiter.granted.result())
-        elif waiter in self._queues[waiter.lane]:
+        """A waiter that gave up: out of its queue, and its ticket back if it was granted meanwhile."""
+        if waiter in self._queues[waiter.lane]:
             self._queues[waiter.lane].remove(waiter)
+        granted = waiter.granted
+        if granted.done() and not granted.cancelled() and granted.result() is not None:
+            self.release(granted.result())
 
     def _ensure_dispatcher(self) -> None:
         if self._dispatcher is None or self._dispatcher.done():
