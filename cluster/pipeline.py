@@ -53,7 +53,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.llm_engine import StageFailure
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner, StepPlan, num_logits, plan_step
-from engine.models.llama import LlamaArgs
+from engine.models import model_args
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class PipelineRunner:
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)
         self.config = config
-        self.args = LlamaArgs.from_hf_config(hf_config)
+        self.args = model_args(hf_config)
         self.block_size = config.block_size
         self.device = torch.device("cpu")  # logits come back to the driver's memory
         self.decode_kernel = None

@@ -13,6 +13,13 @@ sequence's context back through its block table:
 - prefill chunks (many queries of one sequence) run one SDPA call each, causal
   over the chunk and full over the cached context before it.
 
+Sliding-window layers (Mistral, Gemma's local layers, ...) get metadata of their own,
+built once per step per window size: a decode reads only the last `window` keys
+(the kernel starts at the first key in the window; the gathered path masks the
+rest), and a prefill chunk gathers only the blocks its window reaches. Gemma 2's
+attention-logit soft-capping (`softcap`) runs in the kernel, or through a plain
+softmax where SDPA cannot apply it.
+
 No Python loop runs over tokens; all metadata is built once per step (not per layer).
 """
 
@@ -47,10 +54,15 @@ class PrefillChunk:
     end: int
     # Tokens already in the cache before this chunk.
     num_cached: int
-    # [num_blocks] the sequence's blocks covering num_cached + (end - start) tokens.
+    # [num_blocks] the sequence's blocks from the one holding key `first_key` to the one
+    # holding its last token.
     block_ids: torch.Tensor
-    # [q, num_cached + q] boolean mask (True = attend) when num_cached > 0, else None (pure causal).
+    # [q, context - first_key] boolean mask (True = attend) over the keys read, or None when
+    # the chunk attends causally to itself alone (nothing cached, no window cutting in).
     mask: torch.Tensor | None
+    # Position of the first key read: 0, or for a sliding window the start of the block
+    # holding the first query's first visible key.
+    first_key: int = 0
 
 
 @dataclass
@@ -65,6 +77,8 @@ class DecodeBatch:
     context_lens: torch.Tensor
     # The compiled module (engine.kernels) that runs it.
     kernel: object
+    # [B] int64 first key each query attends to (sliding window), or None (from key 0).
+    starts: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,6 +92,8 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
+    # Keys each query sees, itself included (sliding-window layers); None = the whole context.
+    window: int | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -96,18 +112,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] (this step's); caches: [N, block_size, KVH, D] -> [T, H, D]."""
+    """q: [T, H, D]; k, v: [T, KVH, D] (this step's); caches: [N, block_size, KVH, D] -> [T, H, D].
+    softcap: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     batch = meta.decode_batch
     if batch is not None:
         out[batch.token_indices] = batch.kernel.paged_decode_attention(
-            q[batch.token_indices], k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+            q[batch.token_indices], k_cache, v_cache, batch.block_tables, batch.context_lens, scale,
+            batch.starts, softcap or 0.0)
     for group in meta.decode_groups:
-        out[group.token_indices] = _decode_attention(q[group.token_indices], k_cache, v_cache, group, scale)
+        out[group.token_indices] = _decode_attention(q[group.token_indices], k_cache, v_cache, group, scale,
+                                                     softcap)
     for chunk in meta.prefill_chunks:
-        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale)
+        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, scale, softcap)
     return out
 
 
@@ -116,7 +136,29 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return torch.index_select(cache, 0, block_ids)
 
 
-def _decode_attention(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _attend(queries, keys, values, mask, scale: float, softcap: float | None, is_causal: bool = False):
+    """SDPA over [B, H, q, D] queries and [B, KVH, k, D] keys/values (grouped-query heads
+    broadcast); mask: boolean (True = attend) or additive, or None. SDPA cannot soft-cap,
+    so a soft-capped layer takes the plain softmax path."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
+    group = queries.shape[1] // keys.shape[1]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
+
+
+def _decode_attention(q, k_cache, v_cache, group: DecodeGroup, scale: float, softcap: float | None):
     # q: [B, H, D]
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -126,32 +168,24 @@ def _decode_attention(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> 
     values = _gather(v_cache, group.block_ids).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
     # Fold the query heads of each KV head into the query axis: [B, KVH, G, D].
     queries = q.view(batch, num_kv_heads, group_size, head_dim)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, scale=scale)
+    out = _attend(queries, keys, values, group.mask, scale, softcap)
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float) -> torch.Tensor:
-    num_q = chunk.end - chunk.start
+def _prefill_attention(q, k, v, k_cache, v_cache, chunk: PrefillChunk, scale: float, softcap: float | None):
     queries = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-    if chunk.num_cached == 0:
+    if chunk.num_cached == 0 and chunk.first_key == 0:
         keys = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, q, D]
         values = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, is_causal=True, scale=scale, enable_gqa=True
-        )
+        out = _attend(queries, keys, values, chunk.mask, scale, softcap, is_causal=chunk.mask is None)
     else:
-        context = chunk.num_cached + num_q
+        num_read = chunk.mask.shape[1]  # keys first_key .. context - 1
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        keys = _gather(k_cache, chunk.block_ids).view(-1, num_kv_heads, head_dim)[:context]
-        values = _gather(v_cache, chunk.block_ids).view(-1, num_kv_heads, head_dim)[:context]
-        out = F.scaled_dot_product_attention(
-            queries,
-            keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0),
-            attn_mask=chunk.mask,
-            scale=scale,
-            enable_gqa=True,
-        )
+        offset = chunk.first_key % k_cache.shape[1]
+        keys = _gather(k_cache, chunk.block_ids).view(-1, num_kv_heads, head_dim)[offset:offset + num_read]
+        values = _gather(v_cache, chunk.block_ids).view(-1, num_kv_heads, head_dim)[offset:offset + num_read]
+        out = _attend(queries, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+                      chunk.mask, scale, softcap)
     return out.squeeze(0).transpose(0, 1)  # [q, H, D]
 
 
@@ -167,13 +201,14 @@ def build_decode_groups(
     block_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    window: int | None = None,
 ) -> list[DecodeGroup]:
     """Group decode sequences of similar length so that padding stays small."""
     order = sorted(range(len(token_indices)), key=lambda i: context_lens[i])
     padded = [len(block_tables[i]) * block_size for i in order]
     groups = [order[start:end] for start, end in _partition(padded, GROUP_OVERHEAD_TOKENS)]
     return [
-        _make_decode_group(g, token_indices, block_tables, context_lens, block_size, device, dtype)
+        _make_decode_group(g, token_indices, block_tables, context_lens, block_size, device, dtype, window)
         for g in groups
     ]
 
@@ -207,20 +242,25 @@ def _padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
 
 
 def build_decode_batch(token_indices: list[int], block_tables: list[list[int]], context_lens: list[int],
-                       device: torch.device, kernel) -> DecodeBatch:
+                       device: torch.device, kernel, window: int | None = None) -> DecodeBatch:
+    lens = torch.tensor(context_lens, dtype=torch.long)
     return DecodeBatch(
         token_indices=torch.tensor(token_indices, device=device),
         block_tables=_padded_block_tables(block_tables).to(device),
-        context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
+        context_lens=lens.to(device),
         kernel=kernel,
+        starts=None if window is None else (lens - window).clamp(min=0).to(device),
     )
 
 
-def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype):
+def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype, window):
     block_ids = _padded_block_tables([block_tables[i] for i in members])
     padded_len = block_ids.shape[1] * block_size
     lens = torch.tensor([context_lens[i] for i in members])
-    valid = torch.arange(padded_len)[None, :] < lens[:, None]
+    positions = torch.arange(padded_len)[None, :]
+    valid = positions < lens[:, None]
+    if window is not None:
+        valid &= positions >= lens[:, None] - window
     mask = torch.zeros(len(members), 1, 1, padded_len, dtype=dtype)
     mask.masked_fill_(~valid.view(len(members), 1, 1, padded_len), float("-inf"))
     return DecodeGroup(
@@ -232,19 +272,28 @@ def _make_decode_group(members, token_indices, block_tables, context_lens, block
 
 
 def make_prefill_chunk(start: int, end: int, num_cached: int, block_table: list[int],
-                       block_size: int, device: torch.device) -> PrefillChunk:
+                       block_size: int, device: torch.device, window: int | None = None) -> PrefillChunk:
+    """Query positions [num_cached, num_cached + end - start) of one sequence: each sees the keys
+    at or before it, and with a window only the last `window` of them (itself included)."""
     num_q = end - start
     context = num_cached + num_q
-    num_blocks = (context + block_size - 1) // block_size
+    first_key = 0
+    if window is not None:  # the first query's first visible key, rounded down to its block
+        first_key = max(0, num_cached - window + 1) // block_size * block_size
     mask = None
-    if num_cached > 0:
-        # Query i (position num_cached + i) sees keys 0..num_cached + i.
+    if num_cached > 0 or (window is not None and window < num_q):
         q_pos = torch.arange(num_cached, context)[:, None]
-        mask = (torch.arange(context)[None, :] <= q_pos).to(device)
+        k_pos = torch.arange(first_key, context)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        mask = mask.to(device)
+    num_blocks = (context + block_size - 1) // block_size
     return PrefillChunk(
         start=start,
         end=end,
         num_cached=num_cached,
-        block_ids=torch.tensor(block_table[:num_blocks], dtype=torch.long, device=device),
+        block_ids=torch.tensor(block_table[first_key // block_size:num_blocks], dtype=torch.long, device=device),
         mask=mask,
+        first_key=first_key,
     )

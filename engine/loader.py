@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -132,14 +133,32 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_weights(model_dir: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read only the named tensors (so a pipeline stage never holds the whole model)."""
+    """Read only the named tensors (so a pipeline stage never holds the whole model), cast to
+    `dtype` (bf16, fp16 and fp32 checkpoints alike). A sharded checkpoint's index
+    (model.safetensors.index.json) says which shard holds each tensor, so only those open."""
     wanted = set(names)
     tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
+    for file in _shards_holding(model_dir, wanted):
         with safe_open(str(file), framework="pt") as f:
             for name in wanted.intersection(f.keys()):
                 tensors[name] = f.get_tensor(name).to(dtype)
-    missing = sorted(wanted - set(tensors) - {"lm_head.weight"})
+    missing = sorted(wanted - set(tensors))
     if missing:
-        raise ModelLoadError(f"weights missing from {model_dir}: {', '.join(missing[:5])}")
+        raise ModelLoadError(f"weights missing from {model_dir}: {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return tensors
+
+
+def _shards_holding(model_dir: Path, names: set[str]) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        return sorted(model_dir.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot read {index}: {exc}") from exc
+    files = sorted({weight_map[name] for name in names if name in weight_map})
+    missing = [f for f in files if not (model_dir / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"{index} names shard(s) not in the folder: {', '.join(missing[:5])}")
+    return [model_dir / f for f in files]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.models.llama import LlamaArgs
+from engine.models import ModelArgs
 
 
-def chunk_flops(args: LlamaArgs, num_cached: int, num_new: int, samples_token: bool) -> float:
+def chunk_flops(args: ModelArgs, num_cached: int, num_new: int, samples_token: bool) -> float:
     """FLOPs to compute `num_new` tokens after `num_cached` ones.
 
     2 x (layer parameters) per token, plus attention: QK^T and AV cost

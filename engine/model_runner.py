@@ -16,9 +16,9 @@ import torch
 from engine.attention import AttentionMetadata, build_decode_batch, build_decode_groups, make_prefill_chunk
 from engine.config import EngineConfig
 from engine.loader import load_weights
+from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, prepack_linears
 from engine.quantization import quantize_model
-from engine.models.llama import LlamaArgs, LlamaForCausalLM, RotaryEmbedding, TruncatedModel
 from engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
@@ -35,12 +35,13 @@ class ModelInput:
     input_ids: torch.Tensor
     # [T] position of each token in its sequence.
     positions: torch.Tensor
-    attn: AttentionMetadata
+    # Attention metadata per window of the model's layers (None: full attention).
+    attn: dict[int | None, AttentionMetadata]
     # [N] flat index of the last token of each chunk that samples (chunk order).
     logits_indices: torch.Tensor
 
 
-def kv_bytes_per_block(args: LlamaArgs, block_size: int, dtype: torch.dtype, num_layers: int) -> int:
+def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, num_layers: int) -> int:
     """K and V for `block_size` tokens over `num_layers` layers."""
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * num_layers * block_size * args.num_kv_heads * args.head_dim * element
@@ -111,13 +112,14 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
-        self.args = LlamaArgs.from_hf_config(hf_config)
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.args, hf_config, max_model_len, first_layer, last_layer)
-        # Built on the meta device (no random init), then filled from the checkpoint.
+            model = build_model(hf_config, first_layer, last_layer)
+        self.args = model.args
+        # Built on the meta device (no random init), then filled from the checkpoint; the
+        # rotary tables are computed outside the meta context.
         model = model.to(dtype=dtype).to_empty(device=device)
-        model.rotary = RotaryEmbedding(hf_config, self.args.head_dim, max_model_len).to(device)
-        model.load_hf_weights(load_weights(model_dir, model.weight_names(), dtype))
+        model.set_rotary(hf_config, max_model_len, device)
+        model.load_weights(load_weights(model_dir, model.weight_names(), dtype))
         if config.quantization == "int8":
             quantize_model(model, device, dtype)
         elif config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
@@ -204,24 +206,32 @@ class ModelRunner:
 
     def build(self, plan: StepPlan) -> ModelInput:
         """The step's tensors and attention metadata on this runner's device."""
-        device, bs = self.device, self.block_size
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor(plan.slots, dtype=torch.long, device=device),
-            prefill_chunks=[make_prefill_chunk(a, b, start, table, bs, device) for a, b, start, table in plan.prefill],
-            block_size=bs,
-        )
-        if plan.decode_tokens and self.decode_kernel is not None:
-            attn.decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens,
-                                                   device, self.decode_kernel)
-        elif plan.decode_tokens:
-            attn.decode_groups = build_decode_groups(plan.decode_tokens, plan.decode_tables, plan.decode_lens, bs,
-                                                     device, self.dtype)
+        device = self.device
+        slot_mapping = torch.tensor(plan.slots, dtype=torch.long, device=device)
         return ModelInput(
             input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
-            attn=attn,
+            attn={window: self._attention_metadata(plan, slot_mapping, window) for window in self.model.windows},
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
         )
+
+    def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor,
+                            window: int | None) -> AttentionMetadata:
+        device, bs = self.device, self.block_size
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            prefill_chunks=[make_prefill_chunk(a, b, start, table, bs, device, window)
+                            for a, b, start, table in plan.prefill],
+            block_size=bs,
+            window=window,
+        )
+        if plan.decode_tokens and self.decode_kernel is not None:
+            attn.decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens,
+                                                   device, self.decode_kernel, window)
+        elif plan.decode_tokens:
+            attn.decode_groups = build_decode_groups(plan.decode_tokens, plan.decode_tables, plan.decode_lens, bs,
+                                                     device, self.dtype, window)
+        return attn
 
     # In process there is nothing to overlap: a batch is computed when submitted.
     max_inflight = 1

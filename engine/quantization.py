@@ -24,6 +24,8 @@ import logging
 import torch
 from torch import nn
 
+from engine.models.layers import MoE
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("none", "int8")
@@ -129,6 +131,8 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -
 
     swapped = 0
     for parent in list(model.modules()):
+        if isinstance(parent, MoE):  # the router stays in float: int8 scores would flip routing
+            continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 q, scales = rows(child.weight)

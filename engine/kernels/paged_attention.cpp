@@ -5,6 +5,9 @@
 // k/v cache:    [N, block_size, KVH, D]    (contiguous)
 // block_tables: [B, max_blocks] int64      (rows padded with any valid id)
 // context_lens: [B] int64                  (keys each query attends to)
+// starts:       [B] int64, optional        (first key each query attends to: a sliding
+//                                           window reads only keys [start, length))
+// softcap:      > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 // returns:      [B, H, D]
 //
 // Work is split over sequences (or, for small batches, sequence x KV head); the
@@ -37,10 +40,11 @@ inline void axpy(float* acc, float w, const scalar_t* v, int64_t dim) {
 // walked token by token in slot order, so each item streams its rows once.
 template <typename scalar_t>
 void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
-            int64_t length, scalar_t* out, int64_t head_begin, int64_t head_end, int64_t group,
-            int64_t num_kv_heads, int64_t dim, int64_t block_size, float scale,
+            int64_t start, int64_t end, scalar_t* out, int64_t head_begin, int64_t head_end, int64_t group,
+            int64_t num_kv_heads, int64_t dim, int64_t block_size, float scale, float softcap,
             std::vector<float>& queries, std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t heads = head_end - head_begin;
+  const int64_t length = end - start;  // keys read: [start, end)
   const int64_t token_stride = num_kv_heads * dim;  // between consecutive slots
   queries.resize(heads * dim);
   scores.resize(heads * length);
@@ -49,11 +53,14 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     for (int64_t d = 0; d < dim; ++d) queries[h * dim + d] = static_cast<float>(q[(head_begin + h) * dim + d]) * scale;
   // Pass 1: every head's score for every key.
   for (int64_t t = 0; t < length; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    const int64_t pos = start + t;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
     const scalar_t* row = k_cache + slot * token_stride;
     for (int64_t h = 0; h < heads; ++h)
       scores[h * length + t] = dot(&queries[h * dim], row + ((head_begin + h) / group) * dim, dim);
   }
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < heads * length; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
   // Pass 2: softmax per head (max-subtracted, float32); keep 1 / sum.
   std::vector<float> inv_totals(heads);
   for (int64_t h = 0; h < heads; ++h) {
@@ -70,7 +77,8 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
   }
   // Pass 3: weighted sum of the values.
   for (int64_t t = 0; t < length; ++t) {
-    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    const int64_t pos = start + t;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
     const scalar_t* row = v_cache + slot * token_stride;
     for (int64_t h = 0; h < heads; ++h)
       axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
@@ -82,9 +90,9 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
 
 template <typename scalar_t>
 void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                      const int64_t* block_tables, const int64_t* context_lens, scalar_t* out,
-                      int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim,
-                      int64_t block_size, int64_t max_blocks, float scale) {
+                      const int64_t* block_tables, const int64_t* context_lens, const int64_t* starts,
+                      scalar_t* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim,
+                      int64_t block_size, int64_t max_blocks, float scale, float softcap) {
   const int64_t group = num_heads / num_kv_heads;
   // Whole sequences per item when there are enough to keep every thread busy (each
   // K/V row is then read once); otherwise split sequences by KV head.
@@ -98,9 +106,9 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / splits, part = item % splits;
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
-      attend(q + b * num_heads * dim, k_cache, v_cache, block_tables + b * max_blocks, context_lens[b],
-             out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
-             queries, scores, acc);
+      attend(q + b * num_heads * dim, k_cache, v_cache, block_tables + b * max_blocks,
+             starts == nullptr ? 0 : starts[b], context_lens[b], out + b * num_heads * dim, head_begin,
+             head_end, group, num_kv_heads, dim, block_size, scale, softcap, queries, scores, acc);
     }
   }
 }
@@ -109,7 +117,7 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
-                                     double scale) {
+                                     double scale, c10::optional<torch::Tensor> starts, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "not contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
@@ -121,16 +129,29 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == dim && num_heads % num_kv_heads == 0, "head shapes disagree");
   TORCH_CHECK(tables.size(0) == batch && lens.size(0) == batch, "one table and length per sequence");
+  torch::Tensor first_keys;
+  if (starts.has_value()) {
+    first_keys = starts->contiguous();
+    TORCH_CHECK(first_keys.scalar_type() == at::kLong && first_keys.size(0) == batch,
+                "starts must be int64, one per sequence");
+    TORCH_CHECK(at::all(first_keys.ge(0).logical_and(first_keys.lt(lens))).item<bool>(),
+                "every start must lie in [0, context_len)");
+  }
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_attention<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                                v_cache.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
-                               lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch, num_heads,
-                               num_kv_heads, dim, block_size, tables.size(1), static_cast<float>(scale));
+                               lens.data_ptr<int64_t>(),
+                               first_keys.defined() ? first_keys.data_ptr<int64_t>() : nullptr,
+                               out.data_ptr<scalar_t>(), batch, num_heads, num_kv_heads, dim, block_size,
+                               tables.size(1), static_cast<float>(scale), static_cast<float>(softcap));
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)", pybind11::arg("q"),
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
+        pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("starts") = pybind11::none(),
+        pybind11::arg("softcap") = 0.0);
 }

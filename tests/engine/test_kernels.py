@@ -10,17 +10,24 @@ from engine.kernels import load_paged_attention
 from engine.models.linear import BLOCK_ROWS, OneDNNLinear, onednn_available, padded_rows
 
 
-def _reference_decode(q, k_cache, v_cache, tables, lens, scale):
-    """Gather each sequence's K/V and run SDPA on it: [B, H, D]."""
+def _reference_decode(q, k_cache, v_cache, tables, lens, scale, starts=None, softcap=None):
+    """Gather each sequence's K/V (keys [start, len)) and attend in plain PyTorch: [B, H, D]."""
     block_size, num_kv, dim = k_cache.shape[1], k_cache.shape[2], q.shape[2]
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
-        n = int(lens[b])
+        n, first = int(lens[b]), 0 if starts is None else int(starts[b])
         blocks = tables[b, : (n + block_size - 1) // block_size]
-        keys = k_cache[blocks].reshape(-1, num_kv, dim)[:n].transpose(0, 1)  # [KVH, n, D]
-        values = v_cache[blocks].reshape(-1, num_kv, dim)[:n].transpose(0, 1)
-        out[b] = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, scale=scale,
-                                                enable_gqa=True).squeeze(1)
+        keys = k_cache[blocks].reshape(-1, num_kv, dim)[first:n].transpose(0, 1)  # [KVH, n, D]
+        values = v_cache[blocks].reshape(-1, num_kv, dim)[first:n].transpose(0, 1)
+        if softcap is None:
+            out[b] = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values, scale=scale,
+                                                    enable_gqa=True).squeeze(1)
+            continue
+        group = q.shape[1] // num_kv
+        keys, values = keys.repeat_interleave(group, 0), values.repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[b], keys) * scale
+        probs = torch.softmax(torch.tanh(scores / softcap) * softcap, dim=-1)
+        out[b] = torch.einsum("hn,hnd->hd", probs, values)
     return out
 
 
@@ -38,6 +45,28 @@ def test_paged_decode_kernel_matches_sdpa(batch, num_heads, num_kv_heads):
     out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5)
     expected = _reference_decode(q, k_cache, v_cache, tables, lens, dim**-0.5)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_paged_decode_kernel_sliding_window_and_softcap(softcap):
+    """Keys before each sequence's start (a sliding window) are never read; soft-capped scores."""
+    kernel = load_paged_attention()
+    torch.manual_seed(3)
+    batch, num_heads, num_kv_heads, block_size, dim, num_blocks = 5, 8, 2, 16, 32, 64
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, dim) * 3
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.tensor([1, 7, 40, 150, 200])
+    starts = (lens - 20).clamp(min=0)
+    tables = torch.stack([torch.randperm(num_blocks)[:13] for _ in range(batch)])
+    q = torch.randn(batch, num_heads, dim)
+    out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, starts, softcap or 0.0)
+    expected = _reference_decode(q, k_cache, v_cache, tables, lens, dim**-0.5, starts, softcap)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+    # Control: without the starts the answer differs (the window matters for these lengths).
+    full = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, None, softcap or 0.0)
+    assert not torch.allclose(full, expected, atol=1e-3)
+    with pytest.raises(RuntimeError, match="start"):
+        kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, lens.clone())
 
 
 def test_paged_decode_kernel_rejects_bad_input():

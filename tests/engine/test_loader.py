@@ -70,3 +70,39 @@ def test_nonexistent_path_and_unknown_config_key():
         LLM(model="/no/such/model")
     with pytest.raises(ValueError, match="unknown engine config keys: bogus"):
         LLM(bogus=1)
+
+
+def test_sharded_bf16_checkpoint_loads_only_the_shards_it_needs(llm, tmp_path, monkeypatch):
+    """A bf16 checkpoint in several shards (model.safetensors.index.json) gives the same greedy
+    output as the same weights in one float32 file, and a pipeline stage opens only the
+    shards that hold its layers."""
+    import torch
+    import transformers
+
+    from engine import loader
+    from tests.engine.test_families import build_tiny_model
+
+    single = tmp_path / "single"
+    build_tiny_model("qwen3", single, llm.engine.model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(single, dtype=torch.bfloat16)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="1MB")
+    for file in single.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, sharded / file.name)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).save_pretrained(single)
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    config = dict(device="cpu", dtype="float32", num_kv_blocks=32)
+    assert (LLM(model=str(sharded), **config).generate("Hello there", params)[0].token_ids
+            == LLM(model=str(single), **config).generate("Hello there", params)[0].token_ids)
+
+    opened = []
+    real_open = loader.safe_open
+    monkeypatch.setattr(loader, "safe_open", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    layer2 = [n for n in json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+              if n.startswith("model.layers.2.")]
+    loader.load_weights(sharded, layer2, torch.float32)
+    assert 0 < len(opened) < len(shards)

@@ -1,0 +1,384 @@
+"""The decoder-only transformer every supported family is an instance of, and the
+registry that maps a Hugging Face config to its family.
+
+Takes a flat batch of T tokens from many sequences, each with its own position,
+so prefill chunks and decode tokens of different requests run in one forward.
+What differs between families (norm variants, q/k norms, sliding windows, soft-capping,
+experts, checkpoint names) is data in `ModelArgs` and the family's `weight_map`;
+a family file (llama.py, gemma2.py, ...) fills both and registers itself.
+Shapes in comments: T tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata
+from engine.models.layers import Attention, GatedMLP, MoE, RMSNorm, RotaryEmbedding, build_rotary
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass
+class ModelArgs:
+    """The architecture numbers and switches the forward pass needs, read from a HF config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # q and k normalised per head before the rotation (Qwen3, Gemma 3).
+    qk_norm: bool = False
+    # Gemma's RMS norm multiplies by (1 + weight).
+    norm_offset: float = 0.0
+    # Gemma 2/3: norms after attention and around the MLP ("sandwich"), not only before.
+    sandwich_norms: bool = False
+    # Gemma: the embedding is multiplied by sqrt(hidden_size) (in the model's dtype).
+    embed_scale: float | None = None
+    # Attention score scale; None = head_dim ** -0.5.
+    attn_scale: float | None = None
+    # Soft-capping of attention scores and of the final logits (Gemma 2): cap * tanh(x / cap).
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    # Per layer: "full_attention" or "sliding_attention" (also picks the rope tables), and
+    # the window of keys each query sees (None = the whole context).
+    layer_types: list[str] = field(default_factory=list)
+    layer_windows: list[int | None] = field(default_factory=list)
+    # Routed experts (0 = a dense model); moe_layers[i]: layer i has experts, else a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.layer_types = self.layer_types or [FULL] * self.num_layers
+        self.layer_windows = self.layer_windows or [None] * self.num_layers
+        self.moe_layers = self.moe_layers or [self.num_experts > 0] * self.num_layers
+        if not len(self.layer_types) == len(self.layer_windows) == len(self.moe_layers) == self.num_layers:
+            raise ValueError("layer_types, layer_windows and moe_layers need one entry per layer")
+        if self.hidden_act not in ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu"):
+            raise ValueError(f"unsupported activation {self.hidden_act!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} query heads cannot share {self.num_kv_heads} KV heads evenly")
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters touched per token by the matmuls (embedding lookup excluded, head
+        included); an MoE layer counts its router and the experts a token is routed to."""
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        dense = 3 * self.hidden_size * self.intermediate_size
+        routed = self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size \
+            + self.num_experts * self.hidden_size
+        mlp = sum(routed if moe else dense for moe in self.moe_layers)
+        return self.num_layers * attn + mlp + self.vocab_size * self.hidden_size
+
+    @property
+    def windows(self) -> set[int | None]:
+        """The distinct attention windows of the layers (each gets its own step metadata)."""
+        return set(self.layer_windows)
+
+
+# --- checkpoint names -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Part:
+    """A checkpoint tensor, or rows [row_start, row_end) of one (a part of a fused tensor)."""
+
+    name: str
+    row_start: int | None = None
+    row_end: int | None = None
+
+
+# Our parameter name -> the parts concatenated along dim 0 to make it; for the experts'
+# [E, ...] tensors, one list of parts per expert (stacked).
+WeightMap = dict[str, "list[Part] | list[list[Part]]"]
+
+
+def standard_layer_map(args: ModelArgs, i: int) -> WeightMap:
+    """Our layer i's parameters from checkpoint names as Llama, Mistral, Qwen and Gemma save them."""
+    ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+    attn = theirs + "self_attn."
+    names: WeightMap = {
+        ours + "self_attn.qkv_proj.weight": [Part(attn + f"{p}_proj.weight") for p in "qkv"],
+        ours + "self_attn.o_proj.weight": [Part(attn + "o_proj.weight")],
+        ours + "input_layernorm.weight": [Part(theirs + "input_layernorm.weight")],
+        ours + "post_attention_layernorm.weight": [Part(theirs + "post_attention_layernorm.weight")],
+    }
+    if args.qkv_bias:
+        names[ours + "self_attn.qkv_proj.bias"] = [Part(attn + f"{p}_proj.bias") for p in "qkv"]
+    if args.o_bias:
+        names[ours + "self_attn.o_proj.bias"] = [Part(attn + "o_proj.bias")]
+    if args.qk_norm:
+        names[ours + "self_attn.q_norm.weight"] = [Part(attn + "q_norm.weight")]
+        names[ours + "self_attn.k_norm.weight"] = [Part(attn + "k_norm.weight")]
+    if args.sandwich_norms:
+        for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            names[ours + norm + ".weight"] = [Part(theirs + norm + ".weight")]
+    if not args.moe_layers[i]:
+        mlp = theirs + "mlp."
+        names[ours + "mlp.gate_up_proj.weight"] = [Part(mlp + "gate_proj.weight"), Part(mlp + "up_proj.weight")]
+        names[ours + "mlp.down_proj.weight"] = [Part(mlp + "down_proj.weight")]
+        if args.mlp_bias:
+            names[ours + "mlp.gate_up_proj.bias"] = [Part(mlp + "gate_proj.bias"), Part(mlp + "up_proj.bias")]
+            names[ours + "mlp.down_proj.bias"] = [Part(mlp + "down_proj.bias")]
+    return names
+
+
+def expert_map(args: ModelArgs, i: int, prefix: str, gate: str, up: str, down: str) -> WeightMap:
+    """Layer i's router and experts from per-expert checkpoint tensors
+    (`{prefix}.experts.{e}.{gate|up|down}.weight` and `{prefix}.gate.weight`)."""
+    experts = range(args.num_experts)
+    return {
+        f"layers.{i}.mlp.gate.weight": [Part(f"{prefix}.gate.weight")],
+        f"layers.{i}.mlp.gate_up": [[Part(f"{prefix}.experts.{e}.{gate}.weight"),
+                                     Part(f"{prefix}.experts.{e}.{up}.weight")] for e in experts],
+        f"layers.{i}.mlp.down": [[Part(f"{prefix}.experts.{e}.{down}.weight")] for e in experts],
+    }
+
+
+# --- the model -------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int) -> None:
+        super().__init__()
+        eps, offset = args.rms_norm_eps, args.norm_offset
+        self.input_layernorm = RMSNorm(args.hidden_size, eps, offset)
+        self.self_attn = Attention(args, index)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps, offset)
+        self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
+        if args.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
+        self.mlp = MoE(args) if args.moe_layers[index] else \
+            GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+
+    def forward(self, x, positions, rotary, kv_cache, metas):
+        attn = self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, metas)
+        if self.pre_feedforward_layernorm is None:  # Llama: pre-norms only
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)  # Gemma: normalise each branch's output too
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class CausalLM(nn.Module):
+    """The decoder stack for layers [first_layer, last_layer); embedding and head on the ends.
+    Families differ only in `args` and `weight_map` (see `register_family`)."""
+
+    def __init__(self, args: ModelArgs, layer_map: Callable[[ModelArgs, int], WeightMap],
+                 first_layer: int = 0, last_layer: int | None = None) -> None:
+        super().__init__()
+        self.args = args
+        self.layer_map = layer_map
+        self.first_layer = first_layer
+        self.last_layer = args.num_layers if last_layer is None else last_layer
+        self.is_first = first_layer == 0
+        self.is_last = self.last_layer == args.num_layers
+        # Rotary tables per layer type, set by set_rotary() outside any meta-device context.
+        self.rotary: dict[str, RotaryEmbedding] = {}
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(self.first_layer, self.last_layer))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset) if self.is_last else None
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last else None
+
+    def set_rotary(self, hf_config, max_positions: int, device: torch.device) -> None:
+        types = {layer.self_attn.rope_key for layer in self.layers}
+        self.rotary = {t: build_rotary(hf_config, self.args.head_dim, max_positions, t).to(device) for t in types}
+
+    @property
+    def windows(self) -> set[int | None]:
+        return {layer.self_attn.window for layer in self.layers}
+
+    def forward(self, input_ids_or_hidden: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                metas: dict[int | None, AttentionMetadata]) -> torch.Tensor:
+        """[T] token ids (first stage) or [T, D] hidden states -> [T, D] hidden states.
+        metas: the step's attention metadata per window (None: full attention)."""
+        if self.is_first:
+            x = self.embed_tokens(input_ids_or_hidden)
+            if self.args.embed_scale is not None:  # in the model's dtype, as HF rounds it
+                x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
+        else:
+            x = input_ids_or_hidden
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rotary[layer.self_attn.rope_key], kv_cache, metas)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, D] last-layer hidden states -> [N, V] fp32 logits."""
+        logits = self.lm_head(self.norm(hidden)).float()
+        if self.args.final_softcap is not None:
+            cap = self.args.final_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # --- weights ------------------------------------------------------------
+
+    def weight_map(self) -> WeightMap:
+        """Each of our parameters -> the checkpoint parts it is made of (this stage's only)."""
+        names: WeightMap = {}
+        for i in range(self.first_layer, self.last_layer):
+            local = self.layer_map(self.args, i)
+            names.update({k.replace(f"layers.{i}.", f"layers.{i - self.first_layer}.", 1): v
+                          for k, v in local.items()})
+        if self.is_first:
+            names["embed_tokens.weight"] = [Part("model.embed_tokens.weight")]
+        if self.is_last:
+            names["norm.weight"] = [Part("model.norm.weight")]
+            if not self.args.tie_word_embeddings:
+                names["lm_head.weight"] = [Part("lm_head.weight")]
+            elif not self.is_first:  # tied, but the embedding lives in another stage
+                names["lm_head.weight"] = [Part("model.embed_tokens.weight")]
+        return names
+
+    def weight_names(self) -> list[str]:
+        """Checkpoint tensor names this module needs (for partial loading)."""
+        names = set()
+        for parts in self.weight_map().values():
+            for part in parts:
+                names.update(p.name for p in part) if isinstance(part, list) else names.add(part.name)
+        return sorted(names)
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Fill every parameter from checkpoint tensors named as in HF checkpoints."""
+        params = dict(self.named_parameters())
+        for name, parts in self.weight_map().items():
+            _copy(params[name], _assemble(tensors, parts), name)
+        if self.is_last and self.args.tie_word_embeddings and self.is_first:
+            self.lm_head.weight = self.embed_tokens.weight  # share, don't copy
+
+
+class TruncatedModel(nn.Module):
+    """The embedding, the first `num_layers` layers and the output head of a whole model,
+    sharing its modules: a draft for self-speculative decoding that needs no second model."""
+
+    def __init__(self, model: CausalLM, num_layers: int) -> None:
+        super().__init__()
+        if not 1 <= num_layers <= len(model.layers):
+            raise ValueError(f"a truncated model keeps 1 to {len(model.layers)} layers, not {num_layers}")
+        self.args = model.args
+        self.is_first = self.is_last = True
+        self.rotary = model.rotary
+        self.embed_tokens = model.embed_tokens
+        self.layers = nn.ModuleList(list(model.layers)[:num_layers])
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+
+    forward = CausalLM.forward
+    compute_logits = CausalLM.compute_logits
+    windows = CausalLM.windows
+
+
+def _assemble(tensors: dict[str, torch.Tensor], parts) -> torch.Tensor:
+    if isinstance(parts[0], list):  # experts: one tensor per expert, stacked
+        return torch.stack([_assemble(tensors, expert) for expert in parts])
+    pieces = []
+    for part in parts:
+        tensor = tensors[part.name]
+        pieces.append(tensor if part.row_start is None else tensor[part.row_start:part.row_end])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if param.shape != value.shape:
+        raise ValueError(f"weight shape mismatch for {name}: expected {tuple(param.shape)}, "
+                         f"got {tuple(value.shape)}")
+    param.copy_(value)
+
+
+# --- the registry ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to read one family's config and checkpoint."""
+
+    name: str
+    # HF config -> ModelArgs (raises ValueError for settings semline does not run).
+    args_from_config: Callable[[object], ModelArgs]
+    # (args, layer index) -> that layer's parameters' checkpoint parts.
+    layer_map: Callable[[ModelArgs, int], WeightMap] = standard_layer_map
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(model_types: tuple[str, ...], family: ModelFamily) -> ModelFamily:
+    for model_type in model_types:
+        _FAMILIES[model_type] = family
+    return family
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def resolve_family(hf_config) -> ModelFamily:
+    """The family of a HF config (by model_type), or a ValueError naming what is supported."""
+    model_type = getattr(hf_config, "model_type", None)
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        architectures = ", ".join(getattr(hf_config, "architectures", None) or []) or "?"
+        raise ValueError(f"unsupported architecture {model_type!r} ({architectures}): semline runs "
+                         f"{', '.join(supported_model_types())} models")
+    return family
+
+
+def model_args(hf_config) -> ModelArgs:
+    return resolve_family(hf_config).args_from_config(hf_config)
+
+
+def build_model(hf_config, first_layer: int = 0, last_layer: int | None = None) -> CausalLM:
+    """The module for layers [first_layer, last_layer) of a HF config's model (parameters
+    uninitialised; fill with load_weights, then set_rotary)."""
+    family = resolve_family(hf_config)
+    return CausalLM(family.args_from_config(hf_config), family.layer_map, first_layer, last_layer)
+
+
+def common_args(config, **overrides) -> dict:
+    """The ModelArgs fields every family reads the same way from its HF config."""
+    num_heads = config.num_attention_heads
+    values = dict(
+        model_type=config.model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        hidden_act=getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu"),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+    )
+    values.update(overrides)
+    return values
+
+
+def window_layers(config, window: int | None, sliding: Callable[[int], bool]) -> dict:
+    """layer_types / layer_windows for a model whose layer i slides when sliding(i); the
+    config's own `layer_types` (transformers 4.53+) wins where present."""
+    n = config.num_hidden_layers
+    types = list(getattr(config, "layer_types", None) or
+                 [SLIDING if window is not None and sliding(i) else FULL for i in range(n)])
+    if window is None:
+        types = [FULL] * n
+    return {"layer_types": types, "layer_windows": [window if t == SLIDING else None for t in types]}

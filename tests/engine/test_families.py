@@ -1,0 +1,165 @@
+"""Every supported model family, token-identical to Hugging Face `generate` (greedy, float32).
+
+Each family is a tiny random-weight model built here from a transformers config (a few
+layers, a small hidden size), saved as a local folder with a real tokenizer (the
+embedded SmolLM2's) beside it: nothing is downloaded. Prompts include one longer than
+any sliding window, prefilled in chunks, and the batch mixes lengths.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationConfig
+
+from engine import LLM, SamplingParams
+from engine.loader import load_hf_config
+from engine.models import model_args
+
+NUM_NEW_TOKENS = 12
+NEAR_TIE = 1e-4
+WINDOW = 12  # sliding window of the windowed families: shorter than most prompts
+
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "llama-linear": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama-dynamic": ("LlamaConfig", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "llama3": ("LlamaConfig", {"rope_theta": 500000.0, "tie_word_embeddings": True, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}}),
+    "llama-yarn": ("LlamaConfig", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {"sliding_window": WINDOW}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0, "sliding_window": WINDOW}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": WINDOW,
+                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                                "pad_token_id": 0}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": WINDOW,
+                                    "sliding_window_pattern": 2, "pad_token_id": 0,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                     "head_dim": 16, "decoder_sparse_step": 1, "mlp_only_layers": [1],
+                                     "norm_topk_prob": True}),
+}
+
+
+def build_tiny_model(name: str, folder, tokenizer_dir) -> None:
+    """A random-weight model of family `name` saved as a HF folder with SmolLM2's tokenizer."""
+    config_class, overrides = FAMILIES[name]
+    config = getattr(transformers, config_class)(**{**_COMMON, "vocab_size": 49152, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    for file in tokenizer_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder / file.name)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    return [
+        encode("The capital of France is"),
+        encode("def add(a, b):\n    return"),
+        # Longer than any window, prefilled in several chunks (max_num_batched_tokens below).
+        encode("A paged KV cache stores the keys and values of every token in fixed-size blocks, so "
+               "that sequences of many lengths share one pool of memory without fragmentation, and "
+               "a block table maps each sequence's positions to the blocks that hold them."),
+        encode("Hi"),
+    ]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, llm, tmp_path_factory, prompts):
+    """(name, folder, HF model, HF greedy tokens per prompt)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    build_tiny_model(request.param, folder, llm.engine.model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = GenerationConfig(max_new_tokens=NUM_NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              generation_config=config)
+            expected.append(out[0, len(ids):].tolist())
+    return request.param, folder, hf, expected
+
+
+def _params() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=3)
+
+
+def _assert_same_or_near_tie(hf, prompt, ours, expected, label):
+    got = ours.token_ids
+    assert len(got) == len(expected) == NUM_NEW_TOKENS, label
+    diverge = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+    if diverge is None:
+        return
+    a, b = got[diverge], expected[diverge]
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt + expected[:diverge]])).logits[0, -1].float()
+    hf_lp = torch.log_softmax(logits, dim=-1)
+    ours_top = {tid: lp for tid, _, lp in ours.logprobs[diverge].top_logprobs}
+    hf_gap = abs(float(hf_lp[a] - hf_lp[b]))
+    our_gap = abs(ours_top[a] - ours_top[b]) if a in ours_top and b in ours_top else float("inf")
+    assert hf_gap < NEAR_TIE and our_gap < NEAR_TIE, (
+        f"{label}: diverged from HF at token {diverge} (ours {a}, HF {b}); gaps HF {hf_gap:.2e}, ours {our_gap:.2e}")
+
+
+def _engine(folder, **overrides) -> LLM:
+    config = dict(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64, max_num_batched_tokens=24)
+    return LLM(**{**config, **overrides})
+
+
+def test_family_matches_hf_alone_and_batched(family, prompts):
+    name, folder, hf, expected = family
+    llm = _engine(folder)
+    for ids, want in zip(prompts, expected):
+        [out] = llm.generate([ids], _params())
+        _assert_same_or_near_tie(hf, ids, out, want, f"{name} alone")
+    # Mixed lengths in one batch; the prompts' prefixes are now in the prefix cache too.
+    for ids, want, out in zip(prompts, expected, llm.generate(prompts, _params())):
+        _assert_same_or_near_tie(hf, ids, out, want, f"{name} batched")
+    # The gathered PyTorch attention path (GPUs, no compiler) as well as the CPU kernel.
+    torch_path = _engine(folder, attention_backend="torch")
+    for ids, want, out in zip(prompts, expected, torch_path.generate(prompts, _params())):
+        _assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, torch attention")
+
+
+def test_windowed_families_read_only_the_window(family):
+    """The sliding-window families really have windows shorter than the long prompt (else the
+    parity test above would not exercise them)."""
+    name, folder, _, _ = family
+    args = model_args(load_hf_config(folder))
+    windowed = name in ("mistral", "qwen2", "phi3", "gemma2", "gemma3", "mixtral")
+    assert (WINDOW in args.layer_windows) == windowed, args.layer_windows
+    if name.startswith("gemma"):  # local and global layers alternate
+        assert None in args.layer_windows
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3_moe"])
+def test_family_with_preemption_speculation_and_int8(name, llm, tmp_path, prompts):
+    """Preemption (a cache too small for the batch) and prompt-lookup speculation leave greedy
+    output unchanged; int8 weights run and stay close."""
+    build_tiny_model(name, tmp_path, llm.engine.model_dir)
+    reference = [o.token_ids for o in _engine(tmp_path).generate(prompts, _params())]
+    small = _engine(tmp_path, num_kv_blocks=8, block_size=8)
+    outs = small.generate(prompts, _params())
+    assert [o.token_ids for o in outs] == reference
+    assert small.engine.stats.num_preemptions > 0
+    spec = _engine(tmp_path, speculative_method="prompt_lookup", num_speculative_tokens=3)
+    assert [o.token_ids for o in spec.generate(prompts, _params())] == reference
+    int8 = _engine(tmp_path, quantization="int8")
+    agree = sum(a == b for o, ref in zip(int8.generate(prompts, _params()), reference)
+                for a, b in zip(o.token_ids, ref))
+    assert agree >= 0.5 * NUM_NEW_TOKENS * len(prompts)
