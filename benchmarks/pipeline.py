@@ -35,6 +35,7 @@ from pathlib import Path
 import ray
 import torch
 
+from cluster.executors import ray_executor
 from engine import LLM, SamplingParams
 from engine.metrics import percentile
 
@@ -68,7 +69,8 @@ def main() -> None:
         if args.device != "cpu":
             options["pipeline_gpus_per_stage"] = int(100 / stages) / 100
             options["kv_cache_memory_gb"] = 2  # not 80 % of the GPU: the runs follow each other
-        llm = LLM(device=args.device, dtype="float32", num_threads=threads, max_num_seqs=args.num_requests,
+        llm = LLM(device=args.device, executor=ray_executor, dtype="float32", num_threads=threads,
+                  max_num_seqs=args.num_requests,
                   pipeline_parallel_size=stages, pipeline_inflight_batches=inflight, **options)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         rng.seed(0)

@@ -24,7 +24,7 @@ one stage per node. Inside a Serve replica that reserved bundles for them
 1..P of the replica's group.
 
 Faults: a stage that dies (or does not answer within `pipeline_step_timeout_s`)
-fails the step with `StageFailure`; the engine then re-queues every running
+fails the step with `ExecutorError`; the engine then re-queues every running
 request for recomputation and calls `rebuild()`, which replaces the dead or
 unresponsive stages in their bundles (the survivors keep their weights; every
 KV cache is treated as empty). The replica reports itself unhealthy meanwhile.
@@ -50,7 +50,7 @@ from ray.util.placement_group import get_current_placement_group, placement_grou
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import ConfigError, EngineConfig
-from engine.llm_engine import StageFailure
+from engine.executor import ExecutorError
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner, StepPlan, num_logits, plan_step
 from engine.models import model_args
@@ -312,7 +312,7 @@ class PipelineRunner:
                 hidden = stage.run.remote(plan_ref, hidden)
             return hidden, start, plan
         except STAGE_ERRORS as exc:
-            raise StageFailure(f"a pipeline stage failed: {exc}") from exc
+            raise ExecutorError(f"a pipeline stage failed: {exc}") from exc
 
     def result(self, handle: tuple) -> torch.Tensor:
         """The logits of a submitted plan. A row the last stage sent as its argmax comes back
@@ -322,7 +322,7 @@ class PipelineRunner:
         try:
             full, token_ids = ray.get(ref, timeout=self.config.pipeline_step_timeout_s)
         except STAGE_ERRORS as exc:
-            raise StageFailure(f"a pipeline stage failed: {exc}") from exc
+            raise ExecutorError(f"a pipeline stage failed: {exc}") from exc
         logits = self._assemble(_tensor(full), torch.from_numpy(token_ids).long(), plan.argmax_rows,
                                 len(plan.logits_indices))
         self.wall_seconds += time.perf_counter() - start

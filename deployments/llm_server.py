@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 import ray
 import torch
 
+from cluster.executors import ray_executor
 from cluster.router import get_or_create_router
 from deployments.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
@@ -35,7 +36,8 @@ class LLMServer:
                  model_name: str = "semline") -> None:
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
         torch.set_num_threads(max(1, num_threads))
-        self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}))
+        self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}),
+                                  executor=ray_executor)
         self.capacity = capacity or self.engine.engine.config.max_num_seqs
         self.replica_id = _replica_id()
         self.router_stats: dict = {}

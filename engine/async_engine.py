@@ -73,8 +73,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
-        self.engine = engine or LLMEngine(config)
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None,
+                 executor=None) -> None:
+        self.engine = engine or LLMEngine(config, executor)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}

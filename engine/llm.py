@@ -19,8 +19,10 @@ class LLM:
     Keyword arguments are EngineConfig fields; unknown ones raise ConfigError.
     """
 
-    def __init__(self, model: str | None = None, **config) -> None:
-        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **config}))
+    def __init__(self, model: str | None = None, executor=None, **config) -> None:
+        """config: EngineConfig's fields; executor: where the model runs (default: this process;
+        cluster.executors.ray_executor for pipeline stages on Ray)."""
+        self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **config}), executor)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

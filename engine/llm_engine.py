@@ -19,7 +19,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
 from engine.metrics import EnergyMeter, EngineStats, chunk_flops
-from engine.model_runner import ModelRunner
+from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
@@ -27,10 +27,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.speculative import propose_prompt_lookup
 
-
-class StageFailure(RuntimeError):
-    """A pipeline stage died or did not answer: the step's work is lost and the pipeline must be
-    rebuilt (raised by cluster.pipeline.PipelineRunner.result)."""
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +48,9 @@ class _Batch:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, executor: ExecutorFactory | None = None) -> None:
+        """executor: builds where the model runs (engine/executor.py); default: this process.
+        cluster.executors.ray_executor runs pipeline stages on Ray actors."""
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -66,12 +64,8 @@ class LLMEngine:
         if max_len > self.hf_config.max_position_embeddings:
             raise ConfigError(f"max_model_len {max_len} exceeds the model's "
                               f"max_position_embeddings {self.hf_config.max_position_embeddings}")
-        if config.pipeline_parallel_size > 1:
-            from cluster.pipeline import PipelineRunner  # Ray actors, one per stage
-
-            self.runner = PipelineRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
-        else:
-            self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype, max_len)
+        self.runner = (executor or in_process_executor)(config, self.hf_config, self.model_dir, self.device,
+                                                        self.dtype, max_len)
         self.drafter = None
         if config.speculative_method in ("draft_model", "self_speculative"):
             from engine.draft import Drafter
@@ -204,7 +198,7 @@ class LLMEngine:
             self.stats.max_batches_in_flight = max(self.stats.max_batches_in_flight, len(self._inflight))
             batch = self._inflight.popleft()
             logits = self.runner.result(batch.handle)
-        except StageFailure as exc:
+        except ExecutorError as exc:
             self._rebuild_pipeline(exc)
             return []
         return self._land(batch, logits)
@@ -245,7 +239,7 @@ class LLMEngine:
         self._refresh_gauges()
         return outputs
 
-    def _rebuild_pipeline(self, exc: StageFailure) -> None:
+    def _rebuild_pipeline(self, exc: ExecutorError) -> None:
         """A pipeline stage failed: every running request goes back to the queue to be
         recomputed (no KV cache can be trusted, the prefix cache is dropped), and the dead
         stages are replaced. Unhealthy (health_problem) until the pipeline is whole again; if

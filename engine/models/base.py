@@ -11,6 +11,7 @@ Shapes in comments: T tokens, D hidden, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,10 +89,11 @@ class ModelArgs:
         mlp = sum(routed if moe else dense for moe in self.moe_layers)
         return self.num_layers * attn + mlp + self.vocab_size * self.hidden_size
 
-    @property
-    def windows(self) -> set[int | None]:
-        """The distinct attention windows of the layers (each gets its own step metadata)."""
-        return set(self.layer_windows)
+    def first_layers(self, num_layers: int) -> "ModelArgs":
+        """The same model cut after its first `num_layers` layers (a self-speculative draft)."""
+        return dataclasses.replace(self, num_layers=num_layers, layer_types=self.layer_types[:num_layers],
+                                   layer_windows=self.layer_windows[:num_layers],
+                                   moe_layers=self.moe_layers[:num_layers])
 
 
 # --- checkpoint names -----------------------------------------------------------

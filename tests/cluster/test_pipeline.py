@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cluster.executors import ray_executor
 from engine import SamplingParams
 from tests.conftest import BASE_CONFIG
 
@@ -76,7 +77,7 @@ def expected(make_llm):
 def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers, transport):
     """2 stages with an explicit split over a Compiled Graph, 3 split evenly over actor calls."""
     tokens, total_parameters = expected
-    pipeline = make_llm(**SMALL, **GPU_SHARE, pipeline_parallel_size=stages, pipeline_layers=layers,
+    pipeline = make_llm(**SMALL, **GPU_SHARE, executor=ray_executor, pipeline_parallel_size=stages, pipeline_layers=layers,
                         num_threads=1, pipeline_transport=transport)
     runner = pipeline.engine.runner
     try:
@@ -117,7 +118,8 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
     import ray
 
     tokens, _ = expected
-    pipeline = make_llm(**SMALL, **GPU_SHARE, pipeline_parallel_size=2, num_threads=1, pipeline_transport=transport)
+    pipeline = make_llm(**SMALL, **GPU_SHARE, executor=ray_executor, pipeline_parallel_size=2, num_threads=1,
+                        pipeline_transport=transport)
     engine, runner = pipeline.engine, pipeline.engine.runner
     try:
         first_pid, old_pid = [i["pid"] for i in runner.stage_info()]
@@ -144,3 +146,26 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
         assert engine.block_manager.num_used_blocks == 0
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_moe"])
+def test_other_families_split_into_stages_match_one_process(ray_cluster, llm, tmp_path, family):
+    """Gemma 3 (tied head in the last stage, embedding in the first, local/global layers, q/k
+    norms) and Qwen3-MoE (experts) over 2 stages: token-identical to one process, and each
+    stage holds only its layers."""
+    from engine import LLM
+    from tests.engine.test_families import build_tiny_model
+
+    build_tiny_model(family, tmp_path, llm.engine.model_dir)
+    config = dict(model=str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=16, max_num_batched_tokens=24)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    single = LLM(**config)
+    want = [o.token_ids for o in single.generate(PROMPTS, params)]
+    pipeline = LLM(**config, executor=ray_executor, pipeline_parallel_size=2, num_threads=1)
+    try:
+        assert [o.token_ids for o in pipeline.generate(PROMPTS, params)] == want
+        stages = pipeline.engine.runner.stage_info()
+        assert [s["layers"] for s in stages] == [[0, 2], [2, 3]]
+        assert all(s["num_parameters"] < single.engine.runner.num_parameters for s in stages)
+    finally:
+        pipeline.engine.runner.shutdown()

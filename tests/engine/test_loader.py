@@ -106,3 +106,23 @@ def test_sharded_bf16_checkpoint_loads_only_the_shards_it_needs(llm, tmp_path, m
               if n.startswith("model.layers.2.")]
     loader.load_weights(sharded, layer2, torch.float32)
     assert 0 < len(opened) < len(shards)
+
+
+def test_the_engine_imports_neither_ray_nor_cluster():
+    """engine/ is usable alone: Ray and cluster/ plug in through the executor interface."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "engine"
+    offenders = []
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{file.name}: {n}" for n in names if n.split(".")[0] in ("ray", "cluster", "deployments")]
+    assert not offenders
+
+
+def test_pipeline_parallelism_without_a_ray_executor_is_a_clear_error():
+    with pytest.raises(ValueError, match="ray_executor"):
+        LLM(pipeline_parallel_size=2, device="cpu")
