@@ -16,8 +16,9 @@ def gemma_args(config) -> ModelArgs:
     bias = bool(getattr(config, "attention_bias", False))
     window = getattr(config, "sliding_window", None)
     return ModelArgs(
-        **common_args(config, qkv_bias=bias, o_bias=bias,
-                      qk_norm=config.model_type == "gemma3_text"),
+        **common_args(config, qkv_bias=bias, o_bias=bias, qk_norm=config.model_type == "gemma3_text",
+                      # Gemma's MLP reads hidden_activation (old configs also carry a hidden_act)
+                      hidden_act=getattr(config, "hidden_activation", None) or config.hidden_act),
         norm_offset=1.0,
         sandwich_norms=True,
         embed_scale=config.hidden_size**0.5,
