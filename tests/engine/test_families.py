@@ -18,9 +18,9 @@ from transformers import GenerationConfig
 from engine import LLM, SamplingParams
 from engine.loader import load_hf_config
 from engine.models import model_args
+from tests.engine.test_hf_parity import assert_same_or_near_tie
 
 NUM_NEW_TOKENS = 12
-NEAR_TIE = 1e-4
 WINDOW = 12  # sliding window of the windowed families: shorter than most prompts
 
 _COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -99,23 +99,6 @@ def _params() -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=3)
 
 
-def _assert_same_or_near_tie(hf, prompt, ours, expected, label):
-    got = ours.token_ids
-    assert len(got) == len(expected) == NUM_NEW_TOKENS, label
-    diverge = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
-    if diverge is None:
-        return
-    a, b = got[diverge], expected[diverge]
-    with torch.inference_mode():
-        logits = hf(torch.tensor([prompt + expected[:diverge]])).logits[0, -1].float()
-    hf_lp = torch.log_softmax(logits, dim=-1)
-    ours_top = {tid: lp for tid, _, lp in ours.logprobs[diverge].top_logprobs}
-    hf_gap = abs(float(hf_lp[a] - hf_lp[b]))
-    our_gap = abs(ours_top[a] - ours_top[b]) if a in ours_top and b in ours_top else float("inf")
-    assert hf_gap < NEAR_TIE and our_gap < NEAR_TIE, (
-        f"{label}: diverged from HF at token {diverge} (ours {a}, HF {b}); gaps HF {hf_gap:.2e}, ours {our_gap:.2e}")
-
-
 def _engine(folder, **overrides) -> LLM:
     config = dict(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64, max_num_batched_tokens=24)
     return LLM(**{**config, **overrides})
@@ -126,14 +109,14 @@ def test_family_matches_hf_alone_and_batched(family, prompts):
     llm = _engine(folder)
     for ids, want in zip(prompts, expected):
         [out] = llm.generate([ids], _params())
-        _assert_same_or_near_tie(hf, ids, out, want, f"{name} alone")
+        assert_same_or_near_tie(hf, ids, out, want, f"{name} alone")
     # Mixed lengths in one batch; the prompts' prefixes are now in the prefix cache too.
     for ids, want, out in zip(prompts, expected, llm.generate(prompts, _params())):
-        _assert_same_or_near_tie(hf, ids, out, want, f"{name} batched")
+        assert_same_or_near_tie(hf, ids, out, want, f"{name} batched")
     # The gathered PyTorch attention path (GPUs, no compiler) as well as the CPU kernel.
     torch_path = _engine(folder, attention_backend="torch")
     for ids, want, out in zip(prompts, expected, torch_path.generate(prompts, _params())):
-        _assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, torch attention")
+        assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, torch attention")
 
 
 def test_windowed_families_read_only_the_window(family):
