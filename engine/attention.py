@@ -25,6 +25,7 @@ No Python loop runs over tokens; all metadata is built once per step (not per la
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -92,8 +93,6 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
-    # Keys each query sees, itself included (sliding-window layers); None = the whole context.
-    window: int | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -242,15 +241,20 @@ def _padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
 
 
 def build_decode_batch(token_indices: list[int], block_tables: list[list[int]], context_lens: list[int],
-                       device: torch.device, kernel, window: int | None = None) -> DecodeBatch:
-    lens = torch.tensor(context_lens, dtype=torch.long)
+                       device: torch.device, kernel) -> DecodeBatch:
     return DecodeBatch(
         token_indices=torch.tensor(token_indices, device=device),
         block_tables=_padded_block_tables(block_tables).to(device),
-        context_lens=lens.to(device),
+        context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
         kernel=kernel,
-        starts=None if window is None else (lens - window).clamp(min=0).to(device),
     )
+
+
+def windowed(batch: DecodeBatch, window: int | None) -> DecodeBatch:
+    """The same decodes for a layer that sees only the last `window` keys (shares the tables)."""
+    if window is None:
+        return batch
+    return dataclasses.replace(batch, starts=(batch.context_lens - window).clamp(min=0))
 
 
 def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype, window):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata, build_decode_batch, build_decode_groups, make_prefill_chunk
+from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
+                              make_prefill_chunk, windowed)
 from engine.config import EngineConfig
 from engine.loader import load_weights
 from engine.models import ModelArgs, TruncatedModel, build_model
@@ -205,17 +206,23 @@ class ModelRunner:
         return self.build(plan_step(chunks, self.block_size))
 
     def build(self, plan: StepPlan) -> ModelInput:
-        """The step's tensors and attention metadata on this runner's device."""
+        """The step's tensors and attention metadata on this runner's device (one metadata per
+        window of the model's layers; what all windows share is built once)."""
         device = self.device
         slot_mapping = torch.tensor(plan.slots, dtype=torch.long, device=device)
+        decode_batch = None
+        if plan.decode_tokens and self.decode_kernel is not None:
+            decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens, device,
+                                              self.decode_kernel)
         return ModelInput(
             input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
-            attn={window: self._attention_metadata(plan, slot_mapping, window) for window in self.model.windows},
+            attn={window: self._attention_metadata(plan, slot_mapping, decode_batch, window)
+                  for window in self.model.windows},
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
         )
 
-    def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor,
+    def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor, decode_batch: DecodeBatch | None,
                             window: int | None) -> AttentionMetadata:
         device, bs = self.device, self.block_size
         attn = AttentionMetadata(
@@ -223,11 +230,9 @@ class ModelRunner:
             prefill_chunks=[make_prefill_chunk(a, b, start, table, bs, device, window)
                             for a, b, start, table in plan.prefill],
             block_size=bs,
-            window=window,
         )
-        if plan.decode_tokens and self.decode_kernel is not None:
-            attn.decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens,
-                                                   device, self.decode_kernel, window)
+        if decode_batch is not None:
+            attn.decode_batch = windowed(decode_batch, window)
         elif plan.decode_tokens:
             attn.decode_groups = build_decode_groups(plan.decode_tokens, plan.decode_tables, plan.decode_lens, bs,
                                                      device, self.dtype, window)
