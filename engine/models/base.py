@@ -98,18 +98,10 @@ class ModelArgs:
 
 # --- checkpoint names -----------------------------------------------------------
 
-@dataclass(frozen=True)
-class Part:
-    """A checkpoint tensor, or rows [row_start, row_end) of one (a part of a fused tensor)."""
-
-    name: str
-    row_start: int | None = None
-    row_end: int | None = None
-
-
-# Our parameter name -> the parts concatenated along dim 0 to make it; for the experts'
-# [E, ...] tensors, one list of parts per expert (stacked).
-WeightMap = dict[str, "list[Part] | list[list[Part]]"]
+# Our parameter name -> the checkpoint tensors concatenated along dim 0 to make it (q, k, v
+# into qkv_proj; gate, up into gate_up_proj); for the experts' [E, ...] tensors, one such
+# list per expert (stacked).
+WeightMap = dict[str, "list[str] | list[list[str]]"]
 
 
 def standard_layer_map(args: ModelArgs, i: int) -> WeightMap:
@@ -117,28 +109,28 @@ def standard_layer_map(args: ModelArgs, i: int) -> WeightMap:
     ours, theirs = f"layers.{i}.", f"model.layers.{i}."
     attn = theirs + "self_attn."
     names: WeightMap = {
-        ours + "self_attn.qkv_proj.weight": [Part(attn + f"{p}_proj.weight") for p in "qkv"],
-        ours + "self_attn.o_proj.weight": [Part(attn + "o_proj.weight")],
-        ours + "input_layernorm.weight": [Part(theirs + "input_layernorm.weight")],
-        ours + "post_attention_layernorm.weight": [Part(theirs + "post_attention_layernorm.weight")],
+        ours + "self_attn.qkv_proj.weight": [attn + f"{p}_proj.weight" for p in "qkv"],
+        ours + "self_attn.o_proj.weight": [attn + "o_proj.weight"],
+        ours + "input_layernorm.weight": [theirs + "input_layernorm.weight"],
+        ours + "post_attention_layernorm.weight": [theirs + "post_attention_layernorm.weight"],
     }
     if args.qkv_bias:
-        names[ours + "self_attn.qkv_proj.bias"] = [Part(attn + f"{p}_proj.bias") for p in "qkv"]
+        names[ours + "self_attn.qkv_proj.bias"] = [attn + f"{p}_proj.bias" for p in "qkv"]
     if args.o_bias:
-        names[ours + "self_attn.o_proj.bias"] = [Part(attn + "o_proj.bias")]
+        names[ours + "self_attn.o_proj.bias"] = [attn + "o_proj.bias"]
     if args.qk_norm:
-        names[ours + "self_attn.q_norm.weight"] = [Part(attn + "q_norm.weight")]
-        names[ours + "self_attn.k_norm.weight"] = [Part(attn + "k_norm.weight")]
+        names[ours + "self_attn.q_norm.weight"] = [attn + "q_norm.weight"]
+        names[ours + "self_attn.k_norm.weight"] = [attn + "k_norm.weight"]
     if args.sandwich_norms:
         for norm in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
-            names[ours + norm + ".weight"] = [Part(theirs + norm + ".weight")]
+            names[ours + norm + ".weight"] = [theirs + norm + ".weight"]
     if not args.moe_layers[i]:
         mlp = theirs + "mlp."
-        names[ours + "mlp.gate_up_proj.weight"] = [Part(mlp + "gate_proj.weight"), Part(mlp + "up_proj.weight")]
-        names[ours + "mlp.down_proj.weight"] = [Part(mlp + "down_proj.weight")]
+        names[ours + "mlp.gate_up_proj.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
+        names[ours + "mlp.down_proj.weight"] = [mlp + "down_proj.weight"]
         if args.mlp_bias:
-            names[ours + "mlp.gate_up_proj.bias"] = [Part(mlp + "gate_proj.bias"), Part(mlp + "up_proj.bias")]
-            names[ours + "mlp.down_proj.bias"] = [Part(mlp + "down_proj.bias")]
+            names[ours + "mlp.gate_up_proj.bias"] = [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
+            names[ours + "mlp.down_proj.bias"] = [mlp + "down_proj.bias"]
     return names
 
 
@@ -147,10 +139,10 @@ def expert_map(args: ModelArgs, i: int, prefix: str, gate: str, up: str, down: s
     (`{prefix}.experts.{e}.{gate|up|down}.weight` and `{prefix}.gate.weight`)."""
     experts = range(args.num_experts)
     return {
-        f"layers.{i}.mlp.gate.weight": [Part(f"{prefix}.gate.weight")],
-        f"layers.{i}.mlp.gate_up": [[Part(f"{prefix}.experts.{e}.{gate}.weight"),
-                                     Part(f"{prefix}.experts.{e}.{up}.weight")] for e in experts],
-        f"layers.{i}.mlp.down": [[Part(f"{prefix}.experts.{e}.{down}.weight")] for e in experts],
+        f"layers.{i}.mlp.gate.weight": [f"{prefix}.gate.weight"],
+        f"layers.{i}.mlp.gate_up": [[f"{prefix}.experts.{e}.{gate}.weight",
+                                     f"{prefix}.experts.{e}.{up}.weight"] for e in experts],
+        f"layers.{i}.mlp.down": [[f"{prefix}.experts.{e}.{down}.weight"] for e in experts],
     }
 
 
@@ -240,22 +232,18 @@ class CausalLM(nn.Module):
             names.update({k.replace(f"layers.{i}.", f"layers.{i - self.first_layer}.", 1): v
                           for k, v in local.items()})
         if self.is_first:
-            names["embed_tokens.weight"] = [Part("model.embed_tokens.weight")]
+            names["embed_tokens.weight"] = ["model.embed_tokens.weight"]
         if self.is_last:
-            names["norm.weight"] = [Part("model.norm.weight")]
+            names["norm.weight"] = ["model.norm.weight"]
             if not self.args.tie_word_embeddings:
-                names["lm_head.weight"] = [Part("lm_head.weight")]
+                names["lm_head.weight"] = ["lm_head.weight"]
             elif not self.is_first:  # tied, but the embedding lives in another stage
-                names["lm_head.weight"] = [Part("model.embed_tokens.weight")]
+                names["lm_head.weight"] = ["model.embed_tokens.weight"]
         return names
 
     def weight_names(self) -> list[str]:
         """Checkpoint tensor names this module needs (for partial loading)."""
-        names = set()
-        for parts in self.weight_map().values():
-            for part in parts:
-                names.update(p.name for p in part) if isinstance(part, list) else names.add(part.name)
-        return sorted(names)
+        return sorted({name for parts in self.weight_map().values() for name in _flatten(parts)})
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -275,7 +263,7 @@ class TruncatedModel(nn.Module):
         super().__init__()
         if not 1 <= num_layers <= len(model.layers):
             raise ValueError(f"a truncated model keeps 1 to {len(model.layers)} layers, not {num_layers}")
-        self.args = model.args
+        self.args = model.args.first_layers(num_layers)
         self.is_first = self.is_last = True
         self.rotary = model.rotary
         self.embed_tokens = model.embed_tokens
@@ -288,14 +276,14 @@ class TruncatedModel(nn.Module):
     windows = CausalLM.windows
 
 
+def _flatten(parts) -> list[str]:
+    return [name for expert in parts for name in expert] if isinstance(parts[0], list) else parts
+
+
 def _assemble(tensors: dict[str, torch.Tensor], parts) -> torch.Tensor:
     if isinstance(parts[0], list):  # experts: one tensor per expert, stacked
         return torch.stack([_assemble(tensors, expert) for expert in parts])
-    pieces = []
-    for part in parts:
-        tensor = tensors[part.name]
-        pieces.append(tensor if part.row_start is None else tensor[part.row_start:part.row_end])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return tensors[parts[0]] if len(parts) == 1 else torch.cat([tensors[name] for name in parts])
 
 
 def _copy(param: torch.Tensor, value: torch.Tensor, name: str) -> None:

@@ -3,16 +3,17 @@ w1 = gate, w3 = up, w2 = down in the checkpoint), top-k weights renormalised."""
 
 from __future__ import annotations
 
-from engine.models.base import (ModelArgs, ModelFamily, WeightMap, common_args, expert_map, register_family,
-                                standard_layer_map, window_layers)
+import dataclasses
+
+from engine.models.base import ModelArgs, ModelFamily, WeightMap, expert_map, register_family, standard_layer_map
+from engine.models.llama import mistral_args
 
 
 def mixtral_args(config) -> ModelArgs:
-    window = getattr(config, "sliding_window", None)
-    return ModelArgs(**common_args(config), num_experts=config.num_local_experts,
-                     num_experts_per_tok=config.num_experts_per_tok,
-                     moe_intermediate_size=config.intermediate_size, norm_topk_prob=True,
-                     **window_layers(config, window, lambda i: True))
+    return dataclasses.replace(mistral_args(config), num_experts=config.num_local_experts,
+                               num_experts_per_tok=config.num_experts_per_tok,
+                               moe_intermediate_size=config.intermediate_size, norm_topk_prob=True,
+                               moe_layers=[True] * config.num_hidden_layers)
 
 
 def mixtral_layer_map(args: ModelArgs, i: int) -> WeightMap:

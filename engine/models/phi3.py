@@ -4,7 +4,7 @@ are); optional partial rotary and a sliding window on every layer."""
 
 from __future__ import annotations
 
-from engine.models.base import (ModelArgs, ModelFamily, Part, WeightMap, common_args, register_family,
+from engine.models.base import (ModelArgs, ModelFamily, WeightMap, common_args, register_family,
                                 standard_layer_map, window_layers)
 
 
@@ -16,8 +16,8 @@ def phi3_args(config) -> ModelArgs:
 def phi3_layer_map(args: ModelArgs, i: int) -> WeightMap:
     names = standard_layer_map(args, i)
     theirs = f"model.layers.{i}."
-    names[f"layers.{i}.self_attn.qkv_proj.weight"] = [Part(theirs + "self_attn.qkv_proj.weight")]
-    names[f"layers.{i}.mlp.gate_up_proj.weight"] = [Part(theirs + "mlp.gate_up_proj.weight")]
+    names[f"layers.{i}.self_attn.qkv_proj.weight"] = [theirs + "self_attn.qkv_proj.weight"]
+    names[f"layers.{i}.mlp.gate_up_proj.weight"] = [theirs + "mlp.gate_up_proj.weight"]
     return names
 
 

@@ -3,23 +3,21 @@ picks and `mlp_only_layers` does not exclude (those keep a dense MLP)."""
 
 from __future__ import annotations
 
-from engine.models.base import (ModelArgs, ModelFamily, WeightMap, common_args, expert_map, register_family,
-                                standard_layer_map, window_layers)
+import dataclasses
+
+from engine.models.base import ModelArgs, ModelFamily, WeightMap, expert_map, register_family, standard_layer_map
+from engine.models.qwen3 import qwen3_args
 
 
 def qwen3_moe_args(config) -> ModelArgs:
-    bias = bool(getattr(config, "attention_bias", False))
     step = getattr(config, "decoder_sparse_step", 1) or 1
     dense_only = set(getattr(config, "mlp_only_layers", None) or [])
     moe = [config.num_experts > 0 and i not in dense_only and (i + 1) % step == 0
            for i in range(config.num_hidden_layers)]
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", False) else None
-    first_sliding = getattr(config, "max_window_layers", 0)
-    return ModelArgs(**common_args(config, qkv_bias=bias, o_bias=bias, qk_norm=True),
-                     num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                     moe_intermediate_size=config.moe_intermediate_size,
-                     norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), moe_layers=moe,
-                     **window_layers(config, window, lambda i: i >= first_sliding))
+    return dataclasses.replace(qwen3_args(config), num_experts=config.num_experts,
+                               num_experts_per_tok=config.num_experts_per_tok,
+                               moe_intermediate_size=config.moe_intermediate_size,
+                               norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), moe_layers=moe)
 
 
 def qwen3_moe_layer_map(args: ModelArgs, i: int) -> WeightMap:
