@@ -63,7 +63,7 @@ class Drafter:
             self.shares_cache = False
             self.description = f"draft model {Path(model_dir).name}"
         # Parameters the draft's matmuls touch per token (for the FLOPs figure).
-        self.num_parameters = self.runner.args.first_layers(len(self.runner.model.layers)).num_parameters
+        self.num_parameters = self.runner.model.args.num_parameters
         logger.info("speculative decoding with %s", self.description)
 
     def propose(self, chunks: list[ScheduledChunk]) -> int:

@@ -22,7 +22,8 @@ from engine.models import ModelArgs
 class ExecutorError(RuntimeError):
     """Where the model runs failed (a worker or stage died or did not answer): the step's work
     is lost, and the executor must be rebuilt before the next step. The engine then re-queues
-    every running request for recomputation and calls `Executor.rebuild()`."""
+    every running request for recomputation and calls the executor's `rebuild()` (which an
+    executor that can raise this must have; the in-process runner never raises it)."""
 
 
 class Executor(Protocol):

@@ -79,13 +79,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_parameters(config, layer_type: str | None) -> dict:
-    """The rope settings of one kind of layer: transformers keeps one dict, or (Gemma 3) one
-    per layer type ("full_attention", "sliding_attention")."""
+def rope_parameters(config, layer_type: str | None) -> tuple[dict, bool]:
+    """The rope settings of one kind of layer, and whether they are per layer type: transformers
+    keeps one dict, or (Gemma 3) one per layer type ("full_attention", "sliding_attention")."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if layer_type is not None and isinstance(params.get(layer_type), dict):
-        return params[layer_type]
-    return params
+        return params[layer_type], True
+    return params, False
 
 
 def build_rotary(config, head_dim: int, max_positions: int, layer_type: str | None = None) -> RotaryEmbedding:
@@ -95,9 +95,8 @@ def build_rotary(config, head_dim: int, max_positions: int, layer_type: str | No
     Built eagerly on the CPU (never under a meta-device context, where transformers' init
     functions cannot run). Dynamic NTK scaling changes nothing below
     max_position_embeddings, which max_model_len never exceeds."""
-    params = rope_parameters(config, layer_type)
+    params, nested = rope_parameters(config, layer_type)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    nested = params is not rope_parameters(config, None)
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
