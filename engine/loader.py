@@ -132,21 +132,35 @@ def load_tokenizer(model_dir: Path):
         raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 
 
-def load_weights(model_dir: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read only the named tensors (so a pipeline stage never holds the whole model), cast to
-    `dtype` (bf16, fp16 and fp32 checkpoints alike). A sharded checkpoint's index
-    (model.safetensors.index.json) says which shard holds each tensor, so only those open."""
-    wanted = set(names)
-    tensors: dict[str, torch.Tensor] = {}
-    for file in _shards_holding(model_dir, wanted):
+def load_weights(model_dir: Path, parts: list, dtype: torch.dtype) -> dict:
+    """Read only the named tensors, or only the rows or columns a `TensorSlice` names (so a
+    pipeline stage or tensor-parallel rank never holds the whole model), cast to `dtype`
+    (bf16, fp16 and fp32 checkpoints alike); keyed by the part asked for. A sharded
+    checkpoint's index (model.safetensors.index.json) says which shard holds each tensor,
+    so only those open."""
+    by_name: dict[str, list] = {}
+    for part in parts:
+        by_name.setdefault(part if isinstance(part, str) else part.name, []).append(part)
+    tensors: dict = {}
+    for file in _shards_holding(model_dir, set(by_name)):
         with safe_open(str(file), framework="pt") as f:
-            for name in wanted.intersection(f.keys()):
-                tensors[name] = f.get_tensor(name).to(dtype)
-    missing = sorted(wanted - set(tensors))
+            for name in set(by_name).intersection(f.keys()):
+                for part in by_name.pop(name):
+                    tensors[part] = _read(f, part).to(dtype)
+    missing = sorted(by_name)
     if missing:
         raise ModelLoadError(f"weights missing from {model_dir}: {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return tensors
+
+
+def _read(f, part) -> torch.Tensor:
+    if isinstance(part, str):
+        return f.get_tensor(part)
+    window = f.get_slice(part.name)
+    if part.dim == 0:
+        return window[part.start:part.stop]
+    return window[:, part.start:part.stop]
 
 
 def _shards_holding(model_dir: Path, names: set[str]) -> list[Path]:

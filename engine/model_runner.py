@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.loader import load_weights
 from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, prepack_linears
+from engine.parallel import TensorParallel
 from engine.quantization import quantize_model
 from engine.scheduler import ScheduledChunk
 
@@ -42,10 +43,11 @@ class ModelInput:
     logits_indices: torch.Tensor
 
 
-def kv_bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, num_layers: int) -> int:
+def kv_bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                       num_layers: int) -> int:
     """K and V for `block_size` tokens over `num_layers` layers."""
     element = torch.tensor([], dtype=dtype).element_size()
-    return 2 * num_layers * block_size * args.num_kv_heads * args.head_dim * element
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
 
 @dataclass
@@ -104,23 +106,27 @@ def plan_step(chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
 
 
 class ModelRunner:
-    """The model (or, in a pipeline stage, layers [first_layer, last_layer) of it) and the
-    KV cache of its layers."""
+    """The model (or, in a pipeline stage, layers [first_layer, last_layer) of it; under
+    tensor parallelism, rank tp.rank's share of those) and the KV cache of its layers.
+    `device_share`: the fraction of a CUDA device's memory this runner may use."""
 
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, first_layer: int = 0, last_layer: int | None = None) -> None:
+                 dtype: torch.dtype, max_model_len: int, first_layer: int = 0, last_layer: int | None = None,
+                 tp: TensorParallel = TensorParallel(), device_share: float = 1.0) -> None:
         self.config = config
         self.device = device
         self.dtype = dtype
         self.block_size = config.block_size
+        self.tp = tp
+        self.device_share = device_share
         with torch.device("meta"):
-            model = build_model(hf_config, first_layer, last_layer)
+            model = build_model(hf_config, first_layer, last_layer, tp)
         self.args = model.args
         # Built on the meta device (no random init), then filled from the checkpoint; the
         # rotary tables are computed outside the meta context.
         model = model.to(dtype=dtype).to_empty(device=device)
         model.set_rotary(hf_config, max_model_len, device)
-        model.load_weights(load_weights(model_dir, model.weight_names(), dtype))
+        model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
         if config.quantization == "int8":
             quantize_model(model, device, dtype)
         elif config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
@@ -179,20 +185,19 @@ class ModelRunner:
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        per_block = kv_bytes_per_block(self.args, self.block_size, self.dtype, len(self.model.layers))
+        per_block = kv_bytes_per_block(self.model.num_kv_heads, self.args.head_dim, self.block_size, self.dtype,
+                                       len(self.model.layers))
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            if not (self.model.is_first and self.model.is_last):  # a pipeline stage: its share
-                free = min(free, total * self.config.pipeline_gpus_per_stage)
-            budget = free * CUDA_KV_CACHE_FRACTION
+            budget = min(free, total * self.device_share) * CUDA_KV_CACHE_FRACTION
         else:
             budget = DEFAULT_CPU_KV_CACHE_GB * 2**30
         return max(1, int(budget // per_block))
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks, self.block_size, self.args.num_kv_heads, self.args.head_dim)
+        shape = (num_blocks, self.block_size, self.model.num_kv_heads, self.args.head_dim)
         logger.info("KV cache: %d blocks x %d tokens (%s)", num_blocks, self.block_size, self.dtype)
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -257,4 +262,20 @@ class ModelRunner:
             return hidden
         if model_input.logits_indices.numel() == 0:
             return torch.empty(0, self.args.vocab_size, device=self.device)
+        if self.tp.enabled:
+            raise RuntimeError("a tensor-parallel rank returns its logits through execute_split")
         return self.model.compute_logits(hidden[model_input.logits_indices])
+
+    @torch.inference_mode()
+    def execute_split(self, model_input: ModelInput, hidden: torch.Tensor | None,
+                      argmax_rows: list[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """The forward as a worker of a pipeline or tensor-parallel group runs it: a stage
+        before the last returns its [T, D] hidden states; the last returns (the logits rows
+        not in argmax_rows, the argmax token id of each row in argmax_rows), on tensor-parallel
+        rank 0 only (other ranks: None)."""
+        x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
+        hidden = self.model(x, model_input.positions, self.kv_caches, model_input.attn)
+        if not self.model.is_last:
+            return hidden if self.tp.rank == 0 else None
+        local = self.model.compute_logits(hidden[model_input.logits_indices])
+        return self.tp.gather_logits(local, argmax_rows, self.args.vocab_size)

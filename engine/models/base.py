@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.models.layers import Attention, GatedMLP, MoE, RMSNorm, RotaryEmbedding, build_rotary
+from engine.parallel import TensorParallel
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -98,10 +99,22 @@ class ModelArgs:
 
 # --- checkpoint names -----------------------------------------------------------
 
-# Our parameter name -> the checkpoint tensors concatenated along dim 0 to make it (q, k, v
+class TensorSlice(NamedTuple):
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a checkpoint tensor: what a
+    tensor-parallel rank reads of it (engine/loader.py reads only the slice)."""
+
+    name: str
+    dim: int
+    start: int
+    stop: int
+
+
+# A checkpoint tensor, whole (its name) or a slice of it.
+Part = "str | TensorSlice"
+# Our parameter name -> the checkpoint parts concatenated along dim 0 to make it (q, k, v
 # into qkv_proj; gate, up into gate_up_proj); for the experts' [E, ...] tensors, one such
 # list per expert (stacked).
-WeightMap = dict[str, "list[str] | list[list[str]]"]
+WeightMap = dict[str, "list[Part] | list[list[Part]]"]
 
 
 def standard_layer_map(args: ModelArgs, i: int) -> WeightMap:
@@ -146,21 +159,72 @@ def expert_map(args: ModelArgs, i: int, prefix: str, gate: str, up: str, down: s
     }
 
 
+def shard_weight_map(names: WeightMap, args: ModelArgs, tp: TensorParallel) -> WeightMap:
+    """The parts of each parameter that tensor-parallel rank `tp.rank` holds (engine/parallel.py):
+    its heads' rows of q/k/v and columns of o, its intermediate rows of gate/up and columns of
+    down (every expert's), its vocabulary rows of the embedding and head; row-parallel biases
+    on rank 0 only; everything else whole. Fused checkpoint tensors (Phi-3's qkv_proj and
+    gate_up_proj) are sliced at their parts' boundaries."""
+    if not tp.enabled:
+        return names
+    dh = args.head_dim
+    qa, qb = (h * dh for h in tp.split(args.num_heads, "attention heads"))
+    ka, kb = (h * dh for h in tp.kv_heads(args.num_heads, args.num_kv_heads))
+    q_size, kv_size = args.num_heads * dh, args.num_kv_heads * dh
+    va, vb = tp.vocab(args.vocab_size)
+
+    def rows(parts: list[str], ranges: list[tuple[int, int]], fused_sizes: list[int]) -> list[TensorSlice]:
+        if len(parts) == len(ranges):  # one checkpoint tensor per part
+            return [TensorSlice(name, 0, a, b) for name, (a, b) in zip(parts, ranges)]
+        (name,), offsets = parts, [sum(fused_sizes[:i]) for i in range(len(fused_sizes))]
+        return [TensorSlice(name, 0, off + a, off + b) for off, (a, b) in zip(offsets, ranges)]
+
+    def gate_up(parts: list[str], intermediate: int) -> list[TensorSlice]:
+        ia, ib = tp.split(intermediate, "MLP columns")
+        return rows(parts, [(ia, ib)] * 2, [intermediate] * 2)
+
+    def down(parts: list[str], intermediate: int) -> list[TensorSlice]:
+        return [TensorSlice(parts[0], 1, *tp.split(intermediate, "MLP columns"))]
+
+    sharded: WeightMap = {}
+    for ours, parts in names.items():
+        if ours.endswith(("o_proj.bias", "down_proj.bias")):
+            if tp.rank == 0:  # added once, before the all-reduce
+                sharded[ours] = parts
+        elif ours.endswith(("qkv_proj.weight", "qkv_proj.bias")):
+            sharded[ours] = rows(parts, [(qa, qb), (ka, kb), (ka, kb)], [q_size, kv_size, kv_size])
+        elif ours.endswith("o_proj.weight"):
+            sharded[ours] = [TensorSlice(parts[0], 1, qa, qb)]
+        elif ours.endswith(("gate_up_proj.weight", "gate_up_proj.bias")):
+            sharded[ours] = gate_up(parts, args.intermediate_size)
+        elif ours.endswith("down_proj.weight"):
+            sharded[ours] = down(parts, args.intermediate_size)
+        elif ours.endswith("mlp.gate_up"):
+            sharded[ours] = [gate_up(expert, args.moe_intermediate_size) for expert in parts]
+        elif ours.endswith("mlp.down"):
+            sharded[ours] = [down(expert, args.moe_intermediate_size) for expert in parts]
+        elif ours in ("embed_tokens.weight", "lm_head.weight"):
+            sharded[ours] = [TensorSlice(parts[0], 0, va, vb)]
+        else:
+            sharded[ours] = parts
+    return sharded
+
+
 # --- the model -------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, index: int) -> None:
+    def __init__(self, args: ModelArgs, index: int, tp: TensorParallel) -> None:
         super().__init__()
         eps, offset = args.rms_norm_eps, args.norm_offset
         self.input_layernorm = RMSNorm(args.hidden_size, eps, offset)
-        self.self_attn = Attention(args, index)
+        self.self_attn = Attention(args, index, tp)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps, offset)
         self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
         if args.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
-        self.mlp = MoE(args) if args.moe_layers[index] else \
-            GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
+        self.mlp = MoE(args, tp) if args.moe_layers[index] else \
+            GatedMLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act, tp)
 
     def forward(self, x, positions, rotary, kv_cache, metas):
         attn = self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, metas)
@@ -173,23 +237,26 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     """The decoder stack for layers [first_layer, last_layer); embedding and head on the ends.
-    Families differ only in `args` and `weight_map` (see `register_family`)."""
+    Families differ only in `args` and `weight_map` (see `register_family`). Under tensor
+    parallelism (`tp`), this rank's share of every layer, embedding and head."""
 
     def __init__(self, args: ModelArgs, layer_map: Callable[[ModelArgs, int], WeightMap],
-                 first_layer: int = 0, last_layer: int | None = None) -> None:
+                 first_layer: int = 0, last_layer: int | None = None, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
         self.args = args
         self.layer_map = layer_map
+        self.tp = tp
         self.first_layer = first_layer
         self.last_layer = args.num_layers if last_layer is None else last_layer
         self.is_first = first_layer == 0
         self.is_last = self.last_layer == args.num_layers
         # Rotary tables per layer type, set by set_rotary() outside any meta-device context.
         self.rotary: dict[str, RotaryEmbedding] = {}
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(self.first_layer, self.last_layer))
+        vocab_start, vocab_stop = tp.vocab(args.vocab_size)  # this rank's rows
+        self.embed_tokens = nn.Embedding(vocab_stop - vocab_start, args.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(args, i, tp) for i in range(self.first_layer, self.last_layer))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_offset) if self.is_last else None
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last else None
+        self.lm_head = nn.Linear(args.hidden_size, vocab_stop - vocab_start, bias=False) if self.is_last else None
 
     def set_rotary(self, hf_config, max_positions: int, device: torch.device) -> None:
         types = {layer.self_attn.rope_key for layer in self.layers}
@@ -199,13 +266,18 @@ class CausalLM(nn.Module):
     def windows(self) -> set[int | None]:
         return {layer.self_attn.window for layer in self.layers}
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads each layer's cache holds here (this rank's, under tensor parallelism)."""
+        return self.layers[0].self_attn.num_kv_heads
+
     def forward(self, input_ids_or_hidden: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 metas: dict[int | None, AttentionMetadata]) -> torch.Tensor:
         """[T] token ids (first stage) or [T, D] hidden states -> [T, D] hidden states.
         metas: the step's attention metadata per window (None: full attention)."""
         if self.is_first:
-            x = self.embed_tokens(input_ids_or_hidden)
+            x = self.tp.embed(self.embed_tokens, input_ids_or_hidden, self.args.vocab_size)
             if self.args.embed_scale is not None:  # in the model's dtype, as HF rounds it
                 x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         else:
@@ -215,7 +287,8 @@ class CausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, D] last-layer hidden states -> [N, V] fp32 logits."""
+        """[N, D] last-layer hidden states -> [N, V] fp32 logits (this rank's vocabulary
+        columns under tensor parallelism: TensorParallel.gather_logits joins them)."""
         logits = self.lm_head(self.norm(hidden)).float()
         if self.args.final_softcap is not None:
             cap = self.args.final_softcap
@@ -239,11 +312,11 @@ class CausalLM(nn.Module):
                 names["lm_head.weight"] = ["lm_head.weight"]
             elif not self.is_first:  # tied, but the embedding lives in another stage
                 names["lm_head.weight"] = ["model.embed_tokens.weight"]
-        return names
+        return shard_weight_map(names, self.args, self.tp)
 
-    def weight_names(self) -> list[str]:
-        """Checkpoint tensor names this module needs (for partial loading)."""
-        return sorted({name for parts in self.weight_map().values() for name in _flatten(parts)})
+    def weight_parts(self) -> list[Part]:
+        """The checkpoint tensors (or slices of them) this module needs (for partial loading)."""
+        return sorted({part for parts in self.weight_map().values() for part in _flatten(parts)}, key=str)
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -265,6 +338,7 @@ class TruncatedModel(nn.Module):
             raise ValueError(f"a truncated model keeps 1 to {len(model.layers)} layers, not {num_layers}")
         self.args = model.args.first_layers(num_layers)
         self.is_first = self.is_last = True
+        self.tp = model.tp
         self.rotary = model.rotary
         self.embed_tokens = model.embed_tokens
         self.layers = nn.ModuleList(list(model.layers)[:num_layers])
@@ -274,9 +348,10 @@ class TruncatedModel(nn.Module):
     forward = CausalLM.forward
     compute_logits = CausalLM.compute_logits
     windows = CausalLM.windows
+    num_kv_heads = CausalLM.num_kv_heads
 
 
-def _flatten(parts) -> list[str]:
+def _flatten(parts) -> list[Part]:
     return [name for expert in parts for name in expert] if isinstance(parts[0], list) else parts
 
 
@@ -334,11 +409,13 @@ def model_args(hf_config) -> ModelArgs:
     return resolve_family(hf_config).args_from_config(hf_config)
 
 
-def build_model(hf_config, first_layer: int = 0, last_layer: int | None = None) -> CausalLM:
-    """The module for layers [first_layer, last_layer) of a HF config's model (parameters
-    uninitialised; fill with load_weights, then set_rotary)."""
+def build_model(hf_config, first_layer: int = 0, last_layer: int | None = None,
+                tp: TensorParallel = TensorParallel()) -> CausalLM:
+    """The module for layers [first_layer, last_layer) of a HF config's model, tensor-parallel
+    rank tp.rank's share of it (parameters uninitialised; fill with load_weights, then
+    set_rotary)."""
     family = resolve_family(hf_config)
-    return CausalLM(family.args_from_config(hf_config), family.layer_map, first_layer, last_layer)
+    return CausalLM(family.args_from_config(hf_config), family.layer_map, first_layer, last_layer, tp)
 
 
 def common_args(config, **overrides) -> dict:

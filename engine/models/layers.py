@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.parallel import TensorParallel
 
 if TYPE_CHECKING:
     from engine.models.base import ModelArgs
@@ -115,22 +116,27 @@ def build_rotary(config, head_dim: int, max_positions: int, layer_type: str | No
 
 class Attention(nn.Module):
     """Self-attention over the paged KV cache: q, k and v in one matmul, optional q/k norms
-    (Qwen3, Gemma 3), a sliding window and soft-capped scores (Gemma 2)."""
+    (Qwen3, Gemma 3), a sliding window and soft-capped scores (Gemma 2). Under tensor
+    parallelism it holds its rank's heads (engine/parallel.py) and all-reduces o_proj's
+    partial sums; o_proj's bias lives on rank 0 only, so it is added once."""
 
-    def __init__(self, args: "ModelArgs", layer_index: int) -> None:
+    def __init__(self, args: "ModelArgs", layer_index: int, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
+        self.tp = tp
+        head_start, head_stop = tp.split(args.num_heads, "attention heads")
+        kv_start, kv_stop = tp.kv_heads(args.num_heads, args.num_kv_heads)
+        self.num_heads = head_stop - head_start
+        self.num_kv_heads = kv_stop - kv_start
         self.head_dim = args.head_dim
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+        self.q_size = self.num_heads * args.head_dim
+        self.kv_size = self.num_kv_heads * args.head_dim
         self.scale = args.attn_scale if args.attn_scale is not None else args.head_dim**-0.5
         self.softcap = args.attn_softcap
         self.window = args.layer_windows[layer_index]
         self.rope_key = args.layer_types[layer_index]
         # q, k and v in one matmul: [D] -> [q_size + 2 * kv_size]
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias and tp.rank == 0)
         self.q_norm = self.k_norm = None
         if args.qk_norm:  # per head, before the rotation
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, args.norm_offset)
@@ -149,23 +155,27 @@ class Attention(nn.Module):
         q, k = rotary(q, k, positions)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], metas[self.window], self.scale,
                               self.softcap)  # [T, H, Dh]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up in one matmul."""
+    """down(act(gate(x)) * up(x)), gate and up in one matmul. Under tensor parallelism: this
+    rank's intermediate columns, down_proj's partial sums all-reduced (bias on rank 0)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, activation: str,
+                 tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
+        self.tp = tp
+        start, stop = tp.split(intermediate_size, "MLP columns")
+        self.intermediate_size = stop - start
         # gate and up in one matmul: [D] -> [2 * I]
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * self.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(self.intermediate_size, hidden_size, bias=bias and tp.rank == 0)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.tp.all_reduce(self.down_proj(self.act(gate) * up))
 
 
 class MoE(nn.Module):
@@ -173,14 +183,18 @@ class MoE(nn.Module):
     the tokens routed to it (one gathered matmul per expert and projection), never per token.
 
     Routing as transformers does it: softmax over all experts in float32, keep the top k,
-    renormalise them when `norm_topk_prob`."""
+    renormalise them when `norm_topk_prob`. Under tensor parallelism every rank routes (the
+    router is replicated) and holds its share of every expert's intermediate columns; one
+    all-reduce joins the layer's output."""
 
-    def __init__(self, args: "ModelArgs") -> None:
+    def __init__(self, args: "ModelArgs", tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
+        self.tp = tp
         self.num_experts = args.num_experts
         self.top_k = args.num_experts_per_tok
         self.norm_topk_prob = args.norm_topk_prob
-        self.intermediate_size = args.moe_intermediate_size
+        start, stop = tp.split(args.moe_intermediate_size, "expert MLP columns")
+        self.intermediate_size = stop - start
         self.act = ACTIVATIONS[args.hidden_act]
         self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)  # the router
         # [E, 2I, D]: each expert's gate and up rows; [E, D, I]: its down projection.
@@ -209,4 +223,4 @@ class MoE(nn.Module):
             y = F.linear(self.act(gate) * up, self.down[expert])
             out.index_add_(0, idx, (y * routed[start:start + count, None]).to(x.dtype))
             start += count
-        return out
+        return self.tp.all_reduce(out)

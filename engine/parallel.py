@@ -1,0 +1,128 @@
+"""Tensor parallelism inside the model: which share of each layer a rank holds, and the
+collectives that join the shares.
+
+Within a layer, attention heads and MLP columns are split over `size` ranks (Megatron
+style): q/k/v and gate/up are column-parallel (each rank computes its heads or its
+intermediate columns), o and down are row-parallel (each rank multiplies its slice of
+the input features; one all-reduce sums the partial outputs). KV heads split with the
+query heads; with fewer KV heads than ranks each rank keeps the one KV head its query
+heads read (replicated). The embedding and the output head are split by vocabulary: a
+rank looks up or scores only its rows, an all-reduce joins the embeddings and a gather
+to rank 0 joins the logits (greedy rows gather only each rank's best score and id).
+
+The engine only uses `torch.distributed` here; who starts the ranks and their process
+group (Ray actors in cluster/tensor_parallel.py) is not its business. `size` 1 is the
+whole model in one process and costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    # The torch.distributed process group of this rank's peers (None: the default group).
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"tensor-parallel rank {self.rank} is not in [0, {self.size})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    # --- shares ---------------------------------------------------------------
+
+    def split(self, total: int, what: str) -> tuple[int, int]:
+        """[start, stop) of `total` equal parts' share of this rank (they must divide evenly)."""
+        if total % self.size:
+            raise ValueError(f"{what} ({total}) do not split over tensor_parallel_size {self.size}")
+        share = total // self.size
+        return self.rank * share, (self.rank + 1) * share
+
+    def kv_heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+        """[start, stop) of the KV heads this rank keeps: its share, or (fewer KV heads than
+        ranks) the one KV head its query heads read."""
+        if num_kv_heads >= self.size:
+            return self.split(num_kv_heads, "KV heads")
+        if self.size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be replicated evenly over "
+                             f"tensor_parallel_size {self.size}")
+        first_query = self.split(num_heads, "attention heads")[0]
+        head = first_query // (num_heads // num_kv_heads)
+        return head, head + 1
+
+    def vocab(self, vocab_size: int) -> tuple[int, int]:
+        """[start, stop) of the vocabulary rows this rank holds: ceil(V / size) each, the
+        last rank fewer when V does not divide."""
+        share = -(-vocab_size // self.size)
+        return min(vocab_size, self.rank * share), min(vocab_size, (self.rank + 1) * share)
+
+    # --- collectives ------------------------------------------------------------
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place (a no-op in one process)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def embed(self, embedding, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Look up `ids` in a vocabulary-split embedding: each rank fills the rows of the ids
+        it holds, zeros elsewhere, and the all-reduce joins them."""
+        if self.size == 1:
+            return embedding(ids)
+        start, stop = self.vocab(vocab_size)
+        local = ids - start
+        outside = (local < 0) | (local >= stop - start)
+        out = embedding(local.masked_fill(outside, 0))
+        out = out.masked_fill(outside[:, None], 0)
+        return self.all_reduce(out)
+
+    def gather_logits(self, local: torch.Tensor, argmax_rows: list[int],
+                      vocab_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Join vocabulary-split logits [N, V/size] on rank 0: (the full rows of those not in
+        argmax_rows [N - n, V], the argmax token id of each row in argmax_rows [n]); other
+        ranks get None. A greedy row travels as its best (score, id) per rank, not as a
+        vocabulary of floats; ties go to the lowest id, as argmax over the whole row does."""
+        greedy = torch.zeros(local.shape[0], dtype=torch.bool, device=local.device)
+        greedy[argmax_rows] = True
+        full, best = local[~greedy], local[greedy]
+        if self.size == 1:
+            return full, best.argmax(dim=-1).to(torch.int32)
+        import torch.distributed as dist
+
+        start, _ = self.vocab(vocab_size)
+        share = -(-vocab_size // self.size)
+        scores, ids = best.max(dim=-1)
+        # One float32 message per rank: full rows padded to `share` columns, then the greedy
+        # rows' best scores and ids (exact in float32 below 2**24 tokens).
+        padded = torch.nn.functional.pad(full, (0, share - full.shape[1]))
+        message = torch.cat([padded.flatten(), scores, (ids + start).float()]).contiguous()
+        parts = [torch.empty_like(message) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(message, parts, dst=_global_rank(self.group, 0), group=self.group)
+        if self.rank != 0:
+            return None
+        n_full, n_best = full.shape[0], best.shape[0]
+        split = n_full * share
+        full = torch.cat([p[:split].view(n_full, share) for p in parts], dim=1)[:, :vocab_size]
+        scores = torch.stack([p[split:split + n_best] for p in parts])  # [size, n]
+        ids = torch.stack([p[split + n_best:] for p in parts])
+        winner = scores.argmax(dim=0)  # the first rank (lowest ids) among equal scores
+        return full, ids.gather(0, winner[None]).squeeze(0).to(torch.int32)
+
+
+def _global_rank(group, rank: int) -> int:
+    if group is None:
+        return rank
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, rank)
