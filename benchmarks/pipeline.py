@@ -35,7 +35,7 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.executors import ray_executor
+from cluster.executors import ParallelConfig, RayExecutor
 from engine import LLM, SamplingParams
 from engine.metrics import percentile
 
@@ -65,13 +65,13 @@ def main() -> None:
     runs = {}
     for stages, inflight, threads, transport in configs:
         name = f"{stages}x{inflight}x{threads}" + (f" {transport}" if stages > 1 else "")
-        options = {"pipeline_transport": transport} if stages > 1 else {}
+        parallel = ParallelConfig(inflight_batches=inflight, transport=transport if stages > 1 else "auto")
+        options = {}
         if args.device != "cpu":
-            options["pipeline_gpus_per_stage"] = int(100 / stages) / 100
+            parallel.gpus_per_worker = int(100 / stages) / 100
             options["kv_cache_memory_gb"] = 2  # not 80 % of the GPU: the runs follow each other
-        llm = LLM(device=args.device, executor=ray_executor, dtype="float32", num_threads=threads,
-                  max_num_seqs=args.num_requests,
-                  pipeline_parallel_size=stages, pipeline_inflight_batches=inflight, **options)
+        llm = LLM(device=args.device, executor=RayExecutor(parallel), dtype="float32", num_threads=threads,
+                  max_num_seqs=args.num_requests, pipeline_parallel_size=stages, **options)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         rng.seed(0)
         prompts = []

@@ -10,7 +10,7 @@ ids (int32) for greedy rows. Both are measured: every row sampling (logits) and
 every row greedy (token ids). The stages do no compute, so the time per step is
 the transport alone.
 
-- plain: semline's PipelineRunner way: ray.put(plan), then stage.run.remote(plan_ref,
+- plain: semline's ParallelRunner way: ray.put(plan), then stage.run.remote(plan_ref,
   hidden_ref) chained by object refs, ray.get on the last;
 - compiled: the same chain as a Compiled Graph (ray.dag InputNode, bind,
   experimental_compile): shared-memory channels, actors in a resident loop.

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from cluster.pipeline import stage_bundle
+from cluster.executors import replica_bundles
 from deployments.batch_runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
@@ -41,14 +41,14 @@ def llm_server_options(config: SemlineConfig) -> dict:
         options["num_replicas"] = scaling.max_replicas
     else:
         options["autoscaling_config"] = scaling.serve_autoscaling_config()
-    engine = config.engine_config()
-    if engine.pipeline_parallel_size > 1:
-        # Each replica reserves its whole pipeline: bundle 0 for itself, one per stage (the
-        # stages hold the GPUs), so autoscaling adds and removes whole pipelines.
-        stage = stage_bundle(server.num_gpus > 0, int(max(1, server.num_cpus)), engine.pipeline_gpus_per_stage)
+    engine, parallel = config.engine_config(), config.parallel_config()
+    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+        # Each replica reserves its whole model: bundle 0 for itself, one per worker (T x P:
+        # the workers hold the GPUs), so autoscaling adds and removes whole model copies.
         options["ray_actor_options"] = {"num_cpus": server.num_cpus, "num_gpus": 0}
-        options["placement_group_bundles"] = [{"CPU": server.num_cpus}] + [stage] * engine.pipeline_parallel_size
-        options["placement_group_strategy"] = engine.pipeline_placement_strategy
+        options["placement_group_bundles"] = replica_bundles(
+            engine, parallel, {"CPU": server.num_cpus}, server.num_gpus > 0, int(max(1, server.num_cpus)))
+        options["placement_group_strategy"] = parallel.placement_strategy
     return options
 
 
@@ -123,7 +123,7 @@ def build_app(config: SemlineConfig | dict | None = None):
 
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
-        config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name)
+        config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name, config.parallel)
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1,
                              ray_actor_options=batch_runner_actor_options(config),
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)

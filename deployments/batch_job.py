@@ -66,7 +66,8 @@ class EngineWorker:
         self.config = SemlineConfig.model_validate(config)
         self.endpoint = endpoint
         self.loop = asyncio.new_event_loop()
-        server = LLMServer(self.config.engine, num_threads, model_name=self.config.model_name)
+        server = LLMServer(self.config.engine, num_threads, model_name=self.config.model_name,
+                           parallel_config=self.config.parallel)
         self.serving = LocalServing(server, self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.executors import ParallelConfig
 from engine.config import EngineConfig
 
 
@@ -119,7 +120,8 @@ class KubernetesSettings(_Strict):
     head_memory: str = Field("16Gi", description="Head pod memory request and limit.")
     worker_cpu: str = Field("8", description="GPU worker pod CPU request and limit.")
     worker_memory: str = Field("32Gi", description="GPU worker pod memory request and limit.")
-    worker_gpus: int = Field(1, ge=1, description="GPUs per worker pod (nvidia.com/gpu).")
+    worker_gpus: int | None = Field(None, ge=1, description="GPUs per worker pod (nvidia.com/gpu); None = the "
+                                    "engine's tensor_parallel_size (one tensor-parallel group per pod).")
     batch_volume_size: str = Field("20Gi", description="Size of the volume that holds batch files and state.")
     batch_job_input: str = Field("/data/jobs/input.jsonl", description="Input of the offline batch RayJob.")
     batch_job_output: str = Field("/data/jobs/output.jsonl", description="Output of the offline batch RayJob.")
@@ -130,6 +132,8 @@ class SemlineConfig(_Strict):
 
     model_name: str = Field("SmolLM2-135M-Instruct", description="Model id clients use in requests.")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields (see engine/config.py).")
+    parallel: dict[str, Any] = Field(default_factory=dict, description="How the Ray workers of a split model are "
+                                     "placed and watched: ParallelConfig fields (see cluster/executors.py).")
     server: ServerSettings = Field(default_factory=ServerSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
@@ -146,8 +150,17 @@ class SemlineConfig(_Strict):
         EngineConfig.from_dict(value)  # raises ConfigError naming unknown keys or bad values
         return value
 
+    @field_validator("parallel")
+    @classmethod
+    def _check_parallel(cls, value: dict[str, Any]) -> dict[str, Any]:
+        ParallelConfig.from_dict(value)
+        return value
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_dict(self.engine)
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig.from_dict(self.parallel)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SemlineConfig":

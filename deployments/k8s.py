@@ -67,11 +67,26 @@ def application_args(config: SemlineConfig) -> dict:
     return config.model_dump(mode="json", exclude={"kubernetes"}, exclude_unset=True)
 
 
+def pod_gpus(config: SemlineConfig) -> int:
+    """GPUs per worker pod: `kubernetes.worker_gpus`, by default tensor_parallel_size, so a
+    tensor-parallel group (which all-reduces twice per layer) fills one pod and its NVLink,
+    and the PACK placement of a replica's workers puts each pipeline stage on its own pod."""
+    tp = config.engine_config().tensor_parallel_size
+    gpus = config.kubernetes.worker_gpus or tp
+    if gpus % tp:
+        raise ValueError(f"kubernetes.worker_gpus ({gpus}) must be a multiple of tensor_parallel_size ({tp}): "
+                         "a tensor-parallel group must fit in one pod")
+    return gpus
+
+
 def _workers(config: SemlineConfig, replicas: int) -> int:
-    """GPU worker pods that `replicas` LLM server replicas need (a pipeline: one GPU per stage)."""
-    stages = config.engine_config().pipeline_parallel_size
-    gpus = (stages if stages > 1 and config.server.num_gpus else config.server.num_gpus) * replicas
-    return max(1, math.ceil(gpus / config.kubernetes.worker_gpus)) if gpus else 0
+    """GPU worker pods that `replicas` LLM server replicas need (a split model: T x P workers
+    of gpus_per_worker GPUs each)."""
+    engine = config.engine_config()
+    workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    per_replica = workers * config.parallel_config().gpus_per_worker if workers > 1 else config.server.num_gpus
+    gpus = per_replica * replicas if config.server.num_gpus else 0
+    return max(1, math.ceil(gpus / pod_gpus(config))) if gpus else 0
 
 
 def _container(config: SemlineConfig, cpu: str, memory: str, gpus: int, head: bool) -> dict:
@@ -110,7 +125,7 @@ def _cluster_spec(config: SemlineConfig, claim: str, autoscale: bool) -> dict:
     head_pod: dict = {"containers": [head]}
     head["volumeMounts"] = [{"name": "data", "mountPath": DATA_MOUNT}]
     head_pod["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]
-    worker = _container(config, k8s.worker_cpu, k8s.worker_memory, k8s.worker_gpus, head=False)
+    worker = _container(config, k8s.worker_cpu, k8s.worker_memory, pod_gpus(config), head=False)
     spec = {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": autoscale,

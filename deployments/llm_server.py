@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import ray
 import torch
 
-from cluster.executors import ray_executor
+from cluster.executors import ParallelConfig, RayExecutor
 from cluster.router import get_or_create_router
 from deployments.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
@@ -33,17 +33,17 @@ HEARTBEAT_PERIOD_S = 1.0
 class LLMServer:
     def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
                  router_config: dict | None = None, capacity: int | None = None,
-                 model_name: str = "semline") -> None:
+                 model_name: str = "semline", parallel_config: dict | None = None) -> None:
+        # First: Serve calls __del__ even when the engine fails to start.
+        self._stop, self.router = threading.Event(), None
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
         torch.set_num_threads(max(1, num_threads))
         self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}),
-                                  executor=ray_executor)
+                                  executor=RayExecutor(ParallelConfig.from_dict(parallel_config)))
         self.capacity = capacity or self.engine.engine.config.max_num_seqs
         self.replica_id = _replica_id()
         self.router_stats: dict = {}
-        self._stop = threading.Event()
         self.metrics = ServerMetrics(model_name)
-        self.router = None
         self.router_name, self.router_config = router_name, router_config or {}
         if router_name is not None:
             self.router = get_or_create_router(router_name, self.router_config)

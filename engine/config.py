@@ -65,26 +65,14 @@ class EngineConfig:
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales (engine/quantization.py); "none": the model's dtype.
     quantization: str = "none"
-    # Pipeline parallelism (cluster/pipeline.py): the layers split over this many Ray
-    # actors, one per GPU (or CPU share); pipeline_layers gives each stage's layer count
-    # (default: even); the stages' placement group strategy is PACK, SPREAD or STRICT_SPREAD.
+    # Model parallelism on Ray workers (cluster/parallel.py, through the executor
+    # cluster.executors.ray_executor): each layer's heads and MLP columns split over
+    # tensor_parallel_size workers, the layers over pipeline_parallel_size stages of them
+    # (pipeline_layers: each stage's layer count; default even). How the workers are placed
+    # and watched is the executor's ParallelConfig, not the engine's.
+    tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     pipeline_layers: list[int] | None = None
-    pipeline_placement_strategy: str = "PACK"
-    # GPUs each stage reserves: 1 = a GPU per stage; a fraction lets stages of a small
-    # model share one GPU (0.5: two stages per GPU).
-    pipeline_gpus_per_stage: float = 1.0
-    # A step (or a health ping) that a stage does not answer within this many seconds
-    # counts as the stage's failure: the pipeline is rebuilt and its requests recomputed.
-    pipeline_step_timeout_s: float = 60.0
-    # Batches in the pipeline at once (each from different requests, so a stage computes
-    # one while the next stage computes another); None = one per stage, 1 = no overlap.
-    pipeline_inflight_batches: int | None = None
-    # How steps travel between stages: "compiled_graph" (a Ray Compiled Graph: channels set
-    # up once, ~4x less transport time, but its channel readers poll and take CPU from the
-    # compute where stages share cores), "actor_calls" (plain actor calls chained by object
-    # refs), or "auto": compiled_graph for GPU stages, actor_calls for CPU stages.
-    pipeline_transport: str = "auto"
     # Speculative decoding (engine/speculative.py, engine/draft.py): each decoding request
     # gets up to num_speculative_tokens proposals per step, verified in one forward.
     # Proposers: "prompt_lookup" (n-gram lookup in the prompt and output, n from
@@ -113,24 +101,13 @@ class EngineConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.pipeline_parallel_size < 1:
-            raise ConfigError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pipeline_layers is not None and (len(self.pipeline_layers) != self.pipeline_parallel_size
                                                  or min(self.pipeline_layers) < 1):
             raise ConfigError("pipeline_layers must give a layer count >= 1 for each of the "
                               f"{self.pipeline_parallel_size} stages, got {self.pipeline_layers}")
-        if self.pipeline_placement_strategy not in ("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"):
-            raise ConfigError(f"pipeline_placement_strategy must be PACK, SPREAD, STRICT_SPREAD or STRICT_PACK, "
-                              f"got {self.pipeline_placement_strategy!r}")
-        if not 0 < self.pipeline_gpus_per_stage <= 1:
-            raise ConfigError(f"pipeline_gpus_per_stage must be in (0, 1], got {self.pipeline_gpus_per_stage}")
-        if self.pipeline_inflight_batches is not None and self.pipeline_inflight_batches < 1:
-            raise ConfigError(f"pipeline_inflight_batches must be >= 1, got {self.pipeline_inflight_batches}")
-        if self.pipeline_transport not in ("auto", "compiled_graph", "actor_calls"):
-            raise ConfigError(f"pipeline_transport must be 'auto', 'compiled_graph' or 'actor_calls', "
-                              f"got {self.pipeline_transport!r}")
-        if self.pipeline_step_timeout_s <= 0:
-            raise ConfigError(f"pipeline_step_timeout_s must be > 0, got {self.pipeline_step_timeout_s}")
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, "
                               f"got {self.speculative_method!r}")

@@ -43,7 +43,7 @@ class Drafter:
         if config.speculative_method == "self_speculative":
             if not isinstance(target, ModelRunner):
                 raise ConfigError("self_speculative needs the whole model in one process "
-                                  "(pipeline_parallel_size 1); use draft_model or prompt_lookup")
+                                  "(tensor_parallel_size and pipeline_parallel_size 1); use draft_model or prompt_lookup")
             num_layers = config.speculative_draft_layers or max(1, target.args.num_layers // 4)
             if num_layers >= target.args.num_layers:
                 raise ConfigError(f"speculative_draft_layers must be below the model's "
@@ -56,7 +56,7 @@ class Drafter:
             hf_config = load_hf_config(model_dir)
             _check_same_tokenizer(load_tokenizer(model_dir), tokenizer, model_dir)
             draft_config = dataclasses.replace(
-                config, model=config.speculative_model, pipeline_parallel_size=1, pipeline_layers=None,
+                config, model=config.speculative_model, tensor_parallel_size=1, pipeline_parallel_size=1, pipeline_layers=None,
                 num_kv_blocks=target.num_blocks, speculative_method="none")
             max_len = min(max_model_len, hf_config.max_position_embeddings)
             self.runner = ModelRunner(draft_config, hf_config, Path(model_dir), target.device, target.dtype, max_len)

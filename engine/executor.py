@@ -2,7 +2,7 @@
 
 The engine schedules a step, hands it to an executor, and samples from the logits it
 returns. The in-process `ModelRunner` is the default executor; `cluster/` provides the
-Ray executors (pipeline stages, and later tensor-parallel workers) and callers plug
+Ray executors (tensor-parallel workers, pipeline stages of them) and callers plug
 them in with `LLM(..., executor=...)` / `LLMEngine(config, executor=...)`, so the
 engine itself never imports Ray or `cluster/`.
 """
@@ -53,7 +53,8 @@ ExecutorFactory = Callable[[EngineConfig, Any, Path, torch.device, torch.dtype, 
 def in_process_executor(config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                         dtype: torch.dtype, max_model_len: int) -> Executor:
     """The whole model in this process (the default)."""
-    if config.pipeline_parallel_size > 1:
-        raise ConfigError("pipeline_parallel_size > 1 runs the model on Ray workers: pass "
-                          "executor=cluster.executors.ray_executor (semline serve and the LLM server do)")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if getattr(config, name) > 1:
+            raise ConfigError(f"{name} > 1 runs the model on Ray workers: pass "
+                              "executor=cluster.executors.ray_executor (semline serve and the LLM server do)")
     return ModelRunner(config, hf_config, model_dir, device, dtype, max_model_len)

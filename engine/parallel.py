@@ -11,7 +11,7 @@ rank looks up or scores only its rows, an all-reduce joins the embeddings and a 
 to rank 0 joins the logits (greedy rows gather only each rank's best score and id).
 
 The engine only uses `torch.distributed` here; who starts the ranks and their process
-group (Ray actors in cluster/tensor_parallel.py) is not its business. `size` 1 is the
+group (Ray actors in cluster/parallel.py) is not its business. `size` 1 is the
 whole model in one process and costs nothing.
 """
 
@@ -41,23 +41,29 @@ class TensorParallel:
     # --- shares ---------------------------------------------------------------
 
     def split(self, total: int, what: str) -> tuple[int, int]:
-        """[start, stop) of `total` equal parts' share of this rank (they must divide evenly)."""
-        if total % self.size:
-            raise ValueError(f"{what} ({total}) do not split over tensor_parallel_size {self.size}")
-        share = total // self.size
-        return self.rank * share, (self.rank + 1) * share
+        """[start, stop) of this rank's share of `total` parts, as even as possible (earlier
+        ranks take the remainder: 1536 MLP columns over 2 ranks, 9 heads' worth of work...)."""
+        if total < self.size:
+            raise ValueError(f"{what} ({total}) are fewer than tensor_parallel_size {self.size}")
+        share, extra = divmod(total, self.size)
+        start = self.rank * share + min(self.rank, extra)
+        return start, start + share + (self.rank < extra)
 
-    def kv_heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-        """[start, stop) of the KV heads this rank keeps: its share, or (fewer KV heads than
-        ranks) the one KV head its query heads read."""
+    def heads(self, num_heads: int, num_kv_heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """([start, stop) of this rank's query heads, of its KV heads). KV heads split as evenly
+        as possible and each rank takes the query heads that read them (SmolLM2's 3 KV heads
+        over 2 ranks: 6 and 3 query heads). With fewer KV heads than ranks, the query heads
+        split evenly and each rank keeps the one KV head its query heads read (replicated)."""
+        group = num_heads // num_kv_heads
         if num_kv_heads >= self.size:
-            return self.split(num_kv_heads, "KV heads")
-        if self.size % num_kv_heads:
-            raise ValueError(f"{num_kv_heads} KV heads cannot be replicated evenly over "
-                             f"tensor_parallel_size {self.size}")
-        first_query = self.split(num_heads, "attention heads")[0]
-        head = first_query // (num_heads // num_kv_heads)
-        return head, head + 1
+            kv_start, kv_stop = self.split(num_kv_heads, "KV heads")
+            return (kv_start * group, kv_stop * group), (kv_start, kv_stop)
+        if self.size % num_kv_heads or num_heads % self.size:
+            raise ValueError(f"{num_heads} attention heads with {num_kv_heads} KV heads cannot be split "
+                             f"over tensor_parallel_size {self.size} (KV heads are replicated only when "
+                             f"tensor_parallel_size is a multiple of their number)")
+        q_start, q_stop = self.split(num_heads, "attention heads")
+        return (q_start, q_stop), (q_start // group, q_start // group + 1)
 
     def vocab(self, vocab_size: int) -> tuple[int, int]:
         """[start, stop) of the vocabulary rows this rank holds: ceil(V / size) each, the

@@ -168,8 +168,7 @@ def shard_weight_map(names: WeightMap, args: ModelArgs, tp: TensorParallel) -> W
     if not tp.enabled:
         return names
     dh = args.head_dim
-    qa, qb = (h * dh for h in tp.split(args.num_heads, "attention heads"))
-    ka, kb = (h * dh for h in tp.kv_heads(args.num_heads, args.num_kv_heads))
+    (qa, qb), (ka, kb) = ((a * dh, b * dh) for a, b in tp.heads(args.num_heads, args.num_kv_heads))
     q_size, kv_size = args.num_heads * dh, args.num_kv_heads * dh
     va, vb = tp.vocab(args.vocab_size)
 

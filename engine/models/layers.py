@@ -123,8 +123,7 @@ class Attention(nn.Module):
     def __init__(self, args: "ModelArgs", layer_index: int, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
         self.tp = tp
-        head_start, head_stop = tp.split(args.num_heads, "attention heads")
-        kv_start, kv_stop = tp.kv_heads(args.num_heads, args.num_kv_heads)
+        (head_start, head_stop), (kv_start, kv_stop) = tp.heads(args.num_heads, args.num_kv_heads)
         self.num_heads = head_stop - head_start
         self.num_kv_heads = kv_stop - kv_start
         self.head_dim = args.head_dim

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.executors import ray_executor
+from cluster.executors import ParallelConfig, RayExecutor, ray_executor
 from engine import SamplingParams
 from tests.conftest import BASE_CONFIG
 
 # A small KV cache and step budget: long prompts are chunked and requests get preempted.
 SMALL = {"num_kv_blocks": 10, "max_num_batched_tokens": 48}
 # On a GPU (SEMLINE_TEST_DEVICE=cuda) the stages share the one GPU a test machine has.
-GPU_SHARE = {} if BASE_CONFIG["device"] == "cpu" else {"pipeline_gpus_per_stage": 0.33}
+GPU_SHARE = {} if BASE_CONFIG["device"] == "cpu" else {"gpus_per_worker": 0.33}
+
+
+def executor(**parallel) -> RayExecutor:
+    return RayExecutor(ParallelConfig(**GPU_SHARE, **parallel))
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
            "Once upon a time, in a kingdom by the sea, there lived an old fisherman and his wife, who " * 3,
            "List the planets of the solar system in order from the sun:"]
@@ -26,15 +30,16 @@ def test_logits_assembler_gives_back_every_row_the_driver_reads():
     """Greedy rows travel as argmax ids, the others whole; the assembled logits give the same
     argmax for every row and the same values for whole rows, also when an all-greedy step
     reuses the buffer of the step before."""
-    from cluster.pipeline import LogitsAssembler, _split_logits
+    from cluster.parallel import LogitsAssembler
+    from engine.parallel import TensorParallel
 
     torch.manual_seed(0)
     assemble = LogitsAssembler(vocab_size=50)
     for argmax_rows, num_rows in (([0, 2, 3], 6), ([0, 1, 2, 3], 4), ([0, 1, 2], 3), ([1, 2], 3),
                                      ([], 2), ([0, 1, 2], 3), ([0, 1, 2, 3, 4], 5)):
         logits = torch.randn(num_rows, 50)
-        full, token_ids = _split_logits(logits, argmax_rows)
-        out = assemble(torch.from_numpy(full), torch.from_numpy(token_ids).long(), argmax_rows, num_rows)
+        full, token_ids = TensorParallel().gather_logits(logits, argmax_rows, 50)
+        out = assemble(full, token_ids.long(), argmax_rows, num_rows)
         assert out.shape == logits.shape
         assert torch.equal(out.argmax(-1), logits.argmax(-1))
         for row in range(num_rows):
@@ -44,25 +49,19 @@ def test_logits_assembler_gives_back_every_row_the_driver_reads():
                 assert torch.equal(out[row], logits[row])
 
 
-def test_a_stage_reserves_a_gpu_or_a_share_of_one():
-    from cluster.pipeline import stage_bundle
+def test_a_worker_reserves_a_gpu_or_a_share_of_one():
+    from cluster.executors import worker_bundle
     from engine.config import ConfigError, EngineConfig
 
-    assert stage_bundle(on_gpu=True, num_threads=4) == {"GPU": 1.0, "CPU": 1}
-    assert stage_bundle(on_gpu=True, num_threads=4, gpus=0.5) == {"GPU": 0.5, "CPU": 1}
-    assert stage_bundle(on_gpu=False, num_threads=4, gpus=0.5) == {"CPU": 4}
+    assert worker_bundle(on_gpu=True, num_threads=4) == {"GPU": 1.0, "CPU": 1}
+    assert worker_bundle(on_gpu=True, num_threads=4, gpus=0.5) == {"GPU": 0.5, "CPU": 1}
+    assert worker_bundle(on_gpu=False, num_threads=4, gpus=0.5) == {"CPU": 4}
     for bad in (0, -0.5, 1.5):
-        with pytest.raises(ConfigError, match="pipeline_gpus_per_stage"):
-            EngineConfig.from_dict({"pipeline_gpus_per_stage": bad})
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+        with pytest.raises(ConfigError, match="gpus_per_worker"):
+            ParallelConfig.from_dict({"gpus_per_worker": bad})
+    # Ray's settings are the executor's, not the engine's.
+    with pytest.raises(ConfigError, match="unknown engine config keys: pipeline_placement_strategy"):
+        EngineConfig.from_dict({"pipeline_placement_strategy": "SPREAD"})
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +76,8 @@ def expected(make_llm):
 def test_pipeline_matches_the_single_process_engine(ray_cluster, make_llm, expected, stages, layers, transport):
     """2 stages with an explicit split over a Compiled Graph, 3 split evenly over actor calls."""
     tokens, total_parameters = expected
-    pipeline = make_llm(**SMALL, **GPU_SHARE, executor=ray_executor, pipeline_parallel_size=stages, pipeline_layers=layers,
-                        num_threads=1, pipeline_transport=transport)
+    pipeline = make_llm(**SMALL, executor=executor(transport=transport), pipeline_parallel_size=stages,
+                        pipeline_layers=layers, num_threads=1)
     runner = pipeline.engine.runner
     try:
         outputs = pipeline.generate(PROMPTS, PARAMS)
@@ -118,8 +117,7 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
     import ray
 
     tokens, _ = expected
-    pipeline = make_llm(**SMALL, **GPU_SHARE, executor=ray_executor, pipeline_parallel_size=2, num_threads=1,
-                        pipeline_transport=transport)
+    pipeline = make_llm(**SMALL, executor=executor(transport=transport), pipeline_parallel_size=2, num_threads=1)
     engine, runner = pipeline.engine, pipeline.engine.runner
     try:
         first_pid, old_pid = [i["pid"] for i in runner.stage_info()]
@@ -131,7 +129,7 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
             for out in engine.step():
                 final[out.request_id] = out
         assert engine.scheduler.num_running > 0 and not all(o.finished for o in final.values())
-        ray.kill(runner.stages[1], no_restart=True)
+        ray.kill(runner.stages[1][0], no_restart=True)
         for _ in range(400):  # bounded: a hang fails the test instead of stalling it
             if not engine.has_unfinished_requests():
                 break

@@ -304,19 +304,29 @@ def test_promtool_rejects_planted_mistakes(tmp_path):
     assert test.returncode != 0 and "SemlineKVCacheNearFull" in (test.stdout + test.stderr)
 
 
-def test_pipeline_parallel_replicas_reserve_their_stages():
-    """pipeline_parallel_size: 2 in the config: each replica reserves a bundle per GPU stage,
-    and the Ray autoscaler's worker bounds count one GPU per stage."""
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_split_model_replicas_reserve_their_workers(tp, pp):
+    """tensor_parallel_size T and pipeline_parallel_size P in the config: each replica reserves
+    T x P worker bundles (plus its own), worker pods carry T GPUs (a tensor-parallel group per
+    pod), and the Ray autoscaler's worker bounds count the GPUs of whole replicas."""
     config = SemlineConfig.from_yaml(K8S / "semline.yaml")
-    config.engine["pipeline_parallel_size"] = 2
+    config.engine.update(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    for doc in (k8s.rayservice(config), k8s.rayjob(config)):
+        assert crd_errors(doc) == []
     doc = k8s.rayservice(config)
-    assert crd_errors(doc) == []
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     assert serve_config_errors(serve_config) == []
     app = serve_config["applications"][0]
-    assert app["args"]["engine"]["pipeline_parallel_size"] == 2
+    assert (app["args"]["engine"]["tensor_parallel_size"], app["args"]["engine"]["pipeline_parallel_size"]) == (tp, pp)
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
-    assert llm["placement_group_bundles"] == [{"CPU": 4.0}, {"GPU": 1, "CPU": 1}, {"GPU": 1, "CPU": 1}]
-    assert llm["ray_actor_options"]["num_gpus"] == 0  # the stages hold the GPUs
+    assert llm["placement_group_bundles"] == [{"CPU": 4.0}] + [{"GPU": 1, "CPU": 1}] * (tp * pp)
+    assert llm["placement_group_strategy"] == "PACK"
+    assert llm["ray_actor_options"]["num_gpus"] == 0  # the workers hold the GPUs
     group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    assert (group["minReplicas"], group["maxReplicas"]) == (2, 8)
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(tp)
+    scaling = config.server.autoscaling
+    assert (group["minReplicas"], group["maxReplicas"]) == (scaling.min_replicas * pp, scaling.max_replicas * pp)
+    config.kubernetes.worker_gpus = 3
+    if tp == 2:  # a tensor-parallel group never straddles pods
+        with pytest.raises(ValueError, match="multiple of tensor_parallel_size"):
+            k8s.rayservice(config)
