@@ -47,7 +47,9 @@ class ParallelConfig:
     # compute where workers share cores), "actor_calls" (plain actor calls chained by object
     # refs), or "auto": compiled_graph on GPUs, actor_calls on CPUs.
     transport: str = "auto"
-    # torch.distributed backend of a tensor-parallel group: "auto" = NCCL on GPUs, gloo on CPUs.
+    # torch.distributed backend of a tensor-parallel group: "auto" = NCCL on GPUs; on CPUs gloo,
+    # with the all-reduces through shared memory when the group is on one host; "gloo" or
+    # "nccl" = that backend for everything.
     tp_backend: str = "auto"
 
     def __post_init__(self) -> None:

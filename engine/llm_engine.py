@@ -199,7 +199,7 @@ class LLMEngine:
             batch = self._inflight.popleft()
             logits = self.runner.result(batch.handle)
         except ExecutorError as exc:
-            self._rebuild_pipeline(exc)
+            self._rebuild_executor(exc)
             return []
         return self._land(batch, logits)
 
@@ -239,19 +239,19 @@ class LLMEngine:
         self._refresh_gauges()
         return outputs
 
-    def _rebuild_pipeline(self, exc: ExecutorError) -> None:
-        """A pipeline stage failed: every running request goes back to the queue to be
-        recomputed (no KV cache can be trusted, the prefix cache is dropped), and the dead
-        stages are replaced. Unhealthy (health_problem) until the pipeline is whole again; if
+    def _rebuild_executor(self, exc: ExecutorError) -> None:
+        """A worker of the executor failed: every running request goes back to the queue to be
+        recomputed (no KV cache can be trusted, the prefix cache is dropped), and the broken
+        workers are replaced. Unhealthy (health_problem) until the executor is whole again; if
         the rebuild itself fails, the error goes to the caller and the next step tries again."""
-        logger.error("%s; rebuilding the pipeline and recomputing %d running request(s)",
+        logger.error("%s; rebuilding the model workers and recomputing %d running request(s)",
                      exc, self.scheduler.num_running)
-        self.health_problem = f"rebuilding the pipeline after: {exc}"
+        self.health_problem = f"rebuilding the model workers after: {exc}"
         self._inflight.clear()
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()
         self.runner.rebuild()
-        self.stats.num_pipeline_rebuilds += 1
+        self.stats.num_executor_rebuilds += 1
         self.health_problem = None
 
     def _propose(self) -> None:

@@ -96,7 +96,7 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     # Pipeline parallelism: times a failed stage was replaced (its requests recomputed).
-    num_pipeline_rebuilds: int = 0
+    num_executor_rebuilds: int = 0
     # Most batches in the pipeline at once (micro-batch overlap; 1 in process).
     max_batches_in_flight: int = 0
     # Gauges, refreshed every step.

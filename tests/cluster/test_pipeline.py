@@ -136,7 +136,7 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
             for out in engine.step():
                 final[out.request_id] = out
         assert [final[i].token_ids for i in ids] == [tokens[i] for i in picked]
-        assert engine.stats.num_pipeline_rebuilds == 1 and engine.health_problem is None
+        assert engine.stats.num_executor_rebuilds == 1 and engine.health_problem is None
         pids = [i["pid"] for i in runner.stage_info()]
         assert pids[0] == first_pid and pids[1] != old_pid  # only the dead stage was replaced
         again = pipeline.generate(PROMPTS[:1], PARAMS[:1])[0]

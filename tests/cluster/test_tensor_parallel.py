@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.executors import ray_executor
+from cluster.executors import ParallelConfig, RayExecutor, ray_executor
 from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from engine.models.layers import MoE, RMSNorm
@@ -64,6 +64,7 @@ def test_tensor_parallel_matches_one_process(ray_cluster, models, family, tp):
         assert parallel.engine.stats.num_preemptions > 0
         workers = runner.worker_info()
         assert [w["rank"] for w in workers] == list(range(tp)) and len({w["pid"] for w in workers}) == tp
+        assert {w["all_reduce"] for w in workers} == {"shared_memory"}  # CPU ranks on one host
         # Each rank holds 1/tp of everything but the norms and routers (whole) and the k/v
         # projections (the share of its KV heads, which may be more than 1/tp).
         args = runner.args
@@ -82,16 +83,17 @@ def test_tensor_parallel_matches_one_process(ray_cluster, models, family, tp):
 
 def test_tensor_and_pipeline_parallel_compose(ray_cluster, models):
     """2 stages of 2 ranks (4 workers): the tied head of Llama 3 in the last stage reads its
-    vocabulary rows of the embedding tensor, which the first stage also splits."""
+    vocabulary rows of the embedding tensor, which the first stage also splits. All-reduces
+    over gloo here (the default for ranks on different hosts)."""
     folder, want, _ = models("llama3")
-    parallel = LLM(model=str(folder), **CONFIG, executor=ray_executor, tensor_parallel_size=2,
-                   pipeline_parallel_size=2)
+    parallel = LLM(model=str(folder), **CONFIG, executor=RayExecutor(ParallelConfig(tp_backend="gloo")),
+                   tensor_parallel_size=2, pipeline_parallel_size=2)
     runner = parallel.engine.runner
     try:
         assert [o.token_ids for o in parallel.generate(PROMPTS, PARAMS)] == want
         workers = runner.worker_info()
         assert [(w["layers"], w["rank"]) for w in workers] == [([0, 2], 0), ([0, 2], 1), ([2, 3], 0), ([2, 3], 1)]
-        assert len({w["pid"] for w in workers}) == 4
+        assert len({w["pid"] for w in workers}) == 4 and {w["all_reduce"] for w in workers} == {"gloo"}
     finally:
         runner.shutdown()
 
@@ -121,7 +123,7 @@ def test_a_dead_rank_rebuilds_its_group_and_requests_complete(ray_cluster, model
             for out in engine.step():
                 final[out.request_id] = out
         assert [final[i].token_ids for i in ids] == want
-        assert engine.stats.num_pipeline_rebuilds == 1 and engine.health_problem is None
+        assert engine.stats.num_executor_rebuilds == 1 and engine.health_problem is None
         assert not old & {w["pid"] for w in runner.worker_info()}  # the whole group is new
         assert [o.token_ids for o in parallel.generate(PROMPTS[:1], PARAMS[:1])] == want[:1]
         assert engine.block_manager.num_used_blocks == 0
