@@ -64,7 +64,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         config.http.port = args.port
     os.environ.setdefault("RAY_metrics_report_interval_ms", "5000")
-    ray.init(include_dashboard=False, logging_level=logging.WARNING, _metrics_export_port=config.metrics_export_port)
+    ray.init(include_dashboard=False, logging_level=logging.WARNING, _metrics_export_port=config.metrics_export_port,
+             num_cpus=args.num_cpus)
     serve.start(http_options={"host": config.http.host, "port": config.http.port},
                 logging_config=LoggingConfig(enable_access_log=False))
     serve.run(build_app(config), name="semline", route_prefix="/")
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API on a local Ray cluster")
     srv.add_argument("--config", default=None, help="YAML config (see deployments/config.py)")
     srv.add_argument("--port", type=int, default=None, help="override http.port")
+    srv.add_argument("--num-cpus", type=float, default=None,
+                     help="CPUs Ray may schedule on this node (default: its cores); more than the cores lets "
+                          "a split model's workers (one CPU bundle each) share a small machine")
     srv.set_defaults(func=_cmd_serve)
     batch = sub.add_parser("batch", help="OpenAI-compatible batch jobs on a running server")
     batch_sub = batch.add_subparsers(dest="batch_command", required=True)

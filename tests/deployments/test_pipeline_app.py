@@ -44,3 +44,53 @@ def test_serve_app_runs_a_split_model_from_the_config_file(serve_app, client, tm
         assert got.choices[0].text == want.choices[0].text and got.usage.completion_tokens == 12
     finally:
         serve.delete(APP)
+
+
+def test_semline_serve_runs_tensor_parallel_from_the_config_file(client, tmp_path):
+    """`semline serve --config FILE` (its own local Ray cluster, beside the session's) with
+    tensor_parallel_size 2 answers like the single-process application; SIGTERM stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.deployments.conftest import _free_port
+
+    port = _free_port()
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_name": MODEL,
+        "engine": {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.125, "tensor_parallel_size": 2},
+        "server": {"num_cpus": 0.5},
+        "http": {"port": port}, "metrics_export_port": _free_port(),
+        "router": {"actor_name": "cli-router"},
+        "batch": {"storage_dir": str(tmp_path / "batches")},
+    }))
+    env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own, never the session's
+    server = subprocess.Popen([sys.executable, "-m", "deployments.cli", "serve", "--config", str(path),
+                               "--num-cpus", "4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    body = {"model": MODEL, "prompt": "The three primary colors are", "max_tokens": 12, "temperature": 0}
+    try:
+        deadline, answer = time.monotonic() + 240, None
+        while answer is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+                if reply.status_code == 200:
+                    answer = reply.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert answer is not None, server.stdout.read() if server.poll() is not None else "no answer in 240 s"
+        want = client.completions.create(**body)
+        assert answer["choices"][0]["text"] == want.choices[0].text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
