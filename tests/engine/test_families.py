@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 from engine import LLM, SamplingParams
 from engine.loader import load_hf_config
 from engine.models import model_args
+from tests.conftest import DEVICE
 from tests.engine.test_hf_parity import assert_same_or_near_tie
 
 NUM_NEW_TOKENS = 12
@@ -100,7 +101,8 @@ def _params() -> SamplingParams:
 
 
 def _engine(folder, **overrides) -> LLM:
-    config = dict(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64, max_num_batched_tokens=24)
+    # The engine on the test device (SEMLINE_TEST_DEVICE=cuda: the CUDA path), HF's reference on the CPU.
+    config = dict(model=str(folder), device=DEVICE, dtype="float32", num_kv_blocks=64, max_num_batched_tokens=24)
     return LLM(**{**config, **overrides})
 
 
