@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.loader import ModelLoadError, embedded_gguf_path, resolve_model_dir
@@ -76,7 +77,6 @@ def test_sharded_bf16_checkpoint_loads_only_the_shards_it_needs(llm, tmp_path, m
     """A bf16 checkpoint in several shards (model.safetensors.index.json) gives the same greedy
     output as the same weights in one float32 file, and a pipeline stage opens only the
     shards that hold its layers."""
-    import torch
     import transformers
 
     from engine import loader
@@ -135,3 +135,73 @@ def test_the_engine_imports_neither_ray_nor_cluster():
 def test_pipeline_parallelism_without_a_ray_executor_is_a_clear_error():
     with pytest.raises(ValueError, match="ray_executor"):
         LLM(pipeline_parallel_size=2, device="cpu")
+
+
+def _write_gguf(folder, arch: str, out) -> None:
+    """A float32 GGUF file of the HF model in `folder`, as llama.cpp's converter lays one out
+    (architecture keys, `blk.N.*` tensor names), with the embedded model's tokenizer."""
+    import gguf
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    tokenizer = gguf.GGUFReader(embedded_gguf_path()).fields
+    writer.add_tokenizer_model(tokenizer["tokenizer.ggml.model"].contents())
+    writer.add_token_list(tokenizer["tokenizer.ggml.tokens"].contents())
+    writer.add_token_types(tokenizer["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(tokenizer["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# Families whose GGUF files transformers reads (Qwen3's GGUF keys carry no head_dim:
+# transformers assumes Qwen3's 128, which every real Qwen3 has).
+GGUF_FAMILIES = {
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 128}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),  # fused qkv / gate_up in the file as in the folder
+}
+
+
+@pytest.mark.parametrize("arch", list(GGUF_FAMILIES))
+def test_gguf_files_of_other_families_match_their_folders(llm, tmp_path, arch):
+    """A GGUF file of a Qwen2, Qwen3 or Phi-3 model converts (once, through transformers) into a
+    folder that generates exactly what the original folder does."""
+    import transformers
+
+    config_class, extra = GGUF_FAMILIES[arch]
+    config = getattr(transformers, config_class)(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=49152, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for file in llm.engine.model_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, folder / file.name)
+    _write_gguf(folder, arch, tmp_path / f"{arch}.gguf")
+
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    settings = dict(device="cpu", dtype="float32", num_kv_blocks=16, cache_dir=str(tmp_path / "cache"))
+    want = [o.token_ids for o in LLM(model=str(folder), **settings).generate(prompts, params)]
+    got = LLM(model=str(tmp_path / f"{arch}.gguf"), **settings)
+    assert got.engine.hf_config.model_type == arch
+    assert [o.token_ids for o in got.generate(prompts, params)] == want
