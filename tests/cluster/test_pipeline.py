@@ -7,6 +7,7 @@ import torch
 
 from cluster.executors import ParallelConfig, RayExecutor, ray_executor
 from engine import SamplingParams
+from tests.cluster.conftest import step
 from tests.conftest import BASE_CONFIG
 
 # A small KV cache and step budget: long prompts are chunked and requests get preempted.
@@ -125,16 +126,10 @@ def test_a_dead_stage_is_replaced_and_its_requests_recomputed(ray_cluster, make_
         picked = [2, 3]
         ids = [engine.add_request(PROMPTS[i], PARAMS[i]).request_id for i in picked]
         final = {}
-        for _ in range(8):
-            for out in engine.step():
-                final[out.request_id] = out
+        step(engine, final, 8)
         assert engine.scheduler.num_running > 0 and not all(o.finished for o in final.values())
         ray.kill(runner.stages[1][0], no_restart=True)
-        for _ in range(400):  # bounded: a hang fails the test instead of stalling it
-            if not engine.has_unfinished_requests():
-                break
-            for out in engine.step():
-                final[out.request_id] = out
+        step(engine, final, 400)
         assert [final[i].token_ids for i in ids] == [tokens[i] for i in picked]
         assert engine.stats.num_executor_rebuilds == 1 and engine.health_problem is None
         pids = [i["pid"] for i in runner.stage_info()]

@@ -10,6 +10,7 @@ from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from engine.models.layers import MoE, RMSNorm
 from engine.models.linear import OneDNNLinear
+from tests.cluster.conftest import step
 from tests.engine.test_families import build_tiny_model
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):",
@@ -112,16 +113,10 @@ def test_a_dead_rank_rebuilds_its_group_and_requests_complete(ray_cluster, model
         old = {w["pid"] for w in runner.worker_info()}
         ids = [engine.add_request(p, s).request_id for p, s in zip(PROMPTS, PARAMS)]
         final = {}
-        for _ in range(4):
-            for out in engine.step():
-                final[out.request_id] = out
+        step(engine, final, 4)
         assert engine.scheduler.num_running > 0
         ray.kill(runner.stages[0][1], no_restart=True)
-        for _ in range(400):  # bounded: a hang fails the test instead of stalling it
-            if not engine.has_unfinished_requests():
-                break
-            for out in engine.step():
-                final[out.request_id] = out
+        step(engine, final, 400)
         assert [final[i].token_ids for i in ids] == want
         assert engine.stats.num_executor_rebuilds == 1 and engine.health_problem is None
         assert not old & {w["pid"] for w in runner.worker_info()}  # the whole group is new
