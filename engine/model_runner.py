@@ -18,7 +18,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch
 from engine.config import EngineConfig
 from engine.loader import load_weights
 from engine.models import ModelArgs, TruncatedModel, build_model
-from engine.models.linear import OneDNNLinear, onednn_available, prepack_linears
+from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
 from engine.quantization import quantize_model
 from engine.scheduler import ScheduledChunk
@@ -129,8 +129,8 @@ class ModelRunner:
         model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
         if config.quantization == "int8":
             quantize_model(model, device, dtype)
-        elif config.onednn_linear and device.type == "cpu" and dtype == torch.float32 and onednn_available():
-            prepack_linears(model)
+        elif config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
+            prepack_linears(model, onednn_dtypes())
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
         self.num_blocks = self._num_kv_blocks()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import load_paged_attention
-from engine.models.linear import BLOCK_ROWS, OneDNNLinear, onednn_available, padded_rows
+from engine.models.linear import BLOCK_ROWS, OneDNNLinear, onednn_available, onednn_dtypes, padded_rows
 
 
 def _reference_decode(q, k_cache, v_cache, tables, lens, scale, starts=None, softcap=None):
@@ -90,6 +90,25 @@ def test_onednn_linear_matches_torch(rows):
     x = torch.randn(rows, 96)
     with torch.inference_mode():
         assert torch.allclose(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available() or torch.bfloat16 not in onednn_dtypes(),
+                    reason="no bf16 instructions (AVX512-BF16/AMX): bf16 linears stay on PyTorch's path")
+@pytest.mark.parametrize("rows", [1, 7, 32, 300])
+def test_onednn_bf16_linear_matches_torch_within_bf16_rounding(rows):
+    """oneDNN's bf16 kernel accumulates in fp32 and rounds once, as PyTorch's does: the two
+    agree to the last bf16 bit or so, and both sit within bf16 rounding of the fp32 product."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(576, 1536, bias=True).to(torch.bfloat16)
+    packed = OneDNNLinear(linear)
+    x = torch.randn(rows, 576).to(torch.bfloat16)
+    with torch.inference_mode():
+        ours, theirs = packed(x), linear(x)
+        exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, 1536)
+    scale = exact.abs().max()
+    assert (ours.float() - exact).abs().max() <= scale * 2**-7
+    assert (ours.float() - theirs.float()).abs().max() <= scale * 2**-7
 
 
 def test_gemm_row_counts_are_a_small_fixed_set_with_little_padding():
