@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_info  # noqa: E402
 from throughput import make_workload, run_hf_static, run_semline  # noqa: E402
 
 from engine import LLM  # noqa: E402
@@ -57,8 +57,7 @@ def main() -> None:
     rate = {name: r["output_tokens_per_s"] for name, r in results.items()}
     result = {
         "benchmark": "bf16",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count(),
-                    "cpu_native_bf16": cpu_has_native_bf16()},
+        "machine": {**machine_info(), "threads": os.cpu_count(), "cpu_native_bf16": cpu_has_native_bf16()},
         "workload": {"num_requests": args.num_requests, "source": "benchmarks/throughput.py"},
         "runs": results,
         "perplexity": {k: round(v, 3) for k, v in perplexity.items()},
