@@ -15,12 +15,12 @@ import torch
 
 from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
                               make_prefill_chunk, windowed)
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.loader import load_weights
 from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
-from engine.quantization import quantize_model
+from engine.quantization import CpuInt4Linear, quantize_model
 from engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,10 @@ class ModelRunner:
         model = model.to(dtype=dtype).to_empty(device=device)
         model.set_rotary(hf_config, max_model_len, device)
         model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
-        if config.quantization == "int8":
-            quantize_model(model, device, dtype)
+        if config.quantization in ("int8", "int4"):
+            if config.quantization == "int4" and device.type != "cpu":
+                raise ConfigError("quantization 'int4' runs on the CPU (PyTorch's CPU int4 kernel); use int8 on CUDA")
+            quantize_model(model, device, dtype, config.quantization)
         elif config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
             prepack_linears(model, onednn_dtypes())
         self.model = model.eval()
@@ -164,7 +166,7 @@ class ModelRunner:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel()
         for module in self.model.modules():
-            if isinstance(module, OneDNNLinear):  # its weight lives only packed, outside parameters()
+            if isinstance(module, (OneDNNLinear, CpuInt4Linear)):  # weights only packed, outside parameters()
                 total += module.num_parameters
         return total
 

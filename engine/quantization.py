@@ -28,7 +28,9 @@ from engine.models.layers import MoE
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "int8")
+METHODS = ("none", "int8", "int4")
+# Weights per int4 group (one scale and one offset each): GGUF's Q4_0/Q4_1 block size.
+INT4_GROUP_SIZE = 32
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,9 +119,11 @@ def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _PACK_SUPPORT[key]
 
 
-def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
-    """Swap every linear layer (and the token embedding) of `model` for its int8 form; returns
-    how many modules were swapped. A tied output head and embedding share one int8 matrix
+def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, method: str = "int8") -> int:
+    """Swap every linear layer (and the token embedding) of `model` for its int8 form, or with
+    `method` "int4" every linear layer for its 4-bit form (CPU; the embedding stays int8, and
+    a linear layer whose input does not split into 4-bit groups stays int8); returns how many
+    modules were swapped. In int8, a tied output head and embedding share one int8 matrix
     (per-row scales serve both: rows are the head's output channels and the embedding's tokens)."""
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -134,7 +138,10 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -
         if isinstance(parent, MoE):  # the router stays in float: int8 scores would flip routing
             continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and method == "int4" and int4_supported(child):
+                setattr(parent, name, CpuInt4Linear(*quantize_groups_4bit(child.weight), child.bias))
+                swapped += 1
+            elif isinstance(child, nn.Linear):
                 q, scales = rows(child.weight)
                 if device.type == "cpu" and dtype == torch.float32:
                     new = CpuInt8Linear(q, scales, child.bias)
@@ -146,6 +153,52 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -
                 setattr(parent, name, Int8Embedding(*rows(child.weight), dtype))
                 swapped += 1
     return swapped
+
+
+def quantize_groups_4bit(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE):
+    """Asymmetric 4-bit groups of `group_size` weights along each row: (q in 0..15 as int32
+    [N, K], scales [N, K/g], offsets [N, K/g]) with weight ≈ q * scale + offset (GGUF Q4_1's
+    form: a block's scale d and minimum m)."""
+    rows, cols = weight.shape
+    w = weight.detach().float().view(rows, cols // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    q = torch.round((w - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    return q.view(rows, cols), scales, low
+
+
+class CpuInt4Linear(nn.Module):
+    """4-bit weights in groups along the input (8x fewer weight bytes than bf16 read per
+    step), multiplied by PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) on bf16
+    activations. The kernel computes (q - 8) * scale + zero, so a group's offset m is stored
+    as zero = m + 8 * scale; any dtype in, the same dtype out."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("packed_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+        zeros = offsets + 8 * scales
+        # [K/g, N, 2]: per group of the input, per output channel, (scale, zero).
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+                             .contiguous().to(torch.bfloat16))
+        self.bias = None if bias is None else bias.detach().clone()
+        # What runners report as this layer's parameters (the packed buffer holds two per byte).
+        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_int4, self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def int4_supported(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+    return linear.in_features % group_size == 0
 
 
 def weight_bytes(model: nn.Module) -> int:
