@@ -64,7 +64,9 @@ class EngineConfig:
     onednn_linear: bool = True
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales; "int4" (CPU): linear layers as 4-bit groups of 32 weights with a scale and
-    # an offset each, the embedding int8 (engine/quantization.py); "none": the model's dtype.
+    # an offset each, the embedding int8 (engine/quantization.py); "auto": a GGUF model keeps
+    # its file's precision on the CPU (Q4_1 layers exact as int4, a Q8_0 embedding int8:
+    # engine/gguf_weights.py), a HF folder runs in its dtype; "none": the model's dtype.
     quantization: str = "none"
     # Model parallelism on Ray workers (cluster/parallel.py, through the executor
     # cluster.executors.ray_executor): each layer's heads and MLP columns split over
@@ -116,8 +118,8 @@ class EngineConfig:
             raise ConfigError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_speculative_tokens < 1 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ConfigError("num_speculative_tokens must be >= 1 and 1 <= prompt_lookup_min <= prompt_lookup_max")
-        if self.quantization not in ("none", "int8", "int4"):
-            raise ConfigError(f"quantization must be 'none', 'int8' or 'int4', got {self.quantization!r}")
+        if self.quantization not in ("none", "auto", "int8", "int4"):
+            raise ConfigError(f"quantization must be 'none', 'auto', 'int8' or 'int4', got {self.quantization!r}")
         if self.attention_backend not in ("auto", "cpu_kernel", "torch"):
             raise ConfigError(f"attention_backend must be 'auto', 'cpu_kernel' or 'torch', "
                               f"got {self.attention_backend!r}")

@@ -67,6 +67,15 @@ def resolve_model_dir(model: str | None, cache_dir: str) -> Path:
     return path
 
 
+def gguf_source(config) -> Path | None:
+    """The GGUF file an engine config's model comes from (the embedded one for None), or None
+    for a HF folder."""
+    if config.model is None:
+        return embedded_gguf_path()
+    path = Path(config.model).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def check_model_dir(path: Path) -> None:
     """Raise ModelLoadError naming whatever a HF model folder lacks."""
     if not (path / "config.json").is_file():

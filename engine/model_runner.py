@@ -16,7 +16,8 @@ import torch
 from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
                               make_prefill_chunk, windowed)
 from engine.config import ConfigError, EngineConfig
-from engine.loader import load_weights
+from engine.gguf_weights import keep_gguf_precision
+from engine.loader import gguf_source, load_weights
 from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
@@ -131,8 +132,12 @@ class ModelRunner:
             if config.quantization == "int4" and device.type != "cpu":
                 raise ConfigError("quantization 'int4' runs on the CPU (PyTorch's CPU int4 kernel); use int8 on CUDA")
             quantize_model(model, device, dtype, config.quantization)
-        elif config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
-            prepack_linears(model, onednn_dtypes())
+        else:
+            source = gguf_source(config)
+            if config.quantization == "auto" and source is not None and device.type == "cpu":
+                keep_gguf_precision(model, source, hf_config)  # its Q4_1 layers stay 4-bit
+            if config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
+                prepack_linears(model, onednn_dtypes())
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
         self.num_blocks = self._num_kv_blocks()
