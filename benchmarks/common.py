@@ -49,3 +49,32 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large tensor copy: the memory bandwidth a decode
+    step's weight streaming runs into (the roofline's denominator)."""
+    import time
+
+    a = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.numel() / best / 1e9
+
+
+def matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matrix product in `dtype` on this machine (the compute roof)."""
+    import time
+
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

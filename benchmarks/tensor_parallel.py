@@ -38,7 +38,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import copy_bandwidth_gbs, machine_info  # noqa: E402
 from cluster.executors import ParallelConfig, RayExecutor  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import resolve_model_dir  # noqa: E402
@@ -69,19 +69,6 @@ def llama_1b_folder(cache: Path) -> Path:
             shutil.copy(file, tmp / file.name)
     tmp.rename(folder)
     return folder
-
-
-def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes read + written per second by a large tensor copy (the bound a decode step's
-    weight streaming runs into)."""
-    a = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - start)
-    return 2 * a.numel() / best / 1e9
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, tp: int) -> dict:

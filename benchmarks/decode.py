@@ -1,0 +1,176 @@
+"""Decode speed of every dtype and quantization against Hugging Face and llama.cpp, in one run.
+
+The embedded SmolLM2-135M (a Q4_1 GGUF) decodes 64 greedy tokens after a short prompt:
+- semline at batch 1, 8 and 32 (all requests at once) in float32, bfloat16, int8
+  (float32 activations), int4 (quantized at load from the float weights) and `auto`
+  (the GGUF's own 4-bit blocks kept), with 2 threads;
+- Hugging Face `generate` on the converted folder, one request, float32 and bfloat16;
+- llama.cpp (`llama-cpp-python`, `pip install -e '.[bench]'`: it builds from source with
+  this machine's compiler) on the very GGUF file, one request, the same threads.
+
+Decode rate = output tokens per second after the first token (the time per output
+token), so prompt processing is left out on every side. Beside each semline run:
+the roofline, i.e. the weight bytes a decode step streams (every linear layer and the
+head, as stored) against the machine's measured copy bandwidth, and at batch 32 the
+fraction of the dtype's measured matrix-product rate the step's FLOPs reach.
+Targets (issue 16): single stream >= 1.5x llama.cpp and >= 50 % of the bandwidth bound;
+batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json with the
+CPU flags and the commit.
+
+    .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import copy_bandwidth_gbs, machine_info, matmul_flops  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.loader import embedded_gguf_path  # noqa: E402
+from engine.models.linear import OneDNNLinear  # noqa: E402
+from engine.quantization import CpuInt4Linear, CpuInt8Linear, WeightOnlyInt8Linear  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int4"),
+           ("bfloat16", "auto")]
+
+
+def streamed_bytes(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every matrix of the linear layers and the head,
+    as stored (packed, int8 or int4 with their scales); embedding rows are a few lookups."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            tensors = [module.weight]
+        elif isinstance(module, OneDNNLinear):
+            tensors = [module.packed_weight]
+        elif isinstance(module, (CpuInt8Linear, WeightOnlyInt8Linear)):
+            tensors = [module.qweight, module.scales]
+        elif isinstance(module, CpuInt4Linear):
+            tensors = [module.packed_int4, module.scales_and_zeros]
+        else:
+            continue
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def semline_rate(llm: LLM, batch: int, tokens: int) -> float:
+    """Output tokens per second of `batch` requests decoding together (after their first)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([f"{PROMPT} ({i})" for i in range(batch)], params)
+    tpot = statistics.median(o.metrics.time_per_output_token for o in outs)
+    return batch / tpot
+
+
+def hf_rate(folder: Path, dtype: torch.dtype, tokens: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
+    times = []
+
+    class Clock:  # a stopping criterion that records when each token arrives
+        def __call__(self, input_ids, scores, **kwargs):
+            times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    from transformers import StoppingCriteriaList
+
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([Clock()]))
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def llama_cpp_rate(threads: int, tokens: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp baseline")
+        return None
+    llm = Llama(model_path=str(embedded_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                verbose=False)
+    prompt = llm.tokenize(PROMPT.encode())
+    rates = []
+    for _ in range(2):  # the first run warms up
+        llm.reset()
+        stamps = []
+        for _ in llm.generate(prompt, temp=0.0, top_k=1):  # greedy, past any end-of-text token
+            stamps.append(time.perf_counter())
+            if len(stamps) == tokens:
+                break
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return rates[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--output", default=str(RESULTS / "decode.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = copy_bandwidth_gbs() * 1e9
+    roofs = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+    runs, folder = {}, None
+    for dtype, quantization in CONFIGS:
+        llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=args.threads,
+                  kv_cache_memory_gb=0.5)
+        folder = llm.engine.model_dir
+        semline_rate(llm, 1, 8)  # warm-up
+        model = llm.engine.runner.model
+        step_bytes = streamed_bytes(model)
+        params = llm.engine.runner.args.num_parameters
+        name = f"{dtype}/{quantization}"
+        run = {"streamed_weight_mb": round(step_bytes / 1e6, 1),
+               "roofline_tokens_per_s_batch1": round(bandwidth / step_bytes, 1)}
+        for batch in args.batches:
+            rate = semline_rate(llm, batch, args.tokens)
+            run[f"batch{batch}_tokens_per_s"] = round(rate, 1)
+        run["batch1_vs_roofline"] = round(run["batch1_tokens_per_s"] / run["roofline_tokens_per_s_batch1"], 3)
+        if 32 in args.batches:
+            roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "auto") else "float32"]
+            run["batch32_vs_compute_roof"] = round(run["batch32_tokens_per_s"] * 2 * params / roof, 3)
+        runs[name] = run
+        print(name, run, flush=True)
+        del llm
+    hf = {dtype: round(hf_rate(folder, getattr(torch, dtype), args.tokens), 1) for dtype in ("float32", "bfloat16")}
+    print("hf", hf, flush=True)
+    llama = llama_cpp_rate(args.threads, args.tokens)
+    print("llama.cpp", llama, flush=True)
+    best = max(runs, key=lambda n: runs[n]["batch1_tokens_per_s"])
+    result = {
+        "benchmark": "decode",
+        "machine": machine_info(),
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "copy_bandwidth_gbs": round(bandwidth / 1e9, 1),
+        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in roofs.items()},
+        "semline": runs,
+        "hf_generate_batch1_tokens_per_s": hf,
+        "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
+        "best_single_stream": best,
+        "best_single_stream_vs_llama_cpp": None if llama is None else
+        round(runs[best]["batch1_tokens_per_s"] / llama, 3),
+        "targets": {"single_stream_vs_llama_cpp": 1.5, "single_stream_vs_roofline": 0.5,
+                    "batch32_vs_compute_roof": 0.5},
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
