@@ -188,13 +188,16 @@ class CpuInt4Linear(nn.Module):
         self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed_int4, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed_int4, self.group_size,
+                                                      self.scales_and_zeros)
+        if x.dtype != torch.bfloat16:
+            y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            y = y + self.bias.to(y.dtype)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
 def int4_supported(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:

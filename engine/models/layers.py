@@ -41,8 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # One fused kernel for x * rsqrt(mean(x^2) + eps), in float32 as HF computes it.
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.offset:
             return (x * (self.offset + self.weight.float())).to(dtype)
         # Llama's order (as HF): cast back, then scale in the weight's dtype.
@@ -63,9 +63,18 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         # q: [T, H, Dh], k: [T, KVH, Dh], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        cos, sin = self._lookup(positions, q.dtype)
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+    def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        """The step's cos/sin rows, looked up once per forward: every layer of a step gets the
+        same positions tensor (held here, so `is` cannot match a new tensor at a reused address)."""
+        cached = getattr(self, "_step", None)
+        if cached is None or cached[0] is not positions or cached[1] != dtype:
+            cached = (positions, dtype, self.cos[positions].unsqueeze(1).to(dtype),
+                      self.sin[positions].unsqueeze(1).to(dtype))
+            self._step = cached
+        return cached[2], cached[3]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
