@@ -30,6 +30,7 @@ from deployments.config import SemlineConfig
 from deployments import protocol
 from deployments.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
+from engine.async_engine import RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def _to_api_error(exc: BaseException) -> APIError:
         return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
     if isinstance(exc, ValueError):  # the engine's RequestError (prompt too long, ...) is one
         return APIError(400, str(exc))
+    if isinstance(exc, RequestFailedError):  # this request alone failed in the engine
+        return APIError(500, str(exc), type_="server_error", code="request_failed")
     return APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
 
 

@@ -50,6 +50,11 @@ class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no more requests can run."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed on its own (its sampling, its stop checks); the engine and the
+    other requests go on."""
+
+
 @dataclass
 class _AddCommand:
     prompt: str | list[int]
@@ -214,4 +219,4 @@ class AsyncEngine:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put(output)
+            stream.put(RequestFailedError(output.error) if output.finish_reason == "error" else output)

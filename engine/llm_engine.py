@@ -292,13 +292,25 @@ class LLMEngine:
                 logits_plain = logits[torch.tensor([rows[i] for i in plain_chunks], device=logits.device)]
             else:
                 logits_plain = logits  # no proposals this step: every row samples
-            sampled = self.sampler(logits_plain, [sampling[i].request for i in plain_chunks])
-            for i, token_id, logprobs in zip(plain_chunks, sampled.token_ids, sampled.logprobs):
-                result[i] = [(token_id, logprobs)]
+            try:
+                sampled = self.sampler(logits_plain, [sampling[i].request for i in plain_chunks])
+                for i, token_id, logprobs in zip(plain_chunks, sampled.token_ids, sampled.logprobs):
+                    result[i] = [(token_id, logprobs)]
+            except Exception:  # noqa: BLE001 - find the rows that fail; the others sample alone
+                for n, i in enumerate(plain_chunks):
+                    try:
+                        one = self.sampler(logits_plain[n:n + 1], [sampling[i].request])
+                        result[i] = [(one.token_ids[0], one.logprobs[0])]
+                    except Exception as exc:  # noqa: BLE001 - this request fails, not its step
+                        self._fail(sampling[i].request, "sampling", exc)
         for i, chunk in enumerate(sampling):
-            if chunk.num_spec_tokens:
+            if chunk.num_spec_tokens and not chunk.request.is_finished:
                 draft = chunk.request.spec_token_ids[: chunk.num_spec_tokens]
-                accepted = self.sampler.verify(logits[rows[i]: rows[i] + 1 + len(draft)], chunk.request, draft)
+                try:
+                    accepted = self.sampler.verify(logits[rows[i]: rows[i] + 1 + len(draft)], chunk.request, draft)
+                except Exception as exc:  # noqa: BLE001 - this request fails, not its step
+                    self._fail(chunk.request, "verifying proposals", exc)
+                    continue
                 result[i] = [(token_id, None) for token_id in accepted]
                 self.stats.spec_num_verify_steps += 1
                 self.stats.spec_num_draft_tokens += len(draft)
@@ -324,24 +336,43 @@ class LLMEngine:
         outputs = []
         for chunk, new_tokens in zip(sampling, tokens):
             request = chunk.request
+            if request.status == RequestStatus.FINISHED_ERROR and request.request_id in self.requests:
+                outputs.append(self._make_output(request))  # failed while sampling: say so once
+                self._forget(request)
+                continue
             if request.is_finished:
                 continue
-            request.spec_token_ids = []
-            # Accepted proposals have their K/V in the cache; the last token does not yet.
-            request.num_computed_tokens += len(new_tokens) - 1
-            # The draft's K/V stays valid up to the first rejected proposal.
-            request.draft_num_computed_tokens = min(request.draft_num_computed_tokens, request.num_computed_tokens)
-            for n, (token_id, logprobs) in enumerate(new_tokens):
-                self._append_token(request, token_id, logprobs, now)
-                self.stats.num_generation_tokens += n > 0  # the first is counted with the step
-                if request.is_finished:
-                    break
-            if chunk.num_spec_tokens and not request.is_finished:
-                self.block_manager.register_full_blocks(request)
+            try:
+                self._take_tokens(chunk, new_tokens, now)
+            except Exception as exc:  # noqa: BLE001 - this request fails, not its step
+                self._fail(request, "taking its new tokens", exc)
             outputs.append(self._make_output(request))
             if request.is_finished:
                 self._forget(request)
         return outputs
+
+    def _take_tokens(self, chunk: ScheduledChunk, new_tokens: list[tuple[int, object]], now: float) -> None:
+        request = chunk.request
+        request.spec_token_ids = []
+        # Accepted proposals have their K/V in the cache; the last token does not yet.
+        request.num_computed_tokens += len(new_tokens) - 1
+        # The draft's K/V stays valid up to the first rejected proposal.
+        request.draft_num_computed_tokens = min(request.draft_num_computed_tokens, request.num_computed_tokens)
+        for n, (token_id, logprobs) in enumerate(new_tokens):
+            self._append_token(request, token_id, logprobs, now)
+            self.stats.num_generation_tokens += n > 0  # the first is counted with the step
+            if request.is_finished:
+                break
+        if chunk.num_spec_tokens and not request.is_finished:
+            self.block_manager.register_full_blocks(request)
+
+    def _fail(self, request: Request, stage: str, exc: Exception) -> None:
+        """End one request whose own processing raised (its KV blocks freed); the step goes on."""
+        logger.exception("request %s failed while %s", request.request_id, stage, exc_info=exc)
+        request.error = f"request failed while {stage}: {exc!r}"
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+        request.metrics.finished_time = time.time()
+        self.stats.finished_reasons["error"] = self.stats.finished_reasons.get("error", 0) + 1
 
     def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
         params = request.sampling_params
@@ -406,6 +437,7 @@ class LLMEngine:
             delta_logprobs=logprobs[num_sent:] if logprobs is not None else None,
             stop_reason=request.stop_reason,
             metrics=request.metrics,
+            error=request.error,
         )
 
     def _to_token_logprob(self, token_id: int, logprobs) -> TokenLogprob:

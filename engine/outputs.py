@@ -94,7 +94,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
@@ -102,3 +102,5 @@ class RequestOutput:
     # The stop string or token id that ended the request, if any.
     stop_reason: str | int | None = None
     metrics: RequestMetrics | None = None
+    # finish_reason "error": what failed (this request alone; the others of its step went on).
+    error: str | None = None

@@ -23,6 +23,9 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    # Something about this request failed (its sampling, its stop checks): it ends alone,
+    # with the reason in Request.error; the others of its step go on.
+    FINISHED_ERROR = "error"
 
     @property
     def is_finished(self) -> bool:
@@ -30,6 +33,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
 
@@ -75,6 +79,8 @@ class Request:
         # Positions whose K/V the draft model holds (engine/draft.py).
         self.draft_num_computed_tokens = 0
         self.stop_reason: str | int | None = None
+        # Why the request failed (status FINISHED_ERROR).
+        self.error: str | None = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None
         self.metrics = RequestMetrics(

@@ -121,3 +121,69 @@ def test_stats_count_tokens(async_engine):
     assert after.num_generation_tokens - before.num_generation_tokens == 5
     assert after.num_prompt_tokens - before.num_prompt_tokens == 3
     assert after.flops > before.flops and after.energy_joules > before.energy_joules
+
+
+class _FaultyRows:
+    """The engine's sampler, but a batch holding a request with seed 13 raises: a fault that
+    belongs to one request (a NaN row, a bad sampling state)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __call__(self, logits, requests):
+        if any(r.sampling_params.seed == 13 for r in requests):
+            raise RuntimeError("bad row")
+        return self.sampler(logits, requests)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def test_a_request_that_fails_on_its_own_leaves_its_step_mates_alone(make_llm, llm, monkeypatch):
+    """One request's sampling raises: it alone ends ("error", with the reason; its stream raises
+    RequestFailedError), the others of every step it shared finish exactly as without it, and
+    its KV blocks are freed. A fault while taking one request's tokens (its stop checks) ends
+    that request the same way."""
+    from engine.async_engine import RequestFailedError
+
+    prompts = [f"Fact number {i} about the ocean:" for i in range(3)]
+    expected = [o.token_ids for o in llm.generate(prompts, _greedy(10))]
+    core = make_llm().engine
+    monkeypatch.setattr(core, "sampler", _FaultyRows(core.sampler))
+    bad = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, seed=13)
+    engine = AsyncEngine(engine=core)
+    try:
+        async def main():
+            return await asyncio.gather(*(_collect(engine, p, _greedy(10)) for p in prompts),
+                                        _collect(engine, "This one breaks", bad), return_exceptions=True)
+
+        *good, failed = asyncio.run(main())
+    finally:
+        engine.shutdown()  # the loop thread stops stepping `core`; the rest steps it here
+    assert [outs[-1].token_ids for outs in good] == expected
+    assert isinstance(failed, RequestFailedError) and "bad row" in str(failed)
+    assert core.block_manager.num_used_blocks == 0 and not core.requests
+    assert core.stats.finished_reasons.get("error") == 1
+
+    # Offline too: the failing request's output says why; a fault in one request's stop
+    # checks ends it alone as well.
+    real_append = core._append_token
+
+    def append(request, token_id, logprobs, now):
+        if request.prompt == "Stop checks break":
+            raise ValueError("stop check exploded")
+        real_append(request, token_id, logprobs, now)
+
+    monkeypatch.setattr(core, "_append_token", append)
+    ids = [core.add_request(p, _greedy(10)).request_id for p in [*prompts, "Stop checks break"]]
+    ids.append(core.add_request("This one breaks", bad).request_id)
+    final = {}
+    for _ in range(200):  # bounded
+        if not core.has_unfinished_requests():
+            break
+        for out in core.step():
+            final[out.request_id] = out
+    assert [final[i].token_ids for i in ids[:3]] == expected
+    assert [final[i].finish_reason for i in ids[3:]] == ["error", "error"]
+    assert "stop check exploded" in final[ids[3]].error and "bad row" in final[ids[4]].error
+    assert core.block_manager.num_used_blocks == 0
