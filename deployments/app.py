@@ -72,6 +72,10 @@ def build_app(config: SemlineConfig | dict | None = None):
         async def get_health(self):
             return await self.health()
 
+        @app.get("/live")
+        async def get_live(self):
+            return await self.live()
+
         @app.get("/v1/models")
         async def get_models(self):
             return await self.models()

@@ -59,6 +59,10 @@ def _error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+# How long /health waits for the router's answer before it says 503.
+HEALTH_TIMEOUT_S = 2.0
+
+
 def _to_api_error(exc: BaseException) -> APIError:
     """Map engine and validation errors (possibly wrapped by Ray) to API errors."""
     exc = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
@@ -142,6 +146,7 @@ _REQUEST_BODIES = {
 # (method, path) -> (200 body model, streamed event model or None); a str is a media type.
 _RESPONSES = {
     ("get", "/health"): (protocol.Health, None),
+    ("get", "/live"): (protocol.Health, None),
     ("get", "/v1/models"): (protocol.ModelList, None),
     ("post", "/v1/completions"): (protocol.Completion, protocol.Completion),
     ("post", "/v1/chat/completions"): (protocol.ChatCompletion, protocol.ChatCompletionChunk),
@@ -284,6 +289,21 @@ class OpenAIServing:
     # --- routes --------------------------------------------------------------
 
     async def health(self) -> dict:
+        """Readiness: 200 once at least one LLM server replica has loaded its model and reported
+        to the router (a replica registers only after its engine is up), else 503 with the
+        reason: what a load balancer or a Kubernetes readiness probe should route by."""
+        try:
+            stats = await asyncio.wait_for(self._router_call("stats"), timeout=HEALTH_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure to answer means not ready
+            raise APIError(503, f"not ready: the router does not answer ({type(exc).__name__})", "server_error",
+                           code="not_ready") from exc
+        if stats.get("replicas", 0) < 1 or stats.get("capacity", 0) < 1:
+            raise APIError(503, "not ready: no LLM server replica can serve yet (loading its model?)",
+                           "server_error", code="not_ready")
+        return {"status": "ok"}
+
+    async def live(self) -> dict:
+        """Liveness: the HTTP side answers (say nothing of the model replicas)."""
         return {"status": "ok"}
 
     async def models(self) -> dict:

@@ -13,8 +13,12 @@ APP = "pipeline"
 
 @pytest.mark.parametrize("split", [{"pipeline_parallel_size": 2}, {"tensor_parallel_size": 2}])
 def test_serve_app_runs_a_split_model_from_the_config_file(serve_app, client, tmp_path, split):
+    import time
+
+    import httpx
     from openai import OpenAI
     from ray import serve
+    from ray.serve.api import _run
     from ray.util.state import list_actors
 
     from deployments.app import build_app
@@ -26,12 +30,24 @@ def test_serve_app_runs_a_split_model_from_the_config_file(serve_app, client, tm
         "engine": {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.125, **split},
         "parallel": {"step_timeout_s": 30},
         "server": {"num_cpus": 0.5},  # the replica's bundle; each worker reserves one CPU of its own
-        "router": {"actor_name": "pipeline-router"},
+        "router": {"actor_name": f"split-router-{'-'.join(split)}"},
         "batch": {"storage_dir": str(tmp_path / "batches")},
     }))
     config = SemlineConfig.from_yaml(path)
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    # Not waiting for the application: /health must say 503 until its LLM server can serve.
+    _run(build_app(config), _blocking=False, name=APP, route_prefix=f"/{APP}")
     try:
+        seen, deadline = [], time.monotonic() + 240
+        while time.monotonic() < deadline:
+            reply = httpx.get(f"{serve_app}/{APP}/health", timeout=30)
+            is_json = reply.headers.get("content-type", "").startswith("application/json")
+            seen.append((reply.status_code, reply.json().get("error", {}).get("code") if is_json else None))
+            if reply.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert seen[-1][0] == 200, seen[-5:]
+        assert (503, "not_ready") in seen  # the ingress answered before the model was up
+        assert httpx.get(f"{serve_app}/{APP}/live", timeout=30).json() == {"status": "ok"}
         # The replica's engine runs the model in two worker actors of the replica's placement group.
         workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
                    if a.class_name == "ModelWorker"]
