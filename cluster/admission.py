@@ -89,6 +89,7 @@ class _Waiter:
     granted: asyncio.Future
     holder: str | None = None
     request_id: str | None = None
+    seats: int = 1  # sequences the request runs (its n choices)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _Grant:
     holder: str | None
     request_id: str | None
     granted_at: float
+    seats: int = 1
 
 
 class AdmissionController:
@@ -126,11 +128,15 @@ class AdmissionController:
     # --- API -------------------------------------------------------------------
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
-                      request_id: str | None = None) -> int | None:
-        """Wait for admission; returns a ticket to release when the request ends, or None
-        when the request was withdrawn (`withdraw(request_id)`) before it was granted."""
+                      request_id: str | None = None, seats: int = 1) -> int | None:
+        """Wait for admission of a request that runs `seats` sequences (its n choices: each
+        takes a seat of the capacity and of its lane's share); returns a ticket to release
+        when the request ends, or None when the request was withdrawn (`withdraw(request_id)`)
+        before it was granted."""
         if lane not in self._queues:
             raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
+        if seats < 1:
+            raise ValueError(f"a request takes at least one seat, not {seats}")
         if holder is not None:
             self._holders[holder] = time.monotonic()
         if request_id is not None and self._withdrawn.pop(request_id, None) is not None:
@@ -144,7 +150,7 @@ class AdmissionController:
             raise QueueFullError(lane, self.config.retry_after_s)
         self._ensure_dispatcher()
         waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future(),
-                         holder, request_id)
+                         holder, request_id, seats)
         self._last_ticket = waiter.ticket
         queue.append(waiter)
         if request_id is not None:
@@ -229,7 +235,8 @@ class AdmissionController:
             self._wakeup.set()
 
     def stats(self) -> dict:
-        return {"inflight": len(self._inflight), "capacity": self.config.max_inflight,
+        return {"inflight": self.config.max_inflight - self._capacity(), "requests_inflight": len(self._inflight),
+                "capacity": self.config.max_inflight,
                 "inflight_by_lane": {lane: self._lane_inflight(lane) for lane in LANES},
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
@@ -255,13 +262,19 @@ class AdmissionController:
             self._wakeup.clear()
             while self._capacity() > 0 and self._next_lane() is not None:
                 await self._gather(self._next_lane())
-                self._grant_batch()
+                if not self._grant_batch():  # the heads need more seats than are free: wait for releases
+                    break
 
     def _capacity(self) -> int:
-        return self.config.max_inflight - len(self._inflight)
+        return self.config.max_inflight - sum(grant.seats for grant in self._inflight.values())
 
     def _lane_inflight(self, lane: str) -> int:
-        return sum(1 for grant in self._inflight.values() if grant.lane == lane)
+        return sum(grant.seats for grant in self._inflight.values() if grant.lane == lane)
+
+    def _seats(self, waiter: _Waiter) -> int:
+        """Seats a waiter takes: its sequences, but never more than its lane's whole share (a
+        request wider than the cluster still runs, alone)."""
+        return max(1, min(waiter.seats, int(self.config.max_inflight * self.config.max_share[waiter.lane])))
 
     def _lane_room(self, lane: str) -> int:
         """Seats the lane may still take under its share. Lower lanes share their seats with
@@ -282,23 +295,33 @@ class AdmissionController:
         if remaining > 0 and len(self._queues[lane]) < self.config.max_batch_size:
             await asyncio.sleep(remaining)
 
-    def _grant_batch(self) -> None:
-        """Grant up to max_batch_size tickets within capacity, best lane first."""
-        budget = min(self._capacity(), self.config.max_batch_size)
+    def _grant_batch(self) -> int:
+        """Grant up to max_batch_size tickets within capacity (in seats), best lane first, each
+        lane in arrival order (a wide request at the head waits for its seats; none behind it
+        passes it); returns how many were granted."""
+        seats, tickets = self._capacity(), self.config.max_batch_size
         for lane in LANES:
             queue = self._queues[lane]
             room = self._lane_room(lane)
-            while budget > 0 and room > 0 and queue:
-                waiter = queue.popleft()
+            while tickets > 0 and queue:
+                waiter = queue[0]
                 if waiter.granted.done():  # cancelled while queued
+                    queue.popleft()
                     continue
-                self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic())
+                need = self._seats(waiter)
+                if need > seats or need > room:
+                    break
+                queue.popleft()
+                self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic(),
+                                                       need)
                 if waiter.request_id is not None:
                     self._granted[waiter.request_id] = waiter.ticket
                 self.grant_log.append((lane, waiter.ticket, self._last_ticket))
                 waiter.granted.set_result(waiter.ticket)
-                budget -= 1
-                room -= 1
+                seats -= need
+                room -= need
+                tickets -= 1
+        return self.config.max_batch_size - tickets
 
 
 def violations_of_priority(grant_log) -> list[tuple[int, int]]:

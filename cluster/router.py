@@ -67,13 +67,13 @@ class Router:
         self.metrics = RouterMetrics()
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
-                      request_id: str | None = None) -> int | None:
+                      request_id: str | None = None, seats: int = 1) -> int | None:
         """A ticket, or None if `request_id` was withdrawn first. Callers that may give up
         name themselves and the request, and withdraw it rather than cancel this call: a
         cancelled call's result is lost, and with it a ticket granted at that moment."""
         self._ensure_reaper()
         try:
-            return await self.admission.acquire(lane, timeout_s, holder, request_id)
+            return await self.admission.acquire(lane, timeout_s, holder, request_id, seats)
         except QueueFullError:
             self.metrics.rejected.inc(1, {"lane": lane, "reason": "queue_full"})
             raise

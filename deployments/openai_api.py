@@ -355,7 +355,7 @@ class OpenAIServing:
 
     async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str, lane: str):
         """Admit through the router, then stream the choices or wait for their final outputs."""
-        ticket = await self._admit(lane)
+        ticket = await self._admit(lane, len(params))  # a seat per sequence (n choices)
         priority = LANE_PRIORITY[lane]
         try:
             if body.stream:
@@ -368,13 +368,14 @@ class OpenAIServing:
 
     # --- helpers -------------------------------------------------------------
 
-    async def _admit(self, lane: str) -> int:
-        """Wait for the router's ticket; 429 when the lane's queue is full."""
+    async def _admit(self, lane: str, seats: int = 1) -> int:
+        """Wait for the router's ticket for `seats` sequences; 429 when the lane's queue is full."""
         self._ensure_sync()
         for attempt in range(2):
             request_id = uuid.uuid4().hex
             self._pending.add(request_id)
-            ref = self._router_call("acquire", lane, self.config.router.queue_timeout_s, self.holder, request_id)
+            ref = self._router_call("acquire", lane, self.config.router.queue_timeout_s, self.holder, request_id,
+                                    seats)
             try:
                 ticket = await ref
             except ray.exceptions.RayActorError as exc:

@@ -30,6 +30,37 @@ def test_capacity_bounds_inflight_and_release_admits_next():
     asyncio.run(main())
 
 
+def test_a_request_takes_a_seat_per_sequence():
+    """n choices take n seats of the capacity and of the lane's share; a wide request at the
+    head of its lane waits for its seats (none behind it passes it), and one wider than the
+    lane's share still runs, taking the whole share."""
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8, max_share={"realtime": 1.0, "batch": 0.5})
+        wide = await ctl.acquire("realtime", seats=3)
+        assert ctl.stats()["inflight"] == 3 and ctl.stats()["requests_inflight"] == 1
+        two = asyncio.create_task(ctl.acquire("realtime", seats=2))
+        one = asyncio.create_task(ctl.acquire("realtime"))
+        await asyncio.sleep(0.05)
+        assert not two.done() and not one.done()  # FIFO: the single-seat request does not pass
+        ctl.release(wide)
+        granted = [await asyncio.wait_for(t, 1) for t in (two, one)]
+        assert ctl.stats()["inflight"] == 3
+        for ticket in granted:
+            ctl.release(ticket)
+        # The batch lane's share (2 of 4 seats) is counted in sequences too; 8 choices take it all.
+        batch = await asyncio.wait_for(ctl.acquire("batch", seats=8), 1)
+        assert ctl.stats()["inflight_by_lane"]["batch"] == 2
+        more = asyncio.create_task(ctl.acquire("batch"))
+        await asyncio.sleep(0.05)
+        assert not more.done()
+        ctl.release(batch)
+        ctl.release(await asyncio.wait_for(more, 1))
+        with pytest.raises(ValueError, match="at least one seat"):
+            await ctl.acquire("realtime", seats=0)
+
+    asyncio.run(main())
+
+
 def test_waiting_realtime_is_granted_before_waiting_batch():
     async def main():
         ctl = _controller()
