@@ -332,7 +332,7 @@ class OpenAIServing:
             max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
             num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
             params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            messages = [m.template_message() for m in body.messages]
             return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk", lane)
         max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
         params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from engine import SamplingParams
 
@@ -60,9 +60,33 @@ class CompletionRequest(_Common):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    # "developer" is what newer SDKs and agent frameworks send for system instructions.
+    role: Literal["system", "developer", "user", "assistant"]
+    # A string, or a list of content parts: text parts are joined (one per line); other
+    # kinds (images, audio, files) are refused, naming the part, since the served models read text.
+    content: str | list[dict]
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, value):
+        if isinstance(value, str):
+            return value
+        texts = []
+        for index, part in enumerate(value):
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {index} is of type {kind!r}: the served model reads text only "
+                                 "(parts of type 'text' with a 'text' string)")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def template_message(self) -> dict:
+        """The message as the model's chat template takes it (a developer message is a system one)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_Common):

@@ -111,7 +111,7 @@ def target_probs(logits: torch.Tensor, params) -> torch.Tensor:
 def _top_k_top_p(probs: torch.Tensor, params) -> torch.Tensor:
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=probs.device)
     top_p = torch.tensor([p.top_p for p in params], device=probs.device)
     ranks = torch.arange(vocab, device=probs.device)[None, :]
     # Keep a token while the mass before it is below top_p, and the top token always (a top_p

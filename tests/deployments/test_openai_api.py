@@ -25,6 +25,28 @@ def test_chat_completion(client):
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
+def test_content_parts_and_the_developer_role(client):
+    """Messages as the newer SDKs and agent frameworks send them: content as a list of text
+    parts (joined one per line) and the `developer` role (a system message) answer exactly
+    as the plain forms; an image part is refused with a 400 that names it."""
+    import openai
+
+    def ask(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                              temperature=0).choices[0].message.content
+
+    plain = ask([{"role": "system", "content": "Answer briefly.\nUse one word."},
+                 {"role": "user", "content": "Name a color."}])
+    parts = ask([{"role": "developer", "content": [{"type": "text", "text": "Answer briefly."},
+                                                    {"type": "text", "text": "Use one word."}]},
+                 {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}])
+    assert parts == plain
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])
+    assert "image_url" in refused.value.message and refused.value.body["param"] == "messages.0.content"
+
+
 def test_streamed_chat_matches_unstreamed(client):
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=16,
                   temperature=0)

@@ -94,6 +94,12 @@ def test_top_k_one_is_greedy(llm):
     # A top_p that float32 rounds to 0 keeps the top token (it used to keep none).
     [nucleus] = llm.generate("The sky is", SamplingParams(top_p=3.5e-260, seed=1, max_tokens=12, ignore_eos=True))
     assert nucleus.token_ids == greedy.token_ids
+    # A top_k past any integer type (fuzzing again: it overflowed) keeps the whole vocabulary,
+    # as top_k 0 does.
+    params = dict(temperature=0.8, seed=5, max_tokens=12, ignore_eos=True)
+    [huge] = llm.generate("The sky is", SamplingParams(top_k=2803019320307692863488, **params))
+    [every] = llm.generate("The sky is", SamplingParams(top_k=0, **params))
+    assert huge.finish_reason == "length" and huge.token_ids == every.token_ids
 
 
 def test_penalties_change_repetitive_output(llm):
