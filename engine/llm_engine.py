@@ -370,9 +370,7 @@ class LLMEngine:
         """End one request whose own processing raised (its KV blocks freed); the step goes on."""
         logger.exception("request %s failed while %s", request.request_id, stage, exc_info=exc)
         request.error = f"request failed while {stage}: {exc!r}"
-        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
-        request.metrics.finished_time = time.time()
-        self.stats.finished_reasons["error"] = self.stats.finished_reasons.get("error", 0) + 1
+        self._retire(request, RequestStatus.FINISHED_ERROR)  # no flush: its detokenizer may be what failed
 
     def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
         params = request.sampling_params
@@ -404,12 +402,15 @@ class LLMEngine:
             if stop_string is not None:
                 request.stop_reason = stop_string
                 status = RequestStatus.FINISHED_STOPPED
-        self.scheduler.finish_request(request, status)
-        request.metrics.finished_time = time.time()
-        reason = status.value
-        self.stats.finished_reasons[reason] = self.stats.finished_reasons.get(reason, 0) + 1
+        self._retire(request, status)
         if status == RequestStatus.FINISHED_ABORTED:
             self._forget(request)
+
+    def _retire(self, request: Request, status: RequestStatus) -> None:
+        """Out of the scheduler for good (its blocks freed), timed and counted by reason."""
+        self.scheduler.finish_request(request, status)
+        request.metrics.finished_time = time.time()
+        self.stats.finished_reasons[status.value] = self.stats.finished_reasons.get(status.value, 0) + 1
 
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)

@@ -133,8 +133,8 @@ class ModelRunner:
                 raise ConfigError("quantization 'int4' runs on the CPU (PyTorch's CPU int4 kernel); use int8 on CUDA")
             quantize_model(model, device, dtype, config.quantization)
         else:
-            source = gguf_source(config)
-            if config.quantization == "auto" and source is not None and device.type == "cpu":
+            source = gguf_source(config) if config.quantization == "auto" and device.type == "cpu" else None
+            if source is not None:
                 keep_gguf_precision(model, source, hf_config)  # its Q4_1 layers stay 4-bit
             if config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
                 prepack_linears(model, onednn_dtypes())
@@ -259,18 +259,20 @@ class ModelRunner:
     def result(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
 
-    @torch.inference_mode()
-    def execute(self, model_input: ModelInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the forward: [N, V] fp32 logits for the chunks that sample; a stage before the
-        last takes (after the first) and returns [T, D] hidden states instead."""
+    def _forward(self, model_input: ModelInput, hidden: torch.Tensor | None) -> torch.Tensor:
+        """[T, D] hidden states of this runner's layers: from the token ids (first stage) or
+        from the previous stage's `hidden`."""
         x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
-        hidden = self.model(x, model_input.positions, self.kv_caches, model_input.attn)
-        if not self.model.is_last:
-            return hidden
-        if model_input.logits_indices.numel() == 0:
-            return torch.empty(0, self.args.vocab_size, device=self.device)
+        return self.model(x, model_input.positions, self.kv_caches, model_input.attn)
+
+    @torch.inference_mode()
+    def execute(self, model_input: ModelInput) -> torch.Tensor:
+        """Run the whole model in this process: [N, V] fp32 logits for the chunks that sample."""
         if self.tp.enabled:
             raise RuntimeError("a tensor-parallel rank returns its logits through execute_split")
+        hidden = self._forward(model_input, None)
+        if model_input.logits_indices.numel() == 0:
+            return torch.empty(0, self.args.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[model_input.logits_indices])
 
     @torch.inference_mode()
@@ -280,8 +282,7 @@ class ModelRunner:
         before the last returns its [T, D] hidden states; the last returns (the logits rows
         not in argmax_rows, the argmax token id of each row in argmax_rows), on tensor-parallel
         rank 0 only (other ranks: None)."""
-        x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
-        hidden = self.model(x, model_input.positions, self.kv_caches, model_input.attn)
+        hidden = self._forward(model_input, hidden)
         if not self.model.is_last:
             return hidden if self.tp.rank == 0 else None
         local = self.model.compute_logits(hidden[model_input.logits_indices])
