@@ -12,13 +12,12 @@ factory carries it: `RayExecutor(ParallelConfig(step_timeout_s=10))`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import ConfigError, EngineConfig, config_from_dict
 from engine.executor import Executor, in_process_executor
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -69,11 +68,7 @@ class ParallelConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "ParallelConfig":
-        values = values or {}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown parallel config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "parallel")
 
 
 def worker_bundle(on_gpu: bool, num_threads: int, gpus: float = 1.0) -> dict:
@@ -86,8 +81,7 @@ def replica_bundles(engine: EngineConfig, parallel: ParallelConfig, replica: dic
                     num_threads: int) -> list[dict]:
     """A Serve replica's placement group: bundle 0 for the replica itself, then one per
     worker, stage after stage (T x P), so autoscaling adds and removes whole model copies."""
-    workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
-    return [replica] + [worker_bundle(on_gpu, num_threads, parallel.gpus_per_worker)] * workers
+    return [replica] + [worker_bundle(on_gpu, num_threads, parallel.gpus_per_worker)] * engine.num_model_workers
 
 
 class RayExecutor:
@@ -98,7 +92,7 @@ class RayExecutor:
 
     def __call__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                  dtype: torch.dtype, max_model_len: int) -> Executor:
-        if config.pipeline_parallel_size > 1 or config.tensor_parallel_size > 1:
+        if config.num_model_workers > 1:
             from cluster.parallel import ParallelRunner  # starts Ray if needed
 
             return ParallelRunner(config, self.parallel, hf_config, model_dir, device, dtype, max_model_len)

@@ -42,7 +42,7 @@ def llm_server_options(config: SemlineConfig) -> dict:
     else:
         options["autoscaling_config"] = scaling.serve_autoscaling_config()
     engine, parallel = config.engine_config(), config.parallel_config()
-    if engine.tensor_parallel_size * engine.pipeline_parallel_size > 1:
+    if engine.num_model_workers > 1:
         # Each replica reserves its whole model: bundle 0 for itself, one per worker (T x P:
         # the workers hold the GPUs), so autoscaling adds and removes whole model copies.
         options["ray_actor_options"] = {"num_cpus": server.num_cpus, "num_gpus": 0}

@@ -82,8 +82,7 @@ def pod_gpus(config: SemlineConfig) -> int:
 def _workers(config: SemlineConfig, replicas: int) -> int:
     """GPU worker pods that `replicas` LLM server replicas need (a split model: T x P workers
     of gpus_per_worker GPUs each)."""
-    engine = config.engine_config()
-    workers = engine.tensor_parallel_size * engine.pipeline_parallel_size
+    workers = config.engine_config().num_model_workers
     per_replica = workers * config.parallel_config().gpus_per_worker if workers > 1 else config.server.num_gpus
     gpus = per_replica * replicas if config.server.num_gpus else 0
     return max(1, math.ceil(gpus / pod_gpus(config))) if gpus else 0

@@ -15,6 +15,7 @@ _DTYPES = {
 }
 
 SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft_model", "self_speculative")
+QUANTIZATION_METHODS = ("none", "auto", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -118,8 +119,9 @@ class EngineConfig:
             raise ConfigError(f"speculative_draft_layers must be >= 1, got {self.speculative_draft_layers}")
         if self.num_speculative_tokens < 1 or not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ConfigError("num_speculative_tokens must be >= 1 and 1 <= prompt_lookup_min <= prompt_lookup_max")
-        if self.quantization not in ("none", "auto", "int8", "int4"):
-            raise ConfigError(f"quantization must be 'none', 'auto', 'int8' or 'int4', got {self.quantization!r}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                              f"got {self.quantization!r}")
         if self.attention_backend not in ("auto", "cpu_kernel", "torch"):
             raise ConfigError(f"attention_backend must be 'auto', 'cpu_kernel' or 'torch', "
                               f"got {self.attention_backend!r}")
@@ -141,11 +143,12 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown engine config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "engine")
+
+    @property
+    def num_model_workers(self) -> int:
+        """Processes the model runs on: T x P Ray workers when it is split, else 1 (in process)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     # --- derived values -------------------------------------------------
 
@@ -172,6 +175,15 @@ class EngineConfig:
         return os.environ.get("SEMLINE_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "semline"
         )
+
+
+def config_from_dict(cls, values: dict | None, what: str):
+    """A config dataclass from a mapping; keys it does not have are a ConfigError naming them."""
+    values = values or {}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} config keys: {', '.join(unknown)}")
+    return cls(**values)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.quantization import CpuInt4Linear, Int8Embedding, quantize_rows
+from engine.quantization import CpuInt4Linear, Int8Embedding, int8_linear, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ def keep_gguf_precision(model: nn.Module, gguf_path: Path, hf_config) -> int:
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
     heads, kv_heads = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None) or \
         hf_config.num_attention_heads
-    offset = getattr(model, "first_layer", 0)
 
     def part(hf_name: str):
         """(q, scales, minimums) of one checkpoint tensor if the file holds it as Q4_1."""
@@ -109,9 +108,6 @@ def _int8_embedding(model: nn.Module, tensors: dict, gguf) -> int:
     replaced = 1
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and head.weight is weight:
-        from engine.quantization import CpuInt8Linear, WeightOnlyInt8Linear
-
-        model.lm_head = CpuInt8Linear(q, scales, None) if weight.dtype == torch.float32 else \
-            WeightOnlyInt8Linear(q, scales, None, weight.dtype)
+        model.lm_head = int8_linear(q, scales, None, weight.device, weight.dtype)
         replaced += 1
     return replaced

@@ -73,10 +73,14 @@ class TensorParallel:
         q_start, q_stop = self.split(num_heads, "attention heads")
         return (q_start, q_stop), (q_start // group, q_start // group + 1)
 
+    def vocab_share(self, vocab_size: int) -> int:
+        """Vocabulary rows per rank: ceil(V / size) (the last ranks hold fewer)."""
+        return -(-vocab_size // self.size)
+
     def vocab(self, vocab_size: int) -> tuple[int, int]:
-        """[start, stop) of the vocabulary rows this rank holds: ceil(V / size) each, the
-        last rank fewer when V does not divide."""
-        share = -(-vocab_size // self.size)
+        """[start, stop) of the vocabulary rows this rank holds: vocab_share each, the last
+        rank fewer when V does not divide."""
+        share = self.vocab_share(vocab_size)
         return min(vocab_size, self.rank * share), min(vocab_size, (self.rank + 1) * share)
 
     # --- collectives ------------------------------------------------------------
@@ -117,7 +121,7 @@ class TensorParallel:
         import torch.distributed as dist
 
         start, _ = self.vocab(vocab_size)
-        share = -(-vocab_size // self.size)
+        share = self.vocab_share(vocab_size)
         scores, ids = best.max(dim=-1)
         # One float32 message per rank: full rows padded to `share` columns, then the greedy
         # rows' best scores and ids (exact in float32 below 2**24 tokens).

@@ -28,7 +28,6 @@ from engine.models.layers import MoE
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "int8", "int4")
 # Weights per int4 group (one scale and one offset each): GGUF's Q4_0/Q4_1 block size.
 INT4_GROUP_SIZE = 32
 
@@ -119,6 +118,15 @@ def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _PACK_SUPPORT[key]
 
 
+def int8_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
+                dtype: torch.dtype) -> nn.Module:
+    """The int8 layer for a model of `dtype` on `device`: CpuInt8Linear for a CPU float32
+    model, else WeightOnlyInt8Linear."""
+    if device.type == "cpu" and dtype == torch.float32:
+        return CpuInt8Linear(q, scales, bias)
+    return WeightOnlyInt8Linear(q, scales, bias, dtype)
+
+
 def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, method: str = "int8") -> int:
     """Swap every linear layer (and the token embedding) of `model` for its int8 form, or with
     `method` "int4" every linear layer for its 4-bit form (CPU; the embedding stays int8, and
@@ -142,12 +150,7 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, m
                 setattr(parent, name, CpuInt4Linear(*quantize_groups_4bit(child.weight), child.bias))
                 swapped += 1
             elif isinstance(child, nn.Linear):
-                q, scales = rows(child.weight)
-                if device.type == "cpu" and dtype == torch.float32:
-                    new = CpuInt8Linear(q, scales, child.bias)
-                else:
-                    new = WeightOnlyInt8Linear(q, scales, child.bias, dtype)
-                setattr(parent, name, new)
+                setattr(parent, name, int8_linear(*rows(child.weight), child.bias, device, dtype))
                 swapped += 1
             elif isinstance(child, nn.Embedding):
                 setattr(parent, name, Int8Embedding(*rows(child.weight), dtype))
