@@ -68,7 +68,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.executor import ExecutorError
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner, StepPlan, num_logits, plan_step
-from engine.models import model_args
+from engine.models import build_model, model_args
 from engine.parallel import SharedMemoryAllReduce, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -122,22 +122,19 @@ class ModelWorker:
     def load(self, master: str | None, backend: str, timeout_s: float, group_name: str) -> int:
         """Join the stage's process group (all its ranks call this at once), then load this
         rank's share of the weights; returns the KV blocks it can hold."""
+        hf_config = load_hf_config(self.model_dir)
         tp = TensorParallel()
         if self.tp_size > 1:
             use_shm = backend == "auto" and self.device.type == "cpu"
             backend = backend if backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
             _join_group(backend, master, self.tp_rank, self.tp_size, timeout_s)
-            shm = _shared_memory(group_name, self.tp_rank, self.tp_size, self._max_step_bytes(), timeout_s) \
-                if use_shm else None
+            # The largest all-reduce of a step: every token's hidden state.
+            step_bytes = self.config.max_num_batched_tokens * model_args(hf_config).hidden_size * self.dtype.itemsize
+            shm = _shared_memory(group_name, self.tp_rank, self.tp_size, step_bytes, timeout_s) if use_shm else None
             tp = _TimedTensorParallel(self.tp_rank, self.tp_size, shm=shm, worker=self)
-        self.runner = ModelRunner(self.config, load_hf_config(self.model_dir), self.model_dir, self.device,
-                                  self.dtype, self.max_model_len, self.first, self.last, tp, self.device_share)
+        self.runner = ModelRunner(self.config, hf_config, self.model_dir, self.device, self.dtype,
+                                  self.max_model_len, self.first, self.last, tp, self.device_share)
         return self.runner.num_blocks
-
-    def _max_step_bytes(self) -> int:
-        """The largest all-reduce of a step: every token's hidden state."""
-        hidden = model_args(load_hf_config(self.model_dir)).hidden_size
-        return self.config.max_num_batched_tokens * hidden * self.dtype.itemsize
 
     def ping(self) -> int:
         return os.getpid()
@@ -176,7 +173,7 @@ class ModelWorker:
         return result
 
     def shutdown(self) -> None:
-        if self.runner is not None and getattr(self.runner.tp, "shm", None) is not None:
+        if self.runner is not None and self.runner.tp.shm is not None:
             self.runner.tp.shm.close()
         if self.tp_size > 1:
             _leave_group()
@@ -305,7 +302,7 @@ class ParallelRunner:
         # Batches the engine keeps in flight (one per stage by default).
         self.max_inflight = parallel.inflight_batches or self.num_stages
         self.ranges = split_layers(self.args.num_layers, self.num_stages, config.pipeline_layers)
-        self._check_divisible()
+        self._check_divisible(hf_config)
         self.threads = config.num_threads or 1
         on_gpu = device.type == "cuda"
         self.bundle = worker_bundle(on_gpu, self.threads, parallel.gpus_per_worker)
@@ -333,18 +330,15 @@ class ParallelRunner:
         logger.info("%d stage(s) (layers %s) of %d tensor-parallel worker(s), %d KV blocks",
                     self.num_stages, self.ranges, self.tp_size, self.num_blocks)
 
-    def _check_divisible(self) -> None:
-        """Refuse a tensor_parallel_size the model cannot split, before any worker starts."""
-        args, tp = self.args, self.tp_size
+    def _check_divisible(self, hf_config) -> None:
+        """Refuse a tensor_parallel_size the model cannot split, before any worker starts: each
+        rank's share is built on the meta device (no memory), by the very code the workers run."""
         try:
-            for rank in range(tp):
-                share = TensorParallel(rank, tp)
-                share.heads(args.num_heads, args.num_kv_heads)
-                share.split(args.intermediate_size, "MLP columns")
-                if args.num_experts:
-                    share.split(args.moe_intermediate_size, "expert MLP columns")
+            with torch.device("meta"):
+                for rank in range(self.tp_size):
+                    build_model(hf_config, tp=TensorParallel(rank, self.tp_size))
         except ValueError as exc:
-            raise ConfigError(f"tensor_parallel_size {tp}: {exc}") from exc
+            raise ConfigError(f"tensor_parallel_size {self.tp_size}: {exc}") from exc
 
     # --- workers ---------------------------------------------------------------
 
