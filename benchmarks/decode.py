@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copy_bandwidth_gbs, machine_info, matmul_flops  # noqa: E402
+from benchmarks.throughput import _StepClock  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import embedded_gguf_path  # noqa: E402
 from engine.models.linear import OneDNNLinear  # noqa: E402
@@ -75,22 +76,16 @@ def semline_rate(llm: LLM, batch: int, tokens: int) -> float:
 def hf_rate(folder: Path, dtype: torch.dtype, tokens: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
-    times = []
-
-    class Clock:  # a stopping criterion that records when each token arrives
-        def __call__(self, input_ids, scores, **kwargs):
-            times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
     from transformers import StoppingCriteriaList
 
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
+    clock = _StepClock()  # records when each token arrives
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
         model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       stopping_criteria=StoppingCriteriaList([Clock()]))
-    return (len(times) - 1) / (times[-1] - times[0])
+                       stopping_criteria=StoppingCriteriaList([clock]))
+    return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
 def llama_cpp_rate(threads: int, tokens: int) -> float | None:
