@@ -14,10 +14,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.executors import replica_bundles
-from deployments.batch_runner import BatchRunner
+from deployments.batch.runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
-from deployments.openai_api import OpenAIIngress, build_fastapi
+from deployments.api.serving import OpenAIIngress, build_fastapi
 
 ROUTING_STATS_PERIOD_S = 1.0
 QUIET = {"enable_access_log": False}  # no log line per request and per internal call

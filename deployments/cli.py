@@ -149,7 +149,7 @@ def _cmd_batch_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_job_submit(args: argparse.Namespace) -> int:
-    """Submit an offline batch job (deployments.batch_job) through Ray's Jobs API, follow its log,
+    """Submit an offline batch job (deployments.batch.job) through Ray's Jobs API, follow its log,
     and write its output and error files locally."""
     import json
     import shlex
@@ -158,7 +158,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from deployments.batch_job import ECHO_PREFIX
+    from deployments.batch.job import ECHO_PREFIX
 
     path = Path(args.file)
     if not path.is_file():
@@ -167,7 +167,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="semline-job-") as workdir:
         # The job's working directory travels with it: the input (and config) need no shared storage.
         shutil.copy(path, Path(workdir) / "input.jsonl")
-        command = ["python", "-m", "deployments.batch_job", "--input", "input.jsonl", "--output", "output.jsonl",
+        command = ["python", "-m", "deployments.batch.job", "--input", "input.jsonl", "--output", "output.jsonl",
                    "--num-replicas", str(args.num_replicas), "--batch-size", str(args.batch_size), "--echo-results"]
         if args.config:
             shutil.copy(args.config, Path(workdir) / "semline.yaml")
@@ -217,7 +217,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_k8s_render(args: argparse.Namespace) -> int:
-    from deployments.k8s import DEFAULT_CONFIG, K8S_DIR, render
+    from deployments.ops.k8s import DEFAULT_CONFIG, K8S_DIR, render
 
     for path in render(Path(args.config) if args.config else DEFAULT_CONFIG,
                        Path(args.output_dir) if args.output_dir else K8S_DIR):
@@ -226,14 +226,14 @@ def _cmd_k8s_render(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard_render(args: argparse.Namespace) -> int:
-    from deployments.dashboard import DASHBOARD_FILE, render
+    from deployments.ops.dashboard import DASHBOARD_FILE, render
 
     print(render(Path(args.output) if args.output else DASHBOARD_FILE))
     return 0
 
 
 def _cmd_dashboard_provision(args: argparse.Namespace) -> int:
-    from deployments.dashboard import provision
+    from deployments.ops.dashboard import provision
 
     token = args.token or os.environ.get("GRAFANA_TOKEN")
     for what, action in provision(args.grafana_url, args.prometheus_url, token).items():

@@ -35,7 +35,7 @@ class AutoscalingSettings(_Strict):
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
-            "policy": {"policy_function": "deployments.autoscaling:backlog_policy"},
+            "policy": {"policy_function": "deployments.ops.autoscaling:backlog_policy"},
         }
         for key in ("metrics_interval_s", "look_back_period_s"):
             if getattr(self, key) is not None:

@@ -21,7 +21,7 @@ import torch
 
 from cluster.executors import ParallelConfig, RayExecutor
 from cluster.router import get_or_create_router
-from deployments.metrics import ServerMetrics
+from deployments.ops.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
 from engine.llm import apply_chat_template
 
@@ -92,7 +92,7 @@ class LLMServer:
         return {"num_free_blocks": stats.num_free_blocks, "num_waiting": stats.num_waiting}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Work the router holds back counts as demand (see deployments.autoscaling)."""
+        """Work the router holds back counts as demand (see deployments.ops.autoscaling)."""
         queued = self.router_stats.get("queued", {})
         return {"router_queued": float(sum(queued.values()))}
 

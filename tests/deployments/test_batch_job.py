@@ -52,7 +52,7 @@ def test_job_entrypoint_refuses_a_file_that_cannot_run(tmp_path):
     """A whole-file problem (duplicate custom_ids) fails fast with a clear message, before any engine starts."""
     source = tmp_path / "dup.jsonl"
     source.write_text(_line("same", "a") + "\n" + _line("same", "b") + "\n")
-    proc = subprocess.run([sys.executable, "-m", "deployments.batch_job", "--input", str(source),
+    proc = subprocess.run([sys.executable, "-m", "deployments.batch.job", "--input", str(source),
                            "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "custom_id 'same' appears more than once" in proc.stderr

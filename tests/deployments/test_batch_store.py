@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.batch_runner import parse_input
-from deployments.batch_store import BatchStore, NotFound
-from deployments.openai_api import APIError
+from deployments.batch.runner import parse_input
+from deployments.batch.store import BatchStore, NotFound
+from deployments.api.serving import APIError
 
 
 def test_torn_last_log_line_is_cut_and_appends_continue(tmp_path):

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from deployments.dashboard import (DASHBOARD_FILE, DASHBOARD_UID, DATASOURCE_UID, build_dashboard, panel_queries,
+from deployments.ops.dashboard import (DASHBOARD_FILE, DASHBOARD_UID, DATASOURCE_UID, build_dashboard, panel_queries,
                                    provision)
 from tests.deployments.conftest import MODEL
 

@@ -59,7 +59,7 @@ def test_callers_that_give_up_at_any_moment_leave_no_seat_taken(serve_app):
     import ray
 
     from deployments.config import SemlineConfig
-    from deployments.openai_api import OpenAIServing
+    from deployments.api.serving import OpenAIServing
 
     router = _router("test-give-up-router")
     serving = OpenAIServing(None, SemlineConfig(), router)
@@ -93,7 +93,7 @@ def test_tickets_lost_or_left_by_a_killed_holder_are_reclaimed(serve_app):
     import ray
 
     from deployments.config import SemlineConfig
-    from deployments.openai_api import OpenAIServing
+    from deployments.api.serving import OpenAIServing
 
     router = _router("test-holder-router", max_inflight=3, max_batch_size=3, holder_ttl_s=2.0,
                      reclaim_grace_s=0.5)

@@ -26,7 +26,7 @@ import yaml
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
-from deployments import k8s
+from deployments.ops import k8s
 from deployments.config import SemlineConfig
 
 ROOT = Path(__file__).parents[2]
@@ -189,7 +189,7 @@ def test_kuberay_documents_validate_against_the_crds(rayservice, rayjob):
     assert crd_errors(rayservice) == []
     assert crd_errors(rayjob) == []
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
-    assert "deployments.batch_job" in rayjob["spec"]["entrypoint"]
+    assert "deployments.batch.job" in rayjob["spec"]["entrypoint"]
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
     worker = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]

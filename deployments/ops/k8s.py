@@ -18,7 +18,7 @@ import yaml
 from deployments.app import batch_runner_actor_options, llm_server_options
 from deployments.config import SemlineConfig
 
-K8S_DIR = Path(__file__).parents[1] / "k8s"
+K8S_DIR = Path(__file__).parents[2] / "k8s"
 DEFAULT_CONFIG = K8S_DIR / "semline.yaml"
 RAYSERVICE_FILE = K8S_DIR / "rayservice.yaml"
 RAYJOB_FILE = K8S_DIR / "rayjob-batch.yaml"
@@ -162,9 +162,9 @@ def rayservice(config: SemlineConfig) -> dict:
 
 
 def rayjob(config: SemlineConfig) -> dict:
-    """An offline batch job (deployments.batch_job) on an ephemeral cluster."""
+    """An offline batch job (deployments.batch.job) on an ephemeral cluster."""
     k8s = config.kubernetes
-    entrypoint = (f"python -m deployments.batch_job --config /home/ray/semline/k8s/semline.yaml "
+    entrypoint = (f"python -m deployments.batch.job --config /home/ray/semline/k8s/semline.yaml "
                   f"--input {k8s.batch_job_input} --output {k8s.batch_job_output} "
                   f"--num-replicas {_workers(config, config.server.autoscaling.max_replicas) or 1}")
     cluster = _cluster_spec(config, f"{k8s.name}-job-data", autoscale=False)

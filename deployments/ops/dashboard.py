@@ -13,7 +13,7 @@ from pathlib import Path
 
 DASHBOARD_UID = "semline-overview"
 DATASOURCE_UID = "semline-prometheus"
-DASHBOARD_FILE = Path(__file__).parents[1] / "k8s" / "grafana" / "semline.json"
+DASHBOARD_FILE = Path(__file__).parents[2] / "k8s" / "grafana" / "semline.json"
 
 LANE = "{{lane}}"
 

@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.admission import LANE_PRIORITY, REALTIME_LANE, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
-from deployments import protocol
-from deployments.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
+from deployments.api import protocol
+from deployments.api.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
 from engine import RequestOutput
 from engine.async_engine import RequestFailedError
 

@@ -1,6 +1,6 @@
 """Offline batch inference on a Ray cluster, as a Ray job: OpenAI batch JSONL in, OpenAI batch output out.
 
-    python -m deployments.batch_job --input in.jsonl --output out.jsonl [--num-replicas N] [--batch-size B]
+    python -m deployments.batch.job --input in.jsonl --output out.jsonl [--num-replicas N] [--batch-size B]
 
 The driver reads and checks the input with the serving batch lane's parser (bad
 lines become error records, as in the Batch API), then Ray Data streams the good
@@ -27,9 +27,9 @@ import uuid
 
 import numpy as np
 
-from deployments.batch_runner import answer_line, parse_input, record_kind, result_record
+from deployments.batch.runner import answer_line, parse_input, record_kind, result_record
 from deployments.config import SemlineConfig
-from deployments.openai_api import ENDPOINTS, APIError, OpenAIServing
+from deployments.api.serving import ENDPOINTS, APIError, OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _errors_path(output: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deployments.batch_job", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deployments.batch.job", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="OpenAI batch input JSONL (path or URI)")
     parser.add_argument("--output", required=True, help="OpenAI batch output JSONL (path or URI)")
     parser.add_argument("--errors", default=None, help="error records (default: OUTPUT.errors.jsonl)")

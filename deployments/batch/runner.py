@@ -24,11 +24,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from deployments.batch_store import BatchStore, NotFound, derived_file_id
+from deployments.batch.store import BatchStore, NotFound, derived_file_id
 from deployments.config import SemlineConfig
 from cluster.admission import BATCH_LANE
-from deployments.openai_api import ENDPOINTS, APIError, OpenAIServing
-from deployments.protocol import COMPLETION_WINDOWS
+from deployments.api.serving import ENDPOINTS, APIError, OpenAIServing
+from deployments.api.protocol import COMPLETION_WINDOWS
 
 logger = logging.getLogger(__name__)
 

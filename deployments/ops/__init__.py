@@ -1,0 +1,1 @@
+"""Operations: Prometheus metrics, the Grafana dashboard, autoscaling policy, KubeRay manifests."""
