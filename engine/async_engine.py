@@ -63,6 +63,7 @@ class _AddCommand:
     priority: int
     stream: "_Stream"
     accepted: concurrent.futures.Future
+    grammar: object = None
 
 
 @dataclass
@@ -75,6 +76,42 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop is closed: nobody is listening
             pass
+
+
+class OutputStream:
+    """One accepted request's outputs, as an async iterator; the last has `finished=True`.
+    Closing it before then (aclose, or leaving an `async for` through generate) aborts the
+    request and frees its blocks."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, outputs: asyncio.Queue) -> None:
+        self._engine, self.request_id, self._outputs = engine, request_id, outputs
+        self._finished = self._closed = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._outputs.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self._finished and not self._closed:
+            self._engine.abort(self.request_id)
+        self._closed = True
+
+    def __del__(self) -> None:  # dropped unread: the request must not run on for nobody
+        if not self._finished and not self._closed:
+            self._engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -104,29 +141,34 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; the last one has `finished=True`."""
+        outputs = await self.submit(prompt, sampling_params, request_id, priority)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()
+
+    async def submit(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0) -> "OutputStream":
+        """Queue one request and wait until the engine has accepted it: its validation error
+        (a prompt too long, a bad grammar) is raised here, before any output. Returns the
+        stream of its outputs; closing it early (aclose) aborts the request."""
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._dead_error!r})")
+        params = sampling_params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
+        grammar = None
+        if params.structured_output is not None:  # compiled here, not in the engine's step
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, params.structured_output)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(_AddCommand(prompt, sampling_params or SamplingParams(), request_id, priority,
-                               stream, accepted))
+        self._send(_AddCommand(prompt, params, request_id, priority, stream, accepted, grammar))
         try:
             await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
         except asyncio.CancelledError:
             self.abort(request_id)  # the caller left while the engine was adding it
             raise
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return OutputStream(self, request_id, stream.queue)
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -189,7 +231,8 @@ class AsyncEngine:
         if not command.accepted.set_running_or_notify_cancel():
             return  # the caller left before the engine saw the request
         try:
-            self.engine.add_request(command.prompt, command.params, command.request_id, command.priority)
+            self.engine.add_request(command.prompt, command.params, command.request_id, command.priority,
+                                    grammar=command.grammar)
         except Exception as exc:  # validation errors go back to the caller
             command.accepted.set_exception(exc)
             return

@@ -26,6 +26,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.speculative import propose_prompt_lookup
+from engine.structured_output import GrammarBackend, StructuredOutput
 
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._id_counter = itertools.count()
+        self._grammars: GrammarBackend | None = None  # built on the first constrained request
         # Why the engine cannot serve right now (a pipeline being rebuilt), or None.
         self.health_problem: str | None = None
         # Batches handed to the runner, oldest first, and when the last one landed.
@@ -108,10 +110,18 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------
 
+    def compile_grammar(self, spec: StructuredOutput):
+        """Compile a structured output's grammar (cached). Thread-safe, so callers can compile
+        off the engine's thread (AsyncEngine does) and hand the result to add_request."""
+        if self._grammars is None:
+            self._grammars = GrammarBackend(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids)
+        return self._grammars.compile(spec)
+
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> Request:
-        """Queue a prompt (text or token ids). Raises RequestError if it cannot be served."""
+                    arrival_time: float | None = None, grammar=None) -> Request:
+        """Queue a prompt (text or token ids). Raises RequestError if it cannot be served.
+        grammar: the request's structured output compiled by compile_grammar (else compiled here)."""
         params = sampling_params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._id_counter)}"
         if request_id in self.requests:
@@ -121,7 +131,14 @@ class LLMEngine:
         else:
             text, token_ids = None, list(prompt)
         self._check_prompt(token_ids)
+        vocab = self.runner.args.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.structured_output is not None and grammar is None:
+            grammar = self.compile_grammar(params.structured_output)
         request = Request(request_id, text, token_ids, params, priority, arrival_time)
+        if grammar is not None:
+            request.grammar = self._grammars.matcher(grammar)
         if params.seed is not None:
             request.generator = self.sampler.make_generator(params.seed)
         self.requests[request_id] = request
@@ -263,7 +280,7 @@ class LLMEngine:
             request.spec_token_ids = []
             params = request.sampling_params
             if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
-                    or params.logprobs is not None):
+                    or params.logprobs is not None or request.grammar is not None):
                 continue
             # Room left: the step's own token counts too.
             k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,
@@ -381,6 +398,12 @@ class LLMEngine:
         if logprobs is not None:
             request.output_logprobs.append(self._to_token_logprob(token_id, logprobs))
         detok = self._detokenizers[request.request_id]
+        if request.grammar is not None:
+            request.grammar.accept(token_id)  # GrammarError: this request fails alone
+            if request.grammar.is_terminated:  # the grammar took a stop token: nothing may follow
+                request.stop_reason = token_id if token_id in params.stop_token_ids else None
+                self._finish(request, RequestStatus.FINISHED_STOPPED)
+                return
         # A stop token (EOS or a requested stop id) ends the request and is left out of the text.
         if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
             request.stop_reason = token_id if token_id in params.stop_token_ids else None

@@ -81,6 +81,8 @@ class Request:
         self.stop_reason: str | int | None = None
         # Why the request failed (status FINISHED_ERROR).
         self.error: str | None = None
+        # Constrained decoding: where the output stands in its grammar (engine/structured_output.py).
+        self.grammar = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None
         self.metrics = RequestMetrics(

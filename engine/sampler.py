@@ -52,9 +52,15 @@ class Sampler:
         if any(r.sampling_params.logprobs is not None for r in requests):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         rows_with_penalties = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
-        if rows_with_penalties:
-            logits = logits.clone()
+        rows_with_bias = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if rows_with_penalties or rows_with_bias or constrained:
+            logits = logits.clone()  # the caller's logits stay the model's
             _apply_penalties(logits, rows_with_penalties, requests)
+            _apply_bias(logits, rows_with_bias, requests)
+            if constrained:  # one batched mask for every constrained row
+                matchers = [requests[i].grammar for i in constrained]
+                matchers[0].backend.mask(logits, constrained, matchers)
         token_ids = logits.argmax(dim=-1).tolist()
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if random_rows:
@@ -137,6 +143,14 @@ def _apply_penalties(logits: torch.Tensor, rows: list[int], requests: list[Reque
             logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
                                             values * params.repetition_penalty)
         logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def _apply_bias(logits: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+    """In place: OpenAI's logit_bias (ids checked against the vocabulary when the request came in)."""
+    for row in rows:
+        bias = requests[row].sampling_params.logit_bias
+        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+        logits[row, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
 
 
 def _gather_logprobs(row_logprobs: torch.Tensor, token_id: int, num_top: int) -> SampledLogprobs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
@@ -36,6 +38,17 @@ class SamplingParams(BaseModel):
         None, ge=0, le=MAX_LOGPROBS, description="Return the sampled token's logprob and this many top ones."
     )
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    logit_bias: dict[int, float] | None = Field(
+        None, description="Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).")
+    structured_output: StructuredOutput | None = Field(
+        None, description="A grammar the output must match (JSON schema, JSON object, regex, choice, EBNF).")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, value):
+        if value and any(t < 0 or not -100.0 <= b <= 100.0 for t, b in value.items()):
+            raise ValueError("logit_bias maps token ids (>= 0) to values in [-100, 100]")
+        return value or None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -80,7 +93,8 @@ class SamplingParams(BaseModel):
     @property
     def reads_only_argmax(self) -> bool:
         """The sampler needs nothing of this request's logits but their argmax."""
-        return self.is_greedy and not self.needs_penalties and self.logprobs is None
+        return (self.is_greedy and not self.needs_penalties and self.logprobs is None
+                and self.logit_bias is None and self.structured_output is None)
 
     @property
     def needs_penalties(self) -> bool:
