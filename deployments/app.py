@@ -88,6 +88,22 @@ def build_app(config: SemlineConfig | dict | None = None):
         async def post_chat_completions(self, request: Request):
             return await self.chat_completions(request)
 
+        @app.post("/v1/responses")
+        async def post_responses(self, request: Request):
+            return await self.responses(request)
+
+        @app.post("/v1/embeddings")
+        async def post_embeddings(self, request: Request):
+            return await self.embeddings(request)
+
+        @app.post("/tokenize")
+        async def post_tokenize(self, request: Request):
+            return await self.tokenize(request)
+
+        @app.post("/detokenize")
+        async def post_detokenize(self, request: Request):
+            return await self.detokenize(request)
+
         @app.post("/v1/files")
         async def post_files(self, request: Request):
             return await self.upload_file(request)
@@ -127,7 +143,8 @@ def build_app(config: SemlineConfig | dict | None = None):
 
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
-        config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name, config.parallel)
+        config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name, config.parallel,
+        config.http.tool_call_parser)
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1,
                              ray_actor_options=batch_runner_actor_options(config),
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)

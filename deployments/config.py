@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -57,6 +57,13 @@ class HTTPSettings(_Strict):
                                 "a body sent without Content-Length is cut off as soon as it passes the limit).")
     max_output_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for (400 above). "
                                    "Prompt length is limited by the engine's max_prompt_tokens / max_model_len.")
+    response_ttl_s: float = Field(3600, gt=0, description="How long a /v1/responses answer is kept for "
+                                  "previous_response_id (in the ingress replica that answered it).")
+    max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once "
+                                      "(the oldest go first).")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="How the model writes tool calls: auto picks the chat template's own format "
+                            "(Mistral's [TOOL_CALLS], Llama 3's JSON), else hermes (<tool_call> JSON).")
 
 
 class RouterSettings(_Strict):

@@ -23,7 +23,7 @@ from cluster.executors import ParallelConfig, RayExecutor
 from cluster.router import get_or_create_router
 from deployments.ops.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
-from engine.llm import apply_chat_template
+from deployments.api.chat import render_chat, resolve_parser_name
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ HEARTBEAT_PERIOD_S = 1.0
 class LLMServer:
     def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
                  router_config: dict | None = None, capacity: int | None = None,
-                 model_name: str = "semline", parallel_config: dict | None = None) -> None:
+                 model_name: str = "semline", parallel_config: dict | None = None,
+                 tool_call_parser: str = "auto") -> None:
         # First: Serve calls __del__ even when the engine fails to start.
         self._stop, self.router = threading.Event(), None
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
@@ -42,6 +43,7 @@ class LLMServer:
                                   executor=RayExecutor(ParallelConfig.from_dict(parallel_config)))
         self.capacity = capacity or self.engine.engine.config.max_num_seqs
         self.replica_id = _replica_id()
+        self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
         self.router_stats: dict = {}
         self.metrics = ServerMetrics(model_name)
         self.router_name, self.router_config = router_name, router_config or {}
@@ -52,16 +54,27 @@ class LLMServer:
 
     async def model_info(self) -> dict:
         core = self.engine.engine
-        return {"max_model_len": core.max_model_len, "vocab_size": core.runner.args.vocab_size}
+        return {"max_model_len": core.max_model_len, "vocab_size": core.runner.args.vocab_size,
+                "hidden_size": core.runner.args.hidden_size, "tool_call_parser": self.tool_call_parser}
+
+    def render(self, prompt: str | list[int] | None, messages: list[dict] | None,
+               tools: list[dict] | None = None) -> str | list[int]:
+        """The prompt of a request: as given, or its chat messages (and tools) rendered."""
+        if messages is None:
+            return prompt
+        return render_chat(self.engine.tokenizer, messages, tools, self.tool_call_parser)
 
     async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
-                       params: SamplingParams, priority: int, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; cancelling the stream aborts it in the engine."""
-        if messages is not None:
-            prompt = apply_chat_template(self.engine.tokenizer, messages)
-        stream = self.engine.generate(prompt, params, request_id=request_id, priority=priority)
+                       params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
+                       announce: bool = False) -> AsyncIterator[RequestOutput | None]:
+        """Stream one request's outputs; cancelling the stream aborts it in the engine.
+        announce: first yield None once the engine has accepted the request (its validation
+        error is raised before that), so a caller can answer 4xx before it starts a stream."""
+        stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority)
         tracker = self.metrics.request_tracker(priority)
         try:
+            if announce:
+                yield None
             async for output in stream:
                 tracker.observe(output)
                 yield output
@@ -71,13 +84,36 @@ class LLMServer:
             await stream.aclose()
 
     async def complete(self, prompt: str | list[int] | None, messages: list[dict] | None,
-                       params: SamplingParams, priority: int, request_id: str) -> RequestOutput:
+                       params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
+                       announce: bool = False) -> RequestOutput:
         """The final output only: no per-token messages for callers that do not stream
         (the batch lane, non-streamed requests). Cancelling the call aborts the request."""
         final = None
-        async for output in self.generate(prompt, messages, params, priority, request_id):
+        async for output in self.generate(prompt, messages, params, priority, request_id, tools):
             final = output
         return final
+
+    async def tokenize(self, prompt: str | None, messages: list[dict] | None, tools: list[dict] | None,
+                       add_special_tokens: bool, with_strings: bool = False) -> tuple[list[int], list[str] | None]:
+        """(token ids, and each token's text when asked) of a prompt, or of chat messages
+        rendered as a chat completion renders them."""
+        tokenizer = self.engine.tokenizer
+        if messages is not None:
+            ids = render_chat(tokenizer, messages, tools, self.tool_call_parser)
+        else:
+            ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return ids, tokenizer.convert_ids_to_tokens(ids) if with_strings else None
+
+    async def embed(self, text: str | list[int]) -> tuple[list[float], int]:
+        """(the embedding, the number of tokens) of a text or of token ids."""
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else text
+        return await self.engine.embed(ids), len(ids)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        vocab = self.engine.engine.runner.args.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return self.engine.tokenizer.decode(token_ids)
 
     def stats(self) -> dict:
         stats = self.engine.stats()

@@ -170,6 +170,14 @@ class AsyncEngine:
             raise
         return OutputStream(self, request_id, stream.queue)
 
+    async def embed(self, token_ids: list[int]) -> list[float]:
+        """LLMEngine.embed, run by the engine's thread between steps."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine loop is not running ({self._dead_error!r})")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(("embed", token_ids, done))
+        return await asyncio.wrap_future(done)
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
@@ -224,6 +232,8 @@ class AsyncEngine:
                 return
             if isinstance(command, _AddCommand):
                 self._add(command)
+            elif command[0] == "embed":
+                self._embed(*command[1:])
             else:
                 self._abort(command[1])
 
@@ -238,6 +248,14 @@ class AsyncEngine:
             return
         self._streams[command.request_id] = command.stream
         command.accepted.set_result(True)
+
+    def _embed(self, token_ids: list[int], done: concurrent.futures.Future) -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(self.engine.embed(token_ids))
+        except Exception as exc:  # noqa: BLE001 - the caller's error (a text too long, ...)
+            done.set_exception(exc)
 
     def _abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)

@@ -66,10 +66,19 @@ class LLM:
         return dataclasses.replace(self.engine.config)
 
 
-def apply_chat_template(tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(tokenizer, messages: list[Message], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+    """Prompt token ids of a conversation (tools passed to templates that take them)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except Exception as exc:  # noqa: BLE001 - jinja's errors (a template's raise_exception) are the request's
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
     return tokenizer.encode(text, add_special_tokens=False)
 
 

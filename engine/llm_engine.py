@@ -193,6 +193,32 @@ class LLMEngine:
             self.block_manager.free(request)
         return logprobs
 
+    def embed(self, token_ids: list[int]) -> list[float]:
+        """An embedding of a text: the model's last-layer hidden state at its last token (after
+        the final norm; decoder models read the whole text only there), L2-normalised. Runs
+        the text alone through the paged KV cache in chunks of the step's token budget, so it
+        is the same whatever else is served. Call it from the thread that owns the engine."""
+        self._check_prompt(token_ids)
+        if not hasattr(self.runner, "embed"):
+            raise RequestError("embeddings need the in-process executor (no tensor or pipeline split)")
+        request = Request(f"embed-{next(self._id_counter)}", None, token_ids, SamplingParams(max_tokens=1))
+        if not self.block_manager.allocate_slots(request, len(token_ids)):
+            raise RequestError("not enough free KV blocks to embed this text now")
+        step = self.config.max_num_batched_tokens
+        try:
+            for start in range(0, len(token_ids), step):
+                end = min(start + step, len(token_ids))
+                chunk = ScheduledChunk(request, end - start, samples_token=end == len(token_ids))
+                model_input = self.runner.prepare([chunk])
+                if end < len(token_ids):
+                    self.runner.execute(model_input)
+                else:
+                    vector = self.runner.embed(model_input)[0]
+                request.num_computed_tokens = end
+        finally:
+            self.block_manager.free(request)
+        return torch.nn.functional.normalize(vector, dim=0).tolist()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._inflight)
 

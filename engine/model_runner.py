@@ -266,6 +266,14 @@ class ModelRunner:
         return self.model(x, model_input.positions, self.kv_caches, model_input.attn)
 
     @torch.inference_mode()
+    def embed(self, model_input: ModelInput) -> torch.Tensor:
+        """[N, D] fp32 last-layer hidden states after the final norm, at the sampling positions."""
+        if self.tp.enabled or not (self.model.is_first and self.model.is_last):
+            raise RuntimeError("embeddings need the whole model in one process (no tensor or pipeline split)")
+        hidden = self._forward(model_input, None)
+        return self.model.norm(hidden[model_input.logits_indices]).float()
+
+    @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:
         """Run the whole model in this process: [N, V] fp32 logits for the chunks that sample."""
         if self.tp.enabled:

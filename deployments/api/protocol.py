@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from engine import SamplingParams
+from engine.structured_output import StructuredOutput
 
 MAX_N = 16
 # Stop sequences per request, and characters per stop sequence (each is checked after every token).
@@ -16,14 +18,92 @@ MAX_STOP_CHARS = 256
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# The most choices one request may ask for: prompts x n (a seat each at the router).
+MAX_CHOICES = 128
+
+# Fields OpenAI (or vLLM) defines that semline does not serve: 400 naming them, rather than
+# ignoring what the client relies on. {field: why}
+UNSUPPORTED_FIELDS = {
+    "functions": "the deprecated functions API is not supported; send tools",
+    "function_call": "the deprecated functions API is not supported; send tool_choice",
+    "audio": "the served models produce text only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "suffix": "suffix (insertion) is not supported",
+}
+
+
+class _Open(BaseModel):
+    """Fields this version does not know are accepted and ignored (listed in the response's
+    x-semline-ignored-fields header), so a newer SDK's additions do not break clients."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDefinition(_Open):
+    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
 
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Open):
+    name: str
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(_Open):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Open):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class JsonSchemaFormat(_Open):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return self
+
+
+class StructuredOutputs(_Open):
+    """vLLM's extension: exactly one of json, regex, choice, grammar."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class _Common(_Open):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -35,42 +115,114 @@ class _Common(BaseModel):
     seed: int | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
     user: str | None = None
+    # Accepted, and not acted on: semline stores no completions.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    response_format: ResponseFormat | None = None
     # Extensions beyond OpenAI's API (vLLM uses the same names).
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    def sampling_params(self, max_tokens: int, num_logprobs: int | None, index: int) -> SamplingParams:
+    def ignored_fields(self) -> list[str]:
+        """The request's fields this version does not know, top level and nested (dotted)."""
+        return sorted(_extra_names(self, ""))
+
+    def structured_output(self) -> StructuredOutput | None:
+        """What the output must match: response_format, or vLLM's structured_outputs / guided_*."""
+        given = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", StructuredOutput(json_object=True)))
+        elif fmt is not None and fmt.type == "json_schema":
+            given.append(("response_format", StructuredOutput(json_schema=fmt.json_schema.schema_)))
+        vllm = self.structured_outputs
+        for name, kind, value in (
+                ("structured_outputs", None, vllm),
+                ("guided_json", "json_schema", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+                ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "grammar", self.guided_grammar)):
+            if value is None:
+                continue
+            if kind is None:
+                fields = {"json_schema": value.json_, "regex": value.regex, "choice": value.choice,
+                          "grammar": value.grammar}
+                fields = {k: v for k, v in fields.items() if v is not None}
+            else:
+                fields = {kind: value}
+            if isinstance(fields.get("json_schema"), str):
+                fields["json_schema"] = _json_object(fields["json_schema"], name)
+            given.append((name, StructuredOutput(**fields)))
+        if len(given) > 1:
+            raise ValueError(f"{given[0][0]} and {given[1][0]} both constrain the output; send one")
+        return given[0][1] if given else None
+
+    def sampling_params(self, max_tokens: int, num_logprobs: int | None, index: int,
+                        structured_output: StructuredOutput | None = None,
+                        skip_special_tokens: bool = True) -> SamplingParams:
         seed = None if self.seed is None else self.seed + index
+        bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=num_logprobs,
+            logit_bias=bias, structured_output=structured_output, skip_special_tokens=skip_special_tokens,
         )
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[int] = Field(..., description="Text, or token ids.")
+    # A text, token ids, or a batch of either (each prompt gets n choices, indexed in order).
+    prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[
+        list[TokenIds], Field(min_length=1)] = Field(..., description="Text, token ids, or a list of either.")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n is at most {MAX_CHOICES} choices per request")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_Open):
     # "developer" is what newer SDKs and agent frameworks send for system instructions.
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # A string, or a list of content parts: text parts are joined (one per line); other
     # kinds (images, audio, files) are refused, naming the part, since the served models read text.
-    content: str | list[dict]
+    # None only for an assistant message that carries tool_calls.
+    content: str | list[dict] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content")
     @classmethod
     def _text_parts(cls, value):
-        if isinstance(value, str):
+        if value is None or isinstance(value, str):
             return value
         texts = []
         for index, part in enumerate(value):
@@ -81,11 +233,24 @@ class ChatMessage(BaseModel):
             texts.append(part["text"])
         return "\n".join(texts)
 
+    @model_validator(mode="after")
+    def _by_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
     def template_message(self) -> dict:
         """The message as the model's chat template takes it (a developer message is a system one)."""
         message = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
-        if self.name is not None:
-            message["name"] = self.name
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(include={"id", "type", "function"}) for call in self.tool_calls]
         return message
 
 
@@ -94,6 +259,130 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _check_tools(self):
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice other than none/auto needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        return self
+
+    def active_tools(self) -> list[dict] | None:
+        """The tools the model is offered (none with tool_choice none), as OpenAI dicts."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True, include={"type", "function"}) for t in self.tools]
+
+    def forced_tools(self) -> list[dict] | None:
+        """The tools one of which must be called (tool_choice required or named), else None."""
+        tools = self.active_tools()
+        if tools is None or self.tool_choice in (None, "auto"):
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        return tools
+
+
+# The most inputs one embeddings request may carry.
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(_Open):
+    model: str
+    input: Annotated[str, StringConstraints(min_length=1)] | TokenIds | Annotated[
+        list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    ] | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str) or isinstance(value[0], int):
+            return [value]
+        return list(value)
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(_extra_names(self, ""))
+
+
+class TokenizeRequest(_Open):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions would."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Open):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class ResponsesRequest(_Open):
+    """OpenAI's Responses API request (text in and out, function tools)."""
+
+    model: str
+    input: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[dict], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: Annotated[list[dict], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    text: dict | None = None
+    user: str | None = None
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(_extra_names(self, ""))
+
+
+def unsupported_field(data: dict) -> tuple[str, str] | None:
+    """(field, why) for the first field of a request body that semline knows but does not serve."""
+    for name, why in UNSUPPORTED_FIELDS.items():
+        if data.get(name) is not None:
+            return name, why
+    if data.get("modalities") not in (None, ["text"]):
+        return "modalities", "the served models produce text only (['text'])"
+    return None
+
+
+def _extra_names(model: BaseModel, prefix: str) -> set[str]:
+    names = {prefix + name for name in (model.model_extra or {})}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, BaseModel):
+                names |= _extra_names(item, f"{prefix}{name}.")
+    return names
+
+
+def _json_object(text: str, field: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{field} is not valid JSON: {exc}") from exc
 
 
 # The batch lane's completion windows and the seconds each allows.
@@ -103,7 +392,7 @@ COMPLETION_WINDOWS = {"24h": 24 * 3600}
 class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_file_id: str
-    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
     completion_window: Literal[tuple(COMPLETION_WINDOWS)] = "24h"
     metadata: dict[str, str] | None = None
 
@@ -111,7 +400,7 @@ class BatchCreateRequest(BaseModel):
 # --- responses: what the routes answer, published in the OpenAPI schema -------------------
 # (tests/deployments/test_fuzz.py validates every fuzzed answer against them)
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ErrorDetail(BaseModel):
@@ -188,7 +477,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -207,15 +497,30 @@ class ChatCompletion(BaseModel):
     usage: Usage | None = None
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed tool call (or a piece of one): a client joins pieces with the same index."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -228,6 +533,58 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # a str: base64 of little-endian float32s
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
+class ResponseObject(BaseModel):
+    """A Response of /v1/responses (output items: `message` with `output_text` parts, `function_call`)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict]
+    error: dict | None
+    incomplete_details: dict | None
+    usage: dict | None
+
+
+class ResponseEvent(BaseModel):
+    """One `data:` event of a streamed response (its `event:` line names the same type)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    sequence_number: int
 
 
 class FileObject(BaseModel):

@@ -7,14 +7,18 @@ Errors are mapped in one place (`_error_response`) to OpenAI's error body:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import hmac
+import itertools
 import json
 import logging
 import math
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import ray
 from fastapi import FastAPI, Request
@@ -28,14 +32,26 @@ from cluster.admission import LANE_PRIORITY, REALTIME_LANE, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.api import protocol
-from deployments.api.protocol import BatchCreateRequest, ChatCompletionRequest, CompletionRequest
-from engine import RequestOutput
+from deployments.api.protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest,
+                                      DetokenizeRequest, EmbeddingRequest, ResponsesRequest, TokenizeRequest)
+from deployments.api.responses import (ResponsesError, ResponseStore, chat_request, conversation_after,
+                                       function_call_item, message_item, output_items, response_header,
+                                       response_object, sse_event)
+from deployments.api.tools import ToolParser, get_parser, held_back
+from engine import RequestOutput, SamplingParams
 from engine.async_engine import RequestFailedError
+from engine.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+ENDPOINTS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+             "/v1/embeddings": EmbeddingRequest, "/v1/responses": ResponsesRequest}
+# Routes outside /v1 that the API key, body limits and OpenAI-style errors cover too (vLLM's).
+EXTRA_API_ROUTES = ("/tokenize", "/detokenize")
 DEFAULT_MAX_TOKENS = 256
+# Names the request fields this version ignored (it does not know them).
+IGNORED_FIELDS_HEADER = "x-semline-ignored-fields"
+_LOGGED_IGNORED: set[str] = set()  # field names already logged once
 
 
 class APIError(Exception):
@@ -118,7 +134,7 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
+        if _is_api_path(request.url.path):
             if config.api_key and not _authorized(request, config.api_key):
                 return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
                                                 code="invalid_api_key"))
@@ -142,6 +158,9 @@ _UPLOAD_SCHEMA = {
 _REQUEST_BODIES = {
     ("post", "/v1/completions"): CompletionRequest, ("post", "/v1/chat/completions"): ChatCompletionRequest,
     ("post", "/v1/batches"): BatchCreateRequest, ("post", "/v1/files"): _UPLOAD_SCHEMA,
+    ("post", "/v1/embeddings"): EmbeddingRequest, ("post", "/tokenize"): TokenizeRequest,
+    ("post", "/v1/responses"): ResponsesRequest,
+    ("post", "/detokenize"): DetokenizeRequest,
 }
 # (method, path) -> (200 body model, streamed event model or None); a str is a media type.
 _RESPONSES = {
@@ -150,6 +169,10 @@ _RESPONSES = {
     ("get", "/v1/models"): (protocol.ModelList, None),
     ("post", "/v1/completions"): (protocol.Completion, protocol.Completion),
     ("post", "/v1/chat/completions"): (protocol.ChatCompletion, protocol.ChatCompletionChunk),
+    ("post", "/v1/embeddings"): (protocol.EmbeddingList, None),
+    ("post", "/v1/responses"): (protocol.ResponseObject, protocol.ResponseEvent),
+    ("post", "/tokenize"): (protocol.Tokenized, None),
+    ("post", "/detokenize"): (protocol.Detokenized, None),
     ("post", "/v1/files"): (protocol.FileObject, None),
     ("get", "/v1/files"): (protocol.FileList, None),
     ("get", "/v1/files/{file_id}"): (protocol.FileObject, None),
@@ -184,7 +207,8 @@ def _publish_schema(app: FastAPI, model_name: str) -> None:
                 content = {"multipart/form-data": {"schema": model}}
             else:
                 content = {"application/json": {"schema": ref(model)}}
-                if "model" in model.model_fields:  # the one model served (any other name: 404)
+                if "model" in model.model_fields and model.model_fields["model"].is_required():
+                    # the one model served (any other name: 404)
                     components[model.__name__]["properties"]["model"] = {"type": "string", "enum": [model_name]}
             operation["requestBody"] = {"required": True, "content": content}
         error = {"description": "An error (4xx/5xx), OpenAI-style",
@@ -228,7 +252,7 @@ class _BodyLimit:
         self.limit_for = limit_for
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not _is_api_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
@@ -263,6 +287,10 @@ class _BodyLimit:
             await response(scope, receive, send)
 
 
+def _is_api_path(path: str) -> bool:
+    return path.startswith("/v1/") or path in EXTRA_API_ROUTES
+
+
 def _authorized(request: Request, api_key: str) -> bool:
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -285,6 +313,8 @@ class OpenAIServing:
         self._held: set[int] = set()
         self._pending: set[str] = set()  # request ids whose admission is on its way
         self._sync_task: asyncio.Task | None = None
+        self._model_info_cache: dict | None = None
+        self.response_store = ResponseStore(config.http.max_stored_responses, config.http.response_ttl_s)
 
     # --- routes --------------------------------------------------------------
 
@@ -311,14 +341,105 @@ class OpenAIServing:
                                             "created": 0, "owned_by": "semline"}]}
 
     async def completions(self, request: Request):
-        return await self.respond("/v1/completions", await _json_body(request), REALTIME_LANE)
+        return await self._http("/v1/completions", request)
 
     async def chat_completions(self, request: Request):
-        return await self.respond("/v1/chat/completions", await _json_body(request), REALTIME_LANE)
+        return await self._http("/v1/chat/completions", request)
+
+    async def _http(self, url: str, request: Request):
+        """A realtime request; fields the API does not know are named in a response header."""
+        plan = await self.plan(url, await _json_body(request), REALTIME_LANE)
+        return _with_ignored(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def respond(self, url: str, data, lane: str):
         """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
         response when it asks to stream. Raises APIError."""
+        if url == "/v1/embeddings":
+            return await self._embed(self.validate(url, data), lane)
+        if url == "/v1/responses":
+            return await self._run(await self._responses_plan(data, lane), lane)
+        return await self._run(await self.plan(url, data, lane), lane)
+
+    async def responses(self, request: Request):
+        data = await _json_body(request)
+        plan = await self._responses_plan(data, REALTIME_LANE)
+        return _with_ignored(await self._run(plan, REALTIME_LANE), plan.ignored)
+
+    async def _responses_plan(self, data, lane: str) -> "_Plan":
+        """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            body = ResponsesRequest.model_validate(data)
+        except ValidationError as exc:
+            raise _to_api_error(exc) from exc
+        history: list[dict] = []
+        if body.previous_response_id is not None:
+            history = self.response_store.get(body.previous_response_id)
+            if history is None:
+                raise APIError(404, f"previous response {body.previous_response_id!r} was not found (responses are "
+                               "kept for a limited time)", param="previous_response_id", code="response_not_found")
+        try:
+            chat, conversation = chat_request(body, history)
+        except ResponsesError as exc:
+            raise APIError(exc.status, str(exc), param=exc.param) from exc
+        plan = await self.plan("/v1/chat/completions", chat, lane)
+        if plan.body.n != 1:
+            raise APIError(400, "a response has one answer", param="n")
+        plan.responses = _ResponsesContext(body, f"resp_{uuid.uuid4().hex}", conversation)
+        plan.ignored = body.ignored_fields()
+        return plan
+
+    async def embeddings(self, request: Request):
+        body = self.validate("/v1/embeddings", await _json_body(request))
+        return _with_ignored(await self._embed(body, REALTIME_LANE), body.ignored_fields())
+
+    async def _embed(self, body: EmbeddingRequest, lane: str) -> dict:
+        """Each input embedded by an LLM server replica (a seat each at the router)."""
+        if body.dimensions is not None:
+            size = (await self._model_info())["hidden_size"]
+            if body.dimensions != size:
+                raise APIError(400, f"dimensions {body.dimensions}: this model's embeddings have {size} "
+                               "(shortening them is not supported)", param="dimensions")
+        inputs = body.inputs()
+        ticket = await self._admit(lane, len(inputs))
+        try:
+            results = await asyncio.gather(*(self._server_call("embed", x) for x in inputs))
+        finally:
+            self._release(ticket)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(vector, body.encoding_format)}
+                for i, (vector, _) in enumerate(results)]
+        tokens = sum(n for _, n in results)
+        return {"object": "list", "data": data, "model": body.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def tokenize(self, request: Request) -> dict:
+        body = self._validate_plain(TokenizeRequest, await _json_body(request))
+        messages = [m.template_message() for m in body.messages] if body.messages is not None else None
+        tools = [t.model_dump(exclude_none=True, include={"type", "function"}) for t in body.tools or []] or None
+        tokens, strs = await self._server_call("tokenize", body.prompt, messages, tools, body.add_special_tokens,
+                                               body.return_token_strs)
+        info = await self._model_info()
+        return {"count": len(tokens), "max_model_len": info["max_model_len"], "tokens": tokens, "token_strs": strs}
+
+    async def detokenize(self, request: Request) -> dict:
+        body = self._validate_plain(DetokenizeRequest, await _json_body(request))
+        return {"prompt": await self._server_call("detokenize", body.tokens)}
+
+    def _validate_plain(self, model: type[BaseModel], data):
+        """A request body whose `model` is optional (vLLM's /tokenize, /detokenize)."""
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise _to_api_error(exc) from exc
+        if body.model is not None and body.model != self.config.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
+        return body
+
+    async def plan(self, url: str, data, lane: str) -> "_Plan":
+        """Validate a request and turn it into the sequences to generate. Raises APIError."""
         body = self.validate(url, data)
         if body.stream and lane != REALTIME_LANE:
             raise APIError(400, "stream is not supported in the batch lane", param="stream")
@@ -328,15 +449,47 @@ class OpenAIServing:
             raise APIError(400, f"max_tokens is {requested}; this server generates at most {limit} tokens "
                            "per request", param="max_completion_tokens" if getattr(
                                body, "max_completion_tokens", None) else "max_tokens")
+        try:
+            structured = body.structured_output()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format") from exc
+        ignored = body.ignored_fields()
+        for name in ignored:
+            if name not in _LOGGED_IGNORED and len(_LOGGED_IGNORED) < 1024:
+                _LOGGED_IGNORED.add(name)
+                logger.warning("ignoring the request field %r, which this version does not know", name)
         if isinstance(body, ChatCompletionRequest):
             max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
             num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-            params = [body.sampling_params(max_tokens, num_logprobs, i) for i in range(body.n)]
+            tools, parser = body.active_tools(), None
+            if tools:
+                parser = get_parser(await self._tool_parser())
+                forced = body.forced_tools()
+                if forced and structured is not None:
+                    raise APIError(400, "tool_choice required (or a named function) and response_format both "
+                                   "constrain the output; send one", param="tool_choice")
+                if forced:
+                    try:
+                        grammar = parser.grammar(forced, body.parallel_tool_calls)
+                    except Exception as exc:  # noqa: BLE001 - xgrammar's errors for a schema it cannot take
+                        raise APIError(400, f"a tool's parameters are not a usable JSON schema: {exc}",
+                                       param="tools") from exc
+                    structured = StructuredOutput(grammar=grammar)
+            # A tool call that opens with a special token must reach the parser.
+            skip_special = not (parser is not None and parser.start_is_special)
             messages = [m.template_message() for m in body.messages]
-            return await self._run(body, None, messages, params, "chat.completion", "chat.completion.chunk", lane)
+            choices = [_Choice(None, messages, body.sampling_params(max_tokens, num_logprobs, i, structured,
+                                                                    skip_special))
+                       for i in range(body.n)]
+            return _Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
         max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
-        params = [body.sampling_params(max_tokens, body.logprobs, i) for i in range(body.n)]
-        return await self._run(body, body.prompt, None, params, "text_completion", "text_completion", lane)
+        choices = []
+        for prompt in body.prompts():
+            echo = (prompt if isinstance(prompt, str) else await self._server_call("detokenize", prompt)) \
+                if body.echo else None
+            choices += [_Choice(prompt, None, body.sampling_params(max_tokens, body.logprobs, i, structured), echo)
+                        for i in range(body.n)]
+        return _Plan(body, choices, "text_completion", "text_completion", ignored)
 
     def validate(self, url: str, data):
         """The request body for `url`, validated; APIError (400/404) otherwise."""
@@ -345,6 +498,10 @@ class OpenAIServing:
             raise APIError(400, f"unsupported url {url!r}; supported: {sorted(ENDPOINTS)}", param="url")
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
+        unsupported = protocol.unsupported_field(data)
+        if unsupported is not None:
+            raise APIError(400, f"{unsupported[0]} is not supported: {unsupported[1]}", param=unsupported[0],
+                           code="unsupported_parameter")
         try:
             body = model.model_validate(data)
         except ValidationError as exc:
@@ -353,18 +510,51 @@ class OpenAIServing:
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         return body
 
-    async def _run(self, body, prompt, messages, params, object_name: str, chunk_name: str, lane: str):
+    async def _run(self, plan: "_Plan", lane: str):
         """Admit through the router, then stream the choices or wait for their final outputs."""
-        ticket = await self._admit(lane, len(params))  # a seat per sequence (n choices)
+        ticket = await self._admit(lane, len(plan.choices))  # a seat per sequence (n choices)
         priority = LANE_PRIORITY[lane]
         try:
-            if body.stream:
-                streams = [self._call("generate", prompt, messages, p, priority, stream=True) for p in params]
-                return _sse(self._stream_chunks(streams, body, chunk_name, ticket))
+            if plan.body.stream:
+                streams = [self._call("generate", c, priority, plan.tools, stream=True) for c in plan.choices]
+                await self._accepted(streams)
+                if plan.responses is not None:
+                    return _sse(self._response_events(streams[0], plan, ticket))
+                return _sse(self._stream_chunks(streams, plan, ticket))
         except BaseException:
             self._release(ticket)
             raise
-        return await self._complete(prompt, messages, params, priority, body, object_name, ticket)
+        return await self._complete(plan, priority, ticket)
+
+    async def _accepted(self, streams) -> None:
+        """Wait until the engine has accepted every stream's request (each stream's first item):
+        a request it refuses (a prompt longer than the context, a bad grammar) is answered
+        with its 4xx before the stream starts, never as 200 and an error event."""
+        try:
+            await asyncio.gather(*(anext(stream) for stream in streams))
+        except BaseException as exc:
+            for stream in streams:
+                stream.cancel()
+            if isinstance(exc, Exception):
+                raise _to_api_error(exc) from exc
+            raise
+
+    async def _tool_parser(self) -> str:
+        """The tool call parser the LLM servers render tools for."""
+        return (await self._model_info())["tool_call_parser"]
+
+    async def _model_info(self) -> dict:
+        """What the LLM servers say of the model (asked once)."""
+        if self._model_info_cache is None:
+            self._model_info_cache = await self._server_call("model_info")
+        return self._model_info_cache
+
+    async def _server_call(self, method: str, *args):
+        """A plain call to an LLM server replica."""
+        try:
+            return await getattr(self.llm, method).remote(*args)
+        except Exception as exc:
+            raise _to_api_error(exc) from exc
 
     # --- helpers -------------------------------------------------------------
 
@@ -432,15 +622,17 @@ class OpenAIServing:
                 logger.debug("ticket sync with the router failed: %s", exc)
             await asyncio.sleep(self.config.router.holder_sync_s)
 
-    def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
-        """Call the LLM server: an awaitable (a stream when `stream`) that `.cancel()` aborts."""
+    def _call(self, method: str, choice: "_Choice", priority: int, tools: list[dict] | None, stream: bool = False):
+        """Call the LLM server: an awaitable (a stream when `stream`, whose first item says the
+        engine accepted the request) that `.cancel()` aborts."""
         handle = self.llm.options(stream=True) if stream else self.llm
-        return getattr(handle, method).remote(prompt, messages, params, priority, uuid.uuid4().hex)
+        return getattr(handle, method).remote(choice.prompt, choice.messages, choice.params, priority,
+                                              uuid.uuid4().hex, tools=tools, announce=stream)
 
-    async def _complete(self, prompt, messages, params, priority: int, body, object_name: str, ticket: int) -> dict:
+    async def _complete(self, plan: "_Plan", priority: int, ticket: int) -> dict:
         calls = []
         try:
-            calls = [self._call("complete", prompt, messages, p, priority) for p in params]
+            calls = [self._call("complete", c, priority, plan.tools) for c in plan.choices]
             outputs = await asyncio.gather(*calls)
         except asyncio.CancelledError:
             for call in calls:
@@ -450,13 +642,82 @@ class OpenAIServing:
             raise _to_api_error(exc) from exc
         finally:
             self._release(ticket)
-        choices = [_choice(i, out, object_name, body) for i, out in enumerate(outputs)]
-        return _envelope(object_name, body.model, choices, _usage(outputs))
+        if plan.responses is not None:
+            return self._finish_response(plan, outputs[0], _usage(outputs))
+        choices = [_choice(i, out, plan) for i, out in enumerate(outputs)]
+        return _envelope(plan.object_name, plan.body.model, choices, _usage(outputs, _per_prompt(plan)))
 
-    async def _stream_chunks(self, streams, body, object_name: str, ticket: int) -> AsyncIterator[str]:
-        """Merge the n choices' streams into SSE chunks; errors end the stream with an error event."""
+    def _finish_response(self, plan: "_Plan", out: RequestOutput, usage: dict, items: list[dict] | None = None) -> dict:
+        """The Response for a finished output, kept for previous_response_id when store is on."""
+        ctx = plan.responses
+        if items is None:
+            content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
+            items = output_items(content or "", calls)
+        response = response_object(ctx.body, ctx.response_id, out.finish_reason, items, usage)
+        if ctx.body.store:
+            self.response_store.put(ctx.response_id, conversation_after(ctx.conversation, items))
+        return response
+
+    async def _response_events(self, stream, plan: "_Plan", ticket: int) -> AsyncIterator[str]:
+        """A response as the Responses API streams it: typed events, text deltas as they come,
+        each tool call (held back until the answer ends) as its item and arguments."""
+        ctx, sequence = plan.responses, itertools.count()
+        header = response_header(ctx.body, ctx.response_id, "in_progress")
+        yield sse_event("response.created", next(sequence), response=header)
+        yield sse_event("response.in_progress", next(sequence), response=header)
+        text_state, message_id, text, final = _StreamText(plan.parser), None, "", None
+        try:
+            async for out in stream:
+                delta, _ = text_state.feed(out)
+                if delta:
+                    if message_id is None:
+                        message_id = f"msg_{uuid.uuid4().hex}"
+                        yield sse_event("response.output_item.added", next(sequence), output_index=0,
+                                        item=message_item(message_id, "", "in_progress"))
+                        yield sse_event("response.content_part.added", next(sequence), item_id=message_id,
+                                        output_index=0, content_index=0, part=_text_part(""))
+                    text += delta
+                    yield sse_event("response.output_text.delta", next(sequence), item_id=message_id,
+                                    output_index=0, content_index=0, delta=delta)
+                if out.finished:
+                    final = out
+        except Exception as exc:  # noqa: BLE001 - reported to the client as the stream's error event
+            error = _to_api_error(exc)
+            yield sse_event("error", next(sequence), code=error.code, message=error.message, param=error.param)
+            return
+        finally:
+            if final is None:
+                stream.cancel()  # a client that left: the request is aborted
+            self._release(ticket)
+        items = []
+        if message_id is not None:
+            item = message_item(message_id, text, "completed")
+            yield sse_event("response.output_text.done", next(sequence), item_id=message_id, output_index=0,
+                            content_index=0, text=text)
+            yield sse_event("response.content_part.done", next(sequence), item_id=message_id, output_index=0,
+                            content_index=0, part=_text_part(text))
+            yield sse_event("response.output_item.done", next(sequence), output_index=0, item=item)
+            items.append(item)
+        for call in text_state.calls:
+            item, index = function_call_item(call), len(items)
+            yield sse_event("response.output_item.added", next(sequence), output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"})
+            yield sse_event("response.function_call_arguments.delta", next(sequence), item_id=item["id"],
+                            output_index=index, delta=item["arguments"])
+            yield sse_event("response.function_call_arguments.done", next(sequence), item_id=item["id"],
+                            output_index=index, arguments=item["arguments"])
+            yield sse_event("response.output_item.done", next(sequence), output_index=index, item=item)
+            items.append(item)
+        response = self._finish_response(plan, final, _usage([final]), items)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        yield sse_event(kind, next(sequence), response=response)
+
+    async def _stream_chunks(self, streams, plan: "_Plan", ticket: int) -> AsyncIterator[str]:
+        """Merge the choices' streams into SSE chunks; errors end the stream with an error event."""
         queue: asyncio.Queue = asyncio.Queue()
+        object_name, body = plan.chunk_name, plan.body
         response_id = _new_id(object_name)
+        chat = object_name == "chat.completion.chunk"
 
         async def pump(index, stream):
             try:
@@ -471,11 +732,15 @@ class OpenAIServing:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
+        texts = [_StreamText(plan.parser) for _ in streams]
         try:
-            if object_name == "chat.completion.chunk":
-                for i in range(len(streams)):
+            for i, choice in enumerate(plan.choices):
+                if chat:
                     delta = {"role": "assistant", "content": ""}
-                    yield _data(_envelope(object_name, body.model, [_stream_choice(i, delta, None, object_name)],
+                    yield _data(_envelope(object_name, body.model, [_stream_choice(i, delta, None, None, plan)],
+                                          None, response_id))
+                elif choice.echo:
+                    yield _data(_envelope(object_name, body.model, [_stream_choice(i, choice.echo, None, None, plan)],
                                           None, response_id))
             done = 0
             while done < len(streams):
@@ -488,14 +753,23 @@ class OpenAIServing:
                     return
                 if item.finished:
                     finals[index] = item
-                if item.delta_text or item.finished:
-                    content = ({"content": item.delta_text} if object_name == "chat.completion.chunk"
-                               else item.delta_text)
-                    choice = _stream_choice(index, content, item.finish_reason if item.finished else None,
-                                            object_name)
-                    yield _data(_envelope(object_name, body.model, [choice], None, response_id))
+                text, calls = texts[index].feed(item)
+                logprobs = item.delta_logprobs if item.delta_logprobs else None
+                if not (text or calls or logprobs or item.finished):
+                    continue
+                reason = _finish_reason(item, bool(texts[index].calls)) if item.finished else None
+                if chat:
+                    delta = {"content": text} if text or not calls else {}
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **call.to_openai()} for k, call in enumerate(calls)]
+                    content = delta
+                else:
+                    content = text
+                choice = _stream_choice(index, content, reason, logprobs, plan)
+                yield _data(_envelope(object_name, body.model, [choice], None, response_id))
             if body.stream_options and body.stream_options.include_usage:
-                yield _data(_envelope(object_name, body.model, [], _usage(list(finals.values())), response_id))
+                outputs = [finals[i] for i in sorted(finals)]
+                yield _data(_envelope(object_name, body.model, [], _usage(outputs, _per_prompt(plan)), response_id))
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:
@@ -571,44 +845,141 @@ def _envelope(object_name, model, choices, usage, response_id=None) -> dict:
     return payload
 
 
-def _usage(outputs: list[RequestOutput]) -> dict:
-    prompt = outputs[0].metrics.num_prompt_tokens if outputs else 0
+def _with_ignored(result, ignored: list[str]):
+    """The response, naming in a header the request fields this version ignored."""
+    if not ignored:
+        return result
+    if isinstance(result, dict):
+        result = JSONResponse(result)
+    # Field names are anything a client sent: a header carries printable ASCII only.
+    names = ", ".join(name.encode("ascii", "backslashreplace").decode() for name in ignored)
+    result.headers[IGNORED_FIELDS_HEADER] = "".join(c if " " <= c <= "~" else "?" for c in names)[:1024]
+    return result
+
+
+def _encode_vector(vector: list[float], encoding: str):
+    if encoding == "base64":  # OpenAI's: little-endian float32s
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def _per_prompt(plan: "_Plan") -> int:
+    return plan.body.n
+
+
+def _usage(outputs: list[RequestOutput], n: int = 1) -> dict:
+    """Prompt tokens once per prompt (each has n choices), completion tokens of every choice."""
+    prompt = sum(o.metrics.num_prompt_tokens for o in outputs[::n])
     completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _finish_reason(out: RequestOutput) -> str:
-    return "length" if out.finish_reason == "length" else "stop"
+def _finish_reason(out: RequestOutput, called_tools: bool = False) -> str:
+    if out.finish_reason == "length":
+        return "length"
+    return "tool_calls" if called_tools else "stop"
 
 
-def _choice(index: int, out: RequestOutput, object_name: str, body) -> dict:
-    if object_name == "chat.completion":
-        return {"index": index, "message": {"role": "assistant", "content": out.text},
-                "logprobs": _chat_logprobs(out), "finish_reason": _finish_reason(out)}
-    return {"index": index, "text": out.text, "logprobs": _completion_logprobs(out),
+def _choice(index: int, out: RequestOutput, plan: "_Plan") -> dict:
+    if plan.object_name == "chat.completion":
+        content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+        return {"index": index, "message": message, "logprobs": _chat_logprobs(out.logprobs),
+                "finish_reason": _finish_reason(out, bool(calls))}
+    echo = plan.choices[index].echo or ""
+    return {"index": index, "text": echo + out.text, "logprobs": _completion_logprobs(out.logprobs),
             "finish_reason": _finish_reason(out)}
 
 
-def _stream_choice(index: int, content, finish_reason, object_name: str) -> dict:
-    reason = None if finish_reason is None else ("length" if finish_reason == "length" else "stop")
-    if object_name == "chat.completion.chunk":
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": reason}
-    return {"index": index, "text": content, "logprobs": None, "finish_reason": reason}
+def _stream_choice(index: int, content, finish_reason, logprobs, plan: "_Plan") -> dict:
+    if plan.chunk_name == "chat.completion.chunk":
+        return {"index": index, "delta": content, "logprobs": _chat_logprobs(logprobs),
+                "finish_reason": finish_reason}
+    return {"index": index, "text": content, "logprobs": _completion_logprobs(logprobs),
+            "finish_reason": finish_reason}
 
 
-def _chat_logprobs(out: RequestOutput) -> dict | None:
-    if out.logprobs is None:
+def _chat_logprobs(logprobs) -> dict | None:
+    if logprobs is None:
         return None
     return {"content": [
         {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
          "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for _, t, v in lp.top_logprobs]}
-        for lp in out.logprobs]}
+        for lp in logprobs]}
 
 
-def _completion_logprobs(out: RequestOutput) -> dict | None:
-    if out.logprobs is None:
+def _completion_logprobs(logprobs) -> dict | None:
+    if logprobs is None:
         return None
-    return {"tokens": [lp.token for lp in out.logprobs],
-            "token_logprobs": [lp.logprob for lp in out.logprobs],
-            "top_logprobs": [{t: v for _, t, v in lp.top_logprobs} for lp in out.logprobs],
+    return {"tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t: v for _, t, v in lp.top_logprobs} for lp in logprobs],
             "text_offset": []}
+
+
+@dataclass
+class _Choice:
+    """One sequence to generate: a prompt (text or ids) or chat messages, and how to sample."""
+
+    prompt: str | list[int] | None
+    messages: list[dict] | None
+    params: SamplingParams
+    echo: str | None = None  # completions' echo: the prompt's text, put before the output
+
+
+@dataclass
+class _Plan:
+    """A validated request: its sequences (prompts x n), and how their outputs are answered."""
+
+    body: object
+    choices: list[_Choice]
+    object_name: str
+    chunk_name: str
+    ignored: list[str] = field(default_factory=list)
+    tools: list[dict] | None = None  # offered to the model (rendered by the LLM server)
+    parser: ToolParser | None = None  # reads tool calls out of the answers
+    responses: "_ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
+
+
+@dataclass
+class _ResponsesContext:
+    body: ResponsesRequest
+    response_id: str
+    conversation: list[dict]  # the input, kept with the output for previous_response_id
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+class _StreamText:
+    """One streamed choice's text: passed on as it comes, except from where a tool call may
+    begin (held back until the output ends, then parsed into tool calls, or sent as text)."""
+
+    def __init__(self, parser: ToolParser | None) -> None:
+        self.parser, self.text, self.sent = parser, "", 0
+        self.in_call = False
+        self.calls: list = []
+
+    def feed(self, out: RequestOutput) -> tuple[str, list]:
+        """(text to send now, tool calls to send now)."""
+        self.text += out.delta_text
+        if self.parser is None:
+            return out.delta_text, []
+        start = self.parser.start
+        if not self.in_call:
+            found = self.text.find(start, self.sent)
+            if found >= 0:
+                self.in_call = True
+                ready = found
+            else:
+                ready = len(self.text) - held_back(self.text, start)
+        else:
+            ready = self.sent
+        if out.finished:
+            content, self.calls = self.parser.parse(self.text)
+            ready = self.sent if self.calls else len(self.text)
+        chunk, self.sent = self.text[self.sent:ready], max(self.sent, ready)
+        return chunk, self.calls if out.finished else []

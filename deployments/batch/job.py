@@ -51,9 +51,13 @@ class LocalServing(OpenAIServing):
     def _release(self, ticket: int) -> None:
         pass
 
-    def _call(self, method: str, prompt, messages, params, priority: int, stream: bool = False):
-        call = getattr(self.llm, method)(prompt, messages, params, priority, uuid.uuid4().hex)
+    def _call(self, method: str, choice, priority: int, tools, stream: bool = False):
+        call = getattr(self.llm, method)(choice.prompt, choice.messages, choice.params, priority, uuid.uuid4().hex,
+                                         tools=tools, announce=stream)
         return call if stream else asyncio.ensure_future(call)
+
+    async def _server_call(self, method: str, *args):
+        return await getattr(self.llm, method)(*args)
 
 
 class EngineWorker:
@@ -67,7 +71,8 @@ class EngineWorker:
         self.endpoint = endpoint
         self.loop = asyncio.new_event_loop()
         server = LLMServer(self.config.engine, num_threads, model_name=self.config.model_name,
-                           parallel_config=self.config.parallel)
+                           parallel_config=self.config.parallel,
+                           tool_call_parser=self.config.http.tool_call_parser)
         self.serving = LocalServing(server, self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -103,7 +103,7 @@ def test_batch_and_file_errors(client, serve_app):
                               endpoint="/v1/chat/completions", completion_window="24h")
     upload = client.files.create(file=("ok.jsonl", _jsonl([_line("a", "hi")])), purpose="batch")
     with pytest.raises(openai.BadRequestError, match="endpoint"):
-        client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+        client.batches.create(input_file_id=upload.id, endpoint="/v1/moderations", completion_window="24h")
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="1h")
     with pytest.raises(openai.BadRequestError, match="purpose"):
@@ -207,3 +207,32 @@ def test_cli_batch_submit_follows_and_downloads(serve_app, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "deployments.cli", "batch", "submit", str(path), "--url",
                               serve_app, "--api-key", "wrong"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "invalid or missing API key" in refused.stderr
+
+
+def test_batch_lane_structured_output_and_embeddings(client):
+    """The batch lane serves what the realtime lane does: json_schema lines validate, and an
+    embeddings batch answers each line with the realtime lane's vector."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["color", "count"], "additionalProperties": False}
+    lines = [_line(f"s{i}", f"Pick a color and a count, #{i}.", max_tokens=40) for i in range(3)]
+    for line in lines:
+        line["body"]["response_format"] = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}}
+    batch = _wait(client, _submit(client, lines + [_line("free", "Say hi.")]).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 4
+    for record in _records(client, batch.output_file_id):
+        if record["custom_id"].startswith("s"):
+            jsonschema.validate(json.loads(record["response"]["body"]["choices"][0]["message"]["content"]), schema)
+
+    texts = ["A red apple.", "Ray Serve runs replicas."]
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": t}}
+             for i, t in enumerate(texts)]
+    upload = client.files.create(file=("emb.jsonl", _jsonl(lines)), purpose="batch")
+    batch = _wait(client, client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                                                completion_window="24h").id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2
+    vectors = {r["custom_id"]: r["response"]["body"]["data"][0]["embedding"]
+               for r in _records(client, batch.output_file_id)}
+    assert vectors["e1"] == client.embeddings.create(model=MODEL, input=texts[1]).data[0].embedding

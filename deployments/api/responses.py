@@ -1,0 +1,194 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on top of the chat path.
+
+A Responses request is translated into a chat completion request (instructions as the
+system message, the previous response's conversation, input items as messages, flat
+function tools nested, `text.format` as `response_format`), planned and run as one;
+its output is translated back into a Response object, or into the Responses stream's
+typed events. Responses are kept for `previous_response_id` for a bounded time and
+number (in the process that answered them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+
+from deployments.api.protocol import ResponsesRequest
+
+
+class ResponsesError(ValueError):
+    """A Responses request that cannot be translated (400), naming the parameter."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+class ResponseStore:
+    """Conversations of past responses, for previous_response_id: at most `max_entries`,
+    each for `ttl_s` seconds."""
+
+    def __init__(self, max_entries: int = 4096, ttl_s: float = 3600.0) -> None:
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._entries: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
+
+    def put(self, response_id: str, conversation: list[dict]) -> None:
+        self._entries[response_id] = (time.monotonic() + self.ttl_s, conversation)
+        self._entries.move_to_end(response_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def get(self, response_id: str) -> list[dict] | None:
+        entry = self._entries.get(response_id)
+        if entry is None or entry[0] < time.monotonic():
+            self._entries.pop(response_id, None)
+            return None
+        return entry[1]
+
+
+def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, list[dict]]:
+    """(the chat completion request body, the conversation to keep for the next response)."""
+    conversation = list(history) + input_messages(body.input)
+    messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + conversation
+    chat = {"model": body.model, "messages": messages, "stream": body.stream,
+            "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls}
+    if body.max_output_tokens is not None:
+        chat["max_tokens"] = body.max_output_tokens
+    if body.user is not None:
+        chat["user"] = body.user
+    if body.tools:
+        chat["tools"] = [_nested_tool(tool, i) for i, tool in enumerate(body.tools)]
+    if body.tool_choice is not None:
+        chat["tool_choice"] = _tool_choice(body.tool_choice)
+    fmt = (body.text or {}).get("format") if isinstance(body.text, dict) else None
+    if fmt:
+        chat["response_format"] = _response_format(fmt)
+    return chat, conversation
+
+
+def input_messages(value) -> list[dict]:
+    """Responses input (a string, or items: messages, function calls and their outputs) as chat messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    messages: list[dict] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ResponsesError(f"input item {index} is not an object", f"input.{index}")
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _text(item.get("content"), index)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id") or item.get("id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": output if isinstance(output, str) else json.dumps(output)})
+        elif kind == "reasoning":
+            continue  # a reasoning model's item sent back: nothing for these models to read
+        else:
+            raise ResponsesError(f"input item {index} is of type {kind!r}, which is not supported "
+                                 "(message, function_call, function_call_output)", f"input.{index}.type")
+    return messages
+
+
+def output_items(text: str, calls: list) -> list[dict]:
+    """A finished answer's output items: its text as a message, then its tool calls."""
+    items = [message_item(f"msg_{uuid.uuid4().hex}", text, "completed")] if text else []
+    return items + [function_call_item(call) for call in calls]
+
+
+def response_object(body: ResponsesRequest, response_id: str, finish_reason: str | None, items: list[dict],
+                    usage: dict) -> dict:
+    """A finished Response."""
+    incomplete = finish_reason == "length"
+    return {**response_header(body, response_id, "incomplete" if incomplete else "completed"),
+            "output": items, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                      "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}}}
+
+
+def response_header(body: ResponsesRequest, response_id: str, status: str) -> dict:
+    return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": status,
+            "model": body.model, "output": [], "error": None, "incomplete_details": None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "previous_response_id": body.previous_response_id, "temperature": body.temperature,
+            "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls,
+            "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
+            "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}},
+            "metadata": body.metadata or {}, "store": body.store, "user": body.user, "usage": None}
+
+
+def message_item(item_id: str, text: str, status: str) -> dict:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
+
+
+def function_call_item(call, status: str = "completed") -> dict:
+    openai_call = call.to_openai()
+    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": openai_call["id"],
+            "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
+
+
+def conversation_after(conversation: list[dict], items: list[dict]) -> list[dict]:
+    """The conversation a next response continues: this one's input and its output."""
+    text = "".join(part["text"] for item in items if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in items if item["type"] == "function_call"]
+    answer = {"role": "assistant", "content": text or None}
+    if calls:
+        answer["tool_calls"] = calls
+    return conversation + [answer] if (text or calls) else conversation
+
+
+def sse_event(kind: str, sequence_number: int, **fields) -> str:
+    payload = {"type": kind, "sequence_number": sequence_number, **fields}
+    return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _text(content, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ResponsesError(f"input item {index} has no text content", f"input.{index}.content")
+    texts = []
+    for part_index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise ResponsesError(f"content part {part_index} of input item {index} is of type {kind!r}: the served "
+                                 "model reads text only (input_text)", f"input.{index}.content.{part_index}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _nested_tool(tool: dict, index: int) -> dict:
+    if tool.get("type") != "function":
+        raise ResponsesError(f"tool {index} is of type {tool.get('type')!r}: only function tools are supported",
+                             f"tools.{index}.type")
+    function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if tool.get(key) is not None}
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise ResponsesError("tool_choice: only none, auto, required or a function are supported", "tool_choice")
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _response_format(fmt: dict) -> dict:
+    kind = fmt.get("type")
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name", "response"), "schema": fmt.get("schema", {"type": "object"}),
+            "strict": fmt.get("strict")}}
+    return {"type": kind}
