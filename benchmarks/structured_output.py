@@ -82,6 +82,18 @@ def run(llm: LLM, workload, constrained: bool) -> dict:
     return result
 
 
+def mask_cost(llm: LLM, rows: int, repeats: int = 20) -> float:
+    """Milliseconds one step spends masking `rows` constrained rows (fill + apply on [rows, V] logits)."""
+    engine = llm.engine
+    compiled = engine.compile_grammar(StructuredOutput(json_schema=SCHEMA))
+    matchers = [engine._grammars.matcher(compiled) for _ in range(rows)]
+    logits = torch.randn(rows, engine.runner.args.vocab_size)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matchers[0].backend.mask(logits, list(range(rows)), matchers)
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=32)
@@ -99,12 +111,14 @@ def main() -> None:
     llm.engine.compile_grammar(StructuredOutput(json_schema={**SCHEMA, "title": "another"}))
     compile_s = time.perf_counter() - start
 
+    mask_ms = mask_cost(llm, rows=16)
     llm.generate([workload[0][0]], SamplingParams(max_tokens=4))  # warm up
     free = run(llm, workload, constrained=False)
     constrained = run(llm, workload, constrained=True)
     results = {
         "free": free, "half_constrained": constrained,
         "grammar_compile_s": {"first_with_tokenizer_tables": first_compile, "another_schema": compile_s},
+        "mask_ms_per_step_16_rows": mask_ms,
         "ratios": {"tokens_per_s": constrained["output_tokens_per_s"] / free["output_tokens_per_s"],
                    "step_mean": constrained["step_mean_ms"] / free["step_mean_ms"]},
         "setup": {"num_requests": args.num_requests, "dtype": args.dtype, "threads": torch.get_num_threads(),
@@ -119,7 +133,8 @@ def main() -> None:
     print(f"constrained: {c['constrained_valid']}/{c['constrained_finished']} finished outputs valid, "
           f"{c['constrained_cut_by_max_tokens']} cut by max_tokens")
     print(f"tokens/s ratio {results['ratios']['tokens_per_s']:.2f}x, step ratio {results['ratios']['step_mean']:.2f}x; "
-          f"grammar compile {compile_s * 1000:.1f} ms (first, with tokenizer tables: {first_compile * 1000:.0f} ms)")
+          f"grammar compile {compile_s * 1000:.1f} ms (first, with tokenizer tables: {first_compile * 1000:.0f} ms); "
+          f"masking 16 rows: {mask_ms:.2f} ms per step")
     Path(args.output).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")
 
