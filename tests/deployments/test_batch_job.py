@@ -18,6 +18,11 @@ def _line(custom_id: str, content: str, **body) -> str:
 def test_job_submit_answers_every_line_once(jobs_address, tmp_path):
     good = [f"q{i}" for i in range(6)]
     lines = [_line(cid, f"Question number {i}: name a fruit.") for i, cid in enumerate(good)]
+    schema = {"type": "object", "properties": {"fruit": {"type": "string", "enum": ["apple", "pear"]}},
+              "required": ["fruit"], "additionalProperties": False}
+    lines.append(_line("json", "Pick a fruit.", max_tokens=20,
+                       response_format={"type": "json_schema", "json_schema": {"name": "f", "schema": schema}}))
+    good.append("json")
     lines.insert(2, "{this line is not json")
     lines.append(_line("wrong-model", "hi", model="no-such-model"))
     source = tmp_path / "in.jsonl"
@@ -38,7 +43,9 @@ def test_job_submit_answers_every_line_once(jobs_address, tmp_path):
         body = record["response"]["body"]
         assert body["object"] == "chat.completion" and body["model"] == MODEL
         assert body["choices"][0]["message"]["content"]
-        assert 0 < body["usage"]["completion_tokens"] <= 6
+        assert 0 < body["usage"]["completion_tokens"] <= (20 if record["custom_id"] == "json" else 6)
+        if record["custom_id"] == "json":  # structured output in the offline job too
+            assert json.loads(body["choices"][0]["message"]["content"])["fruit"] in ("apple", "pear")
     errors = [json.loads(line) for line in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
     assert len(errors) == 2
     malformed = next(r for r in errors if r["custom_id"] is None)
@@ -57,3 +64,27 @@ def test_job_entrypoint_refuses_a_file_that_cannot_run(tmp_path):
     assert proc.returncode == 1
     assert "custom_id 'same' appears more than once" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_job_serving_answers_embeddings_and_responses_lines(tmp_path):
+    """The job's actors answer /v1/embeddings and /v1/responses lines with the serving code
+    (LocalServing over an in-process LLM server), as the batch lane does."""
+    import asyncio
+
+    from deployments.batch.job import LocalServing
+    from deployments.batch.runner import answer_line
+    from deployments.config import SemlineConfig
+    from deployments.llm_server import LLMServer
+
+    config = SemlineConfig(engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.1})
+    server = LLMServer(config.engine, 1, model_name=config.model_name)
+    serving = LocalServing(server, config)
+    try:
+        status, body = asyncio.run(answer_line(serving, "/v1/embeddings",
+                                               {"model": config.model_name, "input": ["a cat", "a dog"]}))
+        assert status == 200 and [d["index"] for d in body["data"]] == [0, 1] and len(body["data"][0]["embedding"]) == 576
+        status, body = asyncio.run(answer_line(serving, "/v1/responses", {
+            "model": config.model_name, "input": "Name a fruit.", "max_output_tokens": 5, "temperature": 0}))
+        assert status == 200 and body["object"] == "response" and body["output"][0]["content"][0]["text"]
+    finally:
+        server.engine.shutdown()
