@@ -224,8 +224,9 @@ def _publish_schema(app: FastAPI, model_name: str) -> None:
             if events is not None:  # x-event-schema: what each `data:` event holds
                 content["text/event-stream"] = {"schema": {
                     "type": "string", "description": f"with stream: true, server-sent events, each `data: ` + "
-                    f"a {events.__name__} (or, if the request fails mid-stream, an ErrorResponse), then "
-                    f"`data: [DONE]` unless it failed"},
+                    f"a {events.__name__} (or, if the request fails mid-stream, an ErrorResponse)" + (
+                        "; the last is response.completed (or response.incomplete)" if path == "/v1/responses"
+                        else ", then `data: [DONE]` unless it failed")},
                     "x-event-schema": {"anyOf": [ref(events), ref(protocol.ErrorResponse)]}}
             # Path and query parameters are checked by FastAPI, but their errors are answered
             # 400 with the OpenAI-style body, not FastAPI's 422.
