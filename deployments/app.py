@@ -17,6 +17,7 @@ from cluster.executors import replica_bundles
 from deployments.batch.runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
+from deployments.routing import POLICIES
 from deployments.api.serving import OpenAIIngress, build_fastapi
 
 ROUTING_STATS_PERIOD_S = 1.0
@@ -34,7 +35,7 @@ def llm_server_options(config: SemlineConfig) -> dict:
         "health_check_period_s": 5,
         "logging_config": QUIET,
         "request_router_config": RequestRouterConfig(
-            request_router_class="deployments.routing:FreeKVRouter",
+            request_router_class=POLICIES[server.routing][0], request_router_kwargs=POLICIES[server.routing][1],
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
     }
     if scaling.min_replicas == scaling.max_replicas:

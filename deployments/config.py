@@ -47,6 +47,10 @@ class ServerSettings(_Strict):
     num_cpus: float = Field(2, gt=0, description="CPUs per LLM server replica (also its torch threads).")
     num_gpus: float = Field(0, ge=0, description="GPUs per LLM server replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests one replica accepts.")
+    routing: Literal["prefix_affinity", "power_of_two", "free_kv"] = Field(
+        "prefix_affinity", description="Replica choice (deployments/routing.py): requests sharing a long prompt "
+                                       "prefix go to the replica holding it (bounded load), else power of two "
+                                       "choices on requests in flight; free_kv: rank by reported free KV blocks.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
 
 

@@ -69,14 +69,16 @@ class LLMServer:
                        announce: bool = False) -> AsyncIterator[RequestOutput | None]:
         """Stream one request's outputs; cancelling the stream aborts it in the engine.
         announce: first yield None once the engine has accepted the request (its validation
-        error is raised before that), so a caller can answer 4xx before it starts a stream."""
+        error is raised before that), so a caller can answer 4xx before it starts a stream.
+        Every output names this replica (served_by); so does the announcement (instead of None)."""
         stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority)
         tracker = self.metrics.request_tracker(priority)
         try:
             if announce:
-                yield None
+                yield self.replica_id
             async for output in stream:
                 tracker.observe(output)
+                output.served_by = self.replica_id
                 yield output
         finally:
             # Serve cancels this generator when the caller goes away; close the engine's

@@ -104,3 +104,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # finish_reason "error": what failed (this request alone; the others of its step went on).
     error: str | None = None
+    # Set by a serving layer: which replica answered (semline's Serve app: x-semline-replica).
+    served_by: str | None = None

@@ -51,6 +51,9 @@ EXTRA_API_ROUTES = ("/tokenize", "/detokenize")
 DEFAULT_MAX_TOKENS = 256
 # Names the request fields this version ignored (it does not know them).
 IGNORED_FIELDS_HEADER = "x-semline-ignored-fields"
+# Names the LLM server replica(s) that answered (for debugging and the routing tests).
+REPLICA_HEADER = "x-semline-replica"
+_SERVED_BY = "__served_by__"  # where a response carries them until the headers are written
 _LOGGED_IGNORED: set[str] = set()  # field names already logged once
 
 
@@ -315,6 +318,8 @@ class OpenAIServing:
         self._pending: set[str] = set()  # request ids whose admission is on its way
         self._sync_task: asyncio.Task | None = None
         self._model_info_cache: dict | None = None
+        # The HTTP ingress names the replicas in a header; the batch lane's bodies stay OpenAI's.
+        self.names_replicas = False
         self.response_store = ResponseStore(config.http.max_stored_responses, config.http.response_ttl_s)
 
     # --- routes --------------------------------------------------------------
@@ -350,7 +355,7 @@ class OpenAIServing:
     async def _http(self, url: str, request: Request):
         """A realtime request; fields the API does not know are named in a response header."""
         plan = await self.plan(url, await _json_body(request), REALTIME_LANE)
-        return _with_ignored(await self._run(plan, REALTIME_LANE), plan.ignored)
+        return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def respond(self, url: str, data, lane: str):
         """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
@@ -364,7 +369,7 @@ class OpenAIServing:
     async def responses(self, request: Request):
         data = await _json_body(request)
         plan = await self._responses_plan(data, REALTIME_LANE)
-        return _with_ignored(await self._run(plan, REALTIME_LANE), plan.ignored)
+        return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def _responses_plan(self, data, lane: str) -> "_Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
@@ -393,7 +398,7 @@ class OpenAIServing:
 
     async def embeddings(self, request: Request):
         body = self.validate("/v1/embeddings", await _json_body(request))
-        return _with_ignored(await self._embed(body, REALTIME_LANE), body.ignored_fields())
+        return _with_headers(await self._embed(body, REALTIME_LANE), body.ignored_fields())
 
     async def _embed(self, body: EmbeddingRequest, lane: str) -> dict:
         """Each input embedded by an LLM server replica (a seat each at the router)."""
@@ -518,21 +523,24 @@ class OpenAIServing:
         try:
             if plan.body.stream:
                 streams = [self._call("generate", c, priority, plan.tools, stream=True) for c in plan.choices]
-                await self._accepted(streams)
+                replicas = await self._accepted(streams)
                 if plan.responses is not None:
-                    return _sse(self._response_events(streams[0], plan, ticket))
-                return _sse(self._stream_chunks(streams, plan, ticket))
+                    response = _sse(self._response_events(streams[0], plan, ticket))
+                else:
+                    response = _sse(self._stream_chunks(streams, plan, ticket))
+                setattr(response, _SERVED_BY, [r for r in replicas if isinstance(r, str)])
+                return response
         except BaseException:
             self._release(ticket)
             raise
         return await self._complete(plan, priority, ticket)
 
-    async def _accepted(self, streams) -> None:
+    async def _accepted(self, streams) -> list[str]:
         """Wait until the engine has accepted every stream's request (each stream's first item):
         a request it refuses (a prompt longer than the context, a bad grammar) is answered
         with its 4xx before the stream starts, never as 200 and an error event."""
         try:
-            await asyncio.gather(*(anext(stream) for stream in streams))
+            return await asyncio.gather(*(anext(stream) for stream in streams))
         except BaseException as exc:
             for stream in streams:
                 stream.cancel()
@@ -644,9 +652,13 @@ class OpenAIServing:
         finally:
             self._release(ticket)
         if plan.responses is not None:
-            return self._finish_response(plan, outputs[0], _usage(outputs))
-        choices = [_choice(i, out, plan) for i, out in enumerate(outputs)]
-        return _envelope(plan.object_name, plan.body.model, choices, _usage(outputs, _per_prompt(plan)))
+            result = self._finish_response(plan, outputs[0], _usage(outputs))
+        else:
+            choices = [_choice(i, out, plan) for i, out in enumerate(outputs)]
+            result = _envelope(plan.object_name, plan.body.model, choices, _usage(outputs, _per_prompt(plan)))
+        if self.names_replicas:
+            result[_SERVED_BY] = [out.served_by for out in outputs if out.served_by]
+        return result
 
     def _finish_response(self, plan: "_Plan", out: RequestOutput, usage: dict, items: list[dict] | None = None) -> dict:
         """The Response for a finished output, kept for previous_response_id when store is on."""
@@ -785,6 +797,7 @@ class OpenAIIngress(OpenAIServing):
     def __init__(self, llm, batch, config: SemlineConfig, router=None) -> None:
         super().__init__(llm, config, router)
         self.batch = batch
+        self.names_replicas = True
 
     async def upload_file(self, request: Request) -> dict:
         try:
@@ -846,12 +859,18 @@ def _envelope(object_name, model, choices, usage, response_id=None) -> dict:
     return payload
 
 
-def _with_ignored(result, ignored: list[str]):
-    """The response, naming in a header the request fields this version ignored."""
-    if not ignored:
+def _with_headers(result, ignored: list[str]):
+    """The response, naming in headers the replica(s) that served it and the request fields
+    this version ignored."""
+    replicas = result.pop(_SERVED_BY, None) if isinstance(result, dict) else getattr(result, _SERVED_BY, None)
+    if not ignored and not replicas:
         return result
     if isinstance(result, dict):
         result = JSONResponse(result)
+    if replicas:
+        result.headers[REPLICA_HEADER] = ", ".join(dict.fromkeys(replicas))
+    if not ignored:
+        return result
     # Field names are anything a client sent: a header carries printable ASCII only.
     names = ", ".join(name.encode("ascii", "backslashreplace").decode() for name in ignored)
     result.headers[IGNORED_FIELDS_HEADER] = "".join(c if " " <= c <= "~" else "?" for c in names)[:1024]
@@ -871,8 +890,10 @@ def _per_prompt(plan: "_Plan") -> int:
 def _usage(outputs: list[RequestOutput], n: int = 1) -> dict:
     """Prompt tokens once per prompt (each has n choices), completion tokens of every choice."""
     prompt = sum(o.metrics.num_prompt_tokens for o in outputs[::n])
+    cached = sum(o.metrics.num_cached_tokens for o in outputs[::n])
     completion = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _finish_reason(out: RequestOutput, called_tools: bool = False) -> str:

@@ -1,0 +1,70 @@
+"""Replica choice with two LLM server replicas (one CPU each): a burst splits between them,
+requests sharing a long prefix land on the replica that holds it, each answer names its
+replica. A second application beside the session's, removed at the end."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deployments.conftest import API_KEY, MODEL
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+TEXT = (Path(__file__).parents[1] / "data" / "long_prompt.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_replicas(serve_app, app_config, tmp_path_factory):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    config = app_config.model_copy(update={
+        "server": app_config.server.model_copy(update={
+            "num_cpus": 1, "autoscaling": app_config.server.autoscaling.model_copy(
+                update={"min_replicas": 2, "max_replicas": 2})}),
+        "router": app_config.router.model_copy(update={"actor_name": "semline-router-routing",
+                                                       "max_inflight_per_replica": 32, "max_queued_realtime": 64}),
+        "batch": app_config.batch.model_copy(update={"storage_dir": str(tmp_path_factory.mktemp("routing"))}),
+    })
+    serve.run(build_app(config), name="routing", route_prefix="/routing")
+    yield f"{serve_app}/routing"
+    serve.delete("routing")
+
+
+def _complete(base: str, prompt: str, max_tokens: int = 4) -> httpx.Response:
+    resp = httpx.post(f"{base}/v1/completions", headers=HEADERS, timeout=120,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def test_a_burst_splits_between_the_replicas(two_replicas):
+    with ThreadPoolExecutor(32) as pool:
+        replicas = list(pool.map(lambda i: _complete(two_replicas, f"Question {i}: name a number.").headers[
+            "x-semline-replica"], range(32)))
+    counts = {r: replicas.count(r) for r in set(replicas)}
+    assert len(counts) == 2, counts
+    assert all(0.35 <= c / 32 <= 0.65 for c in counts.values()), counts
+
+
+def test_a_shared_prefix_lands_on_the_replica_that_holds_it(two_replicas):
+    """Eight requests sharing a ~1,000-token prefix, then questions of their own: all on the
+    first one's replica, and most of their prompts read from its prefix cache."""
+    prefix = TEXT[:4000]
+    first = _complete(two_replicas, prefix + "\n\nQuestion 0: what is this text about?")
+    home = first.headers["x-semline-replica"]
+    cached = prompted = 0
+    for i in range(1, 8):
+        resp = _complete(two_replicas, prefix + f"\n\nQuestion {i}: what is this text about?")
+        assert resp.headers["x-semline-replica"] == home
+        usage = resp.json()["usage"]
+        cached += usage["prompt_tokens_details"]["cached_tokens"]
+        prompted += usage["prompt_tokens"]
+    assert cached / prompted >= 0.8, (cached, prompted)
+    streamed = httpx.post(f"{two_replicas}/v1/completions", headers=HEADERS, timeout=120, json={
+        "model": MODEL, "prompt": prefix + "\n\nQuestion 9?", "max_tokens": 2, "stream": True})
+    assert streamed.status_code == 200 and streamed.headers["x-semline-replica"] == home
