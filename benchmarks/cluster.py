@@ -30,8 +30,21 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
+# This file's name would shadow the `cluster` package: its folder leaves the import path,
+# the repository's root takes its place, and common.py is loaded by its path.
+_HERE = Path(__file__).resolve().parent
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+
+def _machine_info() -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.machine_info()
+
 
 from engine.metrics import percentile  # noqa: E402
 
@@ -169,7 +182,7 @@ def main() -> None:
             / results["free_kv"]["output_tokens_per_s"]}
         print(json.dumps(results["ratios"]))
     results["setup"] = {"rate": args.rate, "duration_s": args.duration, "max_tokens": args.max_tokens,
-                        "replicas": 2, "cpus_per_replica": 1, **machine_info()}
+                        "replicas": 2, "cpus_per_replica": 1, **_machine_info()}
     Path(args.output).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")
 
