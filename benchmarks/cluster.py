@@ -2,7 +2,9 @@
 
 Open-loop load (Poisson arrivals at --rate per second for --duration seconds), the same
 in each run: half the requests are chats that share a long system prompt (~1,000 tokens,
-one of two few-shot headers) and ask their own question; half are short unique prompts.
+one of --prefixes documents) and ask their own question; half are short unique prompts.
+Each replica's KV cache (--kv-gb) holds only some of the documents: a policy that spreads
+each document over both replicas makes them evict one another's prefixes.
 Streamed, greedy, --max-tokens each. For each `server.routing` policy (free_kv: the old
 ranking by reported free KV blocks; power_of_two; prefix_affinity) the application is
 deployed anew with two replicas (one CPU each), the load runs, and the client records
@@ -50,15 +52,19 @@ from engine.metrics import percentile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
-TEXT = (Path(__file__).parents[1] / "tests" / "data" / "long_prompt.txt").read_text()
-# Two shared system prompts of ~1,000 tokens (different windows of the same text).
-HEADERS = [f"You answer questions about this text.\n\n{TEXT[i * 4200:(i + 1) * 4200]}" for i in range(2)]
+DATA = Path(__file__).parents[1] / "tests" / "data"
+TEXT = (DATA / "public_domain.txt").read_text() + "\n" + (DATA / "long_prompt.txt").read_text()
+
+
+def headers(count: int) -> list[str]:
+    """`count` different system prompts of ~1,000 tokens (different windows of the text)."""
+    return [f"Document {k}. Answer questions about it.\n\n" + (TEXT[k * 1500:] + TEXT)[:4000] for k in range(count)]
 POLICIES = ("free_kv", "power_of_two", "prefix_affinity")
 
 
-def request_body(i: int, rng: random.Random, max_tokens: int) -> tuple[str, dict]:
+def request_body(i: int, rng: random.Random, max_tokens: int, prefixes: list[str]) -> tuple[str, dict]:
     if i % 2 == 0:
-        kind, messages = "shared", [{"role": "system", "content": HEADERS[rng.randrange(2)]},
+        kind, messages = "shared", [{"role": "system", "content": prefixes[rng.randrange(len(prefixes))]},
                                     {"role": "user", "content": f"Question {i}: what is one idea of the text?"}]
     else:
         kind, messages = "unique", [{"role": "user", "content": f"Request {i}: name {rng.randrange(1000)} things."}]
@@ -85,7 +91,8 @@ async def one(http: httpx.AsyncClient, kind: str, body: dict) -> dict:
             "start": start, "cached": cached, "prompt": prompt if tokens else 0}
 
 
-async def load(url: str, rate: float, duration: float, max_tokens: int, seed: int = 0) -> tuple[list[dict], float]:
+async def load(url: str, rate: float, duration: float, max_tokens: int, prefixes: list[str],
+               seed: int = 0) -> tuple[list[dict], float]:
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         tasks, t, start = [], 0.0, time.perf_counter()
@@ -94,7 +101,7 @@ async def load(url: str, rate: float, duration: float, max_tokens: int, seed: in
             if t > duration:
                 break
             await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
-            kind, body = request_body(len(tasks), rng, max_tokens)
+            kind, body = request_body(len(tasks), rng, max_tokens, prefixes)
             tasks.append(asyncio.create_task(one(http, kind, body)))
         results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - start
@@ -122,14 +129,14 @@ def summarize(results: list[dict], elapsed: float) -> dict:
     return summary
 
 
-def deploy(policy: str, port: int, storage: str) -> str:
+def deploy(policy: str, port: int, storage: str, kv_gb: float) -> str:
     from ray import serve
 
     from deployments.app import build_app
     from deployments.config import SemlineConfig
 
     config = SemlineConfig(
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.5},
+        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": kv_gb},
         http={"port": port},
         server={"num_cpus": 1, "routing": policy, "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
         router={"actor_name": f"bench-router-{policy}"}, batch={"storage_dir": storage})
@@ -140,8 +147,11 @@ def deploy(policy: str, port: int, storage: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=2.0)
-    parser.add_argument("--duration", type=float, default=40.0)
+    parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prefixes", type=int, default=8, help="different shared system prompts")
+    parser.add_argument("--kv-gb", type=float, default=0.3,
+                        help="KV cache per replica (0.3 GB: ~6,800 tokens, about 6 of the prefixes)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--output", default=str(RESULTS / "cluster.json"))
     args = parser.parse_args()
@@ -160,9 +170,9 @@ def main() -> None:
     results = {}
     try:
         for policy in args.policies:
-            url = deploy(policy, port, tempfile.mkdtemp())
-            asyncio.run(load(url, 1.0, 4.0, 2, seed=99))  # warm up both replicas
-            raw, elapsed = asyncio.run(load(url, args.rate, args.duration, args.max_tokens))
+            url = deploy(policy, port, tempfile.mkdtemp(), args.kv_gb)
+            asyncio.run(load(url, 1.0, 4.0, 2, ["warm-up"], seed=99))  # warm up both replicas
+            raw, elapsed = asyncio.run(load(url, args.rate, args.duration, args.max_tokens, headers(args.prefixes)))
             results[policy] = summarize(raw, elapsed)
             serve.delete("semline")
             r = results[policy]
@@ -182,6 +192,7 @@ def main() -> None:
             / results["free_kv"]["output_tokens_per_s"]}
         print(json.dumps(results["ratios"]))
     results["setup"] = {"rate": args.rate, "duration_s": args.duration, "max_tokens": args.max_tokens,
+                        "shared_prefixes": args.prefixes, "kv_cache_gb_per_replica": args.kv_gb,
                         "replicas": 2, "cpus_per_replica": 1, **_machine_info()}
     Path(args.output).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")
