@@ -7,7 +7,6 @@ generator, so its text does not depend on what else is in the batch.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,6 @@ import torch
 from engine.request import Request
 from engine.speculative import accept_greedy, accept_sampled
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,18 +59,15 @@ class Sampler:
             if constrained:  # one batched mask for every constrained row
                 matchers = [requests[i].grammar for i in constrained]
                 matchers[0].backend.mask(logits, constrained, matchers)
-        token_ids = logits.argmax(dim=-1).tolist()
+        token_ids = logits.argmax(dim=-1)  # greedy rows: one argmax over the batch
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if random_rows:
-            sampled = self._sample(logits[random_rows], [requests[i] for i in random_rows])
-            for i, token in zip(random_rows, sampled):
-                token_ids[i] = token
-        logprobs = [
-            _gather_logprobs(raw_logprobs[i], token_ids[i], r.sampling_params.logprobs)
-            if r.sampling_params.logprobs is not None else None
-            for i, r in enumerate(requests)
-        ]
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+            rows = torch.tensor(random_rows, device=logits.device)
+            token_ids[rows] = self._sample(logits[rows], [requests[i] for i in random_rows])
+        logprob_rows = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        gathered = _gather_logprobs(raw_logprobs, token_ids, logprob_rows, requests) if logprob_rows else {}
+        # The step's one host sync for the tokens (and one for the logprobs, when asked).
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[gathered.get(i) for i in range(len(requests))])
 
     def verify(self, logits: torch.Tensor, request: Request, draft: list[int]) -> list[int]:
         """Speculative decoding: logits [k+1, V] at the last token and the k proposed ones;
@@ -82,22 +77,27 @@ class Sampler:
         probs = target_probs(logits, [request.sampling_params] * logits.shape[0])
         return accept_sampled(probs, draft, request.generator or self.generator)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        # logits: [R, V] rows of the requests that sample randomly.
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """[R] token ids drawn from the rows' distributions, without a host sync: the exponential
+        race (argmax of p / E with E ~ Exp(1) i.i.d. draws exactly from p). A seeded request's
+        noise comes from its own generator, so its text does not depend on the batch; the
+        others share the sampler's."""
         probs = target_probs(logits, [r.sampling_params for r in requests])
+        noise = torch.empty_like(probs)
+        shared = [i for i, r in enumerate(requests) if r.generator is None]
+        if shared:
+            noise[torch.tensor(shared, device=probs.device)] = torch.empty(
+                len(shared), probs.shape[-1], device=probs.device).exponential_(generator=self.generator)
+        for i, request in enumerate(requests):
+            if request.generator is not None:
+                noise[i].exponential_(generator=request.generator)
+        # (a zero draw would make 0 / 0 = NaN, which argmax takes as the largest)
+        sampled = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
         # A row with nothing to sample from (no parameters lead there, but a request's row must
         # never fail the step of every request in the batch) takes its most likely token.
-        valid = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
-        tokens = []
-        for row, request in enumerate(requests):
-            if not valid[row]:
-                logger.warning("request %s: no valid sampling distribution; took the most likely token",
-                               request.request_id)
-                tokens.append(int(torch.nan_to_num(logits[row], nan=float("-inf")).argmax()))
-                continue
-            gen = request.generator or self.generator
-            tokens.append(int(torch.multinomial(probs[row], 1, generator=gen)))
-        return tokens
+        valid = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        fallback = torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+        return torch.where(valid, sampled, fallback)
 
 
 def target_probs(logits: torch.Tensor, params) -> torch.Tensor:
@@ -153,10 +153,17 @@ def _apply_bias(logits: torch.Tensor, rows: list[int], requests: list[Request]) 
         logits[row, ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
 
 
-def _gather_logprobs(row_logprobs: torch.Tensor, token_id: int, num_top: int) -> SampledLogprobs:
-    top_ids: list[int] = []
-    top_values: list[float] = []
-    if num_top > 0:
-        values, ids = row_logprobs.topk(num_top)
-        top_ids, top_values = ids.tolist(), values.tolist()
-    return SampledLogprobs(logprob=float(row_logprobs[token_id]), top_ids=top_ids, top_logprobs=top_values)
+def _gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, rows: list[int],
+                     requests: list[Request]) -> dict[int, SampledLogprobs]:
+    """Per row that asked: the sampled token's logprob and its top n, gathered in one op each."""
+    index = torch.tensor(rows, device=raw_logprobs.device)
+    row_logprobs = raw_logprobs[index]
+    chosen = row_logprobs.gather(1, token_ids[index][:, None]).squeeze(1).tolist()
+    num_top = [requests[i].sampling_params.logprobs for i in rows]
+    top_values, top_ids = [[]] * len(rows), [[]] * len(rows)
+    if max(num_top) > 0:
+        values, ids = row_logprobs.topk(max(num_top), dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return {row: SampledLogprobs(logprob=chosen[n], top_ids=top_ids[n][:num_top[n]],
+                                 top_logprobs=top_values[n][:num_top[n]])
+            for n, row in enumerate(rows)}

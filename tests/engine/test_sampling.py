@@ -187,3 +187,27 @@ def test_a_row_with_nothing_to_sample_takes_its_top_token_instead_of_failing_the
     out = sampler(logits, requests)
     assert out.token_ids[0] == 7
     assert 0 <= out.token_ids[1] < 10
+
+
+def test_batched_sampling_draws_from_the_distribution():
+    """The sampler draws every random row at once (the exponential race, no per-row sync):
+    over many rows its frequencies match the softmax, with top-k applied, seeded rows among
+    them (each from its own generator) as well as unseeded ones."""
+    import torch
+
+    from engine.request import Request
+    from engine.sampler import Sampler
+
+    sampler = Sampler(seed=0, device=torch.device("cpu"))
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 12000
+    requests = [Request(str(i), None, [1], SamplingParams(temperature=1.0, top_k=4, seed=i if i % 2 else None))
+                for i in range(rows)]
+    for request in requests:
+        if request.sampling_params.seed is not None:
+            request.generator = sampler.make_generator(request.sampling_params.seed)
+    tokens = torch.tensor(sampler(logits.repeat(rows, 1), requests).token_ids)
+    expected = torch.softmax(logits[:4], dim=0)
+    observed = torch.bincount(tokens, minlength=6).float() / rows
+    assert observed[4:].sum() == 0  # cut by top_k
+    assert torch.allclose(observed[:4], expected, atol=0.015), (observed, expected)
