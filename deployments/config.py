@@ -117,8 +117,23 @@ class BatchSettings(_Strict):
     max_open_batches: int = Field(64, ge=1, description="Batches not yet finished (429 above).")
     max_requests_per_batch: int = Field(50_000, ge=1, description="Lines one batch file may hold.")
     max_retries: int = Field(5, ge=0, description="Retries of a line that hit a full router or a lost replica.")
+    completion_windows: list[str] = Field(["24h"], min_length=1, description="The completion windows a batch may "
+                                          "ask for (OpenAI offers 24h): a number and s/m/h/d. A batch not done "
+                                          "within its window expires: lines done so far go to its output file, "
+                                          "the rest to its error file (code batch_expired).")
     node_resource: str | None = Field(None, description="A custom Ray resource the batch runner requires: pins it "
                                       "to the node that holds storage_dir (on Kubernetes, the head with its volume).")
+
+
+    @field_validator("completion_windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        from deployments.api.protocol import window_seconds
+
+        bad = [w for w in value if window_seconds(w) is None]
+        if bad:
+            raise ValueError(f"completion windows are a number and s/m/h/d (24h, 30m): {bad}")
+        return value
 
 
 class KubernetesSettings(_Strict):

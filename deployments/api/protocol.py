@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
@@ -385,15 +386,20 @@ def _json_object(text: str, field: str):
         raise ValueError(f"{field} is not valid JSON: {exc}") from exc
 
 
-# The batch lane's completion windows and the seconds each allows.
-COMPLETION_WINDOWS = {"24h": 24 * 3600}
+def window_seconds(window: str) -> float | None:
+    """Seconds of a completion window written as a number and a unit ("24h", "90m", "30s",
+    "2d"), or None if it is not one."""
+    match = re.fullmatch(r"([0-9]{1,6})([smhd])", window)
+    if match is None:
+        return None
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_file_id: str
     endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
-    completion_window: Literal[tuple(COMPLETION_WINDOWS)] = "24h"
+    completion_window: Annotated[str, StringConstraints(max_length=16)] = "24h"  # batch.completion_windows
     metadata: dict[str, str] | None = None
 
 

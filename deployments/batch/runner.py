@@ -28,7 +28,7 @@ from deployments.batch.store import BatchStore, NotFound, derived_file_id
 from deployments.config import SemlineConfig
 from cluster.admission import BATCH_LANE
 from deployments.api.serving import ENDPOINTS, APIError, OpenAIServing
-from deployments.api.protocol import COMPLETION_WINDOWS
+from deployments.api.protocol import window_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class InputLine:
 class Job:
     batch: dict
     cancelled: bool = False
+    expired: bool = False  # its completion window ended before its lines did
     tasks: set = field(default_factory=set)
     task: asyncio.Task | None = None
     last_saved: float = 0.0
@@ -129,8 +130,21 @@ async def answer_line(serving: OpenAIServing, endpoint: str, body: dict) -> tupl
         return exc.status, exc.body()
 
 
+def _unique(results: list[dict]) -> list[dict]:
+    """One result per input line, the first written: two runners that overlapped (Serve
+    replacing one) may both have answered a line; each custom_id is reported once."""
+    seen, unique = set(), []
+    for result in results:
+        key = tuple(result["key"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(result)
+    return unique
+
+
 def _count(batch: dict, results: list[dict]) -> None:
     """request_counts from the results log (the truth; the counts saved on disk are a hint)."""
+    results = _unique(results)
     batch["request_counts"].update(completed=sum(r["kind"] == "output" for r in results),
                                    failed=sum(r["kind"] == "error" for r in results))
 
@@ -189,8 +203,8 @@ class BatchRunner:
         if endpoint not in ENDPOINTS:
             raise APIError(400, f"unsupported endpoint {endpoint!r}; supported: {sorted(ENDPOINTS)}",
                            param="endpoint")
-        if completion_window not in COMPLETION_WINDOWS:
-            raise APIError(400, f"completion_window must be one of {sorted(COMPLETION_WINDOWS)}",
+        if completion_window not in self.settings.completion_windows:
+            raise APIError(400, f"completion_window must be one of {self.settings.completion_windows}",
                            param="completion_window")
         meta = self._lookup(self.store.get_file, input_file_id)
         if meta["purpose"] != "batch":
@@ -210,7 +224,7 @@ class BatchRunner:
             "id": self.store.new_batch_id(), "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": completion_window, "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-            "expires_at": now + COMPLETION_WINDOWS[completion_window], "finalizing_at": None,
+            "expires_at": now + int(window_seconds(completion_window)), "finalizing_at": None,
             "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
             "cancelled_at": None, "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             "metadata": metadata,
@@ -278,9 +292,11 @@ class BatchRunner:
 
     async def _run(self, job: Job) -> None:
         batch = job.batch
+        watchdog = asyncio.get_running_loop().create_task(self._expire_at_deadline(job))
         try:
-            if batch["status"] in ("validating", "in_progress"):
+            if batch["status"] in ("validating", "in_progress") and not job.expired:
                 await self._run_lines(job)
+            watchdog.cancel()
             await self._finalize(job)
         except asyncio.CancelledError:
             raise  # the replica is shutting down: the batch resumes on the next start
@@ -289,6 +305,22 @@ class BatchRunner:
             batch["errors"] = {"object": "list", "data": [{"code": "internal_error", "message": str(exc),
                                                           "param": None, "line": None}]}
             self._set_status(job, "failed")
+        finally:
+            watchdog.cancel()
+
+    async def _expire_at_deadline(self, job: Job) -> None:
+        """completion_window, as OpenAI enforces it: when it ends, the lines still running
+        are stopped and the batch finalizes as `expired` (done lines in the output file,
+        the others in the error file with code batch_expired)."""
+        expires_at = job.batch.get("expires_at")
+        if expires_at is None or job.batch["status"] not in ("validating", "in_progress"):
+            return
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        if job.batch["status"] in ("validating", "in_progress") and not job.cancelled:
+            logger.warning("batch %s: its completion window ended; expiring it", job.batch["id"])
+            job.expired = True
+            for task in list(job.tasks):
+                task.cancel()
 
     async def _run_lines(self, job: Job) -> None:
         batch = job.batch
@@ -302,7 +334,7 @@ class BatchRunner:
         log = self.store.open_results(batch["id"])
         try:
             for line in lines:
-                if job.cancelled:
+                if job.cancelled or job.expired:
                     break
                 if line.key in done:
                     continue
@@ -310,7 +342,7 @@ class BatchRunner:
                     self._record(job, log, line, None, line.error)
                     continue
                 await self.slots.acquire()
-                if job.cancelled:
+                if job.cancelled or job.expired:
                     self.slots.release()
                     break
                 task = asyncio.get_running_loop().create_task(self._run_line(job, log, line))
@@ -352,16 +384,27 @@ class BatchRunner:
     async def _finalize(self, job: Job) -> None:
         batch = job.batch
         cancelled = job.cancelled or batch["status"] == "cancelling"
+        results = _unique(sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"]))
+        done = {tuple(r["key"]) for r in results}
+        lines = parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"])
+        undone = [line for line in lines if line.key not in done]
+        # Lines left when the window ended (here, or before a restart): the batch expired.
+        expired = bool(not cancelled and undone and (job.expired or time.time() >= (batch.get("expires_at") or 1e18)))
         if batch["status"] != "cancelling":
             self._set_status(job, "finalizing")
-        results = sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"])
         outputs = [r["record"] for r in results if r["kind"] == "output"]
         errors = [r["record"] for r in results if r["kind"] == "error"]
+        if expired:  # the lines not done: in the error file, as OpenAI reports them
+            errors += [result_record(line.custom_id, None, {
+                "code": "batch_expired", "message": "This request could not be executed before the completion "
+                                                    "window expired."}) for line in undone]
         _count(batch, results)
+        if expired:
+            batch["request_counts"]["failed"] += len(undone)
         for role, records, key in (("output", outputs, "output_file_id"), ("error", errors, "error_file_id")):
             if records:
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
                 file_id = derived_file_id(batch["id"], role)
                 self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id)
                 batch[key] = file_id
-        self._set_status(job, "cancelled" if cancelled else "completed")
+        self._set_status(job, "cancelled" if cancelled else "expired" if expired else "completed")

@@ -38,7 +38,8 @@ def app_config(storage_dir):
         http={"port": _free_port(), "max_body_bytes": 64 * 1024},
         # Small enough that the overload test can fill the realtime queue.
         router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},
-        batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024, "max_open_batches": MAX_OPEN_BATCHES},
+        batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024, "max_open_batches": MAX_OPEN_BATCHES,
+               "completion_windows": ["24h", "4s"]},  # 4s: the expiry test
     )
 
 

@@ -236,3 +236,33 @@ def test_batch_lane_structured_output_and_embeddings(client):
     vectors = {r["custom_id"]: r["response"]["body"]["data"][0]["embedding"]
                for r in _records(client, batch.output_file_id)}
     assert vectors["e1"] == client.embeddings.create(model=MODEL, input=texts[1]).data[0].embedding
+
+
+def test_a_batch_past_its_completion_window_expires_with_every_line_reported_once(client):
+    """completion_window as OpenAI enforces it: when it ends, the lines done are in the output
+    file, every other line is in the error file with code batch_expired, each custom_id once."""
+    lines = [_line(f"x{i}", f"Write a long story about the number {i}.", max_tokens=96) for i in range(24)]
+    for line in lines:
+        line["body"]["ignore_eos"] = True
+    upload = client.files.create(file=("slow.jsonl", _jsonl(lines)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="4s")
+    assert batch.expires_at - batch.created_at == 4
+    batch = _wait(client, batch.id, timeout=120)
+    assert batch.status == "expired" and batch.expired_at is not None
+    outputs, errors = _records(client, batch.output_file_id), _records(client, batch.error_file_id)
+    assert sorted(r["custom_id"] for r in outputs + errors) == sorted(f"x{i}" for i in range(24))
+    assert errors and all(r["error"]["code"] == "batch_expired" for r in errors)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (len(outputs), len(errors))
+
+
+def test_results_written_twice_are_reported_once():
+    """Two runners that overlapped may both have appended a line's result: the first counts."""
+    from deployments.batch.runner import _count, _unique
+
+    results = [{"key": ["a", 1], "line": 1, "kind": "output", "record": {"custom_id": "a"}},
+               {"key": ["b", 2], "line": 2, "kind": "error", "record": {"custom_id": "b"}},
+               {"key": ["a", 1], "line": 1, "kind": "error", "record": {"custom_id": "a"}}]
+    assert [r["record"]["custom_id"] for r in _unique(results)] == ["a", "b"]
+    batch = {"request_counts": {"total": 2, "completed": 0, "failed": 0}}
+    _count(batch, results)
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
