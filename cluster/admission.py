@@ -18,6 +18,7 @@ longer holds, or whose holder has gone silent, is reclaimed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import time
 from collections import deque
@@ -44,6 +45,23 @@ class QueueFullError(Exception):
 
     def __reduce__(self):  # crosses process boundaries (router actor -> ingress) intact
         return (QueueFullError, (self.lane, self.retry_after_s))
+
+
+class DeadlineError(Exception):
+    """A request's time-to-first-token deadline cannot be met at the current queue (`passed`
+    False: refused at once, retry after `retry_after_s`), or passed while it waited (True)."""
+
+    def __init__(self, message: str, passed: bool, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.passed, self.retry_after_s = passed, retry_after_s
+
+    def __reduce__(self):
+        return (DeadlineError, (str(self), self.passed, self.retry_after_s))
+
+
+# How long a ticket is held, until the router has seen some (seconds): the first estimate
+# of how long a queue takes to move.
+DEFAULT_HOLD_S = 1.0
 
 
 @dataclass
@@ -90,6 +108,15 @@ class _Waiter:
     holder: str | None = None
     request_id: str | None = None
     seats: int = 1  # sequences the request runs (its n choices)
+    priority: int = 0  # within its lane: lower first
+    deadline: float | None = None  # monotonic time its first token is due by
+
+    def order(self) -> tuple:
+        """Queue order within a lane: priority, then deadline (none last), then arrival."""
+        return (self.priority, self.deadline if self.deadline is not None else float("inf"), self.ticket)
+
+    def __lt__(self, other: "_Waiter") -> bool:
+        return self.order() < other.order()
 
 
 @dataclass
@@ -106,7 +133,9 @@ class AdmissionController:
 
     def __init__(self, config: AdmissionConfig) -> None:
         self.config = config
-        self._queues: dict[str, deque[_Waiter]] = {lane: deque() for lane in LANES}
+        # Each lane's waiters in grant order (_Waiter.order), kept sorted.
+        self._queues: dict[str, list[_Waiter]] = {lane: [] for lane in LANES}
+        self._hold_s: float | None = None  # moving average of how long a ticket is held
         self._inflight: dict[int, _Grant] = {}  # ticket -> its grant
         # Ticket numbers grow across restarts (microseconds at start), so a ticket of a
         # router that died never names a seat of the one that replaced it.
@@ -124,15 +153,21 @@ class AdmissionController:
         self._last_ticket = 0
         self.num_rejected: dict[str, int] = {lane: 0 for lane in LANES}
         self.num_reclaimed = 0
+        self.num_deadline_refused = 0  # refused at once: the queue could not meet the deadline
+        self.num_deadline_missed = 0  # the deadline passed (before arrival, or while waiting)
 
     # --- API -------------------------------------------------------------------
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
-                      request_id: str | None = None, seats: int = 1) -> int | None:
+                      request_id: str | None = None, seats: int = 1, priority: int = 0,
+                      deadline_s: float | None = None) -> int | None:
         """Wait for admission of a request that runs `seats` sequences (its n choices: each
         takes a seat of the capacity and of its lane's share); returns a ticket to release
         when the request ends, or None when the request was withdrawn (`withdraw(request_id)`)
-        before it was granted."""
+        before it was granted. Within its lane, lower `priority` goes first, then the nearer
+        deadline. `deadline_s`: its first token is due within that many seconds; a request
+        the queue cannot admit in time is refused at once (DeadlineError), and one whose
+        deadline passes while it waits gives up (DeadlineError, passed)."""
         if lane not in self._queues:
             raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
         if seats < 1:
@@ -148,31 +183,66 @@ class AdmissionController:
         if waiting >= self.config.max_queued[lane]:
             self.num_rejected[lane] += 1
             raise QueueFullError(lane, self.config.retry_after_s)
+        now = time.monotonic()
+        deadline = None if deadline_s is None else now + deadline_s
+        waiter = _Waiter(next(self._tickets), lane, now, asyncio.get_running_loop().create_future(),
+                         holder, request_id, seats, priority, deadline)
+        if deadline is not None:
+            self._check_deadline(waiter)
         self._ensure_dispatcher()
-        waiter = _Waiter(next(self._tickets), lane, time.monotonic(), asyncio.get_running_loop().create_future(),
-                         holder, request_id, seats)
         self._last_ticket = waiter.ticket
-        queue.append(waiter)
+        bisect.insort(queue, waiter)
         if request_id is not None:
             self._waiting[request_id] = waiter
         self._wakeup.set()
+        wait_s = timeout_s
+        if deadline is not None:
+            wait_s = deadline - now if wait_s is None else min(wait_s, deadline - now)
         try:
-            ticket = await asyncio.wait_for(asyncio.shield(waiter.granted), timeout_s)
+            ticket = await asyncio.wait_for(asyncio.shield(waiter.granted), wait_s)
             if ticket is not None and asyncio.current_task().cancelling():
                 # Cancelled just as it was granted (wait_for then returns the result): the
                 # canceller will not see the ticket, so it must not stay taken.
                 raise asyncio.CancelledError
             return ticket
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
             self._withdraw(waiter)
+            if isinstance(exc, asyncio.TimeoutError) and deadline is not None and time.monotonic() >= deadline:
+                self.num_deadline_missed += 1
+                raise DeadlineError(f"the request's deadline ({deadline_s:.3f} s) passed while it waited for "
+                                    "admission", passed=True) from None
             raise
         finally:
             if request_id is not None:
                 self._waiting.pop(request_id, None)
 
+    def _check_deadline(self, waiter: _Waiter) -> None:
+        """Refuse now a request whose deadline the queue ahead of it cannot meet: the seats
+        taken and waiting ahead of it (its lane and the lanes above, at its priority or
+        better), over the capacity, times how long a ticket is held."""
+        remaining = waiter.deadline - time.monotonic()
+        if remaining <= 0:
+            self.num_deadline_missed += 1
+            raise DeadlineError("the request's deadline has already passed", passed=True)
+        need = self._seats(waiter)
+        if self._capacity() >= need and self._lane_room(waiter.lane) >= need and not self._queues[waiter.lane]:
+            return  # admitted at once
+        ahead = sum(w.seats for lane in LANES[:LANES.index(waiter.lane) + 1] for w in self._queues[lane]
+                    if lane != waiter.lane or not waiter < w)
+        capacity = max(1, self.config.max_inflight)
+        hold = self._hold_s if self._hold_s is not None else DEFAULT_HOLD_S
+        estimate = (ahead // capacity + 1) * hold
+        if estimate > remaining:
+            self.num_deadline_refused += 1
+            raise DeadlineError(f"the request cannot be admitted within its deadline ({remaining:.3f} s left; "
+                                f"the queue ahead takes ~{estimate:.1f} s)", passed=False,
+                                retry_after_s=max(self.config.retry_after_s, estimate))
+
     def release(self, ticket: int) -> None:
         grant = self._inflight.pop(ticket, None)
         if grant is not None:
+            held = time.monotonic() - grant.granted_at
+            self._hold_s = held if self._hold_s is None else 0.8 * self._hold_s + 0.2 * held
             if grant.request_id is not None:
                 self._granted.pop(grant.request_id, None)
             self._wakeup.set()
@@ -240,6 +310,7 @@ class AdmissionController:
                 "inflight_by_lane": {lane: self._lane_inflight(lane) for lane in LANES},
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
+                "deadline_refused": self.num_deadline_refused, "deadline_missed": self.num_deadline_missed,
                 "holders": len(self._holders)}
 
     # --- the dispatcher -------------------------------------------------------------
@@ -306,12 +377,12 @@ class AdmissionController:
             while tickets > 0 and queue:
                 waiter = queue[0]
                 if waiter.granted.done():  # cancelled while queued
-                    queue.popleft()
+                    queue.pop(0)
                     continue
                 need = self._seats(waiter)
                 if need > seats or need > room:
                     break
-                queue.popleft()
+                queue.pop(0)
                 self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic(),
                                                        need)
                 if waiter.request_id is not None:

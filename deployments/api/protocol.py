@@ -129,6 +129,11 @@ class _Common(_Open):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    # Admission order within the lane (vLLM's name): lower first.
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
+    # The first token is due within this many milliseconds; the router refuses at once (429)
+    # what its queue cannot admit in time, and 503 once it has passed.
+    ttft_deadline_ms: float | None = Field(None, gt=0, lt=1e9)
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None
     guided_regex: str | None = None

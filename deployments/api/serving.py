@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.admission import LANE_PRIORITY, REALTIME_LANE, QueueFullError
+from cluster.admission import LANE_PRIORITY, REALTIME_LANE, DeadlineError, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.api import protocol
@@ -53,6 +53,8 @@ DEFAULT_MAX_TOKENS = 256
 IGNORED_FIELDS_HEADER = "x-semline-ignored-fields"
 # Names the LLM server replica(s) that answered (for debugging and the routing tests).
 REPLICA_HEADER = "x-semline-replica"
+# A request's time-to-first-token deadline, in milliseconds (or the body's ttft_deadline_ms).
+DEADLINE_HEADER = "x-semline-deadline-ms"
 _SERVED_BY = "__served_by__"  # where a response carries them until the headers are written
 _LOGGED_IGNORED: set[str] = set()  # field names already logged once
 
@@ -89,6 +91,11 @@ def _to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
+    if isinstance(exc, DeadlineError):
+        if exc.passed:
+            return APIError(503, str(exc), "server_error", code="deadline_exceeded")
+        return APIError(429, str(exc), "rate_limit_error", code="deadline_unmeetable",
                         headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
     if isinstance(exc, asyncio.TimeoutError):
         return APIError(503, "timed out waiting for capacity", "server_error", code="queue_timeout")
@@ -354,7 +361,7 @@ class OpenAIServing:
 
     async def _http(self, url: str, request: Request):
         """A realtime request; fields the API does not know are named in a response header."""
-        plan = await self.plan(url, await _json_body(request), REALTIME_LANE)
+        plan = await self.plan(url, await _json_body(request), REALTIME_LANE, _deadline_header(request))
         return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def respond(self, url: str, data, lane: str):
@@ -368,10 +375,10 @@ class OpenAIServing:
 
     async def responses(self, request: Request):
         data = await _json_body(request)
-        plan = await self._responses_plan(data, REALTIME_LANE)
+        plan = await self._responses_plan(data, REALTIME_LANE, _deadline_header(request))
         return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
-    async def _responses_plan(self, data, lane: str) -> "_Plan":
+    async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
@@ -389,7 +396,7 @@ class OpenAIServing:
             chat, conversation = chat_request(body, history)
         except ResponsesError as exc:
             raise APIError(exc.status, str(exc), param=exc.param) from exc
-        plan = await self.plan("/v1/chat/completions", chat, lane)
+        plan = await self.plan("/v1/chat/completions", chat, lane, deadline_ms)
         if plan.body.n != 1:
             raise APIError(400, "a response has one answer", param="n")
         plan.responses = _ResponsesContext(body, f"resp_{uuid.uuid4().hex}", conversation)
@@ -444,9 +451,17 @@ class OpenAIServing:
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         return body
 
-    async def plan(self, url: str, data, lane: str) -> "_Plan":
-        """Validate a request and turn it into the sequences to generate. Raises APIError."""
+    async def plan(self, url: str, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
+        """Validate a request and turn it into the sequences to generate. Raises APIError.
+        deadline_ms: from the request's deadline header (its body's ttft_deadline_ms wins)."""
         body = self.validate(url, data)
+        plan = await self._plan(body, lane)
+        plan.priority = body.priority
+        deadline_ms = body.ttft_deadline_ms if body.ttft_deadline_ms is not None else deadline_ms
+        plan.deadline_s = None if deadline_ms is None else deadline_ms / 1000
+        return plan
+
+    async def _plan(self, body, lane: str) -> "_Plan":
         if body.stream and lane != REALTIME_LANE:
             raise APIError(400, "stream is not supported in the batch lane", param="stream")
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -518,7 +533,8 @@ class OpenAIServing:
 
     async def _run(self, plan: "_Plan", lane: str):
         """Admit through the router, then stream the choices or wait for their final outputs."""
-        ticket = await self._admit(lane, len(plan.choices))  # a seat per sequence (n choices)
+        # A seat per sequence (n choices); the request's priority and deadline order the queue.
+        ticket = await self._admit(lane, len(plan.choices), plan.priority, plan.deadline_s)
         priority = LANE_PRIORITY[lane]
         try:
             if plan.body.stream:
@@ -567,14 +583,14 @@ class OpenAIServing:
 
     # --- helpers -------------------------------------------------------------
 
-    async def _admit(self, lane: str, seats: int = 1) -> int:
+    async def _admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s: float | None = None) -> int:
         """Wait for the router's ticket for `seats` sequences; 429 when the lane's queue is full."""
         self._ensure_sync()
         for attempt in range(2):
             request_id = uuid.uuid4().hex
             self._pending.add(request_id)
             ref = self._router_call("acquire", lane, self.config.router.queue_timeout_s, self.holder, request_id,
-                                    seats)
+                                    seats, priority, deadline_s)
             try:
                 ticket = await ref
             except ray.exceptions.RayActorError as exc:
@@ -586,7 +602,7 @@ class OpenAIServing:
                 self.router = self._connect_router()
                 continue
             except BaseException as exc:
-                if not isinstance(exc, QueueFullError):
+                if not isinstance(exc, (QueueFullError, DeadlineError)):
                     # The caller left (or the call failed): withdraw the request by name,
                     # whatever state it is in at the router (queued, granted with the
                     # answer on its way, or not arrived yet).
@@ -859,6 +875,20 @@ def _envelope(object_name, model, choices, usage, response_id=None) -> dict:
     return payload
 
 
+def _deadline_header(request: Request) -> float | None:
+    """The request's time-to-first-token deadline in milliseconds (x-semline-deadline-ms)."""
+    value = request.headers.get(DEADLINE_HEADER)
+    if value is None:
+        return None
+    try:
+        deadline = float(value)
+    except ValueError:
+        deadline = float("nan")
+    if not 0 < deadline < 1e9:
+        raise APIError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", param=DEADLINE_HEADER)
+    return deadline
+
+
 def _with_headers(result, ignored: list[str]):
     """The response, naming in headers the replica(s) that served it and the request fields
     this version ignored."""
@@ -963,6 +993,8 @@ class _Plan:
     tools: list[dict] | None = None  # offered to the model (rendered by the LLM server)
     parser: ToolParser | None = None  # reads tool calls out of the answers
     responses: "_ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
+    priority: int = 0  # within its lane at the router: lower first
+    deadline_s: float | None = None  # its first token is due within this many seconds
 
 
 @dataclass

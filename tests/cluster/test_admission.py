@@ -278,3 +278,59 @@ def test_a_waiter_cancelled_just_as_it_is_granted_gives_the_seat_back():
         assert ctl.stats()["inflight"] == 0
 
     asyncio.run(main())
+
+
+def test_priority_then_deadline_order_a_lane():
+    """Within a lane, a lower `priority` goes first, then the nearer deadline, then arrival;
+    lanes still come first (a realtime request of any priority before batch work)."""
+    async def main():
+        ctl = _controller(max_inflight=1, max_batch_size=1)
+        held = await ctl.acquire("realtime")
+        order = []
+
+        async def wait(name, lane, **kwargs):
+            ticket = await ctl.acquire(lane, **kwargs)
+            order.append(name)
+            ctl.release(ticket)
+
+        tasks = [asyncio.create_task(wait(*args[:2], **args[2])) for args in [
+            ("batch-urgent", "batch", {"priority": -5}),
+            ("late", "realtime", {"priority": 1}),
+            ("plain", "realtime", {}),
+            ("due-soon", "realtime", {"deadline_s": 30.0}),
+            ("first", "realtime", {"priority": -1}),
+        ]]
+        await asyncio.sleep(0.05)
+        ctl.release(held)
+        await asyncio.wait_for(asyncio.gather(*tasks), 2)
+        assert order == ["first", "due-soon", "plain", "late", "batch-urgent"]
+
+    asyncio.run(main())
+
+
+def test_deadlines_the_queue_cannot_meet_are_refused_at_once():
+    from cluster.admission import DeadlineError
+
+    async def main():
+        ctl = _controller(max_inflight=1)
+        assert await ctl.acquire("realtime", deadline_s=0.5) is not None  # a free seat: admitted
+        queued = [asyncio.create_task(ctl.acquire("realtime")) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        start = time.monotonic()
+        with pytest.raises(DeadlineError) as refused:  # 3 ahead x ~1 s each, 50 ms left
+            await ctl.acquire("realtime", deadline_s=0.05)
+        assert not refused.value.passed and time.monotonic() - start < 0.1 and refused.value.retry_after_s >= 1
+        with pytest.raises(DeadlineError) as passed:
+            await ctl.acquire("realtime", deadline_s=-1)
+        assert passed.value.passed
+        # A deadline that looked reachable but passes in the queue: the waiter gives up.
+        ctl._hold_s = 0.001
+        with pytest.raises(DeadlineError) as missed:
+            await ctl.acquire("realtime", deadline_s=0.1)
+        assert missed.value.passed and ctl.stats()["queued"]["realtime"] == 3
+        stats = ctl.stats()
+        assert (stats["deadline_refused"], stats["deadline_missed"]) == (1, 2)
+        for task in queued:
+            task.cancel()
+
+    asyncio.run(main())

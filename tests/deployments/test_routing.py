@@ -68,3 +68,33 @@ def test_a_shared_prefix_lands_on_the_replica_that_holds_it(two_replicas):
     streamed = httpx.post(f"{two_replicas}/v1/completions", headers=HEADERS, timeout=120, json={
         "model": MODEL, "prompt": prefix + "\n\nQuestion 9?", "max_tokens": 2, "stream": True})
     assert streamed.status_code == 200 and streamed.headers["x-semline-replica"] == home
+
+
+def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(serve_app):
+    """The session app admits 4 requests at once: with 4 long ones running and 3 queued, a
+    request due within 50 ms is refused in well under 100 ms (429, Retry-After), one whose
+    priority field is set is served, and a malformed deadline header is a 400."""
+    import threading
+    import time
+
+    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 160, "ignore_eos": True, "temperature": 0}
+    threads = [threading.Thread(target=httpx.post, args=(f"{serve_app}/v1/completions",),
+                                kwargs={"json": body, "headers": HEADERS, "timeout": 120}) for _ in range(7)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    start = time.perf_counter()
+    refused = httpx.post(f"{serve_app}/v1/completions", headers={**HEADERS, "x-semline-deadline-ms": "50"},
+                         json={**body, "max_tokens": 2}, timeout=30)
+    elapsed = time.perf_counter() - start
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "deadline_unmeetable" and int(refused.headers["retry-after"]) >= 1
+    assert elapsed < 0.1, elapsed
+    bad = httpx.post(f"{serve_app}/v1/completions", headers={**HEADERS, "x-semline-deadline-ms": "soon"},
+                     json=body, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-semline-deadline-ms"
+    for thread in threads:
+        thread.join()
+    ok = httpx.post(f"{serve_app}/v1/completions", headers=HEADERS, timeout=60,
+                    json={**body, "max_tokens": 2, "priority": -3, "ttft_deadline_ms": 30000})
+    assert ok.status_code == 200, ok.text
