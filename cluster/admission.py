@@ -59,6 +59,19 @@ class DeadlineError(Exception):
         return (DeadlineError, (str(self), self.passed, self.retry_after_s))
 
 
+class KeyLimitError(Exception):
+    """An API key is over its limit (requests in flight, or tokens in the last minute)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):
+        return (KeyLimitError, (str(self), self.retry_after_s))
+
+
+# The window of the per-key token limit (seconds).
+TOKEN_WINDOW_S = 60.0
 # How long a ticket is held, until the router has seen some (seconds): the first estimate
 # of how long a queue takes to move.
 DEFAULT_HOLD_S = 1.0
@@ -87,6 +100,10 @@ class AdmissionConfig:
     # A ticket granted less than this long ago is never reclaimed: its grant may still be
     # on the way to its holder.
     reclaim_grace_s: float = 10.0
+    # Per API key (None: no limit): seats in flight or queued, and prompt + output tokens in
+    # the last minute.
+    key_max_inflight: int | None = None
+    key_tokens_per_minute: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0 or self.max_batch_size < 1:
@@ -110,6 +127,7 @@ class _Waiter:
     seats: int = 1  # sequences the request runs (its n choices)
     priority: int = 0  # within its lane: lower first
     deadline: float | None = None  # monotonic time its first token is due by
+    key: str | None = None  # the API key it came with (an id of it), for per-key limits
 
     def order(self) -> tuple:
         """Queue order within a lane: priority, then deadline (none last), then arrival."""
@@ -126,6 +144,7 @@ class _Grant:
     request_id: str | None
     granted_at: float
     seats: int = 1
+    key: str | None = None
 
 
 class AdmissionController:
@@ -136,6 +155,7 @@ class AdmissionController:
         # Each lane's waiters in grant order (_Waiter.order), kept sorted.
         self._queues: dict[str, list[_Waiter]] = {lane: [] for lane in LANES}
         self._hold_s: float | None = None  # moving average of how long a ticket is held
+        self._key_tokens: dict[str, deque[tuple[float, int]]] = {}  # key -> (when, tokens) this minute
         self._inflight: dict[int, _Grant] = {}  # ticket -> its grant
         # Ticket numbers grow across restarts (microseconds at start), so a ticket of a
         # router that died never names a seat of the one that replaced it.
@@ -155,19 +175,21 @@ class AdmissionController:
         self.num_reclaimed = 0
         self.num_deadline_refused = 0  # refused at once: the queue could not meet the deadline
         self.num_deadline_missed = 0  # the deadline passed (before arrival, or while waiting)
+        self.num_key_limited = 0  # refused: the API key was over its limits
 
     # --- API -------------------------------------------------------------------
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
                       request_id: str | None = None, seats: int = 1, priority: int = 0,
-                      deadline_s: float | None = None) -> int | None:
+                      deadline_s: float | None = None, key: str | None = None) -> int | None:
         """Wait for admission of a request that runs `seats` sequences (its n choices: each
         takes a seat of the capacity and of its lane's share); returns a ticket to release
         when the request ends, or None when the request was withdrawn (`withdraw(request_id)`)
         before it was granted. Within its lane, lower `priority` goes first, then the nearer
         deadline. `deadline_s`: its first token is due within that many seconds; a request
         the queue cannot admit in time is refused at once (DeadlineError), and one whose
-        deadline passes while it waits gives up (DeadlineError, passed)."""
+        deadline passes while it waits gives up (DeadlineError, passed). `key`: the API key
+        (an id of it) whose limits apply (KeyLimitError)."""
         if lane not in self._queues:
             raise ValueError(f"unknown lane {lane!r}; lanes are {LANES}")
         if seats < 1:
@@ -176,6 +198,8 @@ class AdmissionController:
             self._holders[holder] = time.monotonic()
         if request_id is not None and self._withdrawn.pop(request_id, None) is not None:
             return None  # its caller gave up before the request got here
+        if key is not None:
+            self._check_key(key, seats)
         queue = self._queues[lane]
         # The queue limit counts requests that must wait: those the free seats will take at
         # once pass through, so max_queued 0 means "admit now or refuse".
@@ -186,7 +210,7 @@ class AdmissionController:
         now = time.monotonic()
         deadline = None if deadline_s is None else now + deadline_s
         waiter = _Waiter(next(self._tickets), lane, now, asyncio.get_running_loop().create_future(),
-                         holder, request_id, seats, priority, deadline)
+                         holder, request_id, seats, priority, deadline, key)
         if deadline is not None:
             self._check_deadline(waiter)
         self._ensure_dispatcher()
@@ -215,6 +239,33 @@ class AdmissionController:
         finally:
             if request_id is not None:
                 self._waiting.pop(request_id, None)
+
+    def record_tokens(self, key: str, tokens: int) -> None:
+        """A request of `key` used `tokens` (prompt and output): counted for a minute."""
+        if self.config.key_tokens_per_minute is not None and tokens > 0:
+            self._key_tokens.setdefault(key, deque()).append((time.monotonic(), tokens))
+
+    def _check_key(self, key: str, seats: int) -> None:
+        limit = self.config.key_max_inflight
+        if limit is not None:
+            used = sum(g.seats for g in self._inflight.values() if g.key == key) + sum(
+                w.seats for queue in self._queues.values() for w in queue if w.key == key)
+            if used + seats > limit:
+                self.num_key_limited += 1
+                raise KeyLimitError(f"this API key has {used} sequences in flight or queued; its limit is {limit}",
+                                    self.config.retry_after_s)
+        budget = self.config.key_tokens_per_minute
+        if budget is not None:
+            window, now = self._key_tokens.get(key, deque()), time.monotonic()
+            while window and now - window[0][0] > TOKEN_WINDOW_S:
+                window.popleft()
+            if not window:
+                self._key_tokens.pop(key, None)
+            used = sum(tokens for _, tokens in window)
+            if used >= budget:
+                self.num_key_limited += 1
+                raise KeyLimitError(f"this API key used {used} tokens in the last minute; its limit is {budget}",
+                                    max(self.config.retry_after_s, TOKEN_WINDOW_S - (now - window[0][0])))
 
     def _check_deadline(self, waiter: _Waiter) -> None:
         """Refuse now a request whose deadline the queue ahead of it cannot meet: the seats
@@ -311,6 +362,7 @@ class AdmissionController:
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
                 "deadline_refused": self.num_deadline_refused, "deadline_missed": self.num_deadline_missed,
+                "key_limited": self.num_key_limited,
                 "holders": len(self._holders)}
 
     # --- the dispatcher -------------------------------------------------------------
@@ -384,7 +436,7 @@ class AdmissionController:
                     break
                 queue.pop(0)
                 self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic(),
-                                                       need)
+                                                       need, waiter.key)
                 if waiter.request_id is not None:
                     self._granted[waiter.request_id] = waiter.ticket
                 self.grant_log.append((lane, waiter.ticket, self._last_ticket))

@@ -26,7 +26,7 @@ import time
 import ray
 from ray.util.metrics import Counter, Gauge
 
-from cluster.admission import DeadlineError, LANES, AdmissionConfig, AdmissionController, QueueFullError
+from cluster.admission import DeadlineError, KeyLimitError, LANES, AdmissionConfig, AdmissionController, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,19 @@ class Router:
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
                       request_id: str | None = None, seats: int = 1, priority: int = 0,
-                      deadline_s: float | None = None) -> int | None:
+                      deadline_s: float | None = None, key: str | None = None) -> int | None:
         """A ticket, or None if `request_id` was withdrawn first. Callers that may give up
         name themselves and the request, and withdraw it rather than cancel this call: a
         cancelled call's result is lost, and with it a ticket granted at that moment."""
         self._ensure_reaper()
         try:
-            return await self.admission.acquire(lane, timeout_s, holder, request_id, seats, priority, deadline_s)
+            return await self.admission.acquire(lane, timeout_s, holder, request_id, seats, priority, deadline_s,
+                                                key)
         except QueueFullError:
             self.metrics.rejected.inc(1, {"lane": lane, "reason": "queue_full"})
+            raise
+        except KeyLimitError:
+            self.metrics.rejected.inc(1, {"lane": lane, "reason": "key_limit"})
             raise
         except DeadlineError as exc:
             self.metrics.rejected.inc(1, {"lane": lane, "reason": "deadline_passed" if exc.passed else "deadline"})
@@ -87,6 +91,9 @@ class Router:
 
     async def release(self, ticket: int) -> None:
         self.admission.release(ticket)
+
+    async def record_tokens(self, key: str, tokens: int) -> None:
+        self.admission.record_tokens(key, tokens)
 
     async def withdraw(self, request_id: str) -> None:
         self.admission.withdraw(request_id)

@@ -89,6 +89,10 @@ class RouterSettings(_Strict):
                                  "holder does not report is reclaimed.")
     holder_ttl_s: float = Field(30, gt=0, description="A holder silent this long is gone (a killed replica): "
                                 "its tickets are reclaimed.")
+    key_max_inflight: int | None = Field(None, ge=1, description="Per API key: sequences in flight or queued at "
+                                         "once (429 key_limit above); None = no limit.")
+    key_tokens_per_minute: int | None = Field(None, ge=1, description="Per API key: prompt + output tokens in the "
+                                              "last minute (429 key_limit with Retry-After above); None = no limit.")
 
     @model_validator(mode="after")
     def _ttl_spans_reports(self):
@@ -106,6 +110,8 @@ class RouterSettings(_Strict):
             "retry_after_s": self.retry_after_s,
             "holder_ttl_s": self.holder_ttl_s,
             "reclaim_grace_s": 2 * self.holder_sync_s,
+            "key_max_inflight": self.key_max_inflight,
+            "key_tokens_per_minute": self.key_tokens_per_minute,
         }
 
 
@@ -165,6 +171,10 @@ class SemlineConfig(_Strict):
     router: RouterSettings = Field(default_factory=RouterSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     api_key: str | None = Field(None, description="When set, every /v1/* request needs 'Authorization: Bearer <key>'.")
+    api_keys: list[str] = Field(default_factory=list, description="More accepted API keys (any one will do).")
+    api_keys_file: str | None = Field(None, description="A file of accepted API keys, one per line ('#' comments), "
+                                      "read when the application starts. $SEMLINE_API_KEYS (comma-separated) "
+                                      "adds more.")
     metrics_export_port: int = Field(8080, ge=1, le=65535, description="Port of the Ray node's Prometheus "
                                      "metrics (`semline serve` starts Ray with it).")
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings,
@@ -181,6 +191,18 @@ class SemlineConfig(_Strict):
     def _check_parallel(cls, value: dict[str, Any]) -> dict[str, Any]:
         ParallelConfig.from_dict(value)
         return value
+
+    def accepted_api_keys(self) -> list[str]:
+        """Every key a request may carry: api_key, api_keys, the file's, $SEMLINE_API_KEYS.
+        Empty: no key needed."""
+        keys = ([self.api_key] if self.api_key else []) + list(self.api_keys)
+        if self.api_keys_file:
+            for line in Path(self.api_keys_file).expanduser().read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.append(line)
+        keys += [k.strip() for k in os.environ.get("SEMLINE_API_KEYS", "").split(",") if k.strip()]
+        return list(dict.fromkeys(keys))
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_dict(self.engine)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import hashlib
 import hmac
 import itertools
 import json
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.admission import LANE_PRIORITY, REALTIME_LANE, DeadlineError, QueueFullError
+from cluster.admission import LANE_PRIORITY, REALTIME_LANE, DeadlineError, KeyLimitError, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.api import protocol
@@ -92,6 +93,9 @@ def _to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc), "rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
+    if isinstance(exc, KeyLimitError):
+        return APIError(429, str(exc), "rate_limit_error", code="key_limit",
+                        headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
     if isinstance(exc, DeadlineError):
         if exc.passed:
             return APIError(503, str(exc), "server_error", code="deadline_exceeded")
@@ -142,13 +146,20 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     app.add_middleware(_BodyLimit, limit_for=lambda path: (
         config.batch.max_file_bytes if path == "/v1/files" else config.http.max_body_bytes))
 
+    keys = config.accepted_api_keys()
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if _is_api_path(request.url.path):
-            if config.api_key and not _authorized(request, config.api_key):
-                return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
-                                                code="invalid_api_key"))
-            limit = config.batch.max_file_bytes if request.url.path == "/v1/files" else config.http.max_body_bytes
+        if _is_api_path(_route_path(request.scope)):
+            if keys:
+                key = _authorized(request, keys)
+                if key is None:
+                    return _error_response(APIError(401, "invalid or missing API key", "authentication_error",
+                                                    code="invalid_api_key"))
+                # Per-key limits are kept by the router under an id of the key, never the key.
+                request.state.api_key_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+            limit = (config.batch.max_file_bytes if _route_path(request.scope) == "/v1/files"
+                     else config.http.max_body_bytes)
             length = request.headers.get("content-length")
             if length and length.isdigit() and int(length) > limit:
                 return _error_response(APIError(413, f"request body larger than {limit} bytes",
@@ -263,10 +274,10 @@ class _BodyLimit:
         self.limit_for = limit_for
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not _is_api_path(scope["path"]):
+        if scope["type"] != "http" or not _is_api_path(_route_path(scope)):
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(_route_path(scope))
         received, exceeded, started = 0, False, False
 
         async def limited_receive():
@@ -298,14 +309,23 @@ class _BodyLimit:
             await response(scope, receive, send)
 
 
+def _route_path(scope) -> str:
+    """The request's path within the application: without the route prefix the application
+    is served under (Serve's route_prefix arrives as the ASGI root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 def _is_api_path(path: str) -> bool:
     return path.startswith("/v1/") or path in EXTRA_API_ROUTES
 
 
-def _authorized(request: Request, api_key: str) -> bool:
+def _authorized(request: Request, keys: list[str]) -> str | None:
+    """The accepted key the request carries, or None."""
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(token.encode(), api_key.encode())
+    matches = [key for key in keys if hmac.compare_digest(token.encode(), key.encode())]  # compare with all
+    return matches[0] if matches else None
 
 
 class OpenAIServing:
@@ -362,6 +382,7 @@ class OpenAIServing:
     async def _http(self, url: str, request: Request):
         """A realtime request; fields the API does not know are named in a response header."""
         plan = await self.plan(url, await _json_body(request), REALTIME_LANE, _deadline_header(request))
+        plan.key = _key_id(request)
         return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def respond(self, url: str, data, lane: str):
@@ -376,6 +397,7 @@ class OpenAIServing:
     async def responses(self, request: Request):
         data = await _json_body(request)
         plan = await self._responses_plan(data, REALTIME_LANE, _deadline_header(request))
+        plan.key = _key_id(request)
         return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
 
     async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
@@ -405,9 +427,9 @@ class OpenAIServing:
 
     async def embeddings(self, request: Request):
         body = self.validate("/v1/embeddings", await _json_body(request))
-        return _with_headers(await self._embed(body, REALTIME_LANE), body.ignored_fields())
+        return _with_headers(await self._embed(body, REALTIME_LANE, _key_id(request)), body.ignored_fields())
 
-    async def _embed(self, body: EmbeddingRequest, lane: str) -> dict:
+    async def _embed(self, body: EmbeddingRequest, lane: str, key: str | None = None) -> dict:
         """Each input embedded by an LLM server replica (a seat each at the router)."""
         if body.dimensions is not None:
             size = (await self._model_info())["hidden_size"]
@@ -415,11 +437,12 @@ class OpenAIServing:
                 raise APIError(400, f"dimensions {body.dimensions}: this model's embeddings have {size} "
                                "(shortening them is not supported)", param="dimensions")
         inputs = body.inputs()
-        ticket = await self._admit(lane, len(inputs))
+        ticket = await self._admit(lane, len(inputs), key=key)
         try:
             results = await asyncio.gather(*(self._server_call("embed", x) for x in inputs))
         finally:
             self._release(ticket)
+        self._spent(key, sum(n for _, n in results))
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(vector, body.encoding_format)}
                 for i, (vector, _) in enumerate(results)]
         tokens = sum(n for _, n in results)
@@ -534,7 +557,7 @@ class OpenAIServing:
     async def _run(self, plan: "_Plan", lane: str):
         """Admit through the router, then stream the choices or wait for their final outputs."""
         # A seat per sequence (n choices); the request's priority and deadline order the queue.
-        ticket = await self._admit(lane, len(plan.choices), plan.priority, plan.deadline_s)
+        ticket = await self._admit(lane, len(plan.choices), plan.priority, plan.deadline_s, plan.key)
         priority = LANE_PRIORITY[lane]
         try:
             if plan.body.stream:
@@ -583,14 +606,15 @@ class OpenAIServing:
 
     # --- helpers -------------------------------------------------------------
 
-    async def _admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s: float | None = None) -> int:
+    async def _admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s: float | None = None,
+                     key: str | None = None) -> int:
         """Wait for the router's ticket for `seats` sequences; 429 when the lane's queue is full."""
         self._ensure_sync()
         for attempt in range(2):
             request_id = uuid.uuid4().hex
             self._pending.add(request_id)
             ref = self._router_call("acquire", lane, self.config.router.queue_timeout_s, self.holder, request_id,
-                                    seats, priority, deadline_s)
+                                    seats, priority, deadline_s, key)
             try:
                 ticket = await ref
             except ray.exceptions.RayActorError as exc:
@@ -602,7 +626,7 @@ class OpenAIServing:
                 self.router = self._connect_router()
                 continue
             except BaseException as exc:
-                if not isinstance(exc, (QueueFullError, DeadlineError)):
+                if not isinstance(exc, (QueueFullError, DeadlineError, KeyLimitError)):
                     # The caller left (or the call failed): withdraw the request by name,
                     # whatever state it is in at the router (queued, granted with the
                     # answer on its way, or not arrived yet).
@@ -620,6 +644,11 @@ class OpenAIServing:
 
     def _connect_router(self):
         return get_or_create_router(self.config.router.actor_name, self.config.router.admission_config())
+
+    def _spent(self, key: str | None, tokens: int) -> None:
+        """Count a request's tokens against its API key's per-minute limit (at the router)."""
+        if key is not None and tokens > 0 and self.config.router.key_tokens_per_minute is not None:
+            self._router_call("record_tokens", key, tokens)
 
     def _release(self, ticket: int) -> None:
         self._held.discard(ticket)
@@ -667,6 +696,7 @@ class OpenAIServing:
             raise _to_api_error(exc) from exc
         finally:
             self._release(ticket)
+        self._spent(plan.key, _usage(outputs, _per_prompt(plan))["total_tokens"])
         if plan.responses is not None:
             result = self._finish_response(plan, outputs[0], _usage(outputs))
         else:
@@ -737,6 +767,7 @@ class OpenAIServing:
                             output_index=index, arguments=item["arguments"])
             yield sse_event("response.output_item.done", next(sequence), output_index=index, item=item)
             items.append(item)
+        self._spent(plan.key, _usage([final])["total_tokens"])
         response = self._finish_response(plan, final, _usage([final]), items)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         yield sse_event(kind, next(sequence), response=response)
@@ -796,8 +827,9 @@ class OpenAIServing:
                     content = text
                 choice = _stream_choice(index, content, reason, logprobs, plan)
                 yield _data(_envelope(object_name, body.model, [choice], None, response_id))
+            outputs = [finals[i] for i in sorted(finals)]
+            self._spent(plan.key, _usage(outputs, _per_prompt(plan))["total_tokens"])
             if body.stream_options and body.stream_options.include_usage:
-                outputs = [finals[i] for i in sorted(finals)]
                 yield _data(_envelope(object_name, body.model, [], _usage(outputs, _per_prompt(plan)), response_id))
             yield "data: [DONE]\n\n"
         finally:
@@ -873,6 +905,10 @@ def _envelope(object_name, model, choices, usage, response_id=None) -> dict:
     if usage is not None:
         payload["usage"] = usage
     return payload
+
+
+def _key_id(request: Request) -> str | None:
+    return getattr(request.state, "api_key_id", None)
 
 
 def _deadline_header(request: Request) -> float | None:
@@ -995,6 +1031,7 @@ class _Plan:
     responses: "_ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
     priority: int = 0  # within its lane at the router: lower first
     deadline_s: float | None = None  # its first token is due within this many seconds
+    key: str | None = None  # an id of the API key it came with (per-key limits)
 
 
 @dataclass

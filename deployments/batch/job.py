@@ -45,7 +45,7 @@ class LocalServing(OpenAIServing):
     def _connect_router(self):
         return None
 
-    async def _admit(self, lane: str, seats: int = 1) -> int:
+    async def _admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s=None, key=None) -> int:
         return 0
 
     def _release(self, ticket: int) -> None:

@@ -334,3 +334,27 @@ def test_deadlines_the_queue_cannot_meet_are_refused_at_once():
             task.cancel()
 
     asyncio.run(main())
+
+
+def test_per_key_limits_on_requests_in_flight_and_tokens_per_minute():
+    from cluster.admission import KeyLimitError
+
+    async def main():
+        ctl = _controller(max_inflight=8, max_batch_size=8, key_max_inflight=3, key_tokens_per_minute=100)
+        held = [await ctl.acquire("realtime", key="a", seats=2), await ctl.acquire("realtime", key="a")]
+        with pytest.raises(KeyLimitError, match="limit is 3"):
+            await ctl.acquire("realtime", key="a")
+        other = await ctl.acquire("realtime", key="b")  # another key is not held back
+        ctl.release(held.pop())
+        held.append(await ctl.acquire("realtime", key="a"))
+        ctl.record_tokens("b", 60)
+        ctl.record_tokens("b", 50)
+        with pytest.raises(KeyLimitError, match="tokens") as over:
+            await ctl.acquire("realtime", key="b")
+        assert 50 < over.value.retry_after_s <= 60
+        assert await ctl.acquire("realtime") is not None  # no key: no per-key limit
+        assert ctl.stats()["key_limited"] == 2
+        for ticket in held + [other]:
+            ctl.release(ticket)
+
+    asyncio.run(main())

@@ -4,6 +4,7 @@ replica. A second application beside the session's, removed at the end."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,23 +17,37 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 TEXT = (Path(__file__).parents[1] / "data" / "long_prompt.txt").read_text()
 
 
+SECOND_KEY, ENV_KEY = "second-key", "env-key"
+
+
 @pytest.fixture(scope="module")
-def two_replicas(serve_app, app_config, tmp_path_factory):
+def two_replicas(serve_app, app_config, tmp_path_factory, monkeypatch_module):
     from ray import serve
 
     from deployments.app import build_app
 
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text(f"# accepted keys\n{SECOND_KEY}\n")
+    monkeypatch_module.setenv("SEMLINE_API_KEYS", ENV_KEY)
     config = app_config.model_copy(update={
+        "api_keys_file": str(keys_file),
         "server": app_config.server.model_copy(update={
             "num_cpus": 1, "autoscaling": app_config.server.autoscaling.model_copy(
                 update={"min_replicas": 2, "max_replicas": 2})}),
         "router": app_config.router.model_copy(update={"actor_name": "semline-router-routing",
-                                                       "max_inflight_per_replica": 32, "max_queued_realtime": 64}),
+                                                       "max_inflight_per_replica": 32, "max_queued_realtime": 64,
+                                                       "key_max_inflight": 40}),
         "batch": app_config.batch.model_copy(update={"storage_dir": str(tmp_path_factory.mktemp("routing"))}),
     })
     serve.run(build_app(config), name="routing", route_prefix="/routing")
     yield f"{serve_app}/routing"
     serve.delete("routing")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def _complete(base: str, prompt: str, max_tokens: int = 4) -> httpx.Response:
@@ -98,3 +113,29 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(serve_app):
     ok = httpx.post(f"{serve_app}/v1/completions", headers=HEADERS, timeout=60,
                     json={**body, "max_tokens": 2, "priority": -3, "ttft_deadline_ms": 30000})
     assert ok.status_code == 200, ok.text
+
+
+def test_several_api_keys_and_a_per_key_limit(two_replicas):
+    """Keys from the config, a keys file and $SEMLINE_API_KEYS are all accepted; each key has
+    its own budget of sequences in flight (40 here): a third n=16 request of one key is
+    refused with 429 key_limit while the other keys are served."""
+    import threading
+
+    for key in (API_KEY, SECOND_KEY, ENV_KEY):
+        assert httpx.get(f"{two_replicas}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert httpx.get(f"{two_replicas}/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    second = {"Authorization": f"Bearer {SECOND_KEY}"}
+    wide = {"model": MODEL, "prompt": "Count:", "max_tokens": 64, "ignore_eos": True, "n": 16, "temperature": 0}
+    threads = [threading.Thread(target=httpx.post, args=(f"{two_replicas}/v1/completions",),
+                                kwargs={"json": wide, "headers": second, "timeout": 120}) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    refused = httpx.post(f"{two_replicas}/v1/completions", json=wide, headers=second, timeout=60)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "key_limit", refused.text
+    assert "retry-after" in refused.headers
+    served = httpx.post(f"{two_replicas}/v1/completions", headers={"Authorization": f"Bearer {ENV_KEY}"},
+                        timeout=60, json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+    assert served.status_code == 200
+    for thread in threads:
+        thread.join()
