@@ -104,6 +104,9 @@ class AdmissionConfig:
     # the last minute.
     key_max_inflight: int | None = None
     key_tokens_per_minute: int | None = None
+    # A router restarted after a crash admits nothing for this long, while the holders
+    # report the tickets they hold (a little more than their reporting period).
+    recovery_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_inflight < 0 or self.max_batch_size < 1:
@@ -176,6 +179,8 @@ class AdmissionController:
         self.num_deadline_refused = 0  # refused at once: the queue could not meet the deadline
         self.num_deadline_missed = 0  # the deadline passed (before arrival, or while waiting)
         self.num_key_limited = 0  # refused: the API key was over its limits
+        self.num_adopted = 0  # tickets of an earlier router that holders reported
+        self._paused_until = 0.0
 
     # --- API -------------------------------------------------------------------
 
@@ -321,15 +326,29 @@ class AdmissionController:
         """`holder` holds exactly the tickets `held` and still awaits the answers to the
         requests `pending`: reclaim the other tickets granted to it (once past the grace
         period: a grant whose answer is slow to arrive is still pending), and note that the
-        holder is alive. Returns the tickets reclaimed."""
+        holder is alive. Returns the tickets reclaimed.
+
+        `held` lists ticket numbers, or [ticket, lane, seats, key] entries: a ticket this
+        controller does not know (granted by a router that died before it) is adopted, so a
+        router that replaces another counts the work still in flight and does not over-admit."""
         now = time.monotonic()
         self._holders[holder] = now
-        held, pending, grace = set(held), set(pending), self.config.reclaim_grace_s
+        entries = [entry if isinstance(entry, (list, tuple)) else [entry, None, 1, None] for entry in held]
+        for ticket, lane, seats, key in entries:
+            if ticket not in self._inflight and lane in LANES:
+                self._inflight[ticket] = _Grant(lane, holder, None, now, max(1, int(seats)), key)
+                self.num_adopted += 1
+        held, pending, grace = {entry[0] for entry in entries}, set(pending), self.config.reclaim_grace_s
         lost = [ticket for ticket, grant in self._inflight.items()
                 if grant.holder == holder and ticket not in held and grant.request_id not in pending
                 and now - grant.granted_at > grace]
         self._reclaim(lost)
         return lost
+
+    def pause(self, seconds: float) -> None:
+        """Grant nothing for `seconds`: a router restarted after a crash lets the holders
+        report the tickets they hold (reconcile) before it admits more."""
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def expire_holders(self) -> dict[str, list[int]]:
         """Reclaim every ticket of holders silent for holder_ttl_s: {holder: tickets}."""
@@ -362,7 +381,7 @@ class AdmissionController:
                 "queued": {lane: len(q) for lane, q in self._queues.items()},
                 "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
                 "deadline_refused": self.num_deadline_refused, "deadline_missed": self.num_deadline_missed,
-                "key_limited": self.num_key_limited,
+                "key_limited": self.num_key_limited, "adopted": self.num_adopted,
                 "holders": len(self._holders)}
 
     # --- the dispatcher -------------------------------------------------------------
@@ -383,6 +402,8 @@ class AdmissionController:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if time.monotonic() < self._paused_until:
+                await asyncio.sleep(self._paused_until - time.monotonic())
             while self._capacity() > 0 and self._next_lane() is not None:
                 await self._gather(self._next_lane())
                 if not self._grant_batch():  # the heads need more seats than are free: wait for releases

@@ -5,6 +5,10 @@ before they send work to the LLM server and give the ticket back when the
 request ends; token streams then go from the LLM server to the ingress
 directly, so tokens make no extra hop through the router.
 
+The router is a detached actor: it outlives the replica that created it, and Ray
+restarts it after a crash; a restarted router admits nothing until the holders
+have reported the tickets they hold (it adopts them), so it never over-admits.
+
 The router's capacity follows the live replicas: each LLM server replica sends
 a heartbeat every second with how many requests it takes at once; a replica
 silent for `replica_ttl_s` no longer counts. The heartbeat's answer carries the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 
 import ray
 from ray.util.metrics import Counter, Gauge
@@ -65,6 +70,12 @@ class Router:
         self._replicas: dict[str, tuple[int, float]] = {}  # replica id -> (capacity, last heartbeat)
         self._reaper: asyncio.Task | None = None
         self.metrics = RouterMetrics()
+        if _reconstructed():
+            # Restarted by Ray after a crash: the holders still hold the tickets of the router
+            # that died. Admit nothing until they have reported them (sync adopts them).
+            logger.warning("router restarted; admitting nothing for %.1f s while holders report their tickets",
+                           self.admission.config.recovery_s)
+            self.admission.pause(self.admission.config.recovery_s)
 
     async def acquire(self, lane: str, timeout_s: float | None = None, holder: str | None = None,
                       request_id: str | None = None, seats: int = 1, priority: int = 0,
@@ -98,9 +109,10 @@ class Router:
     async def withdraw(self, request_id: str) -> None:
         self.admission.withdraw(request_id)
 
-    async def sync(self, holder: str, tickets: list[int], pending: list[str] = ()) -> list[int]:
-        """`holder` is alive, holds exactly `tickets` and awaits the answers to the requests
-        `pending`; returns the tickets reclaimed from it."""
+    async def sync(self, holder: str, tickets: list, pending: list[str] = ()) -> list[int]:
+        """`holder` is alive, holds exactly `tickets` ([ticket, lane, seats, key] entries, or
+        bare numbers) and awaits the answers to the requests `pending`; returns the tickets
+        reclaimed from it. Tickets of an earlier router are adopted."""
         lost = self.admission.reconcile(holder, tickets, pending)
         if lost:
             logger.warning("reclaimed %d ticket(s) %s that holder %s no longer holds", len(lost), lost, holder)
@@ -145,8 +157,20 @@ class Router:
                 self.metrics.reclaimed.inc(len(tickets), {"reason": "holder_gone"})
 
 
+def _reconstructed() -> bool:
+    """Whether Ray restarted this actor after a crash."""
+    try:
+        with warnings.catch_warnings():  # Ray's own property warns about an attribute it reads
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # noqa: BLE001 - not in an actor (a test driving Router directly)
+        return False
+
+
 def get_or_create_router(name: str, config: dict):
-    """The named router actor, created on first use (it reserves no CPU)."""
+    """The named router actor, created on first use (it reserves no CPU). Detached: it
+    outlives the replica that happened to create it; Ray restarts it after a crash."""
     return ray.remote(Router).options(
         name=name, get_if_exists=True, num_cpus=0, max_concurrency=100_000, max_restarts=-1,
+        lifetime="detached",
     ).remote(config)

@@ -110,6 +110,7 @@ class RouterSettings(_Strict):
             "retry_after_s": self.retry_after_s,
             "holder_ttl_s": self.holder_ttl_s,
             "reclaim_grace_s": 2 * self.holder_sync_s,
+            "recovery_s": 1.5 * self.holder_sync_s,
             "key_max_inflight": self.key_max_inflight,
             "key_tokens_per_minute": self.key_tokens_per_minute,
         }

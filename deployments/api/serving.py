@@ -341,7 +341,7 @@ class OpenAIServing:
         # This process's name at the router and the tickets it holds, reported every
         # router.holder_sync_s so the router can reclaim any ticket that went astray.
         self.holder = f"{type(self).__name__}-{uuid.uuid4().hex[:12]}"
-        self._held: set[int] = set()
+        self._held: dict[int, list] = {}  # ticket -> [ticket, lane, seats, key], as the router is told
         self._pending: set[str] = set()  # request ids whose admission is on its way
         self._sync_task: asyncio.Task | None = None
         self._model_info_cache: dict | None = None
@@ -624,6 +624,10 @@ class OpenAIServing:
                     raise APIError(503, "the router is unavailable; retry", "server_error",
                                    code="router_unavailable") from exc
                 self.router = self._connect_router()
+                try:  # tell the new router at once what this process holds (it adopts it)
+                    await self._router_call("sync", self.holder, list(self._held.values()), sorted(self._pending))
+                except Exception as sync_exc:  # noqa: BLE001 - the periodic sync tries again
+                    logger.debug("sync with the new router failed: %s", sync_exc)
                 continue
             except BaseException as exc:
                 if not isinstance(exc, (QueueFullError, DeadlineError, KeyLimitError)):
@@ -638,7 +642,7 @@ class OpenAIServing:
                 self._pending.discard(request_id)
             if ticket is None:  # withdrawn: only this process withdraws its requests, so never
                 raise APIError(503, "admission was withdrawn; retry", "server_error")
-            self._held.add(ticket)
+            self._held[ticket] = [ticket, lane, seats, key]
             return ticket
         raise AssertionError("unreachable")
 
@@ -651,7 +655,7 @@ class OpenAIServing:
             self._router_call("record_tokens", key, tokens)
 
     def _release(self, ticket: int) -> None:
-        self._held.discard(ticket)
+        self._held.pop(ticket, None)
         self._router_call("release", ticket)
 
     def _router_call(self, method: str, *args):
@@ -669,7 +673,7 @@ class OpenAIServing:
         """Tell the router which tickets this process holds, every router.holder_sync_s."""
         while True:
             try:
-                lost = await self._router_call("sync", self.holder, sorted(self._held), sorted(self._pending))
+                lost = await self._router_call("sync", self.holder, list(self._held.values()), sorted(self._pending))
                 if lost:
                     logger.warning("the router reclaimed ticket(s) %s this process had lost", lost)
             except Exception as exc:  # noqa: BLE001 - a router restarting: the next admission reconnects

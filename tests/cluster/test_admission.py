@@ -358,3 +358,23 @@ def test_per_key_limits_on_requests_in_flight_and_tokens_per_minute():
             ctl.release(ticket)
 
     asyncio.run(main())
+
+
+def test_a_new_router_adopts_the_tickets_holders_report_and_waits_for_them():
+    """A router that replaces one that died learns the work in flight from the holders'
+    reports, so it does not admit past the capacity; paused, it grants nothing meanwhile."""
+    async def main():
+        ctl = _controller(max_inflight=2, max_batch_size=4)
+        ctl.pause(0.2)
+        waiter = asyncio.create_task(ctl.acquire("realtime", holder="ingress"))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()  # paused: the holders have not reported yet
+        ctl.reconcile("ingress", [[17, "realtime", 1, None], [18, "batch", 1, "k"]])
+        assert ctl.stats()["inflight"] == 2 and ctl.stats()["adopted"] == 2
+        await asyncio.sleep(0.2)
+        assert not waiter.done()  # the adopted tickets fill the capacity
+        ctl.release(17)
+        assert await asyncio.wait_for(waiter, 1) is not None
+        assert ctl.stats()["inflight"] == 2
+
+    asyncio.run(main())
