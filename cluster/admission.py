@@ -72,6 +72,8 @@ class KeyLimitError(Exception):
 
 # The window of the per-key token limit (seconds).
 TOKEN_WINDOW_S = 60.0
+# The window over which realtime queue waits are reported to the autoscaler (seconds).
+WAIT_WINDOW_S = 10.0
 # How long a ticket is held, until the router has seen some (seconds): the first estimate
 # of how long a queue takes to move.
 DEFAULT_HOLD_S = 1.0
@@ -180,6 +182,8 @@ class AdmissionController:
         self.num_deadline_missed = 0  # the deadline passed (before arrival, or while waiting)
         self.num_key_limited = 0  # refused: the API key was over its limits
         self.num_adopted = 0  # tickets of an earlier router that holders reported
+        # (when, seconds waited) of recent realtime grants: the queue wait the autoscaler sees
+        self._realtime_waits: deque[tuple[float, float]] = deque(maxlen=4096)
         self._paused_until = 0.0
 
     # --- API -------------------------------------------------------------------
@@ -249,6 +253,19 @@ class AdmissionController:
         """A request of `key` used `tokens` (prompt and output): counted for a minute."""
         if self.config.key_tokens_per_minute is not None and tokens > 0:
             self._key_tokens.setdefault(key, deque()).append((time.monotonic(), tokens))
+
+    def realtime_queue_wait(self, window_s: float = WAIT_WINDOW_S) -> float:
+        """How long realtime requests wait for admission now: the 90th percentile of the waits
+        granted in the last `window_s`, or the oldest waiter's age if that is longer (a queue
+        that grants nothing has no recent waits)."""
+        now = time.monotonic()
+        while self._realtime_waits and now - self._realtime_waits[0][0] > window_s:
+            self._realtime_waits.popleft()
+        waits = sorted(wait for _, wait in self._realtime_waits)
+        p90 = waits[min(len(waits) - 1, int(0.9 * len(waits)))] if waits else 0.0
+        queue = self._queues[REALTIME_LANE]
+        oldest = max((now - w.enqueued_at for w in queue if not w.granted.done()), default=0.0)
+        return max(p90, oldest)
 
     def _check_key(self, key: str, seats: int) -> None:
         limit = self.config.key_max_inflight
@@ -382,6 +399,7 @@ class AdmissionController:
                 "rejected": dict(self.num_rejected), "reclaimed": self.num_reclaimed,
                 "deadline_refused": self.num_deadline_refused, "deadline_missed": self.num_deadline_missed,
                 "key_limited": self.num_key_limited, "adopted": self.num_adopted,
+                "realtime_queue_wait_s": self.realtime_queue_wait(),
                 "holders": len(self._holders)}
 
     # --- the dispatcher -------------------------------------------------------------
@@ -461,6 +479,9 @@ class AdmissionController:
                 if waiter.request_id is not None:
                     self._granted[waiter.request_id] = waiter.ticket
                 self.grant_log.append((lane, waiter.ticket, self._last_ticket))
+                if lane == REALTIME_LANE:
+                    now = time.monotonic()
+                    self._realtime_waits.append((now, now - waiter.enqueued_at))
                 waiter.granted.set_result(waiter.ticket)
                 seats -= need
                 room -= need

@@ -26,6 +26,10 @@ class AutoscalingSettings(_Strict):
     downscale_delay_s: float = Field(30.0, ge=0, description="Sustained idleness before scaling down (seconds).")
     metrics_interval_s: float | None = Field(None, gt=0, description="How often replicas report load (Serve's default when unset).")
     look_back_period_s: float | None = Field(None, gt=0, description="Window load is averaged over (Serve's default when unset).")
+    target_queue_wait_s: float | None = Field(None, gt=0, description="Scale up while realtime requests wait "
+                                              "longer than this at the router (p90 of the last 10 s).")
+    target_ttft_p90_s: float | None = Field(None, gt=0, description="Scale up while realtime time to first token "
+                                            "(router wait + replica TTFT, p90 of the last 10 s) exceeds this.")
 
     def serve_autoscaling_config(self) -> dict:
         """Serve's autoscaling_config, with the policy that counts the router's backlog."""
@@ -35,7 +39,9 @@ class AutoscalingSettings(_Strict):
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
-            "policy": {"policy_function": "deployments.ops.autoscaling:backlog_policy"},
+            "policy": {"policy_function": "deployments.ops.autoscaling:BacklogPolicy",
+                       "policy_kwargs": {"target_queue_wait_s": self.target_queue_wait_s,
+                                         "target_ttft_p90_s": self.target_ttft_p90_s}},
         }
         for key in ("metrics_interval_s", "look_back_period_s"):
             if getattr(self, key) is not None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 
 import ray
@@ -28,6 +30,8 @@ from deployments.api.chat import render_chat, resolve_parser_name
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD_S = 1.0
+# The window of the realtime TTFT reported to the autoscaler (seconds).
+TTFT_WINDOW_S = 10.0
 
 
 class LLMServer:
@@ -45,6 +49,7 @@ class LLMServer:
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
         self.router_stats: dict = {}
+        self._ttfts: deque[tuple[float, float]] = deque(maxlen=4096)  # (when, realtime TTFT)
         self.metrics = ServerMetrics(model_name)
         self.router_name, self.router_config = router_name, router_config or {}
         if router_name is not None:
@@ -73,11 +78,15 @@ class LLMServer:
         Every output names this replica (served_by); so does the announcement (instead of None)."""
         stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority)
         tracker = self.metrics.request_tracker(priority)
+        started, first = time.monotonic(), True
         try:
             if announce:
                 yield self.replica_id
             async for output in stream:
                 tracker.observe(output)
+                if first and output.token_ids and priority == 0:  # realtime TTFT, for the autoscaler
+                    self._ttfts.append((time.monotonic(), time.monotonic() - started))
+                first = first and not output.token_ids
                 output.served_by = self.replica_id
                 yield output
         finally:
@@ -130,9 +139,16 @@ class LLMServer:
         return {"num_free_blocks": stats.num_free_blocks, "num_waiting": stats.num_waiting}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Work the router holds back counts as demand (see deployments.ops.autoscaling)."""
+        """Work the router holds back counts as demand, and the realtime latency users feel
+        (router wait, this replica's TTFT) can ask for replicas (deployments.ops.autoscaling)."""
         queued = self.router_stats.get("queued", {})
-        return {"router_queued": float(sum(queued.values()))}
+        now = time.monotonic()
+        while self._ttfts and now - self._ttfts[0][0] > TTFT_WINDOW_S:
+            self._ttfts.popleft()
+        ttfts = sorted(t for _, t in self._ttfts)
+        return {"router_queued": float(sum(queued.values())),
+                "router_queue_wait_s": float(self.router_stats.get("realtime_queue_wait_s", 0.0)),
+                "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))] if ttfts else 0.0}
 
     def check_health(self) -> None:
         """Called by Serve: an engine whose loop died makes the replica unhealthy."""

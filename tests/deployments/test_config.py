@@ -35,7 +35,7 @@ def test_autoscaling_becomes_serve_options():
     from ray.serve.config import AutoscalingConfig
 
     serve_config = AutoscalingConfig.model_validate(options["autoscaling_config"])
-    assert serve_config.policy.policy_function == "deployments.ops.autoscaling:backlog_policy"
+    assert serve_config.policy.policy_function == "deployments.ops.autoscaling:BacklogPolicy"
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
 
 
