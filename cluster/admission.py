@@ -368,12 +368,19 @@ class AdmissionController:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def expire_holders(self) -> dict[str, list[int]]:
-        """Reclaim every ticket of holders silent for holder_ttl_s: {holder: tickets}."""
+        """Reclaim every ticket of holders silent for holder_ttl_s, and drop the requests they
+        still have queued (nobody would take the ticket: it would be a seat lost for good):
+        {holder: tickets}."""
         now = time.monotonic()
         gone = [holder for holder, seen in self._holders.items() if now - seen > self.config.holder_ttl_s]
         reclaimed = {}
         for holder in gone:
             del self._holders[holder]
+            for queue in self._queues.values():
+                for waiter in [w for w in queue if w.holder == holder]:
+                    queue.remove(waiter)
+                    if not waiter.granted.done():
+                        waiter.granted.set_result(None)
             tickets = [ticket for ticket, grant in self._inflight.items() if grant.holder == holder]
             self._reclaim(tickets)
             if tickets:

@@ -219,7 +219,7 @@ class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # A string, or a list of content parts: text parts are joined (one per line); other
     # kinds (images, audio, files) are refused, naming the part, since the served models read text.
-    # None only for an assistant message that carries tool_calls.
+    # Null or absent: no text (an assistant message that only carries tool_calls).
     content: str | list[dict] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -241,8 +241,6 @@ class ChatMessage(_Open):
 
     @model_validator(mode="after")
     def _by_role(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
         if self.tool_calls and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:

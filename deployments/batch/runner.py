@@ -32,6 +32,8 @@ from deployments.api.protocol import window_seconds
 
 logger = logging.getLogger(__name__)
 
+# A batch's lease (seconds), renewed every third of it while its runner works.
+LEASE_TTL_S = 30.0
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 
 # What the ingress may call through BatchRunner.call.
@@ -154,6 +156,7 @@ class BatchRunner:
         self.config = config
         self.settings = config.batch
         self.store = BatchStore(self.settings.storage_dir)
+        self.owner = f"runner-{uuid.uuid4().hex[:12]}"  # this replica, as lease holder
         self.serving = OpenAIServing(llm, config)
         self.slots = asyncio.Semaphore(self.settings.max_concurrency)
         self.jobs: dict[str, Job] = {}
@@ -260,6 +263,15 @@ class BatchRunner:
             task.cancel()
         return dict(job.batch)
 
+    def __del__(self) -> None:
+        """Serve stops this replica (a redeploy, a scale-in): hand back the leases at once, so
+        the runner that replaces it resumes the batches without waiting for them to expire."""
+        for batch_id in list(getattr(self, "jobs", {})):
+            try:
+                self.store.release_lease(batch_id, self.owner)
+            except Exception:  # noqa: BLE001 - shutting down; the lease expires by itself
+                pass
+
     async def check_health(self) -> None:
         for job in self.jobs.values():
             if job.task is not None and job.task.done() and job.batch["status"] in OPEN_STATUSES:
@@ -292,6 +304,12 @@ class BatchRunner:
 
     async def _run(self, job: Job) -> None:
         batch = job.batch
+        # Only the lease holder runs a batch and writes its log: a runner that Serve starts
+        # while the one it replaces still runs waits for the lease, or takes it over once it
+        # expires (its holder gone).
+        while not self.store.acquire_lease(batch["id"], self.owner, LEASE_TTL_S):
+            await asyncio.sleep(LEASE_TTL_S / 3)
+        keeper = asyncio.get_running_loop().create_task(self._keep_lease(job, asyncio.current_task()))
         watchdog = asyncio.get_running_loop().create_task(self._expire_at_deadline(job))
         try:
             if batch["status"] in ("validating", "in_progress") and not job.expired:
@@ -307,6 +325,20 @@ class BatchRunner:
             self._set_status(job, "failed")
         finally:
             watchdog.cancel()
+            keeper.cancel()
+            self.store.release_lease(batch["id"], self.owner)
+
+    async def _keep_lease(self, job: Job, runner: asyncio.Task) -> None:
+        """Renew the lease while the batch runs; one lost (this runner stalled past its expiry
+        and another took over) stops this runner's work on the batch at once."""
+        while True:
+            await asyncio.sleep(LEASE_TTL_S / 3)
+            if not self.store.acquire_lease(job.batch["id"], self.owner, LEASE_TTL_S):
+                logger.error("batch %s: lost its lease to another runner; stopping here", job.batch["id"])
+                for task in list(job.tasks):
+                    task.cancel()
+                runner.cancel()
+                return
 
     async def _expire_at_deadline(self, job: Job) -> None:
         """completion_window, as OpenAI enforces it: when it ends, the lines still running

@@ -17,6 +17,8 @@ path outside the storage directory.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -151,6 +153,52 @@ class BatchStore:
 
     def open_results(self, batch_id: str) -> "ResultLog":
         return ResultLog(self._batch_path(batch_id, ".log", must_exist=False))
+
+    # --- leases ---------------------------------------------------------------------
+
+    def acquire_lease(self, batch_id: str, owner: str, ttl_s: float) -> bool:
+        """Take or renew the batch's lease for `owner` for `ttl_s` seconds; False while another
+        owner holds one that has not expired. Only the lease holder runs a batch and writes
+        its results log. Atomic across the processes that share this storage (an exclusive
+        POSIX lock around the read and the write)."""
+        with self._lease_file(batch_id) as f:
+            current = _read_lease(f)
+            now = time.time()
+            if current and current["owner"] != owner and current["expires_at"] > now:
+                return False
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"owner": owner, "expires_at": now + ttl_s}))
+            f.flush()
+            os.fsync(f.fileno())
+            return True
+
+    def release_lease(self, batch_id: str, owner: str) -> None:
+        with self._lease_file(batch_id) as f:
+            current = _read_lease(f)
+            if current and current["owner"] == owner:
+                f.seek(0)
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+
+    @contextlib.contextmanager
+    def _lease_file(self, batch_id: str):
+        with open(self._batch_path(batch_id, ".lease", must_exist=False), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield f
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_lease(f) -> dict | None:
+    f.seek(0)
+    text = f.read()
+    try:
+        return json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:  # torn by a crash mid-write: as good as expired
+        return None
 
 
 class ResultLog:

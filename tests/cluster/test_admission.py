@@ -378,3 +378,22 @@ def test_a_new_router_adopts_the_tickets_holders_report_and_waits_for_them():
         assert ctl.stats()["inflight"] == 2
 
     asyncio.run(main())
+
+
+def test_a_silent_holders_queued_requests_are_dropped_not_granted():
+    """A holder that went away (a replica deleted or killed) left requests queued: they are
+    dropped with its tickets, so no seat is granted to nobody (found when the router began
+    to outlive the application it served)."""
+    async def main():
+        ctl = _controller(max_inflight=1, max_batch_size=4, holder_ttl_s=0.1)
+        held = await ctl.acquire("batch", holder="gone")
+        queued = [asyncio.create_task(ctl.acquire("batch", holder="gone")) for _ in range(3)]
+        live = asyncio.create_task(ctl.acquire("batch", holder="alive"))
+        await asyncio.sleep(0.15)
+        ctl.reconcile("alive", [])
+        assert ctl.expire_holders() == {"gone": [held]}
+        assert await asyncio.wait_for(live, 1) is not None  # the live holder gets the seat
+        assert [await asyncio.wait_for(t, 1) for t in queued] == [None, None, None]
+        assert ctl.stats()["queued"]["batch"] == 0 and ctl.stats()["requests_inflight"] == 1
+
+    asyncio.run(main())

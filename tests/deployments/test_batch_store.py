@@ -54,3 +54,24 @@ def test_parse_input_marks_bad_lines_and_refuses_files_that_are_not_jsonl():
         parse_input(b"a,b\n1,2\n", "/v1/completions")
     with pytest.raises(APIError, match="not UTF-8"):
         parse_input(b"\xff\xfe\n", "/v1/completions")
+
+
+def test_a_batch_lease_has_one_holder_until_it_expires(tmp_path):
+    """Two runners on the same storage: the second cannot take a batch the first holds, can
+    once the first releases it or its lease expires (its holder gone), and a renewal by the
+    holder keeps it."""
+    import time
+
+    from deployments.batch.store import BatchStore
+
+    first, second = BatchStore(tmp_path), BatchStore(tmp_path)  # two processes' views
+    batch_id = first.new_batch_id()
+    assert first.acquire_lease(batch_id, "runner-a", ttl_s=0.3)
+    assert not second.acquire_lease(batch_id, "runner-b", ttl_s=0.3)
+    assert first.acquire_lease(batch_id, "runner-a", ttl_s=0.3)  # renewed
+    first.release_lease(batch_id, "runner-b")  # not its lease: no effect
+    assert not second.acquire_lease(batch_id, "runner-b", ttl_s=0.3)
+    first.release_lease(batch_id, "runner-a")
+    assert second.acquire_lease(batch_id, "runner-b", ttl_s=0.3)
+    time.sleep(0.4)  # runner-b went away without releasing: its lease expires
+    assert first.acquire_lease(batch_id, "runner-a", ttl_s=0.3)

@@ -132,6 +132,10 @@ def test_every_route_survives_fuzzing(serve_app):
     with httpx.Client(timeout=TIMEOUT_S) as http:
         for operation in operations:
             for mode, examples in EXAMPLES.items():
+                if mode == "positive" and operation.path == "/v1/chat/completions":
+                    # Its messages carry rules between fields that the schema cannot state
+                    # (a tool message needs tool_call_id, ...): most generated ones are 400s.
+                    examples = 48
                 strategy = operation.as_strategy(generation_mode=GenerationMode(mode)).map(_bounded)
 
                 @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
