@@ -402,12 +402,7 @@ class OpenAIServing:
 
     async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
-        if not isinstance(data, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        try:
-            body = ResponsesRequest.model_validate(data)
-        except ValidationError as exc:
-            raise _to_api_error(exc) from exc
+        body = self._validate_plain(ResponsesRequest, data)
         history: list[dict] = []
         if body.previous_response_id is not None:
             history = self.response_store.get(body.previous_response_id)
@@ -463,7 +458,7 @@ class OpenAIServing:
         return {"prompt": await self._server_call("detokenize", body.tokens)}
 
     def _validate_plain(self, model: type[BaseModel], data):
-        """A request body whose `model` is optional (vLLM's /tokenize, /detokenize)."""
+        """A request body validated by `model` (400), naming the served model if any (404)."""
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:

@@ -64,22 +64,12 @@ class ToolParser:
 
     def grammar(self, tools: list[dict], parallel: bool) -> str:
         """EBNF (xgrammar's dialect) for the answer when a call is required."""
-        one = self._call_rule()
-        repeat = f' ({self._separator()} call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
-        return f"root ::= {self._prefix()}call{repeat}{self._suffix()}\ncall ::= {one}\n" + _json_rules(
-            tools, self.arguments_key)
+        repeat = f' ({self.grammar_separator} call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+        return (f"root ::= {self.grammar_prefix}call{repeat}{self.grammar_suffix}\ncall ::= {self.grammar_call}\n"
+                + _json_rules(tools, self.arguments_key))
 
-    def _prefix(self) -> str:
-        return ""
-
-    def _suffix(self) -> str:
-        return ""
-
-    def _separator(self) -> str:
-        return '"\\n"'
-
-    def _call_rule(self) -> str:
-        return "call_json"
+    # EBNF pieces of the forced answer: around the calls, between calls, around each call.
+    grammar_prefix, grammar_suffix, grammar_separator, grammar_call = "", "", '"\\n"', "call_json"
 
     def _call(self, obj) -> ParsedCall | None:
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -125,8 +115,7 @@ class HermesParser(ToolParser):
         content = text[:first].strip()
         return content or None, calls
 
-    def _call_rule(self) -> str:
-        return '"<tool_call>\\n" call_json "\\n</tool_call>"'
+    grammar_call = '"<tool_call>\\n" call_json "\\n</tool_call>"'
 
 
 class Llama3JsonParser(ToolParser):
@@ -163,8 +152,7 @@ class Llama3JsonParser(ToolParser):
             position = len(body) - len(rest)
         return None, calls
 
-    def _separator(self) -> str:
-        return '"; "'
+    grammar_separator = '"; "'
 
 
 class MistralParser(ToolParser):
@@ -193,14 +181,7 @@ class MistralParser(ToolParser):
         content = text[:first].strip()
         return content or None, calls
 
-    def _prefix(self) -> str:
-        return '"[TOOL_CALLS][" '
-
-    def _suffix(self) -> str:
-        return ' "]"'
-
-    def _separator(self) -> str:
-        return '", "'
+    grammar_prefix, grammar_suffix, grammar_separator = '"[TOOL_CALLS][" ', ' "]"', '", "'
 
 
 PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)}
