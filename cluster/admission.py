@@ -294,9 +294,10 @@ class AdmissionController:
         taken and waiting ahead of it (its lane and the lanes above, at its priority or
         better), over the capacity, times how long a ticket is held."""
         remaining = waiter.deadline - time.monotonic()
-        if remaining <= 0:
-            self.num_deadline_missed += 1
-            raise DeadlineError("the request's deadline has already passed", passed=True)
+        if remaining <= 0:  # a relative deadline this short cannot be met: refused like one the queue cannot meet
+            self.num_deadline_refused += 1
+            raise DeadlineError("the request's deadline is over before it could be admitted", passed=False,
+                                retry_after_s=self.config.retry_after_s)
         need = self._seats(waiter)
         if self._capacity() >= need and self._lane_room(waiter.lane) >= need and not self._queues[waiter.lane]:
             return  # admitted at once

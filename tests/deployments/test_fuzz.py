@@ -100,7 +100,9 @@ def _check(case, response, schemas: ResponseSchemas) -> None:
     STATS["cases"] = STATS.get("cases", 0) + 1
     STATS[f"{response.status_code // 100}xx"] = STATS.get(f"{response.status_code // 100}xx", 0) + 1
     where = f"{case.method} {case.path} {getattr(case, 'body', None)!r:.2000}"
-    assert response.status_code < 500, f"{where} -> {response.status_code} {response.text[:300]}"
+    # A 5xx only as designed: a TTFT deadline that passed while the request waited (503).
+    designed = response.status_code == 503 and '"deadline_exceeded"' in response.text
+    assert response.status_code < 500 or designed, f"{where} -> {response.status_code} {response.text[:300]}"
     if response.status_code >= 400:
         error = json.loads(response.text)["error"]  # an OpenAI-style body, never a stack trace
         assert error["message"] and error["type"], where
