@@ -327,6 +327,10 @@ class ParallelRunner:
         self.wall_seconds, self.num_steps, self.num_rebuilds = 0.0, 0, 0
         self._suspects: set[int] = set()  # stages whose workers failed the last step
         self._assemble = LogitsAssembler(self.args.vocab_size)
+        # LoRA slots (engine/lora.py): what each holds, and the changes the next plan carries to
+        # every worker (each keeps its layers' and its rank's share).
+        self._loras: dict[int, object] = {}
+        self._lora_updates: dict[int, object] = {}
         logger.info("%d stage(s) (layers %s) of %d tensor-parallel worker(s), %d KV blocks",
                     self.num_stages, self.ranges, self.tp_size, self.num_blocks)
 
@@ -423,14 +427,23 @@ class ParallelRunner:
             self._start_stages(dead)
         self._suspects = set()
         self._compile()
+        self._lora_updates = dict(self._loras)  # new workers start with empty slots
         self.num_rebuilds += 1
         logger.warning("workers rebuilt: replaced stage(s) %s", dead)
         return dead
 
     # --- steps -----------------------------------------------------------------
 
+    def set_lora(self, slot: int, adapter) -> None:
+        if adapter is None:
+            self._loras.pop(slot, None)
+        else:
+            self._loras[slot] = adapter
+        self._lora_updates[slot] = adapter
+
     def prepare(self, chunks) -> StepPlan:
         plan = plan_step(chunks, self.block_size)
+        plan.lora_updates, self._lora_updates = self._lora_updates, {}
         row = 0
         for chunk in chunks:  # logits rows in chunk order, as plan_step lays them out
             rows = range(row, row + num_logits(chunk))

@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, RequestError
+from engine.lora import load_adapter
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -64,6 +65,7 @@ class _AddCommand:
     stream: "_Stream"
     accepted: concurrent.futures.Future
     grammar: object = None
+    lora: str | None = None
 
 
 @dataclass
@@ -139,9 +141,10 @@ class AsyncEngine:
     # --- public API -----------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; the last one has `finished=True`."""
-        outputs = await self.submit(prompt, sampling_params, request_id, priority)
+        outputs = await self.submit(prompt, sampling_params, request_id, priority, lora)
         try:
             async for output in outputs:
                 yield output
@@ -149,10 +152,10 @@ class AsyncEngine:
             await outputs.aclose()
 
     async def submit(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> "OutputStream":
+                     request_id: str | None = None, priority: int = 0, lora: str | None = None) -> "OutputStream":
         """Queue one request and wait until the engine has accepted it: its validation error
-        (a prompt too long, a bad grammar) is raised here, before any output. Returns the
-        stream of its outputs; closing it early (aclose) aborts the request."""
+        (a prompt too long, a bad grammar, an unknown LoRA adapter) is raised here, before any
+        output. Returns the stream of its outputs; closing it early (aclose) aborts the request."""
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._dead_error!r})")
         params = sampling_params or SamplingParams()
@@ -162,7 +165,7 @@ class AsyncEngine:
             grammar = await asyncio.to_thread(self.engine.compile_grammar, params.structured_output)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(_AddCommand(prompt, params, request_id, priority, stream, accepted, grammar))
+        self._send(_AddCommand(prompt, params, request_id, priority, stream, accepted, grammar, lora))
         try:
             await asyncio.wrap_future(accepted)  # raises the engine's validation error, if any
         except asyncio.CancelledError:
@@ -172,10 +175,27 @@ class AsyncEngine:
 
     async def embed(self, token_ids: list[int]) -> list[float]:
         """LLMEngine.embed, run by the engine's thread between steps."""
+        return await self._call(self.engine.embed, token_ids)
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """LLMEngine.add_lora: the folder is read off the engine's thread, registered on it."""
+        if self.engine.loras is None:
+            raise RequestError("this engine was started without LoRA (set enable_lora or lora_modules)")
+        adapter = await asyncio.to_thread(load_adapter, name, path, self.engine.config.max_lora_rank)
+        await self._call(self.engine.add_lora, name, path, adapter)
+
+    async def remove_lora(self, name: str) -> None:
+        await self._call(self.engine.remove_lora, name)
+
+    def lora_names(self) -> list[str]:
+        return self.engine.lora_names()
+
+    async def _call(self, function, *args):
+        """Run function(*args) on the engine's thread between steps; its result or error."""
         if not self.is_running:
             raise EngineDeadError(f"the engine loop is not running ({self._dead_error!r})")
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._send(("embed", token_ids, done))
+        self._send(("call", function, args, done))
         return await asyncio.wrap_future(done)
 
     def abort(self, request_id: str) -> None:
@@ -232,8 +252,8 @@ class AsyncEngine:
                 return
             if isinstance(command, _AddCommand):
                 self._add(command)
-            elif command[0] == "embed":
-                self._embed(*command[1:])
+            elif command[0] == "call":
+                self._run_call(*command[1:])
             else:
                 self._abort(command[1])
 
@@ -242,19 +262,20 @@ class AsyncEngine:
             return  # the caller left before the engine saw the request
         try:
             self.engine.add_request(command.prompt, command.params, command.request_id, command.priority,
-                                    grammar=command.grammar)
+                                    grammar=command.grammar, lora=command.lora)
         except Exception as exc:  # validation errors go back to the caller
             command.accepted.set_exception(exc)
             return
         self._streams[command.request_id] = command.stream
         command.accepted.set_result(True)
 
-    def _embed(self, token_ids: list[int], done: concurrent.futures.Future) -> None:
+    @staticmethod
+    def _run_call(function, args: tuple, done: concurrent.futures.Future) -> None:
         if not done.set_running_or_notify_cancel():
             return
         try:
-            done.set_result(self.engine.embed(token_ids))
-        except Exception as exc:  # noqa: BLE001 - the caller's error (a text too long, ...)
+            done.set_result(function(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller's error (a text too long, a bad adapter, ...)
             done.set_exception(exc)
 
     def _abort(self, request_id: str) -> None:

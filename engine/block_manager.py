@@ -147,5 +147,7 @@ class BlockManager:
         bs = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else b"", request.token_ids_slice(i * bs, (i + 1) * bs)))
+            # The chain starts from the adapter's salt: KV computed under a LoRA adapter is its own.
+            root = request.lora.cache_salt if request.lora is not None else b""
+            hashes.append(block_hash(hashes[-1] if hashes else root, request.token_ids_slice(i * bs, (i + 1) * bs)))
         return hashes[:num_blocks]

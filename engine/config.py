@@ -91,6 +91,17 @@ class EngineConfig:
     prompt_lookup_min: int = 1
     speculative_model: str | None = None
     speculative_draft_layers: int | None = None
+    # LoRA adapters (engine/lora.py): PEFT folders served under their own names beside the
+    # base model, mixed in one step. lora_modules: name -> folder, loaded at start (more can be
+    # loaded at run time: LLMEngine.add_lora, POST /v1/load_lora_adapter); enable_lora: accept
+    # adapters even with none listed. max_loras: adapters resident in the model at once (a
+    # request waits for a slot); max_cpu_loras: adapters kept parsed in memory (None = twice
+    # max_loras; others are read again from their folder); max_lora_rank: the largest rank taken.
+    enable_lora: bool = False
+    lora_modules: dict[str, str] | None = None
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 64
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.
@@ -138,12 +149,19 @@ class EngineConfig:
             raise ConfigError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_loras < 1 or self.max_lora_rank < 1 or (self.max_cpu_loras is not None
+                                                            and self.max_cpu_loras < self.max_loras):
+            raise ConfigError("max_loras and max_lora_rank must be >= 1 and max_cpu_loras >= max_loras")
         if self.power_watts < 0:
             raise ConfigError(f"power_watts must be >= 0, got {self.power_watts}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
         return config_from_dict(cls, values, "engine")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
 
     @property
     def num_model_workers(self) -> int:

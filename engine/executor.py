@@ -45,6 +45,10 @@ class Executor(Protocol):
 
     def execute(self, prepared: Any) -> torch.Tensor: ...
 
+    def set_lora(self, slot: int, adapter: Any) -> None:
+        """Put a LoRA adapter (engine/lora.py) into a slot of the model, or None to empty it;
+        steps submitted from now on read it."""
+
 
 # (config, HF config, model folder, device, dtype, max_model_len) -> an Executor.
 ExecutorFactory = Callable[[EngineConfig, Any, Path, torch.device, torch.dtype, int], Executor]

@@ -30,15 +30,18 @@ class LLM:
         prompts: str | list[int] | Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: int | Sequence[int] = 0,
+        lora: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Run prompts (texts or token-id lists) to completion; outputs in input order."""
+        """Run prompts (texts or token-id lists) to completion; outputs in input order.
+        lora: a LoRA adapter's name (see add_lora), or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")
         priorities = _per_prompt(priority, len(prompts), "priority")
+        loras = _per_prompt(lora, len(prompts), "lora")
         request_ids = [
-            self.engine.add_request(p, sp, priority=pr).request_id
-            for p, sp, pr in zip(prompts, params, priorities)
+            self.engine.add_request(p, sp, priority=pr, lora=name).request_id
+            for p, sp, pr, name in zip(prompts, params, priorities, loras)
         ]
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
@@ -57,6 +60,13 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params)
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT LoRA folder `path` under `name` (needs enable_lora or lora_modules)."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt)

@@ -18,6 +18,7 @@ from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
+from engine.lora import LoRAAdapter, LoRAManager
 from engine.metrics import EnergyMeter, EngineStats, chunk_flops
 from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
 from engine.outputs import RequestOutput, TokenLogprob
@@ -79,7 +80,13 @@ class LLMEngine:
             # A whole prompt must fit in one step's budget, or it would wait forever.
             config = self.config = dataclasses.replace(
                 config, max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len))
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.loras: LoRAManager | None = None
+        if config.lora_enabled:
+            self.loras = LoRAManager(config.max_loras, config.max_cpu_loras or 2 * config.max_loras,
+                                     config.max_lora_rank, self.runner)
+            for name, path in (config.lora_modules or {}).items():
+                self.add_lora(name, path)
+        self.scheduler = Scheduler(config, self.block_manager, self.loras)
         self.sampler = Sampler(config.seed, self.runner.device)  # where the logits are
         self.eos_token_ids = self._eos_token_ids()
         self.energy_meter = EnergyMeter(self.device, config.power_watts)
@@ -117,11 +124,32 @@ class LLMEngine:
             self._grammars = GrammarBackend(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids)
         return self._grammars.compile(spec)
 
+    # --- LoRA adapters ----------------------------------------------------------
+
+    def add_lora(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> None:
+        """Serve the PEFT LoRA folder `path` under `name` (LoRAError if it cannot be).
+        adapter: the folder already parsed (engine.lora.load_adapter), e.g. off this thread."""
+        if self.loras is None:
+            raise RequestError("this engine was started without LoRA (set enable_lora or lora_modules)")
+        if name == self.model_name:
+            raise RequestError(f"{name!r} is the base model's name")
+        self.loras.register(name, path, adapter)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving an adapter; requests already accepted for it still finish with it."""
+        if self.loras is None:
+            raise RequestError("this engine was started without LoRA (set enable_lora or lora_modules)")
+        self.loras.unregister(name)
+
+    def lora_names(self) -> list[str]:
+        return self.loras.names() if self.loras is not None else []
+
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
-                    arrival_time: float | None = None, grammar=None) -> Request:
+                    arrival_time: float | None = None, grammar=None, lora: str | None = None) -> Request:
         """Queue a prompt (text or token ids). Raises RequestError if it cannot be served.
-        grammar: the request's structured output compiled by compile_grammar (else compiled here)."""
+        grammar: the request's structured output compiled by compile_grammar (else compiled here).
+        lora: the name of a LoRA adapter to serve it with (LoRAError if none is loaded so named)."""
         params = sampling_params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._id_counter)}"
         if request_id in self.requests:
@@ -134,9 +162,15 @@ class LLMEngine:
         vocab = self.runner.args.vocab_size
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        handle = None
+        if lora is not None:
+            if self.loras is None:
+                raise RequestError("this engine was started without LoRA (set enable_lora or lora_modules)")
+            handle = self.loras.handle(lora)
         if params.structured_output is not None and grammar is None:
             grammar = self.compile_grammar(params.structured_output)
         request = Request(request_id, text, token_ids, params, priority, arrival_time)
+        request.lora = handle
         if grammar is not None:
             request.grammar = self._grammars.matcher(grammar)
         if params.seed is not None:

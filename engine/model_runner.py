@@ -18,6 +18,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_weights import keep_gguf_precision
 from engine.loader import gguf_source, load_weights
+from engine.lora import LoRAAdapter, LoRALinear, LoRAState, row_groups, wrap_lora_projections
 from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
@@ -42,6 +43,8 @@ class ModelInput:
     attn: dict[int | None, AttentionMetadata]
     # [N] flat index of the last token of each chunk that samples (chunk order).
     logits_indices: torch.Tensor
+    # LoRA: the rows of each adapter slot read (engine/lora.py); empty: the base model only.
+    lora_groups: list = field(default_factory=list)
 
 
 def kv_bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -69,6 +72,10 @@ class StepPlan:
     # Logits rows whose argmax is all the driver needs (greedy, no penalties, no logprobs):
     # a pipeline's last stage returns those as token ids instead of vocabulary-wide rows.
     argmax_rows: list[int] = field(default_factory=list)
+    # LoRA: (flat start, flat end, slot) of the tokens of requests served by an adapter, and
+    # the adapters to put into (or None: take out of) slots before this step runs.
+    lora: list[tuple[int, int, int]] = field(default_factory=list)
+    lora_updates: dict[int, LoRAAdapter | None] = field(default_factory=dict)
 
     def add(self, request, start: int, end: int, num_logits: int, block_size: int) -> None:
         """Tokens [start, end) of `request` (its proposed tokens past the end included), with
@@ -77,6 +84,8 @@ class StepPlan:
         offset = len(self.input_ids)
         self.input_ids += request.token_ids_slice(start, end)
         self.positions += range(start, end)
+        if request.lora_slot is not None:
+            self.lora.append((offset, offset + end - start, request.lora_slot))
         table = request.block_table
         self.slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
         if end - start == 1:
@@ -138,6 +147,10 @@ class ModelRunner:
                 keep_gguf_precision(model, source, hf_config)  # its Q4_1 layers stay 4-bit
             if config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
                 prepack_linears(model, onednn_dtypes())
+        self.lora: LoRAState | None = None
+        if config.lora_enabled:  # after quantization: the LoRA pairs wrap whatever runs the base
+            self.lora = LoRAState()
+            wrap_lora_projections(model, model.weight_map(), self.lora)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
         self.num_blocks = self._num_kv_blocks()
@@ -152,6 +165,15 @@ class ModelRunner:
         view.model = TruncatedModel(self.model, num_layers)
         view.kv_caches = self.kv_caches[:num_layers]
         return view
+
+    def set_lora(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Put an adapter's share (this runner's layers, this rank's slices) into a slot of
+        every LoRA projection, or empty the slot."""
+        if self.lora is None:
+            raise ConfigError("this engine was started without LoRA (set enable_lora or lora_modules)")
+        for module in self.model.modules():
+            if isinstance(module, LoRALinear):
+                module.set_slot(slot, adapter, self.dtype, self.device)
 
     def resize_kv_cache(self, num_blocks: int) -> None:
         """Reallocate the (empty) KV cache with `num_blocks` blocks."""
@@ -221,6 +243,8 @@ class ModelRunner:
         """The step's tensors and attention metadata on this runner's device (one metadata per
         window of the model's layers; what all windows share is built once)."""
         device = self.device
+        for slot, adapter in plan.lora_updates.items():  # sent along by a parallel executor
+            self.set_lora(slot, adapter)
         slot_mapping = torch.tensor(plan.slots, dtype=torch.long, device=device)
         decode_batch = None
         if plan.decode_tokens and self.decode_kernel is not None:
@@ -232,6 +256,7 @@ class ModelRunner:
             attn={window: self._attention_metadata(plan, slot_mapping, decode_batch, window)
                   for window in self.model.windows},
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
+            lora_groups=row_groups(plan.lora, device) if plan.lora and self.lora is not None else [],
         )
 
     def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor, decode_batch: DecodeBatch | None,
@@ -263,6 +288,8 @@ class ModelRunner:
         """[T, D] hidden states of this runner's layers: from the token ids (first stage) or
         from the previous stage's `hidden`."""
         x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
+        if self.lora is not None:
+            self.lora.groups = model_input.lora_groups
         return self.model(x, model_input.positions, self.kv_caches, model_input.attn)
 
     @torch.inference_mode()

@@ -83,6 +83,10 @@ class Request:
         self.error: str | None = None
         # Constrained decoding: where the output stands in its grammar (engine/structured_output.py).
         self.grammar = None
+        # LoRA: the adapter this request is served by (engine/lora.py; None: the base model),
+        # and the model slot holding it while the request runs.
+        self.lora = None
+        self.lora_slot: int | None = None
         # Per-request RNG so a seed gives the same text whatever else is in the batch.
         self.generator: torch.Generator | None = None
         self.metrics = RequestMetrics(

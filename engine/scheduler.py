@@ -53,7 +53,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, loras=None) -> None:
+        """loras: the engine's LoRAManager (engine/lora.py): a request served by an adapter
+        runs only while its adapter holds one of the model's slots."""
+        self.loras = loras
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.enable_chunked_prefill = config.enable_chunked_prefill
@@ -95,9 +98,23 @@ class Scheduler:
             heapq.heapify(self.waiting)
         request.status = status
         self.block_manager.free(request)
+        self._release_lora(request)
+
+    def _release_lora(self, request: Request) -> None:
+        if request.lora_slot is not None:
+            self.loras.release(request.lora_slot)
+            request.lora_slot = None
+
+    def _has_lora_slot(self, request: Request) -> bool:
+        """Whether the request's adapter (if any) holds a slot for it, taking one if it can."""
+        if request.lora is None or request.lora_slot is not None:
+            return True
+        request.lora_slot = self.loras.acquire(request.lora)
+        return request.lora_slot is not None
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.block_manager.free(request)
+        self._release_lora(request)
         request.spec_token_ids = []
         out.preempted.append(request)
         request.num_computed_tokens = request.draft_num_computed_tokens = 0
@@ -150,11 +167,16 @@ class Scheduler:
 
         index = 0  # running[:index] have been considered this step
         can_admit = True  # False once a request could not get blocks or a seat
+        deferred = []  # waiting requests whose LoRA adapter has no free slot: they wait, others go
         while budget > 0 and (max_chunks is None or len(out.chunks) < max_chunks):
             # A step that ran out of blocks admits nothing new: the preempted come back first.
             can_admit = can_admit and len(out.preempted) == num_preempted_for_priority
             request = self.running[index] if index < len(self.running) else None
             head = self.waiting[0][2] if self.waiting and can_admit else None
+            if head is not None and (request is None or request.priority > head.priority) \
+                    and not self._has_lora_slot(head):
+                deferred.append(heapq.heappop(self.waiting))
+                continue
             if request is None and head is None:
                 break
             if request is not None and (head is None or request.priority <= head.priority):
@@ -182,6 +204,8 @@ class Scheduler:
                 continue
             if background is not None and request.priority != best and num_new > 1 and not request.spec_token_ids:
                 background -= num_new
+        for item in deferred:
+            heapq.heappush(self.waiting, item)
         return out
 
     def _make_room_for_higher_priority(self, out: SchedulerOutput) -> None:
@@ -218,12 +242,14 @@ class Scheduler:
     def _admit(self, request: Request, budget: int, index: int, out: SchedulerOutput) -> bool:
         """Move the waiting head into `running` at `index` with its first chunk, if it fits."""
         if len(self.running) >= self.max_num_seqs:
+            self._release_lora(request)
             return False
         if request.num_computed_tokens == 0:
             request.num_computed_tokens = self.block_manager.match_prefix(request)
         num_new = self._num_new_tokens(request, budget)
         if num_new == 0 or not self.block_manager.allocate_slots(request, request.num_computed_tokens + num_new):
             self.block_manager.free(request)  # hand back the cached blocks it matched
+            self._release_lora(request)
             request.num_computed_tokens = 0
             return False
         if request.metrics.first_scheduled_time is None:

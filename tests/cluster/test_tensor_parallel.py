@@ -99,6 +99,32 @@ def test_tensor_and_pipeline_parallel_compose(ray_cluster, models):
         runner.shutdown()
 
 
+def test_lora_adapters_under_tensor_and_pipeline_parallelism(ray_cluster, models, tmp_path):
+    """Phi-3's fused qkv/gate_up checkpoint tensors, adapters on every projection: each rank
+    keeps its rows of B (its heads, its intermediate columns) and its columns of A (o and
+    down), each stage its layers'; the adapters travel to the workers with the step plan.
+    Token-identical to PEFT on Hugging Face, the base and two adapters in one batch."""
+    from tests.engine.test_lora import build_adapter, hf_greedy
+
+    folder, _, single = models("phi3")
+    ids = single.tokenizer.encode(PROMPTS[2], add_special_tokens=False)
+    want = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        peft_model = build_adapter(folder, tmp_path / name, seed, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], 8)
+        want[name] = hf_greedy(peft_model, ids, 12)
+    parallel = LLM(model=str(folder), **CONFIG, executor=RayExecutor(ParallelConfig(tp_backend="gloo")),
+                   tensor_parallel_size=2, pipeline_parallel_size=2, max_loras=2,
+                   lora_modules={"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        outs = parallel.generate([ids] * 3, params, lora=["a", None, "b"])
+        base = single.generate([ids], params)[0].token_ids
+        assert [o.token_ids for o in outs] == [want["a"], base, want["b"]]
+        assert base != want["a"] and base != want["b"]
+    finally:
+        parallel.engine.runner.shutdown()
+
+
 def test_a_dead_rank_rebuilds_its_group_and_requests_complete(ray_cluster, models):
     """Kill rank 1 mid-generation: its peer's all-reduce fails at once (not at a timeout), the
     engine rebuilds the group (both ranks: a process group takes no new member) and
