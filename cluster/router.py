@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 import warnings
+from collections import OrderedDict
 
 import ray
 from ray.util.metrics import Counter, Gauge
@@ -63,6 +64,30 @@ class RouterMetrics:
             self.inflight.set(stats["inflight_by_lane"][lane], {"lane": lane})
 
 
+class ResultStore:
+    """Answers by key, bounded by count and age (given by the callers), least recently used out."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: str, ttl_s: float) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() - entry[0] > ttl_s:
+            self._entries.pop(key, None)
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, answer: bytes, max_entries: int) -> None:
+        self._entries[key] = (time.monotonic(), answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Router:
     def __init__(self, config: dict, replica_ttl_s: float = 5.0) -> None:
         self.admission = AdmissionController(AdmissionConfig(**config))
@@ -70,6 +95,11 @@ class Router:
         self._replicas: dict[str, tuple[int, float]] = {}  # replica id -> (capacity, last heartbeat)
         self._reaper: asyncio.Task | None = None
         self.metrics = RouterMetrics()
+        # What every ingress serves beyond its configuration (deployments/quality/catalog.py): LoRA
+        # adapters loaded at run time (name -> folder) and experiments' changed weights.
+        self.catalog: dict = {"adapters": {}, "weights": {}}
+        # Answers of deterministic requests, shared by both lanes (deployments/quality/result_cache.py).
+        self.results = ResultStore()
         if _reconstructed():
             # Restarted by Ray after a crash: the holders still hold the tickets of the router
             # that died. Admit nothing until they have reported them (sync adopts them).
@@ -126,6 +156,25 @@ class Router:
         self.metrics.update(self.admission.stats())
         self._ensure_reaper()
         return self.admission.stats()
+
+    async def catalog_state(self) -> dict:
+        return self.catalog
+
+    async def set_adapter(self, name: str, path: str | None) -> None:
+        """A LoRA adapter loaded (a folder) or unloaded (None) at run time."""
+        if path is None:
+            self.catalog["adapters"].pop(name, None)
+        else:
+            self.catalog["adapters"][name] = path
+
+    async def set_weights(self, experiment: str, weights: dict[str, float]) -> None:
+        self.catalog["weights"][experiment] = dict(weights)
+
+    async def cache_get(self, key: str, ttl_s: float) -> bytes | None:
+        return self.results.get(key, ttl_s)
+
+    async def cache_put(self, key: str, answer: bytes, max_entries: int) -> None:
+        self.results.put(key, answer, max_entries)
 
     async def deregister(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)

@@ -105,6 +105,30 @@ def build_app(config: SemlineConfig | dict | None = None):
         async def post_detokenize(self, request: Request):
             return await self.detokenize(request)
 
+        @app.post("/v1/feedback")
+        async def post_feedback_route(self, request: Request):
+            return await self.post_feedback(request)
+
+        @app.get("/v1/feedback")
+        async def get_feedback_route(self, since: float = 0.0):
+            return await self.get_feedback(since)
+
+        @app.post("/v1/load_lora_adapter")
+        async def post_load_lora_adapter(self, request: Request):
+            return await self.load_lora_adapter(request)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def post_unload_lora_adapter(self, request: Request):
+            return await self.unload_lora_adapter(request)
+
+        @app.get("/v1/experiments")
+        async def get_experiments(self):
+            return await self.experiments()
+
+        @app.post("/v1/experiments/{name}")
+        async def post_experiment_weights(self, name: str, request: Request):
+            return await self.set_experiment_weights(name, request)
+
         @app.post("/v1/files")
         async def post_files(self, request: Request):
             return await self.upload_file(request)

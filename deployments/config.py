@@ -149,6 +149,91 @@ class BatchSettings(_Strict):
         return value
 
 
+class ArmSettings(_Strict):
+    name: str = Field(min_length=1, description="The arm's name (the x-semline-arm header, the arm label).")
+    model: str = Field(min_length=1, description="What it serves: the base model's name or a LoRA adapter's.")
+    weight: float = Field(ge=0, description="Its share of the experiment's traffic (relative to the others').")
+
+
+class ExperimentSettings(_Strict):
+    name: str = Field(min_length=1, description="The public model name whose traffic is split.")
+    arms: list[ArmSettings] = Field(min_length=1, description="The arms; weights can change at run time "
+                                    "(POST /v1/experiments/{name}).")
+
+    @model_validator(mode="after")
+    def _arms(self):
+        if len({a.name for a in self.arms}) != len(self.arms):
+            raise ValueError(f"experiment {self.name!r}: arm names must differ")
+        if sum(a.weight for a in self.arms) <= 0:
+            raise ValueError(f"experiment {self.name!r}: some arm needs a weight above 0")
+        return self
+
+
+class FilterSettings(_Strict):
+    type: Literal["blocklist", "pii", "max_length", "classifier"] = Field(
+        description="blocklist: phrases and regexes; pii: e-mail, phone and card numbers; max_length: cut long "
+                    "outputs; classifier: a Python callable on the whole text (deployments/quality/filters.py).")
+    name: str | None = Field(None, description="The filter's label in the hit metrics (default: its type).")
+    models: list[str] | None = Field(None, description="The public model names (base, adapters, experiments) "
+                                     "whose answers it filters; None = all.")
+    phrases: list[str] = Field(default_factory=list, description="blocklist: phrases (case-insensitive).")
+    patterns: list[str] = Field(default_factory=list, description="blocklist: regular expressions.")
+    action: Literal["replace", "refuse"] = Field("replace", description="blocklist: write the replacement over "
+                                                 "a match, or end the output where it begins (content_filter).")
+    replacement: str | None = Field(None, description="blocklist: the text put in place of a match (default "
+                                    "'***'); pii: of every kind (default [email], [phone], [card]).")
+    kinds: list[Literal["email", "phone", "card"]] = Field(["email", "phone", "card"], description="pii: what to mask.")
+    max_chars: int | None = Field(None, ge=1, description="max_length: the longest output, in characters.")
+    callable: str | None = Field(None, description="classifier: 'package.module:function', called with the "
+                                 "text; returns True or a score.")
+    threshold: float = Field(0.5, description="classifier: a score at or above this withholds the output.")
+
+    @model_validator(mode="after")
+    def _complete(self):
+        import regex
+
+        if self.type == "blocklist":
+            if not self.phrases and not self.patterns:
+                raise ValueError("a blocklist filter needs phrases or patterns")
+            for pattern in self.patterns:
+                try:
+                    regex.compile(pattern)
+                except regex.error as exc:
+                    raise ValueError(f"blocklist pattern {pattern!r}: {exc}") from exc
+            if self.replacement is None:
+                self.replacement = "***"
+        if self.type == "max_length" and self.max_chars is None:
+            raise ValueError("a max_length filter needs max_chars")
+        if self.type == "classifier" and not self.callable:
+            raise ValueError("a classifier filter needs callable ('package.module:function')")
+        return self
+
+
+class ResultCacheSettings(_Strict):
+    enabled: bool = Field(False, description="Answer repeated deterministic requests (greedy or seeded, not "
+                          "streamed) from a cache, in both lanes (x-semline-cache: hit).")
+    max_entries: int = Field(4096, ge=1, description="Answers kept (least recently used out).")
+    models: list[str] | None = Field(None, description="The public model names whose answers are cached; "
+                                     "None = all.")
+    ttl_s: float = Field(600, gt=0, description="How long an answer is kept.")
+
+
+class FeedbackSettings(_Strict):
+    storage_dir: str = Field(os.path.join(os.environ.get("SEMLINE_CACHE", "~/.cache/semline"), "feedback"),
+                             description="Where responses and ratings persist (append-only JSONL).")
+    store_outputs: bool = Field(False, description="Keep each answer's prompt and output with it, so "
+                                "GET /v1/feedback exports them with the ratings (for fine-tuning).")
+    retention_s: float = Field(7 * 86400, gt=0, description="How long a response (and its prompt and output) "
+                               "is kept for rating.")
+    max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory.")
+
+
+class QualitySettings(_Strict):
+    filters: list[FilterSettings] = Field(default_factory=list, description="The output filter chain, in order.")
+    result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+
+
 class KubernetesSettings(_Strict):
     """The cluster around the application; read only by `semline k8s render`."""
 
@@ -182,6 +267,9 @@ class SemlineConfig(_Strict):
     api_keys_file: str | None = Field(None, description="A file of accepted API keys, one per line ('#' comments), "
                                       "read when the application starts. $SEMLINE_API_KEYS (comma-separated) "
                                       "adds more.")
+    experiments: list[ExperimentSettings] = Field(default_factory=list, description="A/B experiments: public "
+                                                  "model names whose traffic is split between arms.")
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     metrics_export_port: int = Field(8080, ge=1, le=65535, description="Port of the Ray node's Prometheus "
                                      "metrics (`semline serve` starts Ray with it).")
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings,
@@ -192,6 +280,14 @@ class SemlineConfig(_Strict):
     def _check_engine(cls, value: dict[str, Any]) -> dict[str, Any]:
         EngineConfig.from_dict(value)  # raises ConfigError naming unknown keys or bad values
         return value
+
+    @model_validator(mode="after")
+    def _model_names(self):
+        adapters = set((self.engine.get("lora_modules") or {}))
+        names = [self.model_name, *adapters, *(e.name for e in self.experiments)]
+        if len(set(names)) != len(names):
+            raise ValueError("the model name, the LoRA adapters' and the experiments' names must all differ")
+        return self
 
     @field_validator("parallel")
     @classmethod

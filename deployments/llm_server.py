@@ -11,6 +11,7 @@ router that picks replicas (`record_routing_stats`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -49,6 +50,11 @@ class LLMServer:
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
         self.router_stats: dict = {}
+        # LoRA adapters: those of the configuration, and those loaded at run time (name -> folder).
+        self.static_loras = dict(self.engine.engine.config.lora_modules or {})
+        self._lora_paths: dict[str, str] = {}
+        self._lora_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the replica's, once an adapter was loaded
         self._ttfts: deque[tuple[float, float]] = deque(maxlen=4096)  # (when, realtime TTFT)
         self.metrics = ServerMetrics(model_name)
         self.router_name, self.router_config = router_name, router_config or {}
@@ -71,12 +77,17 @@ class LLMServer:
 
     async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
-                       announce: bool = False) -> AsyncIterator[RequestOutput | None]:
+                       announce: bool = False, lora: tuple[str, str] | None = None
+                       ) -> AsyncIterator[RequestOutput | None]:
         """Stream one request's outputs; cancelling the stream aborts it in the engine.
         announce: first yield None once the engine has accepted the request (its validation
         error is raised before that), so a caller can answer 4xx before it starts a stream.
-        Every output names this replica (served_by); so does the announcement (instead of None)."""
-        stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority)
+        Every output names this replica (served_by); so does the announcement (instead of None).
+        lora: (name, folder) of the LoRA adapter that serves it, loaded here on first use."""
+        if lora is not None:
+            await self.load_lora(*lora)
+        stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority,
+                                          lora[0] if lora is not None else None)
         tracker = self.metrics.request_tracker(priority)
         started, first = time.monotonic(), True
         try:
@@ -96,13 +107,34 @@ class LLMServer:
 
     async def complete(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
-                       announce: bool = False) -> RequestOutput:
+                       announce: bool = False, lora: tuple[str, str] | None = None) -> RequestOutput:
         """The final output only: no per-token messages for callers that do not stream
         (the batch lane, non-streamed requests). Cancelling the call aborts the request."""
         final = None
-        async for output in self.generate(prompt, messages, params, priority, request_id, tools):
+        async for output in self.generate(prompt, messages, params, priority, request_id, tools, lora=lora):
             final = output
         return final
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Serve the adapter `name` from `path` here, unless it already is (LoRAError if the
+        folder cannot be served). Loaded at run time, it goes when the router no longer lists it."""
+        if self._lora_paths.get(name) == path or (name in self.static_loras and self.static_loras[name] == path):
+            return
+        self._loop = asyncio.get_running_loop()
+        async with self._lora_lock:
+            if self._lora_paths.get(name) == path:
+                return
+            if name in self._lora_paths:  # the name now serves another folder
+                await self.engine.remove_lora(name)
+                del self._lora_paths[name]
+            await self.engine.add_lora(name, path)
+            self._lora_paths[name] = path
+
+    async def _drop_unlisted_loras(self, listed: dict[str, str]) -> None:
+        async with self._lora_lock:
+            for name in [n for n, p in self._lora_paths.items() if listed.get(n) != p]:
+                await self.engine.remove_lora(name)
+                del self._lora_paths[name]
 
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, tools: list[dict] | None,
                        add_special_tokens: bool, with_strings: bool = False) -> tuple[list[int], list[str] | None]:
@@ -169,6 +201,9 @@ class LLMServer:
     def _heartbeat(self) -> None:
         try:
             self.router_stats = ray.get(self.router.heartbeat.remote(self.replica_id, self.capacity), timeout=5)
+            listed = self.router_stats.get("adapters", {})
+            if self._loop is not None and any(listed.get(n) != p for n, p in self._lora_paths.items()):
+                asyncio.run_coroutine_threadsafe(self._drop_unlisted_loras(listed), self._loop)
         except ray.exceptions.RayActorError:
             if not self._stop.is_set():  # the router went away with its owner: find or start a new one
                 logger.warning("router is gone; reconnecting")

@@ -160,12 +160,20 @@ class FreeKVRouter(FIFOMixin, RequestRouter):
 
 
 def _keys(pending_request: PendingRequest | None) -> list[bytes]:
+    """A request's affinity keys, shortest first: for a LoRA adapter's request its adapter
+    (the replica that loaded it keeps it resident), then its prompt's prefixes (salted by
+    the adapter: its KV blocks are its own)."""
     if pending_request is None or pending_request.metadata.call_method not in GENERATE_METHODS:
         return []
     args = pending_request.args
     if len(args) < 2:
         return []
-    return prefix_keys(prompt_text(args[0], args[1]))
+    lora = (pending_request.kwargs or {}).get("lora")
+    if lora is None:
+        return prefix_keys(prompt_text(args[0], args[1]))
+    salt = f"lora:{lora[0]}\n"
+    return [hashlib.blake2b(salt.encode(), digest_size=16).digest()] + \
+        prefix_keys(salt + prompt_text(args[0], args[1]))
 
 
 # The routers `server.routing` names, and their initialize_state arguments.

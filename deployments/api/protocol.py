@@ -406,10 +406,50 @@ class BatchCreateRequest(BaseModel):
     metadata: dict[str, str] | None = None
 
 
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a user's rating of an answer (by its id)."""
+
+    model_config = ConfigDict(extra="forbid")
+    response_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    score: float | Literal["up", "down"] = Field(description="A number, or a thumbs up (1) / down (0).")
+    label: Annotated[str, StringConstraints(max_length=256)] | None = None
+    comment: Annotated[str, StringConstraints(max_length=8192)] | None = None
+
+    @field_validator("score")
+    @classmethod
+    def _finite(cls, value):
+        if isinstance(value, float) and not -1e9 < value < 1e9:
+            raise ValueError("score must be a finite number")
+        return value
+
+    def numeric_score(self) -> float:
+        return {"up": 1.0, "down": 0.0}.get(self.score, self.score) if isinstance(self.score, str) else self.score
+
+
+class LoadLoRARequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's): serve a PEFT folder under a model name."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[\w.:/-]+$")]
+    lora_path: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+
+
+class UnloadLoRARequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class ExperimentWeightsRequest(BaseModel):
+    """POST /v1/experiments/{name}: new weights for its arms (all of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, Annotated[float, Field(ge=0, le=1e9)]]
+
+
 # --- responses: what the routes answer, published in the OpenAPI schema -------------------
 # (tests/deployments/test_fuzz.py validates every fuzzed answer against them)
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class ErrorDetail(BaseModel):
@@ -434,11 +474,32 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = None  # the base model, or the adapter's folder
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class FeedbackObject(BaseModel):
+    object: Literal["feedback"]
+    id: str
+    created: float
+    response_id: str
+    model: str
+    experiment: str | None
+    arm: str | None
+    score: float
+    label: str | None
+    comment: str | None
+
+
+class LoRAAdapterStatus(BaseModel):
+    object: Literal["lora_adapter"]
+    id: str
+    status: Literal["loaded", "unloaded"]
 
 
 class PromptTokensDetails(BaseModel):

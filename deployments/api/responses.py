@@ -107,9 +107,9 @@ def output_items(text: str, calls: list) -> list[dict]:
 def response_object(body: ResponsesRequest, response_id: str, finish_reason: str | None, items: list[dict],
                     usage: dict) -> dict:
     """A finished Response."""
-    incomplete = finish_reason == "length"
-    return {**response_header(body, response_id, "incomplete" if incomplete else "completed"),
-            "output": items, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+    reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
+    return {**response_header(body, response_id, "incomplete" if reason else "completed"),
+            "output": items, "incomplete_details": {"reason": reason} if reason else None,
             "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
                       "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
                       "output_tokens_details": {"reasoning_tokens": 0}}}

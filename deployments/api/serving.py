@@ -25,7 +25,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -34,11 +34,18 @@ from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
 from deployments.api import protocol
 from deployments.api.protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest,
-                                      DetokenizeRequest, EmbeddingRequest, ResponsesRequest, TokenizeRequest)
+                                      DetokenizeRequest, EmbeddingRequest, ExperimentWeightsRequest,
+                                      FeedbackRequest, LoadLoRARequest, ResponsesRequest, TokenizeRequest,
+                                      UnloadLoRARequest)
 from deployments.api.responses import (ResponsesError, ResponseStore, chat_request, conversation_after,
                                        function_call_item, message_item, output_items, response_header,
                                        response_object, sse_event)
 from deployments.api.tools import ToolParser, get_parser, held_back
+from deployments.ops.metrics import QualityMetrics
+from deployments.quality.catalog import ModelCatalog, Target, UnknownModelError
+from deployments.quality.feedback import FeedbackStore, UnknownResponseError
+from deployments.quality.filters import FilterChain, StreamFilter
+from deployments.quality.result_cache import cache_key, cacheable
 from engine import RequestOutput, SamplingParams
 from engine.async_engine import RequestFailedError
 from engine.structured_output import StructuredOutput
@@ -56,7 +63,9 @@ IGNORED_FIELDS_HEADER = "x-semline-ignored-fields"
 REPLICA_HEADER = "x-semline-replica"
 # A request's time-to-first-token deadline, in milliseconds (or the body's ttft_deadline_ms).
 DEADLINE_HEADER = "x-semline-deadline-ms"
-_SERVED_BY = "__served_by__"  # where a response carries them until the headers are written
+# The experiment arm that answered, and whether the answer came from the result cache.
+ARM_HEADER = "x-semline-arm"
+CACHE_HEADER = "x-semline-cache"
 _LOGGED_IGNORED: set[str] = set()  # field names already logged once
 
 
@@ -182,6 +191,8 @@ _REQUEST_BODIES = {
     ("post", "/v1/embeddings"): EmbeddingRequest, ("post", "/tokenize"): TokenizeRequest,
     ("post", "/v1/responses"): ResponsesRequest,
     ("post", "/detokenize"): DetokenizeRequest,
+    ("post", "/v1/feedback"): FeedbackRequest, ("post", "/v1/load_lora_adapter"): LoadLoRARequest,
+    ("post", "/v1/unload_lora_adapter"): UnloadLoRARequest, ("post", "/v1/experiments/{name}"): ExperimentWeightsRequest,
 }
 # (method, path) -> (200 body model, streamed event model or None); a str is a media type.
 _RESPONSES = {
@@ -203,6 +214,12 @@ _RESPONSES = {
     ("get", "/v1/batches"): (protocol.BatchList, None),
     ("get", "/v1/batches/{batch_id}"): (protocol.Batch, None),
     ("post", "/v1/batches/{batch_id}/cancel"): (protocol.Batch, None),
+    ("post", "/v1/feedback"): (protocol.FeedbackObject, None),
+    ("get", "/v1/feedback"): ("application/x-ndjson", None),
+    ("post", "/v1/load_lora_adapter"): (protocol.LoRAAdapterStatus, None),
+    ("post", "/v1/unload_lora_adapter"): (protocol.LoRAAdapterStatus, None),
+    ("get", "/v1/experiments"): (protocol.ModelList, None),
+    ("post", "/v1/experiments/{name}"): (protocol.ModelCard, None),
 }
 
 
@@ -345,9 +362,12 @@ class OpenAIServing:
         self._pending: set[str] = set()  # request ids whose admission is on its way
         self._sync_task: asyncio.Task | None = None
         self._model_info_cache: dict | None = None
-        # The HTTP ingress names the replicas in a header; the batch lane's bodies stay OpenAI's.
-        self.names_replicas = False
         self.response_store = ResponseStore(config.http.max_stored_responses, config.http.response_ttl_s)
+        # Which model answers a name (base, adapter, experiment arm), filters, result cache.
+        self.catalog = ModelCatalog(config)
+        FilterChain(config.quality.filters)  # a classifier that cannot be imported fails the start, not a request
+        self._filter_chains: dict[str, FilterChain | None] = {}
+        self.quality_metrics = QualityMetrics()
 
     # --- routes --------------------------------------------------------------
 
@@ -370,8 +390,8 @@ class OpenAIServing:
         return {"status": "ok"}
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
-                                            "created": 0, "owned_by": "semline"}]}
+        await self._refresh_catalog()
+        return {"object": "list", "data": self.catalog.cards()}
 
     async def completions(self, request: Request):
         return await self._http("/v1/completions", request)
@@ -383,7 +403,7 @@ class OpenAIServing:
         """A realtime request; fields the API does not know are named in a response header."""
         plan = await self.plan(url, await _json_body(request), REALTIME_LANE, _deadline_header(request))
         plan.key = _key_id(request)
-        return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
+        return _with_headers(await self._run(plan, REALTIME_LANE), plan)
 
     async def respond(self, url: str, data, lane: str):
         """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
@@ -398,10 +418,11 @@ class OpenAIServing:
         data = await _json_body(request)
         plan = await self._responses_plan(data, REALTIME_LANE, _deadline_header(request))
         plan.key = _key_id(request)
-        return _with_headers(await self._run(plan, REALTIME_LANE), plan.ignored)
+        return _with_headers(await self._run(plan, REALTIME_LANE), plan)
 
     async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
+        await self._know_model(data)
         body = self._validate_plain(ResponsesRequest, data)
         history: list[dict] = []
         if body.previous_response_id is not None:
@@ -421,8 +442,10 @@ class OpenAIServing:
         return plan
 
     async def embeddings(self, request: Request):
-        body = self.validate("/v1/embeddings", await _json_body(request))
-        return _with_headers(await self._embed(body, REALTIME_LANE, _key_id(request)), body.ignored_fields())
+        data = await _json_body(request)
+        await self._know_model(data)
+        body = self.validate("/v1/embeddings", data)
+        return _with_headers(await self._embed(body, REALTIME_LANE, _key_id(request)), _Headers(body.ignored_fields()))
 
     async def _embed(self, body: EmbeddingRequest, lane: str, key: str | None = None) -> dict:
         """Each input embedded by an LLM server replica (a seat each at the router)."""
@@ -465,15 +488,31 @@ class OpenAIServing:
             body = model.model_validate(data)
         except ValidationError as exc:
             raise _to_api_error(exc) from exc
-        if body.model is not None and body.model != self.config.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
+        model_name = getattr(body, "model", None)
+        if model_name is not None and not self.catalog.knows(model_name):
+            raise APIError(404, f"model {model_name!r} does not exist", param="model", code="model_not_found")
         return body
+
+    async def _know_model(self, data) -> None:
+        """A model name this replica does not know may have been loaded through another one
+        (a LoRA adapter): ask the router before the body is validated."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, str) and not self.catalog.knows(model):
+            await self._refresh_catalog()
+
+    async def _refresh_catalog(self) -> None:
+        try:
+            self.catalog.update(await self._router_call("catalog_state"))
+        except Exception as exc:  # noqa: BLE001 - a restarting router: serve what is known
+            logger.debug("catalog refresh failed: %s", exc)
 
     async def plan(self, url: str, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
         """Validate a request and turn it into the sequences to generate. Raises APIError.
         deadline_ms: from the request's deadline header (its body's ttft_deadline_ms wins)."""
+        await self._know_model(data)
         body = self.validate(url, data)
         plan = await self._plan(body, lane)
+        plan.url = url
         plan.priority = body.priority
         deadline_ms = body.ttft_deadline_ms if body.ttft_deadline_ms is not None else deadline_ms
         plan.deadline_s = None if deadline_ms is None else deadline_ms / 1000
@@ -545,29 +584,64 @@ class OpenAIServing:
             body = model.model_validate(data)
         except ValidationError as exc:
             raise _to_api_error(exc) from exc
-        if body.model != self.config.model_name:
+        if not self.catalog.knows(body.model):
             raise APIError(404, f"model {body.model!r} does not exist", param="model", code="model_not_found")
         return body
 
+    def _resolve(self, plan: "_Plan") -> Target:
+        """The model (or experiment arm) that answers the plan; sticky per user, else API key."""
+        try:
+            return self.catalog.resolve(plan.body.model, getattr(plan.body, "user", None) or plan.key)
+        except UnknownModelError as exc:
+            raise APIError(404, str(exc), param="model", code="model_not_found") from exc
+
     async def _run(self, plan: "_Plan", lane: str):
-        """Admit through the router, then stream the choices or wait for their final outputs."""
+        """Admit through the router, then stream the choices or wait for their final outputs.
+        A deterministic request already answered is answered from the result cache."""
+        plan.target = self._resolve(plan)
+        plan.filters = self._filters_for(plan.body.model)
+        key, settings = None, self.config.quality.result_cache
+        if settings.enabled and self.router is not None and plan.responses is None and cacheable(plan) \
+                and (settings.models is None or plan.body.model in settings.models):
+            key = cache_key(plan.url, plan.target, plan.body)
+            cached = await self._router_call("cache_get", key, settings.ttl_s)
+            self.quality_metrics.cache_lookup(plan.target, cached is not None)
+            plan.cache = "miss" if cached is None else "hit"
+            if cached is not None:
+                return json.loads(cached)
         # A seat per sequence (n choices); the request's priority and deadline order the queue.
         ticket = await self._admit(lane, len(plan.choices), plan.priority, plan.deadline_s, plan.key)
         priority = LANE_PRIORITY[lane]
         try:
             if plan.body.stream:
-                streams = [self._call("generate", c, priority, plan.tools, stream=True) for c in plan.choices]
+                streams = [self._call("generate", c, priority, plan, stream=True) for c in plan.choices]
                 replicas = await self._accepted(streams)
+                plan.replicas = [r for r in replicas if isinstance(r, str)]
                 if plan.responses is not None:
-                    response = _sse(self._response_events(streams[0], plan, ticket))
-                else:
-                    response = _sse(self._stream_chunks(streams, plan, ticket))
-                setattr(response, _SERVED_BY, [r for r in replicas if isinstance(r, str)])
-                return response
+                    return _sse(self._response_events(streams[0], plan, ticket))
+                return _sse(self._stream_chunks(streams, plan, ticket))
         except BaseException:
             self._release(ticket)
             raise
-        return await self._complete(plan, priority, ticket)
+        result = await self._complete(plan, priority, ticket)
+        if key is not None and all(c["finish_reason"] in ("stop", "length") for c in result["choices"]):
+            self._router_call("cache_put", key, json.dumps(result).encode(), settings.max_entries)
+        return result
+
+    def _filters_for(self, model: str) -> FilterChain | None:
+        """The output filters of a public model name (None: it has none)."""
+        if model not in self._filter_chains:
+            chain = FilterChain([f for f in self.config.quality.filters if f.models is None or model in f.models])
+            self._filter_chains[model] = chain or None
+            if len(self._filter_chains) > 4096:  # names are checked before this, but bound it anyway
+                self._filter_chains.pop(next(iter(self._filter_chains)))
+        return self._filter_chains[model]
+
+    def _answered(self, plan: "_Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
+        """Count an answer for its model and arm (and, in the HTTP ingress, keep it for feedback)."""
+        self.quality_metrics.answered(plan.target, outputs)
+        if plan.filter_hits:
+            self.quality_metrics.filtered(plan.target, plan.filter_hits)
 
     async def _accepted(self, streams) -> list[str]:
         """Wait until the engine has accepted every stream's request (each stream's first item):
@@ -675,17 +749,18 @@ class OpenAIServing:
                 logger.debug("ticket sync with the router failed: %s", exc)
             await asyncio.sleep(self.config.router.holder_sync_s)
 
-    def _call(self, method: str, choice: "_Choice", priority: int, tools: list[dict] | None, stream: bool = False):
+    def _call(self, method: str, choice: "_Choice", priority: int, plan: "_Plan", stream: bool = False):
         """Call the LLM server: an awaitable (a stream when `stream`, whose first item says the
         engine accepted the request) that `.cancel()` aborts."""
         handle = self.llm.options(stream=True) if stream else self.llm
         return getattr(handle, method).remote(choice.prompt, choice.messages, choice.params, priority,
-                                              uuid.uuid4().hex, tools=tools, announce=stream)
+                                              uuid.uuid4().hex, tools=plan.tools, announce=stream,
+                                              lora=plan.target.lora)
 
     async def _complete(self, plan: "_Plan", priority: int, ticket: int) -> dict:
         calls = []
         try:
-            calls = [self._call("complete", c, priority, plan.tools) for c in plan.choices]
+            calls = [self._call("complete", c, priority, plan) for c in plan.choices]
             outputs = await asyncio.gather(*calls)
         except asyncio.CancelledError:
             for call in calls:
@@ -696,22 +771,31 @@ class OpenAIServing:
         finally:
             self._release(ticket)
         self._spent(plan.key, _usage(outputs, _per_prompt(plan))["total_tokens"])
+        plan.replicas = [out.served_by for out in outputs if out.served_by]
         if plan.responses is not None:
             result = self._finish_response(plan, outputs[0], _usage(outputs))
+            text = "".join(c["text"] for item in result["output"] if item["type"] == "message"
+                           for c in item["content"])
         else:
             choices = [_choice(i, out, plan) for i, out in enumerate(outputs)]
             result = _envelope(plan.object_name, plan.body.model, choices, _usage(outputs, _per_prompt(plan)))
-        if self.names_replicas:
-            result[_SERVED_BY] = [out.served_by for out in outputs if out.served_by]
+            first = choices[0]
+            text = first["message"]["content"] if "message" in first else first["text"]
+        self._answered(plan, result["id"], outputs, text or "")
         return result
 
     def _finish_response(self, plan: "_Plan", out: RequestOutput, usage: dict, items: list[dict] | None = None) -> dict:
         """The Response for a finished output, kept for previous_response_id when store is on."""
         ctx = plan.responses
+        reason = out.finish_reason
         if items is None:
             content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
-            items = output_items(content or "", calls)
-        response = response_object(ctx.body, ctx.response_id, out.finish_reason, items, usage)
+            content, stopped = _filter_text(plan, content or "")
+            reason = "content_filter" if stopped else reason
+            items = output_items(content, calls)
+        elif plan.blocked:
+            reason = "content_filter"
+        response = response_object(ctx.body, ctx.response_id, reason, items, usage)
         if ctx.body.store:
             self.response_store.put(ctx.response_id, conversation_after(ctx.conversation, items))
         return response
@@ -723,10 +807,12 @@ class OpenAIServing:
         header = response_header(ctx.body, ctx.response_id, "in_progress")
         yield sse_event("response.created", next(sequence), response=header)
         yield sse_event("response.in_progress", next(sequence), response=header)
-        text_state, message_id, text, final = _StreamText(plan.parser), None, "", None
+        text_state, message_id, text, final = _StreamText(plan.parser, plan.filters), None, "", None
         try:
             async for out in stream:
                 delta, _ = text_state.feed(out)
+                if text_state.blocked and not out.finished:  # a filter ended the output here
+                    final, plan.blocked = out, True
                 if delta:
                     if message_id is None:
                         message_id = f"msg_{uuid.uuid4().hex}"
@@ -737,6 +823,8 @@ class OpenAIServing:
                     text += delta
                     yield sse_event("response.output_text.delta", next(sequence), item_id=message_id,
                                     output_index=0, content_index=0, delta=delta)
+                if plan.blocked:
+                    break
                 if out.finished:
                     final = out
         except Exception as exc:  # noqa: BLE001 - reported to the client as the stream's error event
@@ -744,9 +832,10 @@ class OpenAIServing:
             yield sse_event("error", next(sequence), code=error.code, message=error.message, param=error.param)
             return
         finally:
-            if final is None:
-                stream.cancel()  # a client that left: the request is aborted
+            if final is None or plan.blocked:
+                stream.cancel()  # a client that left (or a filter that ended it): the request is aborted
             self._release(ticket)
+        _add_hits(plan, text_state)
         items = []
         if message_id is not None:
             item = message_item(message_id, text, "completed")
@@ -768,6 +857,7 @@ class OpenAIServing:
             items.append(item)
         self._spent(plan.key, _usage([final])["total_tokens"])
         response = self._finish_response(plan, final, _usage([final]), items)
+        self._answered(plan, ctx.response_id, [final], text)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         yield sse_event(kind, next(sequence), response=response)
 
@@ -791,7 +881,7 @@ class OpenAIServing:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
-        texts = [_StreamText(plan.parser) for _ in streams]
+        texts = [_StreamText(plan.parser, plan.filters) for _ in streams]
         try:
             for i, choice in enumerate(plan.choices):
                 if chat:
@@ -801,22 +891,32 @@ class OpenAIServing:
                 elif choice.echo:
                     yield _data(_envelope(object_name, body.model, [_stream_choice(i, choice.echo, None, None, plan)],
                                           None, response_id))
-            done = 0
-            while done < len(streams):
+            ended: set[int] = set()  # streams that ended (or that a filter ended)
+            while len(ended) < len(streams):
                 index, item = await queue.get()
                 if item is None:
-                    done += 1
+                    ended.add(index)
                     continue
                 if isinstance(item, Exception):
                     yield _data(_to_api_error(item).body())
                     return
-                if item.finished:
-                    finals[index] = item
-                text, calls = texts[index].feed(item)
-                logprobs = item.delta_logprobs if item.delta_logprobs else None
-                if not (text or calls or logprobs or item.finished):
+                if index in finals:  # ended by a filter: what is still on its way is dropped
                     continue
-                reason = _finish_reason(item, bool(texts[index].calls)) if item.finished else None
+                text, calls = texts[index].feed(item)
+                blocked = texts[index].blocked
+                if item.finished or blocked:
+                    finals[index] = item
+                if blocked and not item.finished:
+                    tasks[index].cancel()  # the rest is not wanted: abort it in the engine
+                    ended.add(index)
+                logprobs = item.delta_logprobs if item.delta_logprobs else None
+                if not (text or calls or logprobs or item.finished or blocked):
+                    continue
+                reason = None
+                if blocked:
+                    reason = "content_filter"
+                elif item.finished:
+                    reason = _finish_reason(item, bool(texts[index].calls))
                 if chat:
                     delta = {"content": text} if text or not calls else {}
                     if calls:
@@ -827,6 +927,9 @@ class OpenAIServing:
                 choice = _stream_choice(index, content, reason, logprobs, plan)
                 yield _data(_envelope(object_name, body.model, [choice], None, response_id))
             outputs = [finals[i] for i in sorted(finals)]
+            for state in texts:
+                _add_hits(plan, state)
+            self._answered(plan, response_id, outputs, texts[0].sent_text)
             self._spent(plan.key, _usage(outputs, _per_prompt(plan))["total_tokens"])
             if body.stream_options and body.stream_options.include_usage:
                 yield _data(_envelope(object_name, body.model, [], _usage(outputs, _per_prompt(plan)), response_id))
@@ -844,7 +947,76 @@ class OpenAIIngress(OpenAIServing):
     def __init__(self, llm, batch, config: SemlineConfig, router=None) -> None:
         super().__init__(llm, config, router)
         self.batch = batch
-        self.names_replicas = True
+        feedback = config.quality.feedback
+        self.feedback = FeedbackStore(feedback.storage_dir, feedback.store_outputs, feedback.retention_s,
+                                      feedback.max_responses)
+        self.quality_metrics.feedback(self.feedback.summary())  # the ratings before a restart count too
+
+    def _answered(self, plan: "_Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
+        super()._answered(plan, response_id, outputs, text)
+        choice = plan.choices[0]
+        self.feedback.record_response(response_id, plan.target.model, plan.target.experiment, plan.target.arm,
+                                      choice.messages if choice.messages is not None else choice.prompt, text)
+
+    # --- feedback, adapters, experiments ----------------------------------------------
+
+    async def post_feedback(self, request: Request) -> dict:
+        body = self._validate_plain(FeedbackRequest, await _json_body(request))
+        try:
+            record = await asyncio.to_thread(self.feedback.add, body.response_id, body.numeric_score(), body.label,
+                                             body.comment)
+        except UnknownResponseError as exc:
+            raise APIError(404, str(exc), param="response_id", code="response_not_found") from exc
+        self.quality_metrics.feedback(await asyncio.to_thread(self.feedback.summary))
+        return {"object": "feedback", **record}
+
+    async def get_feedback(self, since: float = 0.0):
+        records = await asyncio.to_thread(lambda: list(self.feedback.export(since)))
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return Response(body, media_type="application/x-ndjson")
+
+    async def load_lora_adapter(self, request: Request) -> dict:
+        body = self._validate_plain(LoadLoRARequest, await _json_body(request))
+        if not self.catalog.lora_enabled:
+            raise APIError(400, "this deployment serves no LoRA adapters: start it with engine.enable_lora")
+        await self._refresh_catalog()
+        if self.catalog.knows(body.lora_name):
+            raise APIError(400, f"a model named {body.lora_name!r} is already served", param="lora_name")
+        # One LLM server reads it now (a bad folder is refused here); the others on first use.
+        await self._server_call("load_lora", body.lora_name, body.lora_path)
+        await self._router_call("set_adapter", body.lora_name, body.lora_path)
+        await self._refresh_catalog()
+        return {"object": "lora_adapter", "id": body.lora_name, "root": body.lora_path, "parent": self.catalog.base,
+                "status": "loaded"}
+
+    async def unload_lora_adapter(self, request: Request) -> dict:
+        body = self._validate_plain(UnloadLoRARequest, await _json_body(request))
+        await self._refresh_catalog()
+        if body.lora_name not in self.catalog.dynamic:
+            reason = "it is listed in the configuration" if body.lora_name in self.catalog.static else "none is loaded"
+            raise APIError(404, f"cannot unload LoRA adapter {body.lora_name!r}: {reason}", param="lora_name",
+                           code="model_not_found")
+        await self._router_call("set_adapter", body.lora_name, None)
+        await self._refresh_catalog()
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
+
+    async def experiments(self) -> dict:
+        await self._refresh_catalog()
+        return {"object": "list", "data": [c for c in self.catalog.cards() if "experiment" in c]}
+
+    async def set_experiment_weights(self, name: str, request: Request) -> dict:
+        body = self._validate_plain(ExperimentWeightsRequest, await _json_body(request))
+        await self._refresh_catalog()
+        current = self.catalog.weights.get(name)
+        if current is None:
+            raise APIError(404, f"no experiment named {name!r}", code="experiment_not_found")
+        if set(body.weights) != set(current):
+            raise APIError(400, f"weights must name each arm of {name!r}: {sorted(current)}", param="weights")
+        if sum(body.weights.values()) <= 0:
+            raise APIError(400, "some arm needs a weight above 0", param="weights")
+        await self._router_call("set_weights", name, body.weights)
+        await self._refresh_catalog()
+        return next(c for c in self.catalog.cards() if c["id"] == name)
 
     async def upload_file(self, request: Request) -> dict:
         try:
@@ -924,16 +1096,28 @@ def _deadline_header(request: Request) -> float | None:
     return deadline
 
 
-def _with_headers(result, ignored: list[str]):
-    """The response, naming in headers the replica(s) that served it and the request fields
-    this version ignored."""
-    replicas = result.pop(_SERVED_BY, None) if isinstance(result, dict) else getattr(result, _SERVED_BY, None)
-    if not ignored and not replicas:
-        return result
+@dataclass
+class _Headers:
+    """What the response headers say of a request that has no plan (embeddings)."""
+
+    ignored: list[str]
+    replicas: list[str] = field(default_factory=list)
+    target: Target | None = None
+    cache: str | None = None
+
+
+def _with_headers(result, plan: "_Plan | _Headers"):
+    """The response, naming in headers the replica(s) that served it, the experiment arm, a
+    result-cache hit or miss, and the request fields this version ignored."""
     if isinstance(result, dict):
         result = JSONResponse(result)
-    if replicas:
-        result.headers[REPLICA_HEADER] = ", ".join(dict.fromkeys(replicas))
+    if plan.replicas:
+        result.headers[REPLICA_HEADER] = ", ".join(dict.fromkeys(plan.replicas))
+    if plan.target is not None and plan.target.arm is not None:
+        result.headers[ARM_HEADER] = plan.target.arm
+    if plan.cache is not None:
+        result.headers[CACHE_HEADER] = plan.cache
+    ignored = plan.ignored
     if not ignored:
         return result
     # Field names are anything a client sent: a header carries printable ASCII only.
@@ -967,17 +1151,35 @@ def _finish_reason(out: RequestOutput, called_tools: bool = False) -> str:
     return "tool_calls" if called_tools else "stop"
 
 
+def _filter_text(plan: "_Plan", text: str) -> tuple[str, bool]:
+    """(the text through the output filters, whether they ended it); hits counted on the plan."""
+    if plan.filters is None:
+        return text, False
+    result = plan.filters.apply(text)
+    for name, count in result.hits.items():
+        plan.filter_hits[name] = plan.filter_hits.get(name, 0) + count
+    return result.text, result.stopped
+
+
+def _add_hits(plan: "_Plan", state: "_StreamText") -> None:
+    if state.filter is not None:
+        for name, count in state.filter.hits.items():
+            plan.filter_hits[name] = plan.filter_hits.get(name, 0) + count
+
+
 def _choice(index: int, out: RequestOutput, plan: "_Plan") -> dict:
     if plan.object_name == "chat.completion":
         content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
-        message = {"role": "assistant", "content": content}
-        if calls:
+        filtered, stopped = _filter_text(plan, content or "")
+        message = {"role": "assistant", "content": filtered if content is not None or stopped else None}
+        if calls and not stopped:
             message["tool_calls"] = [call.to_openai() for call in calls]
         return {"index": index, "message": message, "logprobs": _chat_logprobs(out.logprobs),
-                "finish_reason": _finish_reason(out, bool(calls))}
+                "finish_reason": "content_filter" if stopped else _finish_reason(out, bool(calls))}
     echo = plan.choices[index].echo or ""
-    return {"index": index, "text": echo + out.text, "logprobs": _completion_logprobs(out.logprobs),
-            "finish_reason": _finish_reason(out)}
+    text, stopped = _filter_text(plan, out.text)
+    return {"index": index, "text": echo + text, "logprobs": _completion_logprobs(out.logprobs),
+            "finish_reason": "content_filter" if stopped else _finish_reason(out)}
 
 
 def _stream_choice(index: int, content, finish_reason, logprobs, plan: "_Plan") -> dict:
@@ -1031,6 +1233,13 @@ class _Plan:
     priority: int = 0  # within its lane at the router: lower first
     deadline_s: float | None = None  # its first token is due within this many seconds
     key: str | None = None  # an id of the API key it came with (per-key limits)
+    url: str = ""  # the route it came to
+    target: Target | None = None  # the model (or experiment arm) that answers it
+    filters: FilterChain | None = None  # the output filters its answers go through
+    filter_hits: dict[str, int] = field(default_factory=dict)
+    blocked: bool = False  # a filter ended its (streamed) answer
+    cache: str | None = None  # "hit" or "miss" when the result cache was asked
+    replicas: list[str] = field(default_factory=list)  # the LLM server replicas that answered
 
 
 @dataclass
@@ -1048,13 +1257,32 @@ class _StreamText:
     """One streamed choice's text: passed on as it comes, except from where a tool call may
     begin (held back until the output ends, then parsed into tool calls, or sent as text)."""
 
-    def __init__(self, parser: ToolParser | None) -> None:
+    def __init__(self, parser: ToolParser | None, filters: FilterChain | None = None) -> None:
         self.parser, self.text, self.sent = parser, "", 0
         self.in_call = False
         self.calls: list = []
+        # The output filters: text is held back while a match may be in progress in it.
+        self.filter: StreamFilter | None = filters.stream() if filters is not None else None
+
+    @property
+    def blocked(self) -> bool:
+        return self.filter is not None and self.filter.stopped
+
+    @property
+    def sent_text(self) -> str:
+        return self.filter.sent if self.filter is not None else self.text[:self.sent]
 
     def feed(self, out: RequestOutput) -> tuple[str, list]:
-        """(text to send now, tool calls to send now)."""
+        """(text to send now, tool calls to send now), through the output filters."""
+        chunk, calls = self._feed(out)
+        if self.filter is None:
+            return chunk, calls
+        if self.blocked:
+            return "", []
+        chunk = self.filter.feed(chunk, final=out.finished)
+        return chunk, [] if self.blocked else calls
+
+    def _feed(self, out: RequestOutput) -> tuple[str, list]:
         self.text += out.delta_text
         if self.parser is None:
             return out.delta_text, []

@@ -51,13 +51,16 @@ class LocalServing(OpenAIServing):
     def _release(self, ticket: int) -> None:
         pass
 
-    def _call(self, method: str, choice, priority: int, tools, stream: bool = False):
+    def _call(self, method: str, choice, priority: int, plan, stream: bool = False):
         call = getattr(self.llm, method)(choice.prompt, choice.messages, choice.params, priority, uuid.uuid4().hex,
-                                         tools=tools, announce=stream)
+                                         tools=plan.tools, announce=stream, lora=plan.target.lora)
         return call if stream else asyncio.ensure_future(call)
 
     async def _server_call(self, method: str, *args):
         return await getattr(self.llm, method)(*args)
+
+    async def _refresh_catalog(self) -> None:
+        pass  # no router: the configuration's adapters and experiments are all there is
 
 
 class EngineWorker:

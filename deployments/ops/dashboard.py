@@ -54,24 +54,65 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
 ]
 
 
+# The quality row, repeated for each experiment (the $experiment variable: every value of the
+# experiment label; "none" is the traffic outside experiments): per arm.
+ARM = "{{arm}}"
+_EXP = 'experiment="$experiment"'
+QUALITY_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
+    ("Traffic share per arm", "percentunit", [
+        (f"sum by (arm) (rate(ray_semline_arm_requests_total{{{_EXP}}}[5m])) / scalar(sum("
+         f"rate(ray_semline_arm_requests_total{{{_EXP}}}[5m])))", ARM)]),
+    ("Time to first token p90 per arm", "s", [
+        ("histogram_quantile(0.9, sum by (le, arm) (rate("
+         f"ray_semline_arm_time_to_first_token_seconds_bucket{{{_EXP}}}[5m])))", "p90 " + ARM)]),
+    ("Output tokens/s per arm", "short", [
+        (f"sum by (arm) (rate(ray_semline_arm_generation_tokens_total{{{_EXP}}}[1m]))", ARM)]),
+    ("Feedback score per arm (mean, ratings)", "short", [
+        (f"max by (arm) (ray_semline_feedback_score_sum{{{_EXP}}}) / "
+         f"max by (arm) (ray_semline_feedback_count{{{_EXP}}})", "mean " + ARM),
+        (f"max by (arm) (ray_semline_feedback_count{{{_EXP}}})", "ratings " + ARM)]),
+    ("Output filter hits/s per arm", "short", [
+        (f"sum by (arm, filter) (rate(ray_semline_filter_hits_total{{{_EXP}}}[5m]))", "{{filter}} " + ARM)]),
+    ("Result cache hit rate", "percentunit", [
+        (f'sum(rate(ray_semline_result_cache_requests_total{{{_EXP}, result="hit"}}[5m])) / '
+         f"sum(rate(ray_semline_result_cache_requests_total{{{_EXP}}}[5m]))", "hit rate")]),
+]
+
+
 def panel_queries() -> list[str]:
-    return [expr for _, _, targets in PANELS for expr, _ in targets]
+    return [expr for _, _, targets in PANELS + QUALITY_PANELS for expr, _ in targets]
+
+
+def _panel(panel_id: int, title: str, unit: str, targets: list[tuple[str, str]], x: int, y: int) -> dict:
+    return {
+        "id": panel_id, "type": "timeseries", "title": title,
+        "datasource": {"type": "prometheus", "uid": DATASOURCE_UID},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
+                     "datasource": {"type": "prometheus", "uid": DATASOURCE_UID}}
+                    for j, (expr, legend) in enumerate(targets)],
+    }
 
 
 def build_dashboard() -> dict:
-    panels = []
-    for i, (title, unit, targets) in enumerate(PANELS):
-        panels.append({
-            "id": i + 1, "type": "timeseries", "title": title,
-            "datasource": {"type": "prometheus", "uid": DATASOURCE_UID},
-            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend,
-                         "datasource": {"type": "prometheus", "uid": DATASOURCE_UID}}
-                        for j, (expr, legend) in enumerate(targets)],
-        })
+    panels = [_panel(i + 1, title, unit, targets, 12 * (i % 2), 8 * (i // 2))
+              for i, (title, unit, targets) in enumerate(PANELS)]
+    top = 8 * ((len(PANELS) + 1) // 2)
+    panels.append({"id": len(panels) + 1, "type": "row", "title": "Experiment $experiment", "repeat": "experiment",
+                   "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": top}, "panels": []})
+    panels += [_panel(len(PANELS) + 2 + i, title, unit, targets, 12 * (i % 2), top + 1 + 8 * (i // 2))
+               for i, (title, unit, targets) in enumerate(QUALITY_PANELS)]
+    experiment = {
+        "name": "experiment", "label": "Experiment", "type": "query",
+        "datasource": {"type": "prometheus", "uid": DATASOURCE_UID},
+        "query": {"query": "label_values(ray_semline_arm_requests_total, experiment)", "refId": "experiments"},
+        "definition": "label_values(ray_semline_arm_requests_total, experiment)",
+        "refresh": 2, "multi": True, "includeAll": True, "current": {"text": "All", "value": "$__all"},
+    }
     return {"uid": DASHBOARD_UID, "title": "semline", "tags": ["semline", "llm"], "timezone": "browser",
-            "schemaVersion": 39, "refresh": "10s", "time": {"from": "now-1h", "to": "now"}, "panels": panels}
+            "schemaVersion": 39, "refresh": "10s", "time": {"from": "now-1h", "to": "now"}, "panels": panels,
+            "templating": {"list": [experiment]}}
 
 
 def render(path: Path = DASHBOARD_FILE) -> Path:

@@ -103,3 +103,57 @@ class RequestTracker:
             self.metrics.e2e.observe(m.finished_time - m.arrival_time, tags)
         self.metrics.prompt_tokens.observe(m.num_prompt_tokens, tags)
         self.metrics.generation_tokens.observe(m.num_generated_tokens, tags)
+
+
+# The arm label of requests outside any experiment.
+NO_ARM = "none"
+
+
+class QualityMetrics:
+    """The ingress's view per served model and experiment arm (model_name, experiment, arm):
+    requests, time to first token, end-to-end latency and output tokens of each arm, users'
+    feedback, output-filter hits and result-cache lookups."""
+
+    def __init__(self) -> None:
+        arm = ("model_name", "experiment", "arm")
+        self.requests = Counter("semline_arm_requests", "Requests answered, per model and experiment arm.", arm)
+        self.ttft = Histogram("semline_arm_time_to_first_token_seconds", "Time to first token per arm.",
+                              LATENCY_BUCKETS, arm)
+        self.e2e = Histogram("semline_arm_e2e_request_latency_seconds", "Arrival to last token per arm.",
+                             LATENCY_BUCKETS, arm)
+        self.tokens = Counter("semline_arm_generation_tokens", "Output tokens per arm.", arm)
+        self.feedback_sum = Gauge("semline_feedback_score_sum", "Sum of users' scores (thumbs up = 1, down = 0).", arm)
+        self.feedback_count = Gauge("semline_feedback_count", "Ratings received.", arm)
+        self.filter_hits = Counter("semline_filter_hits", "Output filter matches.", arm + ("filter",))
+        self.cache = Counter("semline_result_cache_requests", "Result cache lookups.", arm + ("result",))
+
+    @staticmethod
+    def tags(target) -> dict:
+        return {"model_name": target.model, "experiment": target.experiment or NO_ARM, "arm": target.arm or NO_ARM}
+
+    def answered(self, target, outputs: list[RequestOutput]) -> None:
+        tags = self.tags(target)
+        self.requests.inc(1, tags)
+        tokens = sum(len(o.token_ids) for o in outputs)
+        if tokens:
+            self.tokens.inc(tokens, tags)
+        for out in outputs[:1]:
+            m = out.metrics
+            if m.time_to_first_token is not None:
+                self.ttft.observe(m.time_to_first_token, tags)
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time, tags)
+
+    def filtered(self, target, hits: dict[str, int]) -> None:
+        for name, count in hits.items():
+            self.filter_hits.inc(count, {**self.tags(target), "filter": name})
+
+    def cache_lookup(self, target, hit: bool) -> None:
+        self.cache.inc(1, {**self.tags(target), "result": "hit" if hit else "miss"})
+
+    def feedback(self, summary: dict) -> None:
+        """summary: {(model, experiment, arm): (score sum, count)} from the feedback store."""
+        for (model, experiment, arm), (total, count) in summary.items():
+            tags = {"model_name": model, "experiment": experiment or NO_ARM, "arm": arm or NO_ARM}
+            self.feedback_sum.set(total, tags)
+            self.feedback_count.set(count, tags)

@@ -28,13 +28,44 @@ def storage_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("batches")
 
 
+# The quality loop (tests/deployments/test_quality.py): a LoRA adapter served beside the base,
+# an A/B experiment between them, a public name whose answers go through output filters, and
+# the result cache for the adapter's answers.
+ADAPTER = "tuned"
+EXPERIMENT = "smol-ab"
+FILTERED = "smol-filtered"
+BLOCKED_PHRASE = "forbidden fruit"
+
+
 @pytest.fixture(scope="session")
-def app_config(storage_dir):
+def adapter_dir(tmp_path_factory):
+    """A PEFT LoRA adapter (random weights on q and v) of the embedded model, built here."""
+    from engine.config import EngineConfig
+    from engine.loader import resolve_model_dir
+    from tests.engine.test_lora import build_adapter
+
+    folder = tmp_path_factory.mktemp("adapter")
+    model_dir = resolve_model_dir(None, EngineConfig().resolve_cache_dir())
+    build_adapter(model_dir, folder, 7, ["q_proj", "v_proj"], 8)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_config(storage_dir, adapter_dir, tmp_path_factory):
     from deployments.config import SemlineConfig
 
     return SemlineConfig(
         api_key=API_KEY,
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS},
+        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                "lora_modules": {ADAPTER: str(adapter_dir)}, "max_lora_rank": 16},
+        experiments=[{"name": EXPERIMENT, "arms": [{"name": "control", "model": MODEL, "weight": 70},
+                                                   {"name": "treatment", "model": ADAPTER, "weight": 30}]},
+                     {"name": FILTERED, "arms": [{"name": "only", "model": MODEL, "weight": 1}]}],
+        quality={"filters": [{"type": "pii", "models": [FILTERED]},
+                             {"type": "blocklist", "phrases": [BLOCKED_PHRASE], "action": "refuse",
+                              "models": [FILTERED]}],
+                 "result_cache": {"enabled": True, "models": [ADAPTER]},
+                 "feedback": {"storage_dir": str(tmp_path_factory.mktemp("feedback")), "store_outputs": True}},
         http={"port": _free_port(), "max_body_bytes": 64 * 1024},
         # Small enough that the overload test can fill the realtime queue.
         router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},

@@ -12,7 +12,11 @@ from tests.deployments.conftest import API_KEY, MAX_PROMPT_TOKENS, MODEL
 
 
 def test_list_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    from tests.deployments.conftest import ADAPTER, EXPERIMENT, FILTERED
+
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL, ADAPTER, EXPERIMENT, FILTERED]  # base, adapters, experiments
+    assert models[1].model_extra["parent"] == MODEL
 
 
 def test_chat_completion(client):

@@ -1,0 +1,149 @@
+"""Users' feedback on answers, kept durably and joined with what was asked and answered.
+
+Two append-only JSONL files under `quality.feedback.storage_dir` (shared by every ingress
+replica, like the batch lane's files):
+
+- `responses.jsonl`: one line per answer served: its id, model, experiment and arm, and
+  (only when `store_outputs` is on) its prompt and output. Lines older than
+  `retention_s` are dropped when the ingress starts, and at most `max_responses` are
+  kept in memory to join feedback with.
+- `feedback.jsonl`: one line per rating (fsynced before the rating is acknowledged): the
+  response's id, model, experiment and arm, the score (a number; thumbs up = 1, down = 0),
+  an optional label and comment.
+
+`export(since)` yields the ratings since a time, each with the prompt and output of its
+response when they were kept (a fine-tuning set); `summary()` gives each (model,
+experiment, arm)'s score sum and count, read from the file, so the metrics survive
+restarts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+
+class UnknownResponseError(LookupError):
+    """The rated response is not known (never served here, or past the retention)."""
+
+
+class FeedbackStore:
+    def __init__(self, storage_dir: str, store_outputs: bool, retention_s: float, max_responses: int) -> None:
+        self.dir = Path(storage_dir).expanduser()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store_outputs, self.retention_s, self.max_responses = store_outputs, retention_s, max_responses
+        self.responses_file, self.feedback_file = self.dir / "responses.jsonl", self.dir / "feedback.jsonl"
+        self._lock = threading.Lock()
+        self._responses: OrderedDict[str, dict] = OrderedDict()
+        self._load_responses()
+
+    def _load_responses(self) -> None:
+        """Keep the responses within the retention; the file is rewritten without the others
+        (their prompts and outputs must not outlive it)."""
+        horizon = time.time() - self.retention_s
+        with _locked(self.dir):
+            records = list(_read(self.responses_file))
+            kept = [r for r in records if r.get("created", 0) >= horizon]
+            if len(kept) < len(records):
+                tmp = self.responses_file.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+                os.replace(tmp, self.responses_file)
+        for record in kept:
+            self._remember(record)
+
+    def _remember(self, record: dict) -> None:
+        self._responses[record["id"]] = record
+        self._responses.move_to_end(record["id"])
+        while len(self._responses) > self.max_responses:
+            self._responses.popitem(last=False)
+
+    def record_response(self, response_id: str, model: str, experiment: str | None, arm: str | None,
+                        prompt=None, output: str | None = None) -> None:
+        record = {"id": response_id, "created": time.time(), "model": model, "experiment": experiment, "arm": arm}
+        if self.store_outputs:
+            record.update(prompt=prompt, output=output)
+        with self._lock:
+            self._remember(record)
+        _append(self.responses_file, record, sync=False)
+
+    def response(self, response_id: str) -> dict | None:
+        with self._lock:
+            record = self._responses.get(response_id)
+        if record is None:  # served by another ingress replica: look in the shared file
+            record = next((r for r in _read(self.responses_file) if r.get("id") == response_id), None)
+            if record is not None and record.get("created", 0) < time.time() - self.retention_s:
+                record = None
+        return record
+
+    def add(self, response_id: str, score: float, label: str | None, comment: str | None) -> dict:
+        response = self.response(response_id)
+        if response is None:
+            raise UnknownResponseError(f"no response {response_id!r} is known (unknown id, or older than the "
+                                       "feedback retention)")
+        record = {"id": f"fb-{os.urandom(8).hex()}", "created": time.time(), "response_id": response_id,
+                  "model": response["model"], "experiment": response.get("experiment"), "arm": response.get("arm"),
+                  "score": float(score), "label": label, "comment": comment}
+        _append(self.feedback_file, record, sync=True)
+        return record
+
+    def export(self, since: float = 0.0):
+        """Ratings created at or after `since`, with their response's prompt and output if kept."""
+        for record in _read(self.feedback_file):
+            if record.get("created", 0) < since:
+                continue
+            response = self.response(record["response_id"]) if self.store_outputs else None
+            if response is not None and "output" in response:
+                record = {**record, "prompt": response.get("prompt"), "output": response.get("output")}
+            yield record
+
+    def summary(self) -> dict[tuple[str, str, str], tuple[float, int]]:
+        totals: dict[tuple[str, str, str], tuple[float, int]] = {}
+        for record in _read(self.feedback_file):
+            key = (record["model"], record.get("experiment") or "", record.get("arm") or "")
+            total, count = totals.get(key, (0.0, 0))
+            totals[key] = (total + record["score"], count + 1)
+        return totals
+
+
+class _locked:
+    """The folder's lock file, held exclusively (appends against the retention's rewrite)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def _append(path: Path, record: dict, sync: bool) -> None:
+    """One line, written with one write() on an O_APPEND descriptor, under the folder's lock."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    with _locked(path.parent):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+    except FileNotFoundError:
+        return
