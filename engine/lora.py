@@ -130,37 +130,58 @@ def load_adapter(name: str, path: str | Path, max_rank: int) -> LoRAAdapter:
 
 # --- in the model ----------------------------------------------------------------
 
+class LoRAStep:
+    """One step's rows per adapter slot: `groups` [(slot, rows)] (rows a slice when the slot's
+    tokens are one run, else their indices) and `token_slots` [T] (-1: the base model)."""
+
+    def __init__(self, ranges: list[tuple[int, int, int]], num_tokens: int, device: torch.device) -> None:
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        slots = [-1] * num_tokens
+        for start, end, slot in ranges:
+            runs = by_slot.setdefault(slot, [])
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((start, end))
+            slots[start:end] = [slot] * (end - start)
+        self.groups = [(slot, slice(*runs[0]) if len(runs) == 1 else None) for slot, runs in by_slot.items()]
+        self.token_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def one_run(self) -> tuple[int, slice] | None:
+        """(slot, rows) when every adapter token of the step belongs to one slot, in one run."""
+        if len(self.groups) == 1 and self.groups[0][1] is not None:
+            return self.groups[0]
+        return None
+
+    def mask(self, layout: tuple, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[T, C]: 1 where token t's slot owns column c of a stacked LoRA matrix (the same for
+        every projection with that column layout, so built once a step)."""
+        mask = self._masks.get(layout)
+        if mask is None:
+            mask = self._masks[layout] = (self.token_slots[:, None] == columns[None, :]).to(dtype)
+        return mask
+
+
 class LoRAState:
-    """The step's rows per slot, shared by every LoRALinear of a runner:
-    [(slot, rows)] where rows is a slice or a LongTensor of token indices."""
+    """The current step's LoRAStep (or None: base only), shared by every LoRALinear of a runner."""
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, slice | torch.Tensor]] = []
-
-
-def row_groups(ranges: list[tuple[int, int, int]], device: torch.device) -> list[tuple[int, slice | torch.Tensor]]:
-    """[(flat start, flat end, slot)] -> one entry per slot: a slice when its rows are one run."""
-    by_slot: dict[int, list[tuple[int, int]]] = {}
-    for start, end, slot in ranges:
-        runs = by_slot.setdefault(slot, [])
-        if runs and runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], end)
-        else:
-            runs.append((start, end))
-    groups = []
-    for slot, runs in by_slot.items():
-        if len(runs) == 1:
-            groups.append((slot, slice(*runs[0])))
-        else:
-            rows = torch.cat([torch.arange(a, b) for a, b in runs]).to(device)
-            groups.append((slot, rows))
-    return groups
+        self.step: LoRAStep | None = None
 
 
 class LoRALinear(nn.Module):
     """A projection plus the LoRA pairs of the adapters in its slots. `parts`: the checkpoint
     parts the base weight is made of, each with the rows [start, stop) it fills in our output
-    (q, k, v of a fused qkv_proj; this rank's slices under tensor parallelism)."""
+    (q, k, v of a fused qkv_proj; this rank's slices under tensor parallelism).
+
+    A step whose adapter tokens are one run of one slot (one adapter's prefill chunk, a
+    single stream) gets that slot's pair on those rows. Otherwise the slots' pairs are
+    stacked (A: [C, in], B: [out, C], C the columns of every resident slot) and each token
+    keeps only its slot's columns: three matmul-sized ops per projection whatever the mix,
+    where a gathered pair per slot costs a dozen small ones (measured: 4 adapters mixed,
+    0.62x of the base's tokens/s gathered per slot on 2 CPU cores; benchmarks/lora.py)."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[object, int, int]], state: LoRAState) -> None:
         super().__init__()
@@ -170,47 +191,69 @@ class LoRALinear(nn.Module):
         self.out_features = parts[-1][2]
         # slot -> (A: [R, in], B: [out, R]) over the adapter's targeted parts (B block-diagonal).
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not self.slots:
+        step = self.state.step
+        if step is None or not self.slots:
             return y
-        for slot, rows in self.state.groups:
-            pair = self.slots.get(slot)
-            if pair is None:
-                continue
-            a, b = pair
-            if isinstance(rows, slice):
-                y[rows] += (x[rows] @ a.t()) @ b.t()
-            else:
-                y.index_add_(0, rows, (x[rows] @ a.t()) @ b.t())
-        return y
+        one = step.one_run
+        if one is not None:
+            pair = self.slots.get(one[0])
+            if pair is not None:
+                rows = one[1]
+                y[rows] += (x[rows] @ pair[0].t()) @ pair[1].t()
+            return y
+        a, b, columns, layout = self._stacked
+        return y + b((a(x)) * step.mask(layout, columns, x.dtype))
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None, dtype: torch.dtype, device: torch.device) -> None:
         self.slots.pop(slot, None)
-        if adapter is None:
-            return
-        a_parts, b_parts = [], []
-        for part, start, stop in self.parts:
-            name = part if isinstance(part, str) else part.name
-            pair = adapter.weights.get(name.removesuffix(".weight"))
-            if pair is None:
-                continue
-            a, b = pair
-            if isinstance(part, TensorSlice):
-                if part.dim == 0:
-                    b = b[part.start:part.stop]
-                else:
-                    a = a[:, part.start:part.stop]
-            if b.shape[0] != stop - start:
-                raise LoRAError(f"LoRA adapter {adapter.name!r}: {name} has {b.shape[0]} output rows, "
-                                f"the model's has {stop - start}")
-            full = torch.zeros(self.out_features, b.shape[1])
-            full[start:stop] = b
-            a_parts.append(a)
-            b_parts.append(full)
-        if a_parts:
-            self.slots[slot] = (torch.cat(a_parts).to(device, dtype), torch.cat(b_parts, dim=1).to(device, dtype))
+        if adapter is not None:
+            a_parts, b_parts = [], []
+            for part, start, stop in self.parts:
+                name = part if isinstance(part, str) else part.name
+                pair = adapter.weights.get(name.removesuffix(".weight"))
+                if pair is None:
+                    continue
+                a, b = pair
+                if isinstance(part, TensorSlice):
+                    if part.dim == 0:
+                        b = b[part.start:part.stop]
+                    else:
+                        a = a[:, part.start:part.stop]
+                if b.shape[0] != stop - start:
+                    raise LoRAError(f"LoRA adapter {adapter.name!r}: {name} has {b.shape[0]} output rows, "
+                                    f"the model's has {stop - start}")
+                full = torch.zeros(self.out_features, b.shape[1])
+                full[start:stop] = b
+                a_parts.append(a)
+                b_parts.append(full)
+            if a_parts:
+                self.slots[slot] = (torch.cat(a_parts).to(device, dtype),
+                                    torch.cat(b_parts, dim=1).to(device, dtype))
+        self._stacked = None
+        if self.slots:
+            order = sorted(self.slots)
+            layout = tuple((s, self.slots[s][0].shape[0]) for s in order)
+            columns = torch.tensor([s for s, rank in layout for _ in range(rank)], dtype=torch.long,
+                                   device=device)
+            self._stacked = (_linear(torch.cat([self.slots[s][0] for s in order])),
+                             _linear(torch.cat([self.slots[s][1] for s in order], dim=1)), columns, layout)
+
+
+def _linear(weight: torch.Tensor) -> nn.Module:
+    """x @ weight.T as the base model's projections run it: prepacked for oneDNN on the CPU
+    where they are (engine/models/linear.py), else PyTorch's matmul."""
+    from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes
+
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    if weight.device.type == "cpu" and weight.dtype in onednn_dtypes() and onednn_available():
+        return OneDNNLinear(linear)
+    return linear
 
 
 def wrap_lora_projections(model: nn.Module, weight_map: dict, state: LoRAState) -> list[str]:

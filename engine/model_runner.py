@@ -18,7 +18,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_weights import keep_gguf_precision
 from engine.loader import gguf_source, load_weights
-from engine.lora import LoRAAdapter, LoRALinear, LoRAState, row_groups, wrap_lora_projections
+from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
 from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
@@ -43,8 +43,8 @@ class ModelInput:
     attn: dict[int | None, AttentionMetadata]
     # [N] flat index of the last token of each chunk that samples (chunk order).
     logits_indices: torch.Tensor
-    # LoRA: the rows of each adapter slot read (engine/lora.py); empty: the base model only.
-    lora_groups: list = field(default_factory=list)
+    # LoRA: the rows of each adapter slot read (engine/lora.py); None: the base model only.
+    lora: LoRAStep | None = None
 
 
 def kv_bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -256,7 +256,7 @@ class ModelRunner:
             attn={window: self._attention_metadata(plan, slot_mapping, decode_batch, window)
                   for window in self.model.windows},
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
-            lora_groups=row_groups(plan.lora, device) if plan.lora and self.lora is not None else [],
+            lora=LoRAStep(plan.lora, len(plan.input_ids), device) if plan.lora and self.lora is not None else None,
         )
 
     def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor, decode_batch: DecodeBatch | None,
@@ -289,7 +289,7 @@ class ModelRunner:
         from the previous stage's `hidden`."""
         x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
         if self.lora is not None:
-            self.lora.groups = model_input.lora_groups
+            self.lora.step = model_input.lora
         return self.model(x, model_input.positions, self.kv_caches, model_input.attn)
 
     @torch.inference_mode()
