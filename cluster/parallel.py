@@ -421,10 +421,24 @@ class ParallelRunner:
         for index in dead:
             for worker in self.stages[index]:
                 ray.kill(worker, no_restart=True)
-        if self._own_group is not None:  # Ray re-places a group whose node died
-            ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        if dead:
-            self._start_stages(dead)
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        while True:
+            if self._own_group is not None:  # Ray re-places a group whose node died
+                ray.get(self.group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            try:
+                if dead:
+                    self._start_stages(dead)
+                break
+            except WORKER_ERRORS as exc:
+                # A new worker went to a node that is dying but not yet known dead (its bundle
+                # not yet re-placed): wait for Ray to notice, then place the stage again.
+                for index in dead:
+                    for worker in self.stages[index]:
+                        ray.kill(worker, no_restart=True)
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("replacement workers died while loading (%s); placing them again", exc)
+                time.sleep(2.0)
         self._suspects = set()
         self._compile()
         self._lora_updates = dict(self._loras)  # new workers start with empty slots

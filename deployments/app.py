@@ -50,6 +50,10 @@ def llm_server_options(config: SemlineConfig) -> dict:
         options["placement_group_bundles"] = replica_bundles(
             engine, parallel, {"CPU": server.num_cpus}, server.num_gpus > 0, int(max(1, server.num_cpus)))
         options["placement_group_strategy"] = parallel.placement_strategy
+    if server.resources:
+        options["ray_actor_options"]["resources"] = dict(server.resources)
+    if server.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = server.max_replicas_per_node
     return options
 
 
@@ -173,7 +177,10 @@ def build_app(config: SemlineConfig | dict | None = None):
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1,
                              ray_actor_options=batch_runner_actor_options(config),
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)
-    ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
+    ingress_options = {"num_cpus": 0}
+    if config.http.node_resource:
+        ingress_options["resources"] = {config.http.node_resource: 1}
+    ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options=ingress_options,
                                max_ongoing_requests=4096, logging_config=QUIET)
     return ingress.bind(llm, batch, config)
 

@@ -53,6 +53,10 @@ class ServerSettings(_Strict):
     num_cpus: float = Field(2, gt=0, description="CPUs per LLM server replica (also its torch threads).")
     num_gpus: float = Field(0, ge=0, description="GPUs per LLM server replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent requests one replica accepts.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica "
+                                        "requires (e.g. a node label resource: replicas only on such nodes).")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="Spread the replicas: at most this many "
+                                              "on one node (Serve's), so losing a node loses few.")
     routing: Literal["prefix_affinity", "power_of_two", "free_kv"] = Field(
         "prefix_affinity", description="Replica choice (deployments/routing.py): requests sharing a long prompt "
                                        "prefix go to the replica holding it (bounded load), else power of two "
@@ -71,6 +75,8 @@ class HTTPSettings(_Strict):
                                   "previous_response_id (in the ingress replica that answered it).")
     max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once "
                                       "(the oldest go first).")
+    node_resource: str | None = Field(None, description="A custom Ray resource the HTTP ingress requires: "
+                                      "pins it to the node that runs Serve's proxy (the head).")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How the model writes tool calls: auto picks the chat template's own format "
                             "(Mistral's [TOOL_CALLS], Llama 3's JSON), else hermes (<tool_call> JSON).")

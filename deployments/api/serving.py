@@ -112,6 +112,9 @@ def _to_api_error(exc: BaseException) -> APIError:
                         headers={"Retry-After": str(math.ceil(exc.retry_after_s))})
     if isinstance(exc, asyncio.TimeoutError):
         return APIError(503, "timed out waiting for capacity", "server_error", code="queue_timeout")
+    if isinstance(exc, ray.exceptions.RayActorError):  # the replica (or its node) died mid-request
+        return APIError(503, "the model replica serving this request was lost; retry", "server_error",
+                        code="replica_lost")
     if isinstance(exc, (RequestValidationError, ValidationError)):
         errors = exc.errors()
         first = errors[0] if errors else {}

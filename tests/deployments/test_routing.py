@@ -146,3 +146,17 @@ def test_several_api_keys_and_a_per_key_limit(two_replicas):
     assert served.status_code == 200
     for thread in threads:
         thread.join()
+
+
+def test_an_adapters_requests_stay_on_the_replica_that_loaded_it(two_replicas):
+    """Different prompts for one LoRA adapter, sent one after another: the replica that loaded
+    it first keeps them (it holds the adapter in a slot); the other replica never loads it."""
+    from tests.deployments.conftest import ADAPTER
+
+    replicas = []
+    for i in range(6):
+        resp = httpx.post(f"{two_replicas}/v1/completions", headers=HEADERS, timeout=120,
+                          json={"model": ADAPTER, "prompt": f"Fact {i}: the sea is", "max_tokens": 2})
+        assert resp.status_code == 200, resp.text
+        replicas.append(resp.headers["x-semline-replica"])
+    assert len(set(replicas)) == 1, replicas
