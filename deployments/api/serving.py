@@ -408,14 +408,18 @@ class OpenAIServing:
         plan.key = _key_id(request)
         return _with_headers(await self._run(plan, REALTIME_LANE), plan)
 
-    async def respond(self, url: str, data, lane: str):
+    async def respond(self, url: str, data, lane: str, key: str | None = None):
         """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
-        response when it asks to stream. Raises APIError."""
+        response when it asks to stream. Raises APIError. key: the id of the API key it is
+        counted against (per-key limits)."""
         if url == "/v1/embeddings":
-            return await self._embed(self.validate(url, data), lane)
+            return await self._embed(self.validate(url, data), lane, key)
         if url == "/v1/responses":
-            return await self._run(await self._responses_plan(data, lane), lane)
-        return await self._run(await self.plan(url, data, lane), lane)
+            plan = await self._responses_plan(data, lane)
+        else:
+            plan = await self.plan(url, data, lane)
+        plan.key = key
+        return await self._run(plan, lane)
 
     async def responses(self, request: Request):
         data = await _json_body(request)
@@ -1041,7 +1045,7 @@ class OpenAIIngress(OpenAIServing):
         except ValidationError as exc:
             raise _to_api_error(exc) from exc
         return await self._call_batch("create_batch", body.input_file_id, body.endpoint, body.completion_window,
-                                      body.metadata)
+                                      body.metadata, _key_id(request))
 
     async def _call_batch(self, method: str, *args):
         try:

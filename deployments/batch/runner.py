@@ -60,6 +60,7 @@ class Job:
     tasks: set = field(default_factory=set)
     task: asyncio.Task | None = None
     last_saved: float = 0.0
+    key: str | None = None  # the id of the API key that created it: per-key limits apply to its lines
 
 
 def parse_input(data: bytes, endpoint: str) -> list[InputLine]:
@@ -121,11 +122,12 @@ def record_kind(record: dict) -> str:
     return "output" if response is not None and response["status_code"] == 200 else "error"
 
 
-async def answer_line(serving: OpenAIServing, endpoint: str, body: dict) -> tuple[int, dict]:
+async def answer_line(serving: OpenAIServing, endpoint: str, body: dict, key: str | None = None) -> tuple[int, dict]:
     """Run one batch line through the serving path: (200, response body) or (status, error body).
-    Raises APIError only for statuses worth a retry (RETRYABLE)."""
+    Raises APIError only for statuses worth a retry (RETRYABLE). key: the id of the API key
+    that created the batch (its per-key limits hold the line back: 429, retried)."""
     try:
-        return 200, await serving.respond(endpoint, body, BATCH_LANE)
+        return 200, await serving.respond(endpoint, body, BATCH_LANE, key)
     except APIError as exc:
         if exc.status in RETRYABLE:
             raise
@@ -202,7 +204,7 @@ class BatchRunner:
     # --- batches -------------------------------------------------------------------
 
     async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict | None) -> dict:
+                           metadata: dict | None, key: str | None = None) -> dict:
         if endpoint not in ENDPOINTS:
             raise APIError(400, f"unsupported endpoint {endpoint!r}; supported: {sorted(ENDPOINTS)}",
                            param="endpoint")
@@ -232,6 +234,8 @@ class BatchRunner:
             "cancelled_at": None, "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             "metadata": metadata,
         }
+        if key is not None:
+            self.store.save_owner(batch["id"], key)
         self.store.save_batch(batch)  # accepted = on disk
         self._start(batch)
         return dict(batch)
@@ -287,7 +291,7 @@ class BatchRunner:
                            code=f"{exc.kind}_not_found") from None
 
     def _start(self, batch: dict) -> None:
-        job = Job(batch=batch)
+        job = Job(batch=batch, key=self.store.owner(batch["id"]))
         self.jobs[batch["id"]] = job
         # In a context of its own: not a child of the request that created the batch, which
         # Ray would cancel (with everything it started) if that client disconnected.
@@ -392,7 +396,7 @@ class BatchRunner:
         delay = 0.5
         for attempt in range(1, self.settings.max_retries + 2):
             try:
-                response = await answer_line(self.serving, job.batch["endpoint"], line.body)
+                response = await answer_line(self.serving, job.batch["endpoint"], line.body, job.key)
             except APIError as exc:
                 if attempt <= self.settings.max_retries:
                     logger.warning("batch %s line %d: %s; retrying", job.batch["id"], line.line_no, exc)

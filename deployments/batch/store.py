@@ -126,6 +126,14 @@ class BatchStore:
     def save_batch(self, batch: dict) -> None:
         atomic_write(self._batch_path(batch["id"], ".json", must_exist=False), json.dumps(batch).encode())
 
+    def save_owner(self, batch_id: str, key: str) -> None:
+        """The id of the API key that created a batch (its lines count against that key's limits)."""
+        atomic_write(self._batch_path(batch_id, ".owner", must_exist=False), key.encode())
+
+    def owner(self, batch_id: str) -> str | None:
+        path = self._batch_path(batch_id, ".owner", must_exist=False)
+        return path.read_text() if path.exists() else None
+
     def get_batch(self, batch_id: str) -> dict:
         return json.loads(self._batch_path(batch_id, ".json").read_text())
 

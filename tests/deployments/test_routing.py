@@ -160,3 +160,40 @@ def test_an_adapters_requests_stay_on_the_replica_that_loaded_it(two_replicas):
         assert resp.status_code == 200, resp.text
         replicas.append(resp.headers["x-semline-replica"])
     assert len(set(replicas)) == 1, replicas
+
+
+def test_a_batchs_lines_count_against_the_key_that_created_it(two_replicas):
+    """A batch created with a key holds its lines' sequences against that key's budget (40):
+    while its n=16 lines run, two realtime n=16 requests of the same key cannot both be
+    admitted (429 key_limit); without the batch's seats both would be (32 <= 40)."""
+    import json
+    import threading
+
+    import ray
+
+    second = {"Authorization": f"Bearer {SECOND_KEY}"}
+    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 96, "ignore_eos": True, "n": 16,
+            "temperature": 0}
+    lines = "\n".join(json.dumps({"custom_id": f"k{i}", "method": "POST", "url": "/v1/completions", "body": body})
+                      for i in range(3))
+    upload = httpx.post(f"{two_replicas}/v1/files", headers=second, files={"file": ("k.jsonl", lines.encode())},
+                        data={"purpose": "batch"}, timeout=60).json()
+    batch = httpx.post(f"{two_replicas}/v1/batches", headers=second, timeout=60, json={
+        "input_file_id": upload["id"], "endpoint": "/v1/completions", "completion_window": "24h"}).json()
+    router = ray.get_actor("semline-router-routing")
+    deadline = time.time() + 60
+    while ray.get(router.stats.remote())["inflight_by_lane"]["batch"] < 16 and time.time() < deadline:
+        time.sleep(0.1)
+    assert ray.get(router.stats.remote())["inflight_by_lane"]["batch"] >= 16
+    results = []
+    wide = {**body, "max_tokens": 8}
+    threads = [threading.Thread(target=lambda: results.append(httpx.post(
+        f"{two_replicas}/v1/completions", json=wide, headers=second, timeout=120))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    refused = [r for r in results if r.status_code == 429]
+    assert refused and all(r.json()["error"]["code"] == "key_limit" for r in refused), [r.text[:200] for r in results]
+    assert all(r.status_code in (200, 429) for r in results)
+    httpx.post(f"{two_replicas}/v1/batches/{batch['id']}/cancel", headers=second, timeout=60)
