@@ -147,6 +147,7 @@ class ModelWorker:
         tp = self.runner.tp
         transport = "none" if not tp.enabled else "shared_memory" if tp.shm is not None else dist.get_backend()
         return {"layers": [self.first, self.last], "rank": self.tp_rank, "all_reduce": transport,
+                "node": ray.get_runtime_context().get_node_id(),
                 "num_parameters": self.runner.num_parameters, "num_kv_heads": self.runner.model.num_kv_heads,
                 "num_blocks": self.runner.num_blocks, "pid": os.getpid(), "device": str(self.runner.device),
                 "busy_seconds": self.busy_seconds, "num_runs": self.num_runs,
