@@ -72,10 +72,6 @@ class LoRAAdapter:
     # older version of it) never serve another.
     uid: int = field(default_factory=lambda: next(_ids))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def load_adapter(name: str, path: str | Path, max_rank: int) -> LoRAAdapter:
     """Read a PEFT LoRA folder; LoRAError names what is missing or unsupported."""
@@ -165,10 +161,12 @@ class LoRAStep:
 
 
 class LoRAState:
-    """The current step's LoRAStep (or None: base only), shared by every LoRALinear of a runner."""
+    """The current step's LoRAStep (or None: base only), shared by every LoRALinear of a runner;
+    `prepack`: the runner runs its linear layers through oneDNN, so the stacked pairs go there too."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepack: bool = False) -> None:
         self.step: LoRAStep | None = None
+        self.prepack = prepack
 
 
 class LoRALinear(nn.Module):
@@ -239,27 +237,23 @@ class LoRALinear(nn.Module):
             layout = tuple((s, self.slots[s][0].shape[0]) for s in order)
             columns = torch.tensor([s for s, rank in layout for _ in range(rank)], dtype=torch.long,
                                    device=device)
-            self._stacked = (_linear(torch.cat([self.slots[s][0] for s in order])),
-                             _linear(torch.cat([self.slots[s][1] for s in order], dim=1)), columns, layout)
+            prepack = self.state.prepack
+            self._stacked = (_linear(torch.cat([self.slots[s][0] for s in order]), prepack),
+                             _linear(torch.cat([self.slots[s][1] for s in order], dim=1), prepack), columns, layout)
 
 
-def _linear(weight: torch.Tensor) -> nn.Module:
-    """x @ weight.T as the base model's projections run it: prepacked for oneDNN on the CPU
-    where they are (engine/models/linear.py), else PyTorch's matmul."""
-    from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes
+def _linear(weight: torch.Tensor, prepack: bool) -> nn.Module:
+    """x @ weight.T, prepacked for oneDNN (engine/models/linear.py) when the runner uses it."""
+    from engine.models.linear import OneDNNLinear
 
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    if weight.device.type == "cpu" and weight.dtype in onednn_dtypes() and onednn_available():
-        return OneDNNLinear(linear)
-    return linear
+    return OneDNNLinear(linear) if prepack else linear
 
 
-def wrap_lora_projections(model: nn.Module, weight_map: dict, state: LoRAState) -> list[str]:
-    """Put every LoRA-capable projection of a CausalLM (or a stage of one) in a LoRALinear;
-    returns the checkpoint modules an adapter may target here."""
-    targets = []
+def wrap_lora_projections(model: nn.Module, weight_map: dict, state: LoRAState) -> None:
+    """Put every LoRA-capable projection of a CausalLM (or a stage of one) in a LoRALinear."""
     for index, layer in enumerate(model.layers):
         for path in LORA_PROJECTIONS:
             owner_name, attr = path.split(".")
@@ -273,8 +267,6 @@ def wrap_lora_projections(model: nn.Module, weight_map: dict, state: LoRAState) 
                 spans.append((part, start, start + size))
                 start += size
             setattr(owner, attr, LoRALinear(getattr(owner, attr), spans, state))
-            targets += [(p if isinstance(p, str) else p.name).removesuffix(".weight") for p in parts]
-    return targets
 
 
 def _part_rows(owner: nn.Module, attr: str, parts: list, hidden_size: int) -> list[int]:
@@ -338,9 +330,6 @@ class LoRAManager:
     def names(self) -> list[str]:
         with self._lock:
             return list(self._paths)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._paths
 
     def handle(self, name: str) -> LoRAHandle:
         """What a request keeps of the adapter it names: the version registered now (it is

@@ -137,6 +137,7 @@ class ModelRunner:
         model = model.to(dtype=dtype).to_empty(device=device)
         model.set_rotary(hf_config, max_model_len, device)
         model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
+        onednn = config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available()
         if config.quantization in ("int8", "int4"):
             if config.quantization == "int4" and device.type != "cpu":
                 raise ConfigError("quantization 'int4' runs on the CPU (PyTorch's CPU int4 kernel); use int8 on CUDA")
@@ -145,11 +146,11 @@ class ModelRunner:
             source = gguf_source(config) if config.quantization == "auto" and device.type == "cpu" else None
             if source is not None:
                 keep_gguf_precision(model, source, hf_config)  # its Q4_1 layers stay 4-bit
-            if config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available():
+            if onednn:
                 prepack_linears(model, onednn_dtypes())
         self.lora: LoRAState | None = None
         if config.lora_enabled:  # after quantization: the LoRA pairs wrap whatever runs the base
-            self.lora = LoRAState()
+            self.lora = LoRAState(prepack=onednn)
             wrap_lora_projections(model, model.weight_map(), self.lora)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
