@@ -18,6 +18,7 @@ import math
 import struct
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -1163,15 +1164,13 @@ def _filter_text(plan: "_Plan", text: str) -> tuple[str, bool]:
     if plan.filters is None:
         return text, False
     result = plan.filters.apply(text)
-    for name, count in result.hits.items():
-        plan.filter_hits[name] = plan.filter_hits.get(name, 0) + count
+    plan.filter_hits.update(result.hits)
     return result.text, result.stopped
 
 
 def _add_hits(plan: "_Plan", state: "_StreamText") -> None:
     if state.filter is not None:
-        for name, count in state.filter.hits.items():
-            plan.filter_hits[name] = plan.filter_hits.get(name, 0) + count
+        plan.filter_hits.update(state.filter.hits)
 
 
 def _choice(index: int, out: RequestOutput, plan: "_Plan") -> dict:
@@ -1243,7 +1242,7 @@ class _Plan:
     url: str = ""  # the route it came to
     target: Target | None = None  # the model (or experiment arm) that answers it
     filters: FilterChain | None = None  # the output filters its answers go through
-    filter_hits: dict[str, int] = field(default_factory=dict)
+    filter_hits: Counter = field(default_factory=Counter)
     blocked: bool = False  # a filter ended its (streamed) answer
     cache: str | None = None  # "hit" or "miss" when the result cache was asked
     replicas: list[str] = field(default_factory=list)  # the LLM server replicas that answered

@@ -40,6 +40,9 @@ class FeedbackStore:
         self.responses_file, self.feedback_file = self.dir / "responses.jsonl", self.dir / "feedback.jsonl"
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
+        # summary(): the ratings counted so far and how far into the file they go.
+        self._totals: dict[tuple[str, str, str], tuple[float, int]] = {}
+        self._summary_offset = 0
         self._load_responses()
 
     def _load_responses(self) -> None:
@@ -102,12 +105,27 @@ class FeedbackStore:
             yield record
 
     def summary(self) -> dict[tuple[str, str, str], tuple[float, int]]:
-        totals: dict[tuple[str, str, str], tuple[float, int]] = {}
-        for record in _read(self.feedback_file):
-            key = (record["model"], record.get("experiment") or "", record.get("arm") or "")
-            total, count = totals.get(key, (0.0, 0))
-            totals[key] = (total + record["score"], count + 1)
-        return totals
+        """Score sum and count per (model, experiment, arm) of every rating in the file: those
+        of earlier runs and of other ingress replicas too. Only lines appended since the last
+        call are read (a line still being written is read the next time)."""
+        with self._lock:
+            try:
+                with open(self.feedback_file, "rb") as f:
+                    f.seek(self._summary_offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return dict(self._totals)
+            end = data.rfind(b"\n") + 1
+            self._summary_offset += end
+            for line in data[:end].splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+                key = (record["model"], record.get("experiment") or "", record.get("arm") or "")
+                total, count = self._totals.get(key, (0.0, 0))
+                self._totals[key] = (total + record["score"], count + 1)
+            return dict(self._totals)
 
 
 class _locked:

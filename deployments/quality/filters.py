@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,7 +40,7 @@ _PII = {
 class FilterResult:
     text: str
     stopped: bool = False  # the output ends here: finish_reason "content_filter"
-    hits: dict[str, int] = field(default_factory=dict)
+    hits: Counter = field(default_factory=Counter)
 
 
 class _Pattern:
@@ -54,7 +55,7 @@ class _Pattern:
             replacement = self.replace(match.group())
             if replacement is None:  # not a hit after all (a card number failing Luhn)
                 continue
-            result.hits[self.name] = result.hits.get(self.name, 0) + 1
+            result.hits[self.name] += 1
             if self.refuse:
                 result.stopped = True
                 out.append(text[last:match.start()])
@@ -112,11 +113,11 @@ class FilterChain:
         if self.max_chars is not None and len(sent_before) + len(result.text) > self.max_chars:
             result.text = result.text[:max(0, self.max_chars - len(sent_before))]
             result.stopped = True
-            result.hits["max_length"] = result.hits.get("max_length", 0) + 1
+            result.hits["max_length"] += 1
         for name, classify, threshold in self.classifiers:
             verdict = classify(sent_before + result.text)
             if verdict is True or (not isinstance(verdict, bool) and verdict is not None and verdict >= threshold):
-                result.hits[name] = result.hits.get(name, 0) + 1
+                result.hits[name] += 1
                 result.text, result.stopped = "", True
                 break
         return result
@@ -133,7 +134,7 @@ class StreamFilter:
         self.pending = ""  # received, not yet sent (a match may be in progress in it)
         self.sent = ""  # filtered text sent so far
         self.stopped = False
-        self.hits: dict[str, int] = {}
+        self.hits: Counter = Counter()
 
     def feed(self, delta: str, final: bool = False) -> str:
         if self.stopped:
@@ -150,8 +151,7 @@ class StreamFilter:
             return ""
         result = self.chain.apply(self.pending[:ready], self.sent)
         self.pending = self.pending[ready:]
-        for name, count in result.hits.items():
-            self.hits[name] = self.hits.get(name, 0) + count
+        self.hits.update(result.hits)
         self.sent += result.text
         self.stopped = result.stopped
         return result.text
