@@ -4,9 +4,9 @@ An adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`
 low-rank pairs (A: [r, in], B: [out, r]) add `scaling * B @ A @ x` to some of the base
 model's projections. Nothing is merged into the base weights: each wrapped projection
 (`LoRALinear`) keeps the adapters of up to `max_loras` *slots*, and every step tells it
-which rows of its input belong to which slot; rows are grouped by slot and each group
-gets one gathered matmul pair per projection, so requests for different adapters and for
-the base share one forward.
+which rows of its input belong to which slot: a long run of one adapter's rows gets that
+adapter's pair, short runs of several adapters share the resident slots' pairs stacked
+and masked per row, so requests for different adapters and for the base share one forward.
 
 Three tiers, as vLLM has them: registered adapters (a name and a folder), adapters kept
 parsed in host memory (`max_cpu_loras`, least recently used evicted; read again from their
@@ -126,37 +126,57 @@ def load_adapter(name: str, path: str | Path, max_rank: int) -> LoRAAdapter:
 
 # --- in the model ----------------------------------------------------------------
 
+# A run of at least this many tokens of one adapter (a prefill chunk) gets that adapter's
+# own pair on its rows; shorter runs (decode tokens, mixed across adapters) share the
+# stacked pairs, whose work grows with the number of resident slots, not with the mix.
+MIN_OWN_RUN = 16
+
+
 class LoRAStep:
-    """One step's rows per adapter slot: `groups` [(slot, rows)] (rows a slice when the slot's
-    tokens are one run, else their indices) and `token_slots` [T] (-1: the base model)."""
+    """One step's tokens cut into segments of contiguous rows: ("own", slot, rows) for a run of
+    one adapter's tokens, ("mixed", rows, token_slots) for short runs of several adapters
+    (and base tokens between them; token_slots [len] is each row's slot, -1 the base model).
+    Rows of the base model outside any segment get nothing added."""
 
     def __init__(self, ranges: list[tuple[int, int, int]], num_tokens: int, device: torch.device) -> None:
-        by_slot: dict[int, list[tuple[int, int]]] = {}
-        slots = [-1] * num_tokens
-        for start, end, slot in ranges:
-            runs = by_slot.setdefault(slot, [])
-            if runs and runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], end)
+        runs: list[list[int]] = []  # [start, end, slot], adjacent runs of one slot merged
+        for start, end, slot in sorted(ranges):
+            if runs and runs[-1][1] == start and runs[-1][2] == slot:
+                runs[-1][1] = end
             else:
-                runs.append((start, end))
-            slots[start:end] = [slot] * (end - start)
-        self.groups = [(slot, slice(*runs[0]) if len(runs) == 1 else None) for slot, runs in by_slot.items()]
-        self.token_slots = torch.tensor(slots, dtype=torch.long, device=device)
+                runs.append([start, end, slot])
+        self.segments: list[tuple] = []
+        short: list[list[int]] = []
+
+        def close() -> None:
+            if len(short) == 1:  # one adapter alone in its stretch: its own pair is cheaper
+                self.segments.append(("own", short[0][2], slice(short[0][0], short[0][1])))
+            elif short:
+                first = short[0][0]
+                slots = [-1] * (short[-1][1] - first)
+                for start, end, slot in short:
+                    slots[start - first:end - first] = [slot] * (end - start)
+                self.segments.append(("mixed", slice(first, short[-1][1]),
+                                      torch.tensor(slots, dtype=torch.long, device=device)))
+            short.clear()
+
+        for run in runs:
+            if run[1] - run[0] >= MIN_OWN_RUN:
+                close()
+                self.segments.append(("own", run[2], slice(run[0], run[1])))
+            else:
+                short.append(run)
+        close()
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    @property
-    def one_run(self) -> tuple[int, slice] | None:
-        """(slot, rows) when every adapter token of the step belongs to one slot, in one run."""
-        if len(self.groups) == 1 and self.groups[0][1] is not None:
-            return self.groups[0]
-        return None
-
-    def mask(self, layout: tuple, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[T, C]: 1 where token t's slot owns column c of a stacked LoRA matrix (the same for
-        every projection with that column layout, so built once a step)."""
-        mask = self._masks.get(layout)
+    def mask(self, index: int, layout: tuple, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, C] for mixed segment `index`: 1 where row r's slot owns column c of a stacked
+        LoRA matrix (the same for every projection with that column layout: built once a step)."""
+        key = (index, layout)
+        mask = self._masks.get(key)
         if mask is None:
-            mask = self._masks[layout] = (self.token_slots[:, None] == columns[None, :]).to(dtype)
+            token_slots = self.segments[index][2]
+            mask = self._masks[key] = (token_slots[:, None] == columns[None, :]).to(dtype)
         return mask
 
 
@@ -174,12 +194,13 @@ class LoRALinear(nn.Module):
     parts the base weight is made of, each with the rows [start, stop) it fills in our output
     (q, k, v of a fused qkv_proj; this rank's slices under tensor parallelism).
 
-    A step whose adapter tokens are one run of one slot (one adapter's prefill chunk, a
-    single stream) gets that slot's pair on those rows. Otherwise the slots' pairs are
-    stacked (A: [C, in], B: [out, C], C the columns of every resident slot) and each token
-    keeps only its slot's columns: three matmul-sized ops per projection whatever the mix,
-    where a gathered pair per slot costs a dozen small ones (measured: 4 adapters mixed,
-    0.62x of the base's tokens/s gathered per slot on 2 CPU cores; benchmarks/lora.py)."""
+    A run of one adapter's tokens (a prefill chunk, a single stream) gets that slot's pair on
+    its rows. Short runs of several adapters (decode tokens) share the slots' stacked pairs
+    (A: [C, in], B: [out, C], C the columns of every resident slot), each token keeping only
+    its slot's columns: three matmul-sized ops per projection whatever the mix, where a
+    gathered pair per slot costs a dozen small ones (measured: 4 adapters mixed, 0.62x of
+    the base's tokens/s gathered per slot on 2 CPU cores; benchmarks/lora.py). The stacked
+    pairs' work grows with the resident slots, so long runs do not go through them."""
 
     def __init__(self, base: nn.Module, parts: list[tuple[object, int, int]], state: LoRAState) -> None:
         super().__init__()
@@ -196,15 +217,17 @@ class LoRALinear(nn.Module):
         step = self.state.step
         if step is None or not self.slots:
             return y
-        one = step.one_run
-        if one is not None:
-            pair = self.slots.get(one[0])
-            if pair is not None:
-                rows = one[1]
-                y[rows] += (x[rows] @ pair[0].t()) @ pair[1].t()
-            return y
-        a, b, columns, layout = self._stacked
-        return y + b((a(x)) * step.mask(layout, columns, x.dtype))
+        for index, segment in enumerate(step.segments):
+            if segment[0] == "own":
+                pair = self.slots.get(segment[1])
+                if pair is not None:
+                    rows = segment[2]
+                    y[rows] += (x[rows] @ pair[0].t()) @ pair[1].t()
+            else:
+                a, b, columns, layout = self._stacked
+                rows = segment[1]
+                y[rows] += b(a(x[rows]) * step.mask(index, layout, columns, x.dtype))
+        return y
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None, dtype: torch.dtype, device: torch.device) -> None:
         self.slots.pop(slot, None)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.lora import LoRAError
+from engine.lora import LoRAError, LoRAStep
 from tests.conftest import DEVICE
 
 NUM_NEW_TOKENS = 20
@@ -154,3 +154,14 @@ def test_bad_adapters_are_refused_with_the_reason(lora_llm, adapters, tmp_path, 
 
     with pytest.raises(RequestError, match="started without LoRA"):  # the shared engine has none
         llm.engine.add_request([1, 2, 3], _params(), lora="qv")
+
+
+def test_step_segments_long_runs_own_pairs_short_runs_stacked():
+    # Two decode rows of slots 0 and 1, a base row, a 20-token prefill of slot 2, a lone
+    # decode row of slot 1 and a base-only prefill.
+    ranges = [(0, 1, 0), (1, 2, 1), (3, 23, 2), (23, 24, 1)]
+    step = LoRAStep(ranges, 40, torch.device("cpu"))
+    kinds = [(s[0], s[1], s[2]) if s[0] == "own" else (s[0], s[1], s[2].tolist()) for s in step.segments]
+    assert kinds == [("mixed", slice(0, 2), [0, 1]), ("own", 2, slice(3, 23)), ("own", 1, slice(23, 24))]
+    columns = torch.tensor([0, 0, 1, 2])
+    assert step.mask(0, ((0, 2), (1, 1), (2, 1)), columns, torch.float32).tolist() == [[1, 1, 0, 0], [0, 0, 1, 0]]
