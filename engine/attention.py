@@ -93,6 +93,10 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefill_chunks: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
+    # Every token through the Triton kernel instead (engine/kernels/triton_attention.py),
+    # for layers with this sliding window (None: all keys).
+    triton: object | None = None
+    window: int | None = None
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -117,6 +121,11 @@ def paged_attention(
     softcap: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
+    if meta.triton is not None:
+        from engine.kernels import triton_attention
+
+        triton_attention.paged_attention(q, k_cache, v_cache, out, meta.triton, scale, softcap, meta.window)
+        return out
     batch = meta.decode_batch
     if batch is not None:
         out[batch.token_indices] = batch.kernel.paged_decode_attention(

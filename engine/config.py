@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+ATTENTION_BACKENDS = ("auto", "cpu_kernel", "torch", "triton")
+
+
 @dataclass
 class EngineConfig:
     """Everything one engine replica needs to know. Unknown keys are errors."""
@@ -57,9 +60,16 @@ class EngineConfig:
     # are not limited): a wave of batch prompts then cannot make the steps that
     # realtime requests wait on long. None = no limit. Needs chunked prefill.
     background_prefill_tokens: int | None = 64
-    # Decode attention: "auto" (semline's compiled CPU kernel when it builds, else
-    # PyTorch), "cpu_kernel" (require the kernel) or "torch" (gather + SDPA).
+    # Attention: "auto" (semline's compiled CPU kernel for decodes when it builds, else
+    # PyTorch), "cpu_kernel" (require the kernel), "torch" (gather + SDPA) or "triton"
+    # (engine/kernels/triton_attention.py: every token of a step, decodes and prefill
+    # chunks, in one launch per layer, K/V read in place; CUDA, or a CPU under
+    # TRITON_INTERPRET=1 for tests). "auto" keeps SDPA on CUDA until the Triton kernel
+    # has been measured faster there (benchmarks/gpu_check.sh).
     attention_backend: str = "auto"
+    # Decode-only steps replay a CUDA graph captured per padded batch size (engine/cuda_graphs.py;
+    # needs attention_backend "triton", one process, no MoE, no LoRA). True: always eager.
+    enforce_eager: bool = False
     # CPU float32 (and bfloat16 where the CPU has bf16 instructions): run linear layers
     # through oneDNN with prepacked weights (engine/models/linear.py); off = PyTorch's GEMM.
     onednn_linear: bool = True
@@ -133,8 +143,8 @@ class EngineConfig:
         if self.quantization not in QUANTIZATION_METHODS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
                               f"got {self.quantization!r}")
-        if self.attention_backend not in ("auto", "cpu_kernel", "torch"):
-            raise ConfigError(f"attention_backend must be 'auto', 'cpu_kernel' or 'torch', "
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             if getattr(self, name) < 1:

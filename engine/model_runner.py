@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from engine.gguf_weights import keep_gguf_precision
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
 from engine.models import ModelArgs, TruncatedModel, build_model
+from engine.models.layers import MoE
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
 from engine.quantization import CpuInt4Linear, quantize_model
@@ -45,6 +47,8 @@ class ModelInput:
     logits_indices: torch.Tensor
     # LoRA: the rows of each adapter slot read (engine/lora.py); None: the base model only.
     lora: LoRAStep | None = None
+    # A decode step staged in DecodeGraphs' static buffers, padded to this many rows (0: not).
+    graph_size: int = 0
 
 
 def kv_bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -154,8 +158,11 @@ class ModelRunner:
             wrap_lora_projections(model, model.weight_map(), self.lora)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
+        self.triton_attention = self._use_triton()
+        self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.decode_graphs = self._decode_graphs()
 
     def first_layers(self, num_layers: int) -> "ModelRunner":
         """A runner over this one's first `num_layers` layers and its output head, sharing its
@@ -165,6 +172,7 @@ class ModelRunner:
         view = copy.copy(self)
         view.model = TruncatedModel(self.model, num_layers)
         view.kv_caches = self.kv_caches[:num_layers]
+        view.decode_graphs = None
         return view
 
     def set_lora(self, slot: int, adapter: LoRAAdapter | None) -> None:
@@ -181,6 +189,7 @@ class ModelRunner:
         if num_blocks != self.num_blocks:
             self.num_blocks = num_blocks
             self.kv_caches = self._allocate_kv_cache(num_blocks)
+            self.decode_graphs = self._decode_graphs()  # the graphs read the old cache
 
     @property
     def num_parameters(self) -> int:
@@ -210,6 +219,30 @@ class ModelRunner:
             raise RuntimeError("attention_backend 'cpu_kernel' requested but the kernel could not be built")
         return kernel
 
+    def _use_triton(self) -> bool:
+        if self.config.attention_backend != "triton":
+            return False
+        if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("attention_backend 'triton' runs on CUDA, or on a CPU under TRITON_INTERPRET=1 (tests)")
+        try:
+            from engine.kernels import triton_attention  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"attention_backend 'triton' needs the triton package: {exc}") from exc
+        return True
+
+    def _decode_graphs(self):
+        """CUDA graphs for decode steps where they can run: the Triton attention kernel (its
+        metadata lives in device buffers), the whole model here, no data-dependent shapes
+        (MoE routing) and no LoRA (its weights change between steps). On a CPU the same
+        static-buffer path runs without capture (what the tests check)."""
+        if (not self.triton_attention or self.config.enforce_eager or self.tp.enabled or self.lora is not None
+                or not (self.model.is_first and self.model.is_last)
+                or any(isinstance(m, MoE) for m in self.model.modules())):
+            return None
+        from engine.cuda_graphs import DecodeGraphs
+
+        return DecodeGraphs(self, self.config.max_num_seqs, self.max_model_len, capture=self.device.type == "cuda")
+
     # --- KV cache -----------------------------------------------------------
 
     def _num_kv_blocks(self) -> int:
@@ -227,7 +260,9 @@ class ModelRunner:
         return max(1, int(budget // per_block))
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks, self.block_size, self.model.num_kv_heads, self.args.head_dim)
+        """`num_blocks` blocks for the block manager and one more: the scratch block that
+        padding rows of a CUDA-graph decode step write to."""
+        shape = (num_blocks + 1, self.block_size, self.model.num_kv_heads, self.args.head_dim)
         logger.info("KV cache: %d blocks x %d tokens (%s)", num_blocks, self.block_size, self.dtype)
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -246,19 +281,47 @@ class ModelRunner:
         device = self.device
         for slot, adapter in plan.lora_updates.items():  # sent along by a parallel executor
             self.set_lora(slot, adapter)
+        if self.decode_graphs is not None and self.decode_graphs.accepts(plan):
+            size = self.decode_graphs.stage(plan)
+            n = len(plan.input_ids)
+            return ModelInput(input_ids=self.decode_graphs.dev["input_ids"][:n],
+                              positions=self.decode_graphs.dev["positions"][:n], attn={},
+                              logits_indices=torch.arange(n, device=device), graph_size=size)
         slot_mapping = torch.tensor(plan.slots, dtype=torch.long, device=device)
+        if self.triton_attention:
+            attn = self._triton_metadata(plan, slot_mapping)
+        else:
+            attn = self._sdpa_metadata(plan, slot_mapping)
+        return ModelInput(
+            input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
+            attn=attn,
+            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
+            lora=LoRAStep(plan.lora, len(plan.input_ids), device) if plan.lora and self.lora is not None else None,
+        )
+
+    def _triton_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor) -> dict:
+        """One TritonBatch for every layer: decodes and prefill chunks alike are sequences."""
+        from engine.kernels.triton_attention import build_triton_batch
+
+        starts = plan.decode_tokens + [a for a, _, _, _ in plan.prefill]
+        lens = [1] * len(plan.decode_tokens) + [b - a for a, b, _, _ in plan.prefill]
+        contexts = plan.decode_lens + [cached + b - a for a, b, cached, _ in plan.prefill]
+        tables = plan.decode_tables + [table for _, _, _, table in plan.prefill]
+        attention = self.model.layers[0].self_attn
+        batch = build_triton_batch(starts, lens, contexts, tables, attention.num_heads // attention.num_kv_heads,
+                                   self.device)
+        return {window: AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size, triton=batch,
+                                          window=window) for window in self.model.windows}
+
+    def _sdpa_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor) -> dict:
+        device = self.device
         decode_batch = None
         if plan.decode_tokens and self.decode_kernel is not None:
             decode_batch = build_decode_batch(plan.decode_tokens, plan.decode_tables, plan.decode_lens, device,
                                               self.decode_kernel)
-        return ModelInput(
-            input_ids=torch.tensor(plan.input_ids, dtype=torch.long, device=device),
-            positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
-            attn={window: self._attention_metadata(plan, slot_mapping, decode_batch, window)
-                  for window in self.model.windows},
-            logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
-            lora=LoRAStep(plan.lora, len(plan.input_ids), device) if plan.lora and self.lora is not None else None,
-        )
+        return {window: self._attention_metadata(plan, slot_mapping, decode_batch, window)
+                for window in self.model.windows}
 
     def _attention_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor, decode_batch: DecodeBatch | None,
                             window: int | None) -> AttentionMetadata:
@@ -306,6 +369,8 @@ class ModelRunner:
         """Run the whole model in this process: [N, V] fp32 logits for the chunks that sample."""
         if self.tp.enabled:
             raise RuntimeError("a tensor-parallel rank returns its logits through execute_split")
+        if model_input.graph_size:
+            return self.decode_graphs.run(model_input.graph_size)[:model_input.logits_indices.numel()]
         hidden = self._forward(model_input, None)
         if model_input.logits_indices.numel() == 0:
             return torch.empty(0, self.args.vocab_size, device=self.device)

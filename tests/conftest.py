@@ -14,6 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # SEMLINE_TEST_DEVICE=cuda runs them on a GPU, Hugging Face's reference model included.
 DEVICE = os.environ.get("SEMLINE_TEST_DEVICE", "cpu")
 BASE_CONFIG = {"device": DEVICE, "dtype": "float32", "kv_cache_memory_gb": 0.5}
+# Without a GPU, Triton kernels (engine/kernels/triton_attention.py) run under Triton's
+# interpreter; it must be on before they are first imported.
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,10 @@ FAMILIES = {
                                      "norm_topk_prob": True}),
 }
 
+# Families run through the Triton attention kernel as well: grouped-query heads, a window
+# on every layer, alternating windowed and global layers with soft-capping.
+TRITON_FAMILIES = ("llama", "mistral", "gemma2")
+
 
 def build_tiny_model(name: str, folder, tokenizer_dir) -> None:
     """A random-weight model of family `name` saved as a HF folder with SmolLM2's tokenizer."""
@@ -119,6 +123,10 @@ def test_family_matches_hf_alone_and_batched(family, prompts):
     torch_path = _engine(folder, attention_backend="torch")
     for ids, want, out in zip(prompts, expected, torch_path.generate(prompts, _params())):
         assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, torch attention")
+    if name in TRITON_FAMILIES:  # the Triton kernel (on a CPU under its interpreter: slow, so a few)
+        triton_path = _engine(folder, attention_backend="triton")
+        for ids, want, out in zip(prompts, expected, triton_path.generate(prompts, _params())):
+            assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, triton attention")
 
 
 def test_windowed_families_read_only_the_window(family):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from engine.kernels import load_paged_attention
 from engine.models.linear import BLOCK_ROWS, OneDNNLinear, onednn_available, onednn_dtypes, padded_rows
+from tests.conftest import DEVICE
 
 
 def _reference_decode(q, k_cache, v_cache, tables, lens, scale, starts=None, softcap=None):
@@ -135,3 +136,54 @@ def test_new_row_counts_build_no_new_onednn_kernels_after_warm_up(capfd):
                                                "none", [], "")
     built = [line for line in capfd.readouterr().out.splitlines() if "create:cache_miss" in line]
     assert len(built) == 1 and "mb131" in built[0], built  # only the unpadded control call
+
+
+# --- the Triton kernel (CUDA; here under TRITON_INTERPRET=1) ---------------------------
+
+def _reference_varlen(q, k_cache, v_cache, seqs, tables, starts, scale, window, softcap):
+    """Each sequence's queries (the last q_len of its ctx_len positions) attend causally in
+    plain PyTorch over its gathered keys: [T, H, D]."""
+    num_kv, dim, group = k_cache.shape[2], q.shape[2], q.shape[1] // k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for (q_len, ctx), table, first in zip(seqs, tables, starts):
+        keys = k_cache[table].reshape(-1, num_kv, dim)[:ctx].float().repeat_interleave(group, 1)
+        values = v_cache[table].reshape(-1, num_kv, dim)[:ctx].float().repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[first:first + q_len].float(), keys) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        q_pos, k_pos = torch.arange(ctx - q_len, ctx)[:, None], torch.arange(ctx)[None, :]
+        visible = k_pos <= q_pos
+        if window:
+            visible &= k_pos > q_pos - window
+        out[first:first + q_len] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf"))
+                                                .softmax(-1), values).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(6, 2, 16), (4, 4, 24), (8, 1, 16)])
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 4.0), (7, 3.0)])
+def test_triton_paged_attention_decodes_and_prefills_in_one_launch(dtype, num_heads, num_kv_heads, head_dim,
+                                                                   window, softcap):
+    from engine.kernels.triton_attention import build_triton_batch, paged_attention
+
+    device = torch.device(DEVICE)
+    torch.manual_seed(0)
+    block_size, num_blocks = 4, 48
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    # (new queries, context): decodes, a first prefill chunk, chunks after cached keys (one
+    # longer than a tile and than the window), a one-token context; blocks scattered.
+    seqs = [(1, 7), (5, 5), (3, 12), (1, 1), (23, 26), (1, 16)]
+    free = torch.randperm(num_blocks).tolist()
+    tables = [[free.pop() for _ in range((ctx + block_size - 1) // block_size)] for _, ctx in seqs]
+    starts = [sum(q_len for q_len, _ in seqs[:i]) for i in range(len(seqs))]
+    q = torch.randn(sum(q_len for q_len, _ in seqs), num_heads, head_dim, dtype=dtype, device=device)
+    batch = build_triton_batch(starts, [s[0] for s in seqs], [s[1] for s in seqs], tables,
+                               num_heads // num_kv_heads, device)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+    paged_attention(q, k_cache, v_cache, out, batch, scale, softcap, window)
+    expected = _reference_varlen(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqs, tables, starts, scale, window, softcap)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out.cpu(), expected, atol=tolerance, rtol=tolerance)
