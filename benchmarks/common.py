@@ -32,6 +32,10 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
 
 
 def git_commit() -> str:
+    """HEAD (with -dirty for uncommitted changes); $SEMLINE_COMMIT where the tree has no .git
+    (a copy sent to a GPU machine: benchmarks/gpu_check.sh)."""
+    if os.environ.get("SEMLINE_COMMIT"):
+        return os.environ["SEMLINE_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()

@@ -27,14 +27,17 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from engine import LLM, SamplingParams
-from engine.metrics import percentile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import machine_info  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.metrics import percentile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "long_prompt.txt"
@@ -149,10 +152,11 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both runs on it)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (both runs)")
+    parser.add_argument("--attention-backend", default="auto", help="the engine's attention_backend")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    llm = LLM(device=args.device, dtype=args.dtype)
+    llm = LLM(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend)
     workload = make_workload(llm.tokenizer, args.num_requests)
     results = {"semline": run_semline(llm, workload)}
     if not args.skip_hf:
@@ -184,6 +188,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "model": f"SmolLM2-135M-Instruct ({args.dtype})",
+        "attention_backend": args.attention_backend,
+        **machine_info(),
     }
     _print_table(results)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
