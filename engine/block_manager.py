@@ -8,7 +8,9 @@ the hash of every block before it, so equal hashes mean equal prefixes. Once a
 request has computed a full block it is registered under that hash. A new
 request whose prompt starts with registered blocks takes them (reference
 counted) and prefills only the rest. A block whose last holder lets go stays
-registered, in least-recently-used order, until its space is needed.
+registered, in least-recently-used order, until its space is needed. The prompt blocks
+a running request is still computing are known by hash too (`in_progress`): a request
+that needs one of them next waits for it rather than computing it a second time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class BlockManager:
         self.hash_of_block: list[bytes | None] = [None] * num_blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.num_evictions = 0
+        # Prompt blocks being computed, by hash: the running request computing each.
+        self.in_progress: dict[bytes, Request] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -88,6 +92,10 @@ class BlockManager:
                     self.free_block_ids.append(block_id)
         request.block_table = []
         request.num_registered_blocks = 0
+        if self.in_progress:
+            for h in request.block_hashes:
+                if self.in_progress.get(h) is request:
+                    del self.in_progress[h]
 
     # --- prefix cache ---------------------------------------------------------------
 
@@ -109,6 +117,26 @@ class BlockManager:
         request.num_registered_blocks = len(request.block_table)
         return len(request.block_table) * self.block_size
 
+    def claim(self, request: Request) -> None:
+        """Announce the prompt blocks an admitted request will compute (those the cache lacks)."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self._hashes(request, (request.num_tokens - 1) // self.block_size)
+        for h in hashes[request.num_registered_blocks:]:
+            if h not in self.cached_blocks:
+                self.in_progress.setdefault(h, request)
+
+    def computing_next(self, request: Request) -> Request | None:
+        """The other request computing the first block of `request`'s prompt that the cache
+        lacks, if one is; `request` would then compute the same K/V a second time."""
+        if not self.in_progress:
+            return None
+        for h in self._hashes(request, (request.num_tokens - 1) // self.block_size):
+            if h not in self.cached_blocks:
+                owner = self.in_progress.get(h)
+                return owner if owner is not request else None
+        return None
+
     def register_full_blocks(self, request: Request) -> None:
         """Register the request's newly computed full blocks in the prefix cache."""
         if not self.enable_prefix_caching:
@@ -122,6 +150,8 @@ class BlockManager:
             if h not in self.cached_blocks and self.hash_of_block[block_id] is None:
                 self.cached_blocks[h] = block_id
                 self.hash_of_block[block_id] = h
+            if self.in_progress.get(h) is request:
+                del self.in_progress[h]
         request.num_registered_blocks = num_full
 
     def reset_prefix_cache(self) -> None:

@@ -67,6 +67,7 @@ class Scheduler:
         # Kept sorted by Request.sort_key at the start of each step.
         self.running: list[Request] = []
         self._arrival_counter = itertools.count()
+        self.num_prefix_waits = 0  # steps a waiting request sat out for another's prompt blocks
 
     # --- queue management -------------------------------------------------
 
@@ -99,6 +100,17 @@ class Scheduler:
         request.status = status
         self.block_manager.free(request)
         self._release_lora(request)
+
+    def _waits_for_prefix(self, request: Request) -> bool:
+        """Whether a running request of the same or a better priority is computing the next
+        prompt block `request` needs: it then waits for those blocks to land in the prefix
+        cache (one computation instead of two racing for the step's tokens). A worse-priority
+        owner (a batch prefill, held back) is not waited for."""
+        owner = self.block_manager.computing_next(request)
+        if owner is None or owner.priority > request.priority or owner.status != RequestStatus.RUNNING:
+            return False
+        self.num_prefix_waits += 1
+        return True
 
     def _release_lora(self, request: Request) -> None:
         if request.lora_slot is not None:
@@ -167,14 +179,16 @@ class Scheduler:
 
         index = 0  # running[:index] have been considered this step
         can_admit = True  # False once a request could not get blocks or a seat
-        deferred = []  # waiting requests whose LoRA adapter has no free slot: they wait, others go
+        # Waiting requests that sit this step out while others go: their LoRA adapter has no
+        # free slot, or the next prompt block they need is being computed by another request.
+        deferred = []
         while budget > 0 and (max_chunks is None or len(out.chunks) < max_chunks):
             # A step that ran out of blocks admits nothing new: the preempted come back first.
             can_admit = can_admit and len(out.preempted) == num_preempted_for_priority
             request = self.running[index] if index < len(self.running) else None
             head = self.waiting[0][2] if self.waiting and can_admit else None
             if head is not None and (request is None or request.priority > head.priority) \
-                    and not self._has_lora_slot(head):
+                    and (self._waits_for_prefix(head) or not self._has_lora_slot(head)):
                 deferred.append(heapq.heappop(self.waiting))
                 continue
             if request is None and head is None:
@@ -252,6 +266,7 @@ class Scheduler:
             self._release_lora(request)
             request.num_computed_tokens = 0
             return False
+        self.block_manager.claim(request)
         if request.metrics.first_scheduled_time is None:
             request.metrics.num_cached_tokens = request.num_computed_tokens
         heapq.heappop(self.waiting)

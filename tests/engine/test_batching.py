@@ -13,11 +13,12 @@ DATA = Path(__file__).parent.parent / "data"
 
 @pytest.fixture(scope="module")
 def mixed_prompts(tokenizer):
-    """Prompts of very different lengths: 3 to ~740 tokens."""
+    """Prompts of very different lengths, 3 to ~740 tokens, no two sharing a prefix (a request
+    would wait for another's prompt blocks, and the tests here want them computed side by side)."""
     long_ids = tokenizer.encode((DATA / "long_prompt.txt").read_text(), add_special_tokens=False)
     texts = ["Hi", "Write a haiku about the sea.", "List the planets of the solar system in order:"]
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts] + [
-        long_ids[:100], long_ids[:300], long_ids,
+        long_ids[500:600], long_ids[200:500], long_ids,
     ]
 
 

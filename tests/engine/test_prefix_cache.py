@@ -89,3 +89,14 @@ def test_batched_requests_sharing_a_prefix(make_llm, prompts, reference):
     cached = make_llm(enable_prefix_caching=True, max_num_seqs=1)  # strictly one after another
     assert [o.token_ids for o in cached.generate(first_prefix, _greedy())] == reference[0::2]
     assert cached.engine.stats.prefix_cache_hits >= 3 * 288
+
+
+def test_concurrent_requests_wait_for_a_shared_prefix_being_computed(make_llm, prompts, reference):
+    """Eight requests over two ~300-token prefixes arrive at once, prefilled 128 tokens a step:
+    one request per prefix computes it, the others wait for its blocks instead of computing
+    the same K/V beside it, then find them cached."""
+    llm = make_llm(enable_prefix_caching=True, max_num_batched_tokens=128)
+    assert [o.token_ids for o in llm.generate(prompts, _greedy())] == reference
+    assert llm.engine.scheduler.num_prefix_waits > 0
+    assert llm.engine.stats.prefix_cache_hits >= (len(prompts) - 2) * 288
+    assert not llm.engine.block_manager.in_progress  # nothing left claimed
