@@ -18,22 +18,58 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// Widening loads the compiler vectorises: bfloat16 is the top half of a float32.
+template <typename scalar_t>
+inline float widen(scalar_t x) {
+  return static_cast<float>(x);
+}
+
+template <>
+inline float widen<c10::BFloat16>(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 template <typename scalar_t>
 inline float dot(const float* q, const scalar_t* k, int64_t dim) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<float>(k[d]);
+  for (int64_t d = 0; d < dim; ++d) sum += q[d] * widen(k[d]);
   return sum;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), written so that the compiler
+// vectorises it (std::exp is a scalar libm call per score): Cephes' expf polynomial on
+// [-ln2/2, ln2/2] after range reduction, within 2 ulp of std::exp.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
 }
 
 template <typename scalar_t>
 inline void axpy(float* acc, float w, const scalar_t* v, int64_t dim) {
 #pragma omp simd
-  for (int64_t d = 0; d < dim; ++d) acc[d] += w * static_cast<float>(v[d]);
+  for (int64_t d = 0; d < dim; ++d) acc[d] += w * widen(v[d]);
 }
 
 // One work item: heads [head_begin, head_end) of sequence b. Keys and values are
@@ -69,8 +105,9 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
 #pragma omp simd reduction(max : max_score)
     for (int64_t t = 0; t < length; ++t) max_score = std::max(max_score, s[t]);
     float total = 0.f;
+#pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < length; ++t) {
-      s[t] = std::exp(s[t] - max_score);
+      s[t] = exp_nonpositive(s[t] - max_score);
       total += s[t];
     }
     inv_totals[h] = 1.f / total;
