@@ -11,7 +11,8 @@ from tests.deployments.conftest import API_KEY, MODEL
 APP = "pipeline"
 
 
-@pytest.mark.parametrize("split", [{"pipeline_parallel_size": 2}, {"tensor_parallel_size": 2}])
+# Tensor parallelism under Serve runs in the `semline serve` test below (its own cluster).
+@pytest.mark.parametrize("split", [{"pipeline_parallel_size": 2}])
 def test_serve_app_runs_a_split_model_from_the_config_file(serve_app, client, tmp_path, split):
     import time
 
