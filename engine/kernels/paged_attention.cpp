@@ -15,6 +15,10 @@
 // Scores are accumulated in float32 whatever the cache dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SEMLINE_AVX2 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -72,6 +76,45 @@ inline void axpy(float* acc, float w, const scalar_t* v, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) acc[d] += w * widen(v[d]);
 }
 
+#ifdef SEMLINE_AVX2
+// Eight consecutive elements widened to float32.
+template <typename T>
+inline __m256 load8(const T* p) {  // any other type (double)
+  float tmp[8];
+  for (int j = 0; j < 8; ++j) tmp[j] = static_cast<float>(p[j]);
+  return _mm256_loadu_ps(tmp);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The horizontal sums of eight vectors, as one vector: lane j = sum of a[j]'s lanes.
+inline __m256 sum8(const __m256* a) {
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// Scores of one query head against eight keys (rows[j]: key j's row for this head's KV
+// head), dim a multiple of 8: eight dot products with one horizontal reduction between them.
+template <typename scalar_t>
+inline __m256 dot8(const float* q, const scalar_t* const* rows, int64_t dim) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(rows[j] + d), acc[j]);
+  }
+  return sum8(acc);
+}
+#endif
+
 // One work item: heads [head_begin, head_end) of sequence b. Keys and values are
 // walked token by token in slot order, so each item streams its rows once.
 template <typename scalar_t>
@@ -87,8 +130,25 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
   acc.assign(heads * dim, 0.f);
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t d = 0; d < dim; ++d) queries[h * dim + d] = static_cast<float>(q[(head_begin + h) * dim + d]) * scale;
-  // Pass 1: every head's score for every key.
-  for (int64_t t = 0; t < length; ++t) {
+  // Pass 1: every head's score for every key (eight keys at a time where the CPU has AVX2).
+  int64_t t0 = 0;
+#ifdef SEMLINE_AVX2
+  if (dim % 8 == 0) {
+    const scalar_t* rows[8];
+    for (; t0 + 8 <= length; t0 += 8) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t kv_offset = ((head_begin + h) / group) * dim;
+        if (h == 0 || (head_begin + h) % group == 0)
+          for (int j = 0; j < 8; ++j) {
+            const int64_t pos = start + t0 + j;
+            rows[j] = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_offset;
+          }
+        _mm256_storeu_ps(&scores[h * length + t0], dot8(&queries[h * dim], rows, dim));
+      }
+    }
+  }
+#endif
+  for (int64_t t = t0; t < length; ++t) {
     const int64_t pos = start + t;
     const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
     const scalar_t* row = k_cache + slot * token_stride;
@@ -112,13 +172,47 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     }
     inv_totals[h] = 1.f / total;
   }
-  // Pass 3: weighted sum of the values.
-  for (int64_t t = 0; t < length; ++t) {
-    const int64_t pos = start + t;
-    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-    const scalar_t* row = v_cache + slot * token_stride;
-    for (int64_t h = 0; h < heads; ++h)
-      axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
+  // Pass 3: weighted sum of the values. With AVX2 and head_dim <= 128: tiles of keys, each
+  // tile's value rows read from memory once and reused from L1 by every head of their KV
+  // head, whose accumulator stays in registers across the tile.
+#ifdef SEMLINE_AVX2
+  if (dim % 8 == 0 && dim <= 128) {
+    constexpr int64_t kTile = 32;
+    const int64_t chunks = dim / 8;
+    const scalar_t* rows[kTile];
+    for (int64_t t0 = 0; t0 < length; t0 += kTile) {
+      const int64_t tile = std::min(kTile, length - t0);
+      int64_t rows_kv = -1;  // the KV head `rows` point into
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t kv = (head_begin + h) / group;
+        if (kv != rows_kv) {
+          for (int64_t j = 0; j < tile; ++j) {
+            const int64_t pos = start + t0 + j;
+            rows[j] = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + kv * dim;
+          }
+          rows_kv = kv;
+        }
+        const float* weights = &scores[h * length + t0];
+        float* acc_h = &acc[h * dim];
+        __m256 acc_v[16];
+        for (int64_t c = 0; c < chunks; ++c) acc_v[c] = _mm256_loadu_ps(acc_h + 8 * c);
+        for (int64_t j = 0; j < tile; ++j) {
+          const __m256 w = _mm256_set1_ps(weights[j]);
+          for (int64_t c = 0; c < chunks; ++c) acc_v[c] = _mm256_fmadd_ps(w, load8(rows[j] + 8 * c), acc_v[c]);
+        }
+        for (int64_t c = 0; c < chunks; ++c) _mm256_storeu_ps(acc_h + 8 * c, acc_v[c]);
+      }
+    }
+  } else
+#endif
+  {
+    for (int64_t t = 0; t < length; ++t) {
+      const int64_t pos = start + t;
+      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+      const scalar_t* row = v_cache + slot * token_stride;
+      for (int64_t h = 0; h < heads; ++h)
+        axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
+    }
   }
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t d = 0; d < dim; ++d)

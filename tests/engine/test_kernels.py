@@ -48,6 +48,23 @@ def test_paged_decode_kernel_matches_sdpa(batch, num_heads, num_kv_heads):
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [64, 24, 256])  # the AVX2 tiles, a tail of lanes, past the register tile
+def test_paged_decode_kernel_dtypes_and_head_sizes(dtype, dim):
+    kernel = load_paged_attention()
+    torch.manual_seed(dim)
+    batch, num_heads, num_kv_heads, block_size, num_blocks = 6, 6, 2, 16, 64
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, dim).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    lens = torch.tensor([1, 9, 16, 33, 120, 200])
+    tables = torch.stack([torch.randperm(num_blocks)[:13] for _ in range(batch)])
+    q = torch.randn(batch, num_heads, dim).to(dtype)
+    out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5)
+    expected = _reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_paged_decode_kernel_sliding_window_and_softcap(softcap):
     """Keys before each sequence's start (a sliding window) are never read; soft-capped scores."""
