@@ -21,7 +21,7 @@ from engine.gguf_weights import keep_gguf_precision
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
 from engine.models import ModelArgs, TruncatedModel, build_model
-from engine.models.layers import MoE
+from engine.models.layers import MoE, RMSNorm, RotaryEmbedding
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
 from engine.quantization import CpuInt4Linear, quantize_model
@@ -158,6 +158,10 @@ class ModelRunner:
             wrap_lora_projections(model, model.weight_map(), self.lora)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
+        if self.decode_kernel is not None:  # its fused RMSNorm and rotary too
+            for module in [*model.modules(), *model.rotary.values()]:  # rotary tables: a plain dict
+                if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                    module.kernel = self.decode_kernel
         self.triton_attention = self._use_triton()
         self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks()

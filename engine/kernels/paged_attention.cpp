@@ -280,9 +280,93 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+
+// --- the small per-layer ops of a decode step, fused (one call instead of 4-14 PyTorch ops) ---
+
+namespace {
+
+template <typename scalar_t>
+inline scalar_t narrow(float x) {
+  return static_cast<scalar_t>(x);
+}
+
+// Llama's RMSNorm as Hugging Face computes it: in float32, x * rsqrt(mean(x^2) + eps), cast
+// back to the model's dtype, then scaled by the weight in that dtype (each product rounded
+// as PyTorch rounds it).
+template <typename scalar_t>
+void rms_norm_rows(const scalar_t* x, const scalar_t* weight, scalar_t* out, int64_t rows, int64_t dim,
+                   int64_t x_stride, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * x_stride;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < dim; ++d) sum += widen(row[d]) * widen(row[d]);
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+      scalar_t* o = out + r * dim;
+      for (int64_t d = 0; d < dim; ++d)
+        o[d] = narrow<scalar_t>(widen(weight[d]) * widen(narrow<scalar_t>(widen(row[d]) * inv)));
+    }
+  });
+}
+
+// x * cos + rotate_half(x) * sin over each head's first 2 * half features, in place, each
+// product and the sum rounded to the dtype as PyTorch's three ops round them.
+template <typename scalar_t>
+void rotate_heads(scalar_t* x, int64_t tokens, int64_t heads, int64_t token_stride, int64_t head_stride,
+                  const scalar_t* cos, const scalar_t* sin, int64_t half) {
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* c = cos + t * 2 * half;
+      const scalar_t* s = sin + t * 2 * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* v = x + t * token_stride + h * head_stride;
+        for (int64_t d = 0; d < half; ++d) {
+          const float lo = widen(v[d]), hi = widen(v[d + half]);
+          const float a_lo = widen(narrow<scalar_t>(lo * widen(c[d])));
+          const float b_lo = widen(narrow<scalar_t>(-hi * widen(s[d])));
+          const float a_hi = widen(narrow<scalar_t>(hi * widen(c[d + half])));
+          const float b_hi = widen(narrow<scalar_t>(lo * widen(s[d + half])));
+          v[d] = narrow<scalar_t>(a_lo + b_lo);
+          v[d + half] = narrow<scalar_t>(a_hi + b_hi);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && weight.is_contiguous() && weight.size(0) == x.size(1),
+              "x: [T, D] with unit stride over D; weight: [D]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "x and weight dtypes differ");
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                            x.size(0), x.size(1), x.stride(0), static_cast<float>(eps));
+  });
+  return out;
+}
+
+void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, "q, k: [T, heads, D]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes(), "cos, sin: [T, D]");
+  TORCH_CHECK(cos.numel() == q.size(0) * q.size(2) && q.size(2) == k.size(2) && q.size(2) % 2 == 0,
+              "one full-width cos/sin row per token");
+  TORCH_CHECK(q.scalar_type() == cos.scalar_type() && k.scalar_type() == cos.scalar_type(), "dtypes differ");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_", [&] {
+    for (auto* x : {&q, &k})
+      rotate_heads<scalar_t>(x->data_ptr<scalar_t>(), x->size(0), x->size(1), x->stride(0), x->stride(1),
+                             cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), x->size(2) / 2);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("starts") = pybind11::none(),
         pybind11::arg("softcap") = 0.0);
+  m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)");
+  m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)");
 }

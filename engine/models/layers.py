@@ -38,8 +38,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.offset = offset
+        # semline's compiled CPU ops (engine/kernels), set by the CPU runner: one fused call.
+        self.kernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and not self.offset and x.dim() == 2:
+            return self.kernel.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         # One fused kernel for x * rsqrt(mean(x^2) + eps), in float32 as HF computes it.
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
@@ -60,10 +64,14 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = emb.shape[-1]
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)  # [P, rotary_dim]
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.kernel = None  # semline's compiled CPU ops, as RMSNorm's
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         # q: [T, H, Dh], k: [T, KVH, Dh], positions: [T]
         cos, sin = self._lookup(positions, q.dtype)
+        if self.kernel is not None and self.rotary_dim == q.shape[-1]:
+            self.kernel.rotary_(q, k, cos, sin)  # in place: q and k are views of this step's qkv
+            return q, k
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
     def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):

@@ -204,3 +204,35 @@ def test_triton_paged_attention_decodes_and_prefills_in_one_launch(dtype, num_he
     expected = _reference_varlen(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqs, tables, starts, scale, window, softcap)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-3
     torch.testing.assert_close(out.cpu(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_and_rotary_round_as_pytorch_does(dtype):
+    """The compiled RMSNorm and rotary (one call each per layer on the CPU) against the
+    modules' PyTorch paths, in the model's dtype: equal to the last bit but for the sum of
+    squares' order (fp32) — in bf16 the roundings of every product must be PyTorch's."""
+    from engine.models.layers import RMSNorm, build_rotary
+    from transformers import LlamaConfig
+
+    kernel = load_paged_attention()
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(7, 96) * 3).to(dtype)[:, 16:80]  # a strided view, as a hidden state can be
+    expected = norm(x)
+    norm.kernel = kernel
+    if dtype == torch.float32:
+        torch.testing.assert_close(norm(x), expected, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(norm(x), expected)
+    rotary = build_rotary(LlamaConfig(head_dim=32, num_attention_heads=4), 32, 64)
+    qkv = torch.randn(5, (4 + 2 + 2) * 32).to(dtype)
+    positions = torch.tensor([0, 3, 9, 17, 63])
+    q, k = qkv[:, :128].view(5, 4, 32), qkv[:, 128:192].view(5, 2, 32)
+    want_q, want_k = rotary(q, k, positions)
+    rotary.kernel = kernel
+    got_q, got_k = rotary(q.clone(), k.clone(), positions)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    q_view, k_view = rotary(q, k, positions)  # in place, through the views into qkv
+    assert q_view.data_ptr() == q.data_ptr() and torch.equal(qkv[:, :128].view(5, 4, 32), want_q)
