@@ -33,6 +33,7 @@ if [ "$(sha256sum "$model" | cut -d' ' -f1)" != "$(cat .gpu/whl/model.sha256)" ]
     echo "model file damaged (checksum)"; exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+export SEMLINE_COMMIT=$(cat .gpu/commit)  # the copy sent here has no .git
 
 # 1. The engine tests on the GPU (HF's reference on the same device); the Triton kernel
 #    compiled for real (TRITON_INTERPRET stays off when SEMLINE_TEST_DEVICE=cuda).
