@@ -38,7 +38,8 @@ def profile_backend(args, backend: str) -> dict:
     llm = LLM(device=args.device, dtype=args.dtype, attention_backend=backend, max_num_seqs=max(64, args.batch))
     engine = llm.engine
     prompt = llm.tokenizer.encode("The production line turns text into tokens, and tokens into text.")
-    params = SamplingParams(temperature=0, max_tokens=args.warmup + args.steps + 8, ignore_eos=True)
+    # Long enough that nobody finishes inside the timed and the profiled steps.
+    params = SamplingParams(temperature=0, max_tokens=args.warmup + 2 * args.steps + 8, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(prompt + [i % 100 + 100], params)
     for _ in range(args.warmup):  # prefill everything, warm kernels (and Triton's compiles)
