@@ -105,7 +105,7 @@ class BlockManager:
         last token is always left to compute: its logits give the next token."""
         if not self.enable_prefix_caching or request.block_table:
             return 0
-        hashes = self._hashes(request, (request.num_tokens - 1) // self.block_size)
+        hashes = self._prompt_hashes(request)
         for h in hashes:
             block_id = self.cached_blocks.get(h)
             if block_id is None:
@@ -121,7 +121,7 @@ class BlockManager:
         """Announce the prompt blocks an admitted request will compute (those the cache lacks)."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._hashes(request, (request.num_tokens - 1) // self.block_size)
+        hashes = self._prompt_hashes(request)
         for h in hashes[request.num_registered_blocks:]:
             if h not in self.cached_blocks:
                 self.in_progress.setdefault(h, request)
@@ -131,7 +131,7 @@ class BlockManager:
         lacks, if one is; `request` would then compute the same K/V a second time."""
         if not self.in_progress:
             return None
-        for h in self._hashes(request, (request.num_tokens - 1) // self.block_size):
+        for h in self._prompt_hashes(request):
             if h not in self.cached_blocks:
                 owner = self.in_progress.get(h)
                 return owner if owner is not request else None
@@ -170,6 +170,11 @@ class BlockManager:
         del self.cached_blocks[self.hash_of_block[block_id]]
         self.hash_of_block[block_id] = None
         return block_id
+
+    def _prompt_hashes(self, request: Request) -> list[bytes]:
+        """Hashes of the full blocks a request may take from the cache: all but the one holding
+        its last token, whose logits must be computed."""
+        return self._hashes(request, (request.num_tokens - 1) // self.block_size)
 
     def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
         """Chained hashes of the request's first `num_blocks` full blocks (memoized on it)."""

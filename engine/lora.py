@@ -138,7 +138,7 @@ class LoRAStep:
     (and base tokens between them; token_slots [len] is each row's slot, -1 the base model).
     Rows of the base model outside any segment get nothing added."""
 
-    def __init__(self, ranges: list[tuple[int, int, int]], num_tokens: int, device: torch.device) -> None:
+    def __init__(self, ranges: list[tuple[int, int, int]], device: torch.device) -> None:
         runs: list[list[int]] = []  # [start, end, slot], adjacent runs of one slot merged
         for start, end, slot in sorted(ranges):
             if runs and runs[-1][1] == start and runs[-1][2] == slot:

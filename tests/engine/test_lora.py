@@ -160,7 +160,7 @@ def test_step_segments_long_runs_own_pairs_short_runs_stacked():
     # Two decode rows of slots 0 and 1, a base row, a 20-token prefill of slot 2, a lone
     # decode row of slot 1 and a base-only prefill.
     ranges = [(0, 1, 0), (1, 2, 1), (3, 23, 2), (23, 24, 1)]
-    step = LoRAStep(ranges, 40, torch.device("cpu"))
+    step = LoRAStep(ranges, torch.device("cpu"))
     kinds = [(s[0], s[1], s[2]) if s[0] == "own" else (s[0], s[1], s[2].tolist()) for s in step.segments]
     assert kinds == [("mixed", slice(0, 2), [0, 1]), ("own", 2, slice(3, 23)), ("own", 1, slice(23, 24))]
     columns = torch.tensor([0, 0, 1, 2])
