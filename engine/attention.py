@@ -241,11 +241,11 @@ def _partition(sorted_lens: list[int], overhead: int) -> list[tuple[int, int]]:
     return runs[::-1]
 
 
-def _padded_block_tables(tables: list[list[int]]) -> torch.Tensor:
-    """[len(tables), longest] int64 block ids, short rows padded with block 0."""
-    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+def padded_block_tables(tables: list[list[int]], dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """[len(tables), longest] block ids, short rows padded with block 0."""
+    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=dtype)
     for row, table in enumerate(tables):
-        padded[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        padded[row, : len(table)] = torch.tensor(table, dtype=dtype)
     return padded
 
 
@@ -253,7 +253,7 @@ def build_decode_batch(token_indices: list[int], block_tables: list[list[int]], 
                        device: torch.device, kernel) -> DecodeBatch:
     return DecodeBatch(
         token_indices=torch.tensor(token_indices, device=device),
-        block_tables=_padded_block_tables(block_tables).to(device),
+        block_tables=padded_block_tables(block_tables).to(device),
         context_lens=torch.tensor(context_lens, dtype=torch.long, device=device),
         kernel=kernel,
     )
@@ -267,7 +267,7 @@ def windowed(batch: DecodeBatch, window: int | None) -> DecodeBatch:
 
 
 def _make_decode_group(members, token_indices, block_tables, context_lens, block_size, device, dtype, window):
-    block_ids = _padded_block_tables([block_tables[i] for i in members])
+    block_ids = padded_block_tables([block_tables[i] for i in members])
     padded_len = block_ids.shape[1] * block_size
     lens = torch.tensor([context_lens[i] for i in members])
     positions = torch.arange(padded_len)[None, :]

@@ -39,16 +39,14 @@ class DecodeGraphs:
     a CUDA graph per padded size, captured on first use."""
 
     def __init__(self, runner, max_batch: int, max_model_len: int, capture: bool) -> None:
-        from engine.kernels.triton_attention import DECODE_BLOCK_M, TritonBatch
+        from engine.kernels.triton_attention import TritonBatch, tile_shape
 
         self.runner, self.capture = runner, capture
         self.sizes = graph_sizes(max_batch)
         size, device, bs = self.sizes[-1], runner.device, runner.block_size
         self.scratch_slot = runner.num_blocks * bs  # the first slot of the cache's scratch block
         width = -(-max_model_len // bs)
-        attention = runner.model.layers[0].self_attn
-        group = attention.num_heads // attention.num_kv_heads
-        block_m = max(DECODE_BLOCK_M, 1 << (group - 1).bit_length())
+        block_m, block_q = tile_shape(runner.query_group, decode_only=True)
         # Host staging (pinned on a GPU: the copies do not wait) and the device buffers.
         pin = device.type == "cuda"
         self.host = {
@@ -65,7 +63,7 @@ class DecodeGraphs:
             batch = TritonBatch(q_start=arange[:n], q_len=torch.ones(n, dtype=torch.int32, device=device),
                                 ctx_len=self.dev["ctx_len"][:n], block_tables=self.dev["tables"][:n],
                                 tile_seq=arange[:n], tile_index=torch.zeros(n, dtype=torch.int32, device=device),
-                                block_m=block_m, block_q=block_m // group)
+                                block_m=block_m, block_q=block_q)
             self.metas[n] = {window: AttentionMetadata(slot_mapping=self.dev["slots"][:n], block_size=bs,
                                                        triton=batch, window=window)
                              for window in runner.model.windows}

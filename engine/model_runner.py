@@ -234,6 +234,12 @@ class ModelRunner:
             raise ConfigError(f"attention_backend 'triton' needs the triton package: {exc}") from exc
         return True
 
+    @property
+    def query_group(self) -> int:
+        """Query heads per KV head (the same on every layer and rank)."""
+        attention = self.model.layers[0].self_attn
+        return attention.num_heads // attention.num_kv_heads
+
     def _decode_graphs(self):
         """CUDA graphs for decode steps where they can run: the Triton attention kernel (its
         metadata lives in device buffers), the whole model here, no data-dependent shapes
@@ -301,7 +307,7 @@ class ModelRunner:
             positions=torch.tensor(plan.positions, dtype=torch.long, device=device),
             attn=attn,
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
-            lora=LoRAStep(plan.lora, len(plan.input_ids), device) if plan.lora and self.lora is not None else None,
+            lora=LoRAStep(plan.lora, device) if plan.lora and self.lora is not None else None,
         )
 
     def _triton_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor) -> dict:
@@ -312,9 +318,7 @@ class ModelRunner:
         lens = [1] * len(plan.decode_tokens) + [b - a for a, b, _, _ in plan.prefill]
         contexts = plan.decode_lens + [cached + b - a for a, b, cached, _ in plan.prefill]
         tables = plan.decode_tables + [table for _, _, _, table in plan.prefill]
-        attention = self.model.layers[0].self_attn
-        batch = build_triton_batch(starts, lens, contexts, tables, attention.num_heads // attention.num_kv_heads,
-                                   self.device)
+        batch = build_triton_batch(starts, lens, contexts, tables, self.query_group, self.device)
         return {window: AttentionMetadata(slot_mapping=slot_mapping, block_size=self.block_size, triton=batch,
                                           window=window) for window in self.model.windows}
 

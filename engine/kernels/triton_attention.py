@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.attention import padded_block_tables
+
 # Query rows a program holds (tokens x query heads of one KV head; tl.dot wants >= 16):
 # few for decode-only steps (one token per sequence), more when prefill chunks are in.
 DECODE_BLOCK_M = 16
@@ -43,17 +45,19 @@ class TritonBatch:
     block_q: int
 
 
+def tile_shape(group: int, decode_only: bool) -> tuple[int, int]:
+    """(query rows per program, query tokens per tile) for `group` query heads per KV head."""
+    block_m = max(DECODE_BLOCK_M if decode_only else PREFILL_BLOCK_M, triton.next_power_of_2(group))
+    return block_m, block_m // group
+
+
 def build_triton_batch(q_start: list[int], q_len: list[int], ctx_len: list[int], tables: list[list[int]],
                        group: int, device: torch.device) -> TritonBatch:
     """Everything as a few host tensors moved with one copy each; tiles by repeat_interleave.
     group: query heads per KV head."""
-    block_m = max(DECODE_BLOCK_M if max(q_len) == 1 else PREFILL_BLOCK_M, triton.next_power_of_2(group))
-    tokens_per_tile = block_m // group
+    block_m, tokens_per_tile = tile_shape(group, max(q_len) == 1)
     lens = torch.tensor(q_len, dtype=torch.int32)
-    width = max(len(t) for t in tables)
-    padded = torch.zeros(len(tables), width, dtype=torch.int32)
-    for row, table in enumerate(tables):
-        padded[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    padded = padded_block_tables(tables, torch.int32)
     tiles = (lens + tokens_per_tile - 1) // tokens_per_tile
     tile_seq = torch.repeat_interleave(torch.arange(len(q_len), dtype=torch.int32), tiles)
     first_tile = torch.cumsum(tiles, 0) - tiles
