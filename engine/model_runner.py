@@ -18,6 +18,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch
                               make_prefill_chunk, windowed)
 from engine.config import ConfigError, EngineConfig
 from engine.gguf_weights import keep_gguf_precision
+from engine.kernels.decode_stack import DecodeStack
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
 from engine.models import ModelArgs, TruncatedModel, build_model
@@ -49,6 +50,8 @@ class ModelInput:
     lora: LoRAStep | None = None
     # A decode step staged in DecodeGraphs' static buffers, padded to this many rows (0: not).
     graph_size: int = 0
+    # Every token decodes (one new token per sequence, no prefill chunk).
+    decode_only: bool = False
 
 
 def kv_bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -163,6 +166,11 @@ class ModelRunner:
                 if isinstance(module, (RMSNorm, RotaryEmbedding)):
                     module.kernel = self.decode_kernel
         self.triton_attention = self._use_triton()
+        # The layers of pure decode steps in one call to the CPU extension, where they qualify.
+        self.decode_stack = None
+        if self.lora is None and not self.triton_attention:
+            self.decode_stack = DecodeStack.build(self.decode_kernel, model)
+        self.stack_layers = len(model.layers)
         self.max_model_len = max_model_len
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -176,6 +184,7 @@ class ModelRunner:
         view = copy.copy(self)
         view.model = TruncatedModel(self.model, num_layers)
         view.kv_caches = self.kv_caches[:num_layers]
+        view.stack_layers = num_layers
         view.decode_graphs = None
         return view
 
@@ -308,6 +317,7 @@ class ModelRunner:
             attn=attn,
             logits_indices=torch.tensor(plan.logits_indices, dtype=torch.long, device=device),
             lora=LoRAStep(plan.lora, device) if plan.lora and self.lora is not None else None,
+            decode_only=bool(plan.decode_tokens) and not plan.prefill,
         )
 
     def _triton_metadata(self, plan: StepPlan, slot_mapping: torch.Tensor) -> dict:
@@ -359,9 +369,15 @@ class ModelRunner:
     def _forward(self, model_input: ModelInput, hidden: torch.Tensor | None) -> torch.Tensor:
         """[T, D] hidden states of this runner's layers: from the token ids (first stage) or
         from the previous stage's `hidden`."""
-        x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
         if self.lora is not None:
             self.lora.step = model_input.lora
+        stack = self.decode_stack
+        if stack is not None and model_input.decode_only and stack.accepts(model_input.input_ids.numel()):
+            meta = next(iter(model_input.attn.values()))  # windows share tables and slots
+            batch = meta.decode_batch
+            return stack.forward(model_input.input_ids, model_input.positions, self.kv_caches, meta.slot_mapping,
+                                 batch.block_tables, batch.context_lens, self.stack_layers)
+        x = model_input.input_ids if self.model.is_first else hidden.to(self.device)
         return self.model(x, model_input.positions, self.kv_caches, model_input.attn)
 
     @torch.inference_mode()

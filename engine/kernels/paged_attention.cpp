@@ -228,7 +228,8 @@ template <typename scalar_t>
 void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                       const int64_t* block_tables, const int64_t* context_lens, const int64_t* starts,
                       scalar_t* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim,
-                      int64_t block_size, int64_t max_blocks, float scale, float softcap) {
+                      int64_t block_size, int64_t max_blocks, float scale, float softcap,
+                      int64_t q_stride) {  // q_stride: elements between sequences' queries
   const int64_t group = num_heads / num_kv_heads;
   // Whole sequences per item when there are enough to keep every thread busy (each
   // K/V row is then read once); otherwise split sequences by KV head.
@@ -242,7 +243,7 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / splits, part = item % splits;
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
-      attend(q + b * num_heads * dim, k_cache, v_cache, block_tables + b * max_blocks,
+      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks,
              starts == nullptr ? 0 : starts[b], context_lens[b], out + b * num_heads * dim, head_begin,
              head_end, group, num_kv_heads, dim, block_size, scale, softcap, queries, scores, acc);
     }
@@ -280,7 +281,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                lens.data_ptr<int64_t>(),
                                first_keys.defined() ? first_keys.data_ptr<int64_t>() : nullptr,
                                out.data_ptr<scalar_t>(), batch, num_heads, num_kv_heads, dim, block_size,
-                               tables.size(1), static_cast<float>(scale), static_cast<float>(softcap));
+                               tables.size(1), static_cast<float>(scale), static_cast<float>(softcap),
+                               num_heads * dim);
   });
   return out;
 }
@@ -367,6 +369,178 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
   });
 }
 
+
+// --- a decode step's Llama layers in one call ------------------------------------------------
+//
+// A decode step of a small model on a CPU is bound by its ~25 PyTorch calls per layer made
+// from Python (5-10 us each), not by its arithmetic: SmolLM2's 30 layers spent ~2.5 of a
+// 5.4 ms step there. DecodeStack holds every layer's weights and runs the step's layers from
+// C++: the matmuls through the same ATen/oneDNN ops the Python modules call, the norms,
+// rotary and attention through this file's kernels, the K/V rows copied straight into their
+// slots. Only pure decode steps of pre-norm, SiLU-gated, fully-rotary layers come here
+// (engine/kernels/decode_stack.py decides); the values are those of the Python path.
+
+namespace {
+
+enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2 };
+
+// x += delta (each sum rounded to the dtype, as PyTorch's add), then out = rms_norm(x).
+template <typename scalar_t>
+void add_rms_norm_rows(scalar_t* x, const scalar_t* delta, const scalar_t* weight, scalar_t* out, int64_t rows,
+                       int64_t dim, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = x + r * dim;
+      const scalar_t* add = delta + r * dim;
+      for (int64_t d = 0; d < dim; ++d) row[d] = narrow<scalar_t>(widen(row[d]) + widen(add[d]));
+    }
+  });
+  rms_norm_rows<scalar_t>(x, weight, out, rows, dim, dim, eps);
+}
+
+}  // namespace
+
+struct LinearSpec {
+  int64_t kind;
+  torch::Tensor weight;  // dense: [N, K]; oneDNN: prepacked; int4: the int4pack buffer
+  torch::Tensor scales;  // int4: [K/g, N, 2] scales and zeros
+  c10::optional<torch::Tensor> bias;
+  int64_t group_size;
+
+  torch::Tensor operator()(const torch::Tensor& x, int64_t padded_rows) const {
+    if (kind == kInt4) {
+      const auto dtype = x.scalar_type();
+      auto in = dtype == at::kBFloat16 ? x : x.to(at::kBFloat16);
+      auto y = at::_weight_int4pack_mm_for_cpu(in.contiguous(), weight, group_size, scales);
+      if (dtype != at::kBFloat16) y = y.to(dtype);
+      return bias.has_value() ? y + bias->to(y.scalar_type()) : y;
+    }
+    if (kind == kOneDNN) {
+      // Padded to the row counts the Python layer uses (engine/models/linear.py padded_rows),
+      // so oneDNN's kernel caches see the same bounded set of shapes.
+      static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      const int64_t rows = x.size(0);
+      std::vector<c10::IValue> stack;
+      stack.emplace_back(padded_rows != rows ? at::constant_pad_nd(x, {0, 0, 0, padded_rows - rows}, 0) : x);
+      stack.emplace_back(weight);
+      stack.emplace_back(bias);
+      stack.emplace_back(std::string("none"));
+      stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+      stack.emplace_back(std::string(""));
+      op.callBoxed(&stack);
+      auto y = stack[0].toTensor();
+      return padded_rows != rows ? y.narrow(0, 0, rows) : y;
+    }
+    return at::linear(x, weight, bias);
+  }
+};
+
+struct StackLayer {
+  torch::Tensor input_norm, post_norm;
+  LinearSpec qkv, o, gate_up, down;
+  int64_t num_heads, num_kv_heads, head_dim, window, rope;
+  double scale, softcap;
+};
+
+class DecodeStack {
+ public:
+  explicit DecodeStack(double eps) : eps_(eps) {}
+
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, LinearSpec qkv, LinearSpec o,
+                 LinearSpec gate_up, LinearSpec down, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                 double scale, int64_t window, double softcap, int64_t rope) {
+    TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "head shapes disagree");
+    layers_.push_back({input_norm.contiguous(), post_norm.contiguous(), qkv, o, gate_up, down, num_heads,
+                       num_kv_heads, head_dim, window, rope, scale, softcap});
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x: [T, D] embedded tokens (one decode token per sequence), updated in place and returned
+  // as the hidden states after the first `num_layers` layers (before the final norm).
+  // cos/sin: per rope table, [T, head_dim] rows of this step's positions; caches: per layer;
+  // slots: [T] flat K/V slot of each token; tables: [T, max_blocks]; lens: [T] keys attended.
+  torch::Tensor forward(torch::Tensor x, std::vector<torch::Tensor> cos, std::vector<torch::Tensor> sin,
+                        std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches,
+                        torch::Tensor slots, torch::Tensor tables, torch::Tensor lens, int64_t padded_rows,
+                        int64_t num_layers) {
+    TORCH_CHECK(num_layers >= 1 && num_layers <= this->num_layers(), "bad layer count");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [T, D]");
+    TORCH_CHECK(static_cast<int64_t>(k_caches.size()) >= num_layers && k_caches.size() == v_caches.size(),
+                "one K and V cache per layer");
+    TORCH_CHECK(slots.scalar_type() == at::kLong && tables.scalar_type() == at::kLong &&
+                    lens.scalar_type() == at::kLong && slots.is_contiguous() && tables.is_contiguous() &&
+                    lens.is_contiguous(),
+                "slots, tables, lens: contiguous int64");
+    const int64_t tokens = x.size(0);
+    TORCH_CHECK(slots.size(0) == tokens && tables.size(0) == tokens && lens.size(0) == tokens,
+                "one slot, table and length per token");
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* len = lens.data_ptr<int64_t>();
+    std::vector<int64_t> starts(tokens);
+    SEMLINE_DISPATCH(x.scalar_type(), "decode_stack", [&] {
+      scalar_t* xs = x.data_ptr<scalar_t>();
+      const int64_t dim = x.size(1);
+      auto h = torch::empty_like(x);
+      rms_norm_rows<scalar_t>(xs, layers_[0].input_norm.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), tokens, dim,
+                              dim, static_cast<float>(eps_));
+      for (int64_t i = 0; i < num_layers; ++i) {
+        const StackLayer& layer = layers_[i];
+        const int64_t heads = layer.num_heads, kv_heads = layer.num_kv_heads, hd = layer.head_dim;
+        const int64_t q_size = heads * hd, kv_size = kv_heads * hd;
+        auto& k_cache = k_caches[i];
+        auto& v_cache = v_caches[i];
+        TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(2) == kv_heads &&
+                        k_cache.size(3) == hd && k_cache.scalar_type() == x.scalar_type(),
+                    "cache of layer ", i, " does not match it");
+        auto qkv = layer.qkv(h, padded_rows);  // [T, q_size + 2 * kv_size], contiguous
+        TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == q_size + 2 * kv_size, "qkv shape");
+        scalar_t* qkv_data = qkv.data_ptr<scalar_t>();
+        const int64_t row = qkv.size(1);
+        const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
+        const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
+        rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
+        rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
+        scalar_t* kc = k_cache.data_ptr<scalar_t>();
+        scalar_t* vc = v_cache.data_ptr<scalar_t>();
+        for (int64_t t = 0; t < tokens; ++t) {
+          std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
+          std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
+        }
+        const int64_t* first = nullptr;
+        if (layer.window > 0) {
+          for (int64_t t = 0; t < tokens; ++t) starts[t] = std::max<int64_t>(0, len[t] - layer.window);
+          first = starts.data();
+        }
+        auto attn = torch::empty({tokens, q_size}, x.options());
+        decode_attention<scalar_t>(qkv_data, kc, vc, tables.data_ptr<int64_t>(), len, first,
+                                   attn.data_ptr<scalar_t>(), tokens, heads, kv_heads, hd, k_cache.size(1),
+                                   tables.size(1), static_cast<float>(layer.scale),
+                                   static_cast<float>(layer.softcap), row);
+        auto o = layer.o(attn, padded_rows).contiguous();
+        add_rms_norm_rows<scalar_t>(xs, o.data_ptr<scalar_t>(), layer.post_norm.data_ptr<scalar_t>(),
+                                    h.data_ptr<scalar_t>(), tokens, dim, static_cast<float>(eps_));
+        auto gate_up = layer.gate_up(h, padded_rows);
+        const int64_t inter = gate_up.size(1) / 2;
+        auto gate = gate_up.narrow(1, 0, inter);
+        at::silu_(gate);  // as the Python path: silu(gate), then times up, each rounded
+        auto down = layer.down(at::mul(gate, gate_up.narrow(1, inter, inter)), padded_rows).contiguous();
+        if (i + 1 < num_layers) {
+          add_rms_norm_rows<scalar_t>(xs, down.data_ptr<scalar_t>(), layers_[i + 1].input_norm.data_ptr<scalar_t>(),
+                                      h.data_ptr<scalar_t>(), tokens, dim, static_cast<float>(eps_));
+        } else {
+          x.add_(down);
+        }
+      }
+    });
+    return x;
+  }
+
+ private:
+  double eps_;
+  std::vector<StackLayer> layers_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
@@ -374,4 +548,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("softcap") = 0.0);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)");
   m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)");
+
+  pybind11::class_<LinearSpec>(m, "LinearSpec")
+      .def(pybind11::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> scales,
+                             c10::optional<torch::Tensor> bias, int64_t group_size) {
+             return LinearSpec{kind, weight, scales.value_or(torch::Tensor()), bias, group_size};
+           }),
+           pybind11::arg("kind"), pybind11::arg("weight"), pybind11::arg("scales") = pybind11::none(),
+           pybind11::arg("bias") = pybind11::none(), pybind11::arg("group_size") = 0)
+      .def("__call__", &LinearSpec::operator(), pybind11::arg("x"), pybind11::arg("padded_rows"));
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<double>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def_property_readonly("num_layers", &DecodeStack::num_layers)
+      .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

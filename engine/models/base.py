@@ -275,14 +275,16 @@ class CausalLM(nn.Module):
                 metas: dict[int | None, AttentionMetadata]) -> torch.Tensor:
         """[T] token ids (first stage) or [T, D] hidden states -> [T, D] hidden states.
         metas: the step's attention metadata per window (None: full attention)."""
-        if self.is_first:
-            x = self.tp.embed(self.embed_tokens, input_ids_or_hidden, self.args.vocab_size)
-            if self.args.embed_scale is not None:  # in the model's dtype, as HF rounds it
-                x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
-        else:
-            x = input_ids_or_hidden
+        x = self.embed(input_ids_or_hidden) if self.is_first else input_ids_or_hidden
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rotary[layer.self_attn.rope_key], kv_cache, metas)
+        return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] token ids -> [T, D] embeddings (first stage only)."""
+        x = self.tp.embed(self.embed_tokens, input_ids, self.args.vocab_size)
+        if self.args.embed_scale is not None:  # in the model's dtype, as HF rounds it
+            x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -345,6 +347,7 @@ class TruncatedModel(nn.Module):
         self.lm_head = model.lm_head
 
     forward = CausalLM.forward
+    embed = CausalLM.embed
     compute_logits = CausalLM.compute_logits
     windows = CausalLM.windows
     num_kv_heads = CausalLM.num_kv_heads

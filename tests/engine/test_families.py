@@ -53,6 +53,10 @@ FAMILIES = {
                                      "norm_topk_prob": True}),
 }
 
+# Families whose decode steps run as one compiled stack of layers on the CPU
+# (engine/kernels/decode_stack.py): pre-norm, SiLU-gated, fully rotary, dense.
+STACKED_FAMILIES = ("llama", "llama-linear", "llama-dynamic", "llama3", "llama-yarn", "mistral", "qwen2", "phi3")
+
 # Families run through the Triton attention kernel as well (slow under the interpreter):
 # grouped-query heads, and windowed layers alternating with global ones, soft-capped.
 TRITON_FAMILIES = ("llama", "gemma2")
@@ -113,6 +117,8 @@ def _engine(folder, **overrides) -> LLM:
 def test_family_matches_hf_alone_and_batched(family, prompts):
     name, folder, hf, expected = family
     llm = _engine(folder)
+    if DEVICE == "cpu" and llm.engine.runner.decode_kernel is not None:
+        assert (llm.engine.runner.decode_stack is not None) == (name in STACKED_FAMILIES)
     for ids, want in zip(prompts, expected):
         [out] = llm.generate([ids], _params())
         assert_same_or_near_tie(hf, ids, out, want, f"{name} alone")
@@ -127,6 +133,28 @@ def test_family_matches_hf_alone_and_batched(family, prompts):
         triton_path = _engine(folder, attention_backend="triton")
         for ids, want, out in zip(prompts, expected, triton_path.generate(prompts, _params())):
             assert_same_or_near_tie(hf, ids, out, want, f"{name} batched, triton attention")
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the decode stack is the CPU extension's")
+@pytest.mark.parametrize("name, overrides", [
+    ("mistral", {"dtype": "bfloat16"}),  # sliding window, oneDNN bf16 (or dense) matmuls
+    ("qwen2", {"dtype": "bfloat16", "quantization": "int4"}),  # biases, 4-bit weights
+    ("llama3", {"onednn_linear": False}),  # float32 through PyTorch's own matmul; tied head
+])
+def test_decode_stack_computes_what_the_layers_compute(name, overrides, llm, tmp_path, prompts):
+    """The compiled stack's decode steps give the Python modules' logits bit for bit, in every
+    dtype and weight kind it takes (float32 parity with HF is the test above)."""
+    build_tiny_model(name, tmp_path, llm.engine.model_dir)
+    stacked = _engine(tmp_path, **overrides)
+    if stacked.engine.runner.decode_stack is None:
+        pytest.skip("the CPU extension is not available here")
+    python = _engine(tmp_path, **overrides)
+    python.engine.runner.decode_stack = None
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=5)
+    for a, b in zip(stacked.generate(prompts, params), python.generate(prompts, params)):
+        assert a.token_ids == b.token_ids
+        assert [[(t, lp) for t, _, lp in step.top_logprobs] for step in a.logprobs] == \
+            [[(t, lp) for t, _, lp in step.top_logprobs] for step in b.logprobs]
 
 
 def test_windowed_families_read_only_the_window(family):
