@@ -58,7 +58,7 @@ def streamed_bytes(model: nn.Module) -> int:
         elif isinstance(module, (CpuInt8Linear, WeightOnlyInt8Linear)):
             tensors = [module.qweight, module.scales]
         elif isinstance(module, CpuInt4Linear):
-            tensors = [module.packed_int4, module.scales_and_zeros]
+            tensors = module.weight_buffers
         else:
             continue
         total += sum(t.numel() * t.element_size() for t in tensors)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int4_gemm.cpp")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +30,7 @@ def load_paged_attention():
         build_dir.mkdir(parents=True, exist_ok=True)
         return load(
             name="semline_paged_attention",
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in _SOURCES],
             # No contraction into FMAs: the fused RMSNorm and rotary round as PyTorch does.
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],

@@ -23,7 +23,7 @@ from engine.models.linear import BLOCK_ROWS, OneDNNLinear, padded_rows
 from engine.quantization import CpuInt4Linear
 
 # LinearSpec kinds (paged_attention.cpp).
-DENSE, ONEDNN, INT4 = 0, 1, 2
+DENSE, ONEDNN, INT4, Q4 = 0, 1, 2, 3
 
 
 def linear_spec(kernel, module: nn.Module):
@@ -32,6 +32,8 @@ def linear_spec(kernel, module: nn.Module):
         return kernel.LinearSpec(DENSE, module.weight.detach(), bias=_detached(module.bias))
     if isinstance(module, OneDNNLinear):
         return kernel.LinearSpec(ONEDNN, module.packed_weight, bias=module.bias)
+    if isinstance(module, CpuInt4Linear) and module.kernel is not None:  # semline's W4A8 kernel
+        return kernel.LinearSpec(Q4, module.q4_packed, bias=module.bias, group_size=module.out_features)
     if isinstance(module, CpuInt4Linear):
         return kernel.LinearSpec(INT4, module.packed_int4, module.scales_and_zeros, module.bias, module.group_size)
     return None

@@ -13,17 +13,13 @@
 // Work is split over sequences (or, for small batches, sequence x KV head); the
 // query heads that share a KV head read the same rows, so each is loaded once.
 // Scores are accumulated in float32 whatever the cache dtype.
-#include <torch/extension.h>
+#include "cpu_ops.h"
+
 #include <ATen/Parallel.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SEMLINE_AVX2 1
 #endif
-
-// The model dtypes semline runs (no float64: fewer instantiations, a quicker first build).
-#define SEMLINE_DISPATCH(TYPE, NAME, ...)                                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 #include <algorithm>
 #include <cmath>
@@ -382,7 +378,7 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2 };
+enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2, kQ4 = 3 };
 
 // x += delta (each sum rounded to the dtype, as PyTorch's add), then out = rms_norm(x).
 template <typename scalar_t>
@@ -408,6 +404,7 @@ struct LinearSpec {
   int64_t group_size;
 
   torch::Tensor operator()(const torch::Tensor& x, int64_t padded_rows) const {
+    if (kind == kQ4) return q4_linear(x, weight, group_size, bias, -1);  // group_size: N here
     if (kind == kInt4) {
       const auto dtype = x.scalar_type();
       auto in = dtype == at::kBFloat16 ? x : x.to(at::kBFloat16);
@@ -549,6 +546,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)");
   m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)");
 
+  m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");
+  m.def("q4_pack", &q4_pack, "Pack 4-bit weights (q, scales, minimums) for q4_linear");
+  m.def("q4_linear", &q4_linear, "x @ W^T for q4_pack'ed 4-bit weights (CPU)", pybind11::arg("x"),
+        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("path") = -1);
   pybind11::class_<LinearSpec>(m, "LinearSpec")
       .def(pybind11::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> scales,
                              c10::optional<torch::Tensor> bias, int64_t group_size) {

@@ -241,3 +241,37 @@ def test_fused_rms_norm_and_rotary_round_as_pytorch_does(dtype):
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     q_view, k_view = rotary(q, k, positions)  # in place, through the views into qkv
     assert q_view.data_ptr() == q.data_ptr() and torch.equal(qkv[:, :128].view(5, 4, 32), want_q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a8_kernel_every_compiled_path_computes_the_reference(dtype):
+    """semline's 4-bit kernel on every path this CPU compiled (scalar, AVX2, AVX512-VNNI):
+    the reference product of its int8-quantized activations, rows past a 64-row pass and
+    output rows past a 16-row block included, with a bias, as strided input."""
+    from engine.quantization import quantize_groups_4bit
+    from tests.engine.test_quantization import w4a8_reference
+
+    kernel = load_paged_attention()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available here")
+    torch.manual_seed(1)
+    n, k = 40, 96
+    q, scales, offsets = quantize_groups_4bit(torch.randn(n, k))
+    packed = kernel.q4_pack(q, scales, offsets)
+    bias = torch.randn(n).to(dtype)
+    paths = kernel.q4_paths()
+    assert paths[0] == "scalar"
+    if " avx2 " in open("/proc/cpuinfo").read():  # x86 with AVX2: the vector path is built
+        assert "avx2" in paths
+    for rows in (1, 6, 70):
+        x = (torch.randn(rows, k + 32) * 2)[:, 16:16 + k].to(dtype)  # row stride k + 32
+        want = (w4a8_reference(x, q, scales, offsets).to(dtype) + bias).float()  # rounded as the kernel
+        for path, name in enumerate(paths):
+            got = kernel.q4_linear(x, packed, n, bias, path)
+            assert got.dtype == dtype and got.shape == (rows, n)
+            tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+            assert (got.float() - want).abs().max() <= want.abs().max() * tolerance, (name, rows)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernel.q4_pack(q[:, :40], scales[:, :1], offsets[:, :1])
+    with pytest.raises(RuntimeError, match="disagree"):
+        kernel.q4_linear(torch.randn(1, k + 32), packed, n)
