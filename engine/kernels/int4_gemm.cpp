@@ -20,6 +20,7 @@
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -162,38 +163,51 @@ void block_avx2(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin
 #endif
 
 #ifdef SEMLINE_Q4_VNNI
-void block_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                float* acc) {
+// R activation rows against one block: every loop unrolled, so the R rows' dot products are
+// independent chains the core overlaps and the accumulators stay in registers.
+template <int R>
+inline void tile_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
   const int64_t groups = k / kGroup;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += 4) {
-    const int64_t n = std::min<int64_t>(4, row_end - r0);
-    __m512 sums[4];
-    for (int64_t i = 0; i < 4; ++i) sums[i] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = block + g * kRecord;
-      __m512i lo[4], hi[4];
-      for (int64_t s = 0; s < 4; ++s) {
-        const __m512i w = _mm512_loadu_si512(rec + s * 64);
-        lo[s] = _mm512_and_si512(w, low);
-        hi[s] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-      }
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kNibbles)));
-      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kNibbles + 32)));
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = r0 + i;
-        const int8_t* xs = xq.q.data() + r * k + g * kGroup;
-        __m512i dot = _mm512_setzero_si512();
-        for (int64_t s = 0; s < 4; ++s) {
-          dot = _mm512_dpbusd_epi32(dot, lo[s], _mm512_set1_epi32(load4(xs + 8 * s)));
-          dot = _mm512_dpbusd_epi32(dot, hi[s], _mm512_set1_epi32(load4(xs + 8 * s + 4)));
-        }
-        const float scale = xq.scale[r * groups + g], total = xq.sum[r * groups + g];
-        sums[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(scale)), _mm512_cvtepi32_ps(dot), sums[i]);
-        sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(total), sums[i]);
-      }
+  __m512 sums[R];
+  for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rec = block + g * kRecord;
+    __m512i lo[4], hi[4];
+    for (int s = 0; s < 4; ++s) {
+      const __m512i w = _mm512_loadu_si512(rec + s * 64);
+      lo[s] = _mm512_and_si512(w, low);
+      hi[s] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
     }
-    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(acc + (r0 + i - row_begin) * kRows, sums[i]);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kNibbles)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + kNibbles + 32)));
+    __m512i even[R], odd[R];  // two chains per row: the low and the high nibbles
+    for (int i = 0; i < R; ++i) even[i] = odd[i] = _mm512_setzero_si512();
+    for (int s = 0; s < 4; ++s)
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 8 * s;
+        even[i] = _mm512_dpbusd_epi32(even[i], lo[s], _mm512_set1_epi32(load4(xs)));
+        odd[i] = _mm512_dpbusd_epi32(odd[i], hi[s], _mm512_set1_epi32(load4(xs + 4)));
+      }
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * groups + g;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[i], odd[i]));
+      sums[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xq.scale[at])), dot, sums[i]);
+      sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[at]), sums[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
+}
+
+void block_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                float* acc) {
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) tile_vnni<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
+  switch (row_end - r) {
+    case 3: tile_vnni<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 2: tile_vnni<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 1: tile_vnni<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    default: break;
   }
 }
 #endif
@@ -264,6 +278,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
   TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
   if (path == kBest) path = best_path();
   TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
+  RECORD_FUNCTION("semline::q4_linear", std::vector<c10::IValue>({x}));
   auto out = torch::empty({rows, n}, x.options());
   if (rows == 0) return out;
   QuantizedRows xq;

@@ -16,6 +16,7 @@
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SEMLINE_AVX2 1
@@ -293,6 +294,16 @@ inline scalar_t narrow(float x) {
   return static_cast<scalar_t>(x);
 }
 
+// bfloat16 rounding as c10 does it (to nearest even, NaN to 0x7FC0), without a branch, so
+// that the loops around it vectorise.
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
 // Llama's RMSNorm as Hugging Face computes it: in float32, x * rsqrt(mean(x^2) + eps), cast
 // back to the model's dtype, then scaled by the weight in that dtype (each product rounded
 // as PyTorch rounds it).
@@ -307,6 +318,7 @@ void rms_norm_rows(const scalar_t* x, const scalar_t* weight, scalar_t* out, int
       for (int64_t d = 0; d < dim; ++d) sum += widen(row[d]) * widen(row[d]);
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
       scalar_t* o = out + r * dim;
+#pragma omp simd
       for (int64_t d = 0; d < dim; ++d)
         o[d] = narrow<scalar_t>(widen(weight[d]) * widen(narrow<scalar_t>(widen(row[d]) * inv)));
     }
@@ -324,6 +336,7 @@ void rotate_heads(scalar_t* x, int64_t tokens, int64_t heads, int64_t token_stri
       const scalar_t* s = sin + t * 2 * half;
       for (int64_t h = 0; h < heads; ++h) {
         scalar_t* v = x + t * token_stride + h * head_stride;
+#pragma omp simd
         for (int64_t d = 0; d < half; ++d) {
           const float lo = widen(v[d]), hi = widen(v[d + half]);
           const float a_lo = widen(narrow<scalar_t>(lo * widen(c[d])));
@@ -388,6 +401,7 @@ void add_rms_norm_rows(scalar_t* x, const scalar_t* delta, const scalar_t* weigh
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = x + r * dim;
       const scalar_t* add = delta + r * dim;
+#pragma omp simd
       for (int64_t d = 0; d < dim; ++d) row[d] = narrow<scalar_t>(widen(row[d]) + widen(add[d]));
     }
   });
@@ -496,6 +510,7 @@ class DecodeStack {
         const int64_t row = qkv.size(1);
         const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
         const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
+        RECORD_FUNCTION("semline::rotary_and_kv_write", std::vector<c10::IValue>());
         rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
         rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
         scalar_t* kc = k_cache.data_ptr<scalar_t>();
@@ -510,13 +525,19 @@ class DecodeStack {
           first = starts.data();
         }
         auto attn = torch::empty({tokens, q_size}, x.options());
+        {
+        RECORD_FUNCTION("semline::decode_attention", std::vector<c10::IValue>());
         decode_attention<scalar_t>(qkv_data, kc, vc, tables.data_ptr<int64_t>(), len, first,
                                    attn.data_ptr<scalar_t>(), tokens, heads, kv_heads, hd, k_cache.size(1),
                                    tables.size(1), static_cast<float>(layer.scale),
                                    static_cast<float>(layer.softcap), row);
+        }
         auto o = layer.o(attn, padded_rows).contiguous();
+        {
+        RECORD_FUNCTION("semline::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm_rows<scalar_t>(xs, o.data_ptr<scalar_t>(), layer.post_norm.data_ptr<scalar_t>(),
                                     h.data_ptr<scalar_t>(), tokens, dim, static_cast<float>(eps_));
+        }
         auto gate_up = layer.gate_up(h, padded_rows);
         const int64_t inter = gate_up.size(1) / 2;
         auto gate = gate_up.narrow(1, 0, inter);
