@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,6 +43,22 @@ inline float widen<c10::BFloat16>(c10::BFloat16 x) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// Narrowing float32 to the model's dtype, rounded as PyTorch rounds it.
+template <typename scalar_t>
+inline scalar_t narrow(float x) {
+  return static_cast<scalar_t>(x);
+}
+
+// bfloat16 rounding as c10 does it (to nearest even, NaN to 0x7FC0), without a branch, so
+// that the loops around it vectorise.
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
 template <typename scalar_t>
@@ -117,16 +134,84 @@ inline __m256 dot8(const float* q, const scalar_t* const* rows, int64_t dim) {
 }
 #endif
 
+#if defined(SEMLINE_AVX2) && defined(__AVX512F__)
+#define SEMLINE_AVX512 1
+// Sixteen consecutive elements widened to float32.
+template <typename T>
+inline __m512 load16(const T* p) {  // any other type
+  float tmp[16];
+  for (int j = 0; j < 16; ++j) tmp[j] = static_cast<float>(p[j]);
+  return _mm512_loadu_ps(tmp);
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// dot8 with sixteen lanes (dim a multiple of 16): half the instructions per key.
+template <typename scalar_t>
+inline __m256 dot8_512(const float* q, const scalar_t* const* rows, int64_t dim) {
+  __m512 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qv, load16(rows[j] + d), acc[j]);
+  }
+  __m256 halves[8];
+  for (int j = 0; j < 8; ++j)
+    halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+  return sum8(halves);
+}
+#endif
+
+// offsets[t]: where key start + t's row begins in the cache (elements), through the block table.
+inline void key_offsets(const int64_t* table, int64_t start, int64_t length, int64_t block_size,
+                        int64_t token_stride, std::vector<int64_t>& offsets) {
+  offsets.resize(length);
+  int64_t block = start / block_size, within = start % block_size;
+  for (int64_t t = 0; t < length; ++t) {
+    offsets[t] = (table[block] * block_size + within) * token_stride;
+    if (++within == block_size) within = 0, ++block;
+  }
+}
+
+// Soft-capping (softcap > 0), then softmax of each of `heads` rows of `length` scores in
+// place (max-subtracted, float32, left unnormalised); inv_totals[h]: 1 / the row's sum.
+inline void softmax_rows(float* scores, int64_t heads, int64_t length, float softcap, float* inv_totals) {
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < heads * length; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * length;
+    float max_score = s[0];
+#pragma omp simd reduction(max : max_score)
+    for (int64_t t = 0; t < length; ++t) max_score = std::max(max_score, s[t]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < length; ++t) {
+      s[t] = exp_nonpositive(s[t] - max_score);
+      total += s[t];
+    }
+    inv_totals[h] = 1.f / total;
+  }
+}
+
 // One work item: heads [head_begin, head_end) of sequence b. Keys and values are
 // walked token by token in slot order, so each item streams its rows once.
 template <typename scalar_t>
 void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
             int64_t start, int64_t end, scalar_t* out, int64_t head_begin, int64_t head_end, int64_t group,
             int64_t num_kv_heads, int64_t dim, int64_t block_size, float scale, float softcap,
-            std::vector<float>& queries, std::vector<float>& scores, std::vector<float>& acc) {
+            std::vector<float>& queries, std::vector<float>& scores, std::vector<float>& acc,
+            std::vector<int64_t>& offsets) {
   const int64_t heads = head_end - head_begin;
   const int64_t length = end - start;  // keys read: [start, end)
   const int64_t token_stride = num_kv_heads * dim;  // between consecutive slots
+  key_offsets(table, start, length, block_size, token_stride, offsets);
   queries.resize(heads * dim);
   scores.resize(heads * length);
   acc.assign(heads * dim, 0.f);
@@ -142,38 +227,26 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
         const int64_t kv_offset = ((head_begin + h) / group) * dim;
         if (h == 0 || (head_begin + h) % group == 0)
           for (int j = 0; j < 8; ++j) {
-            const int64_t pos = start + t0 + j;
-            rows[j] = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + kv_offset;
+            rows[j] = k_cache + offsets[t0 + j] + kv_offset;
           }
+#ifdef SEMLINE_AVX512
+        if (dim % 16 == 0) {
+          _mm256_storeu_ps(&scores[h * length + t0], dot8_512(&queries[h * dim], rows, dim));
+          continue;
+        }
+#endif
         _mm256_storeu_ps(&scores[h * length + t0], dot8(&queries[h * dim], rows, dim));
       }
     }
   }
 #endif
   for (int64_t t = t0; t < length; ++t) {
-    const int64_t pos = start + t;
-    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-    const scalar_t* row = k_cache + slot * token_stride;
+    const scalar_t* row = k_cache + offsets[t];
     for (int64_t h = 0; h < heads; ++h)
       scores[h * length + t] = dot(&queries[h * dim], row + ((head_begin + h) / group) * dim, dim);
   }
-  if (softcap > 0.f)
-    for (int64_t i = 0; i < heads * length; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
-  // Pass 2: softmax per head (max-subtracted, float32); keep 1 / sum.
   std::vector<float> inv_totals(heads);
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = &scores[h * length];
-    float max_score = s[0];
-#pragma omp simd reduction(max : max_score)
-    for (int64_t t = 0; t < length; ++t) max_score = std::max(max_score, s[t]);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < length; ++t) {
-      s[t] = exp_nonpositive(s[t] - max_score);
-      total += s[t];
-    }
-    inv_totals[h] = 1.f / total;
-  }
+  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data());
   // Pass 3: weighted sum of the values. With AVX2 and head_dim <= 128: tiles of keys, each
   // tile's value rows read from memory once and reused from L1 by every head of their KV
   // head, whose accumulator stays in registers across the tile.
@@ -189,13 +262,25 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
         const int64_t kv = (head_begin + h) / group;
         if (kv != rows_kv) {
           for (int64_t j = 0; j < tile; ++j) {
-            const int64_t pos = start + t0 + j;
-            rows[j] = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + kv * dim;
+            rows[j] = v_cache + offsets[t0 + j] + kv * dim;
           }
           rows_kv = kv;
         }
         const float* weights = &scores[h * length + t0];
         float* acc_h = &acc[h * dim];
+#ifdef SEMLINE_AVX512
+        if (dim % 16 == 0) {
+          const int64_t wide = dim / 16;
+          __m512 acc_w[8];
+          for (int64_t c = 0; c < wide; ++c) acc_w[c] = _mm512_loadu_ps(acc_h + 16 * c);
+          for (int64_t j = 0; j < tile; ++j) {
+            const __m512 w = _mm512_set1_ps(weights[j]);
+            for (int64_t c = 0; c < wide; ++c) acc_w[c] = _mm512_fmadd_ps(w, load16(rows[j] + 16 * c), acc_w[c]);
+          }
+          for (int64_t c = 0; c < wide; ++c) _mm512_storeu_ps(acc_h + 16 * c, acc_w[c]);
+          continue;
+        }
+#endif
         __m256 acc_v[16];
         for (int64_t c = 0; c < chunks; ++c) acc_v[c] = _mm256_loadu_ps(acc_h + 8 * c);
         for (int64_t j = 0; j < tile; ++j) {
@@ -209,9 +294,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
 #endif
   {
     for (int64_t t = 0; t < length; ++t) {
-      const int64_t pos = start + t;
-      const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-      const scalar_t* row = v_cache + slot * token_stride;
+      const scalar_t* row = v_cache + offsets[t];
       for (int64_t h = 0; h < heads; ++h)
         axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
     }
@@ -220,6 +303,91 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     for (int64_t d = 0; d < dim; ++d)
       out[(head_begin + h) * dim + d] = static_cast<scalar_t>(acc[h * dim + d] * inv_totals[h]);
 }
+
+
+#if defined(SEMLINE_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define SEMLINE_AVX512_BF16 1
+// bfloat16 caches with AVX512-BF16: vdpbf16ps multiplies bf16 pairs exactly and adds them
+// in float32, 32 elements per instruction, where widening every element to float32 first
+// cost three times the instructions (the kernel is bound by them, not by memory). Scores:
+// the bf16 query against each key, scaled after the dot. Values: two keys' rows interleaved
+// (their pairs along the key axis) against the two probabilities rounded to bf16 (as PyTorch's
+// bf16 attention rounds them before multiplying by V). head_dim: a multiple of 32, <= 128.
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+inline uint32_t bf16_bits(float x) { return narrow<c10::BFloat16>(x).x; }
+
+template <int C>  // C = head_dim / 32
+void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache,
+                 const int64_t* table, int64_t start, int64_t end, c10::BFloat16* out, int64_t head_begin,
+                 int64_t head_end, int64_t group, int64_t num_kv_heads, int64_t block_size, float scale,
+                 float softcap, std::vector<float>& scores, std::vector<int64_t>& offsets) {
+  constexpr int64_t dim = 32 * C;
+  const int64_t heads = head_end - head_begin;
+  const int64_t length = end - start;
+  scores.resize(heads * length);
+  key_offsets(table, start, length, block_size, num_kv_heads * dim, offsets);
+  // Pass 1: scores, eight keys at a time (one horizontal reduction for the eight).
+  const c10::BFloat16* rows[8];
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kv_offset = ((head_begin + h) / group) * dim;
+    __m512i qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_si512(q + (head_begin + h) * dim + 32 * c);
+    float* row_scores = &scores[h * length];
+    int64_t t0 = 0;
+    for (; t0 + 8 <= length; t0 += 8) {
+      for (int j = 0; j < 8; ++j) rows[j] = k_cache + offsets[t0 + j] + kv_offset;
+      __m256 halves[8];
+      for (int j = 0; j < 8; ++j) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, as_bh(qv[c]), as_bh(_mm512_loadu_si512(rows[j] + 32 * c)));
+        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+      }
+      _mm256_storeu_ps(row_scores + t0, _mm256_mul_ps(sum8(halves), _mm256_set1_ps(scale)));
+    }
+    for (int64_t t = t0; t < length; ++t) {
+      const c10::BFloat16* row = k_cache + offsets[t] + kv_offset;
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, as_bh(qv[c]), as_bh(_mm512_loadu_si512(row + 32 * c)));
+      row_scores[t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  std::vector<float> inv_totals(heads);
+  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data());
+  // Pass 3: per head, keys in pairs. unpacklo/hi_epi16 interleave the two rows within each
+  // 128-bit lane, so accumulator lo's float lane 4L + j holds feature 8L + j (of its 32) and
+  // hi's holds 8L + 4 + j; the permutes at the end restore the order.
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kv_offset = ((head_begin + h) / group) * dim;
+    const float* p = &scores[h * length];
+    __m512 lo[C], hi[C];
+    for (int c = 0; c < C; ++c) lo[c] = hi[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t += 2) {
+      const bool pair = t + 1 < length;
+      const c10::BFloat16* r0 = v_cache + offsets[t] + kv_offset;
+      const c10::BFloat16* r1 = pair ? v_cache + offsets[t + 1] + kv_offset : r0;
+      const __m512i weights = _mm512_set1_epi32(
+          static_cast<int32_t>(bf16_bits(p[t]) | ((pair ? bf16_bits(p[t + 1]) : 0u) << 16)));
+      for (int c = 0; c < C; ++c) {
+        const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
+        lo[c] = _mm512_dpbf16_ps(lo[c], as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(weights));
+        hi[c] = _mm512_dpbf16_ps(hi[c], as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(weights));
+      }
+    }
+    const __m512 norm = _mm512_set1_ps(inv_totals[h]);
+    c10::BFloat16* dst = out + (head_begin + h) * dim;
+    for (int c = 0; c < C; ++c) {
+      float values[32];
+      _mm512_storeu_ps(values, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], first, hi[c]), norm));
+      _mm512_storeu_ps(values + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], second, hi[c]), norm));
+      for (int d = 0; d < 32; ++d) dst[32 * c + d] = narrow<c10::BFloat16>(values[d]);
+    }
+  }
+}
+#endif
 
 template <typename scalar_t>
 void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
@@ -236,13 +404,26 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> queries, scores, acc;
+    std::vector<int64_t> offsets;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
       const int64_t b = item / splits, part = item % splits;
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
-      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks,
-             starts == nullptr ? 0 : starts[b], context_lens[b], out + b * num_heads * dim, head_begin,
-             head_end, group, num_kv_heads, dim, block_size, scale, softcap, queries, scores, acc);
+      const int64_t first_key = starts == nullptr ? 0 : starts[b];
+#ifdef SEMLINE_AVX512_BF16
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (dim == 64 || dim == 128) {
+          auto run = dim == 64 ? attend_bf16<2> : attend_bf16<4>;
+          run(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, first_key, context_lens[b],
+              out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, block_size, scale, softcap,
+              scores, offsets);
+          continue;
+        }
+      }
+#endif
+      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, first_key, context_lens[b],
+             out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
+             softcap, queries, scores, acc, offsets);
     }
   }
 }
@@ -288,21 +469,6 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 // --- the small per-layer ops of a decode step, fused (one call instead of 4-14 PyTorch ops) ---
 
 namespace {
-
-template <typename scalar_t>
-inline scalar_t narrow(float x) {
-  return static_cast<scalar_t>(x);
-}
-
-// bfloat16 rounding as c10 does it (to nearest even, NaN to 0x7FC0), without a branch, so
-// that the loops around it vectorise.
-template <>
-inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
-}
 
 // Llama's RMSNorm as Hugging Face computes it: in float32, x * rsqrt(mean(x^2) + eps), cast
 // back to the model's dtype, then scaled by the weight in that dtype (each product rounded

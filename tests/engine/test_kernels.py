@@ -49,7 +49,8 @@ def test_paged_decode_kernel_matches_sdpa(batch, num_heads, num_kv_heads):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("dim", [64, 24, 256])  # the AVX2 tiles, a tail of lanes, past the register tile
+# The vector tiles (64, 128: AVX512-BF16 for bf16), a tail of lanes, past the register tile.
+@pytest.mark.parametrize("dim", [64, 128, 24, 256])
 def test_paged_decode_kernel_dtypes_and_head_sizes(dtype, dim):
     kernel = load_paged_attention()
     torch.manual_seed(dim)
@@ -65,21 +66,24 @@ def test_paged_decode_kernel_dtypes_and_head_sizes(dtype, dim):
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype, dim", [(torch.float32, 32), (torch.bfloat16, 64)])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_paged_decode_kernel_sliding_window_and_softcap(softcap):
+def test_paged_decode_kernel_sliding_window_and_softcap(softcap, dtype, dim):
     """Keys before each sequence's start (a sliding window) are never read; soft-capped scores."""
     kernel = load_paged_attention()
     torch.manual_seed(3)
-    batch, num_heads, num_kv_heads, block_size, dim, num_blocks = 5, 8, 2, 16, 32, 64
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, dim) * 3
+    batch, num_heads, num_kv_heads, block_size, num_blocks = 5, 8, 2, 16, 64
+    k_cache = (torch.randn(num_blocks, block_size, num_kv_heads, dim) * 3).to(dtype)
     v_cache = torch.randn_like(k_cache)
     lens = torch.tensor([1, 7, 40, 150, 200])
     starts = (lens - 20).clamp(min=0)
     tables = torch.stack([torch.randperm(num_blocks)[:13] for _ in range(batch)])
-    q = torch.randn(batch, num_heads, dim)
+    q = torch.randn(batch, num_heads, dim).to(dtype)
     out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, starts, softcap or 0.0)
-    expected = _reference_decode(q, k_cache, v_cache, tables, lens, dim**-0.5, starts, softcap)
-    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-4)
+    expected = _reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, dim**-0.5, starts,
+                                 softcap).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
     # Control: without the starts the answer differs (the window matters for these lengths).
     full = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, None, softcap or 0.0)
     assert not torch.allclose(full, expected, atol=1e-3)
