@@ -70,6 +70,24 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * a.numel() / best / 1e9
 
 
+def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes read per second by a reduction over a large tensor (median of `repeats` passes
+    after a warm one): how fast a decode step can stream its weights, the roofline's
+    denominator. A copy's figure (copy_bandwidth_gbs) moved between 39 and 67 GB/s from run to
+    run on the same machine; this one stays within a few percent."""
+    import statistics
+    import time
+
+    a = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - start)
+    return a.numel() * 4 / statistics.median(times) / 1e9
+
+
 def matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square matrix product in `dtype` on this machine (the compute roof)."""
     import time
