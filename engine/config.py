@@ -70,6 +70,11 @@ class EngineConfig:
     # Decode-only steps replay a CUDA graph captured per padded batch size (engine/cuda_graphs.py;
     # needs attention_backend "triton", one process, no MoE, no LoRA). True: always eager.
     enforce_eager: bool = False
+    # Turn a step's tokens into text (and check stop strings) after the next step is launched,
+    # so the device computes while the host detokenizes; a request whose text hits a stop
+    # string then finishes one step late (its extra token discarded, never shown). None: on
+    # where launching a step does not compute it (CUDA, one process), off on the CPU.
+    async_detokenize: bool | None = None
     # CPU float32 (and bfloat16 where the CPU has bf16 instructions): run linear layers
     # through oneDNN with prepacked weights (engine/models/linear.py); off = PyTorch's GEMM.
     onednn_linear: bool = True

@@ -101,6 +101,11 @@ class LLMEngine:
         self.max_inflight = self.runner.max_inflight
         self._inflight: deque[_Batch] = deque()
         self._last_landed = (0.0, 0.0)
+        # Detokenize after launching the next step (config.async_detokenize): one batch in flight.
+        defer = config.async_detokenize
+        if defer is None:
+            defer = torch.device(getattr(self.runner, "device", self.device)).type == "cuda"
+        self._defer_text = bool(defer) and self.max_inflight == 1
 
     def _eos_token_ids(self) -> set[int]:
         ids = set()
@@ -312,7 +317,28 @@ class LLMEngine:
         now, energy = time.perf_counter(), self.energy_meter.read()
         self._last_landed = (now, energy)
         self._account(batch.chunks, now - begin_time, energy - begin_energy)
-        outputs = self._update(batch.chunks, sampling, tokens)
+        pending: list[tuple[Request, int]] | None = [] if self._defer_text else None
+        landed = self._update(batch.chunks, sampling, tokens, pending)
+        if pending:
+            # The next step goes to the device before this one's tokens become text.
+            if len(self._inflight) < self.max_inflight:
+                try:
+                    launched = self._launch()
+                    if launched is not None:
+                        self._inflight.append(launched)
+                except ExecutorError as exc:
+                    self._rebuild_executor(exc)
+            for request, token_id in pending:
+                if not request.is_finished:
+                    try:
+                        self._take_text(request, token_id)
+                    except Exception as exc:  # noqa: BLE001 - this request fails, not its step
+                        self._fail(request, "detokenizing", exc)
+        outputs = []
+        for request in landed:
+            outputs.append(self._make_output(request))
+            if request.is_finished:
+                self._forget(request)
         self._refresh_gauges()
         return outputs
 
@@ -395,7 +421,10 @@ class LLMEngine:
         return result
 
     def _update(self, chunks: list[ScheduledChunk], sampling: list[ScheduledChunk],
-                tokens: list[list[tuple[int, object]]]) -> list[RequestOutput]:
+                tokens: list[list[tuple[int, object]]], pending: list | None) -> list[Request]:
+        """Take the step's tokens; returns the requests to report on. With `pending` (a list),
+        a lone new token of a request that goes on is appended there as (request, token id)
+        for _take_text, instead of being detokenized now."""
         now = time.time()
         for chunk in chunks:
             request = chunk.request
@@ -410,25 +439,23 @@ class LLMEngine:
                 self.stats.num_prompt_tokens += request.num_prompt_tokens
                 self.stats.prefix_cache_queries += request.num_prompt_tokens
                 self.stats.prefix_cache_hits += request.metrics.num_cached_tokens
-        outputs = []
+        landed = []
         for chunk, new_tokens in zip(sampling, tokens):
             request = chunk.request
             if request.status == RequestStatus.FINISHED_ERROR and request.request_id in self.requests:
-                outputs.append(self._make_output(request))  # failed while sampling: say so once
-                self._forget(request)
+                landed.append(request)  # failed while sampling: say so once
                 continue
             if request.is_finished:
                 continue
             try:
-                self._take_tokens(chunk, new_tokens, now)
+                self._take_tokens(chunk, new_tokens, now, pending if len(new_tokens) == 1 else None)
             except Exception as exc:  # noqa: BLE001 - this request fails, not its step
                 self._fail(request, "taking its new tokens", exc)
-            outputs.append(self._make_output(request))
-            if request.is_finished:
-                self._forget(request)
-        return outputs
+            landed.append(request)
+        return landed
 
-    def _take_tokens(self, chunk: ScheduledChunk, new_tokens: list[tuple[int, object]], now: float) -> None:
+    def _take_tokens(self, chunk: ScheduledChunk, new_tokens: list[tuple[int, object]], now: float,
+                     pending: list | None = None) -> None:
         request = chunk.request
         request.spec_token_ids = []
         # Accepted proposals have their K/V in the cache; the last token does not yet.
@@ -436,7 +463,7 @@ class LLMEngine:
         # The draft's K/V stays valid up to the first rejected proposal.
         request.draft_num_computed_tokens = min(request.draft_num_computed_tokens, request.num_computed_tokens)
         for n, (token_id, logprobs) in enumerate(new_tokens):
-            self._append_token(request, token_id, logprobs, now)
+            self._append_token(request, token_id, logprobs, now, pending)
             self.stats.num_generation_tokens += n > 0  # the first is counted with the step
             if request.is_finished:
                 break
@@ -449,7 +476,8 @@ class LLMEngine:
         request.error = f"request failed while {stage}: {exc!r}"
         self._retire(request, RequestStatus.FINISHED_ERROR)  # no flush: its detokenizer may be what failed
 
-    def _append_token(self, request: Request, token_id: int, logprobs, now: float) -> None:
+    def _append_token(self, request: Request, token_id: int, logprobs, now: float,
+                      pending: list | None = None) -> None:
         params = request.sampling_params
         request.output_token_ids.append(token_id)
         request.metrics.num_generated_tokens += 1
@@ -457,7 +485,6 @@ class LLMEngine:
             request.metrics.first_token_time = now
         if logprobs is not None:
             request.output_logprobs.append(self._to_token_logprob(token_id, logprobs))
-        detok = self._detokenizers[request.request_id]
         if request.grammar is not None:
             request.grammar.accept(token_id)  # GrammarError: this request fails alone
             if request.grammar.is_terminated:  # the grammar took a stop token: nothing may follow
@@ -469,11 +496,22 @@ class LLMEngine:
             request.stop_reason = token_id if token_id in params.stop_token_ids else None
             self._finish(request, RequestStatus.FINISHED_STOPPED)
             return
-        stop_string = detok.add_token(token_id)
+        if pending is not None and not self._at_length_limit(request):
+            pending.append((request, token_id))  # goes on: its text after the next launch
+            return
+        self._take_text(request, token_id)
+
+    def _at_length_limit(self, request: Request) -> bool:
+        return (request.num_output_tokens >= request.sampling_params.max_tokens
+                or request.num_tokens >= self.max_model_len)
+
+    def _take_text(self, request: Request, token_id: int) -> None:
+        """The text of a request's newest token: a stop string, or the length limit, ends it."""
+        stop_string = self._detokenizers[request.request_id].add_token(token_id)
         if stop_string is not None:
             request.stop_reason = stop_string
             self._finish(request, RequestStatus.FINISHED_STOPPED)
-        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        elif self._at_length_limit(request):
             self._finish(request, RequestStatus.FINISHED_LENGTH)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:

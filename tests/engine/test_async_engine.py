@@ -169,10 +169,10 @@ def test_a_request_that_fails_on_its_own_leaves_its_step_mates_alone(make_llm, l
     # checks ends it alone as well.
     real_append = core._append_token
 
-    def append(request, token_id, logprobs, now):
+    def append(request, token_id, logprobs, now, pending=None):
         if request.prompt == "Stop checks break":
             raise ValueError("stop check exploded")
-        real_append(request, token_id, logprobs, now)
+        real_append(request, token_id, logprobs, now, pending)
 
     monkeypatch.setattr(core, "_append_token", append)
     ids = [core.add_request(p, _greedy(10)).request_id for p in [*prompts, "Stop checks break"]]

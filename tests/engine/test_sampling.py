@@ -211,3 +211,41 @@ def test_batched_sampling_draws_from_the_distribution():
     observed = torch.bincount(tokens, minlength=6).float() / rows
     assert observed[4:].sum() == 0  # cut by top_k
     assert torch.allclose(observed[:4], expected, atol=0.015), (observed, expected)
+
+
+def test_text_worked_out_after_the_next_launch_changes_nothing_but_when(llm, make_llm):
+    """async_detokenize (on by default on CUDA): the next step is launched before a step's
+    tokens become text. Outputs are the same as detokenizing first, stop strings included
+    (the request that hits one had a step more in flight, whose token is dropped), streamed
+    deltas add up to the text, and every KV block comes back."""
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, stop=[" 9"]),  # ends on a stop string
+        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),  # ends on its length
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, stop=["zzz"]),
+        SamplingParams(temperature=0.9, max_tokens=16, seed=11, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=200),  # ends on EOS
+    ]
+    prompts = ["Count: 1, 2, 3, 4, 5, 6,", "The alphabet:", "Once upon a time", "Numbers: 1, 2,",
+               "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"]
+    expected = llm.generate(prompts, params)
+    assert [o.finish_reason for o in expected] == ["stop", "length", "length", "length", "stop"]
+    deferred = make_llm(async_detokenize=True)
+    engine = deferred.engine
+    assert engine._defer_text
+    ids = [engine.add_request(p, sp).request_id for p, sp in zip(prompts, params)]
+    deltas, final = {i: "" for i in ids}, {}
+    launched_early = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas[out.request_id] += out.delta_text
+            if out.finished:
+                final[out.request_id] = out
+        launched_early += len(engine._inflight)  # a batch already on its way after landing one
+    assert launched_early > 0
+    for request_id, want in zip(ids, expected):
+        got = final[request_id]
+        assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
+            (want.text, want.token_ids, want.finish_reason, want.stop_reason)
+        assert [lp.token_id for lp in got.logprobs or []] == [lp.token_id for lp in want.logprobs or []]
+        assert deltas[request_id] == got.text
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
