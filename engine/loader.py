@@ -8,6 +8,7 @@ Nothing is ever fetched from a hub and no remote code runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -88,10 +89,22 @@ def check_model_dir(path: Path) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """sha1 of a file's bytes (~0.1 s for the embedded model), once per process and version."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
-    """Dequantize a GGUF file into a cached HF folder once; return the folder."""
+    """Dequantize a GGUF file into a cached HF folder once; return the folder. The folder is
+    named by the file's contents, so every checkout and virtual environment holding the
+    same file shares one conversion (keyed by its path, each new clone added 0.5 GB)."""
     stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    key = _content_key(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
     target = Path(cache_dir) / "models" / f"{gguf_path.stem}-{key[:12]}"
     if (target / "model.safetensors").is_file():
         return target
@@ -107,6 +120,10 @@ def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
+        # The folder holds dense weights: no GGUF quantization_config (transformers would
+        # treat the folder as a packed GGUF checkpoint).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
