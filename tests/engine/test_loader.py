@@ -171,9 +171,10 @@ def _write_gguf(folder, arch: str, out) -> None:
 
 
 # Families whose GGUF files transformers reads (Qwen3's GGUF keys carry no head_dim:
-# transformers assumes Qwen3's 128, which every real Qwen3 has).
+# transformers assumes Qwen3's 128, which every real Qwen3 has). Qwen2's file reads as
+# Qwen3's but for the q/k norms (left out: each case spends ~14 s in transformers'
+# conversion of the 49k-token vocabulary).
 GGUF_FAMILIES = {
-    "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 128}),
     "phi3": ("Phi3Config", {"pad_token_id": 0}),  # fused qkv / gate_up in the file as in the folder
 }
@@ -181,7 +182,7 @@ GGUF_FAMILIES = {
 
 @pytest.mark.parametrize("arch", list(GGUF_FAMILIES))
 def test_gguf_files_of_other_families_match_their_folders(llm, tmp_path, arch):
-    """A GGUF file of a Qwen2, Qwen3 or Phi-3 model converts (once, through transformers) into a
+    """A GGUF file of a Qwen3 or Phi-3 model converts (once, through transformers) into a
     folder that generates exactly what the original folder does."""
     import transformers
 
