@@ -96,13 +96,7 @@ inline void axpy(float* acc, float w, const scalar_t* v, int64_t dim) {
 }
 
 #ifdef SEMLINE_AVX2
-// Eight consecutive elements widened to float32.
-template <typename T>
-inline __m256 load8(const T* p) {  // any other type (double)
-  float tmp[8];
-  for (int j = 0; j < 8; ++j) tmp[j] = static_cast<float>(p[j]);
-  return _mm256_loadu_ps(tmp);
-}
+// Eight consecutive elements widened to float32 (the dtypes SEMLINE_DISPATCH runs).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -136,13 +130,7 @@ inline __m256 dot8(const float* q, const scalar_t* const* rows, int64_t dim) {
 
 #if defined(SEMLINE_AVX2) && defined(__AVX512F__)
 #define SEMLINE_AVX512 1
-// Sixteen consecutive elements widened to float32.
-template <typename T>
-inline __m512 load16(const T* p) {  // any other type
-  float tmp[16];
-  for (int j = 0; j < 16; ++j) tmp[j] = static_cast<float>(p[j]);
-  return _mm512_loadu_ps(tmp);
-}
+// Sixteen consecutive elements widened to float32 (the dtypes SEMLINE_DISPATCH runs).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
