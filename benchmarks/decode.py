@@ -39,7 +39,7 @@ from benchmarks.throughput import _StepClock  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import embedded_gguf_path  # noqa: E402
 from engine.models.linear import OneDNNLinear  # noqa: E402
-from engine.quantization import CpuInt4Linear, CpuInt8Linear, WeightOnlyInt8Linear  # noqa: E402
+from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, WeightOnlyInt8Linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -58,7 +58,7 @@ def streamed_bytes(model: nn.Module) -> int:
             tensors = [module.packed_weight]
         elif isinstance(module, (CpuInt8Linear, WeightOnlyInt8Linear)):
             tensors = [module.qweight, module.scales]
-        elif isinstance(module, CpuInt4Linear):
+        elif isinstance(module, (CpuInt4Linear, CpuW8A8Linear)):
             tensors = module.weight_buffers
         else:
             continue

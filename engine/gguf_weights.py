@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.quantization import CpuInt4Linear, Int8Embedding, int8_linear, quantize_rows
+from engine.quantization import CpuInt4Linear, Int8Embedding, int8_linear, quantize_rows, tie_int8_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -109,5 +109,6 @@ def _int8_embedding(model: nn.Module, tensors: dict, gguf) -> int:
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and head.weight is weight:
         model.lm_head = int8_linear(q, scales, None, weight.device, weight.dtype)
+        tie_int8_embedding(model.embed_tokens, model.lm_head)
         replaced += 1
     return replaced

@@ -25,7 +25,7 @@ from engine.models import ModelArgs, TruncatedModel, build_model
 from engine.models.layers import MoE, RMSNorm, RotaryEmbedding
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
-from engine.quantization import CpuInt4Linear, quantize_model
+from engine.quantization import CpuInt4Linear, CpuW8A8Linear, quantize_model
 from engine.scheduler import ScheduledChunk
 
 logger = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class ModelRunner:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel()
         for module in self.model.modules():
-            if isinstance(module, (OneDNNLinear, CpuInt4Linear)):  # weights only packed, outside parameters()
+            if isinstance(module, (OneDNNLinear, CpuInt4Linear, CpuW8A8Linear)):  # weights packed, not parameters
                 total += module.num_parameters
         return total
 

@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 INT4_GROUP_SIZE = 32
 
 
+def _cpu_kernel():
+    """semline's CPU extension, if it builds here, with its W4A8/W8A8 kernels."""
+    from engine.kernels import load_paged_attention
+
+    kernel = load_paged_attention()
+    return kernel if kernel is not None and hasattr(kernel, "q8_linear") else None
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (int8 [N, K], float32 scales [N]) with weight ≈ q * scale."""
     w = weight.detach().float()
@@ -46,9 +54,27 @@ class Int8Embedding(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
         self.dtype = dtype
+        self.packed: torch.Tensor | None = None  # rows read from a tied head's packed int8
+
+    def share_packed(self, head: "CpuW8A8Linear") -> None:
+        """Read rows from the tied output head's packed int8 matrix (the same rows and
+        scales) and drop this module's own copy."""
+        self.packed = head.q8_packed
+        self.qweight = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.qweight[ids].float() * self.scales[ids, None]).to(self.dtype)
+        if self.packed is None:
+            return (self.qweight[ids].float() * self.scales[ids, None]).to(self.dtype)
+        # q8_pack's layout [N/16, K/32, 8 steps, 16 rows, 4]: a row is its (group, step, 4) bytes.
+        blocks, groups = self.packed.shape[:2]
+        rows = self.packed.view(blocks, groups, 8, 16, 4)[ids // 16, :, :, ids % 16, :].reshape(ids.numel(), -1)
+        return (rows.float() * self.scales[ids, None]).to(self.dtype)
+
+
+def tie_int8_embedding(embedding: nn.Module, head: nn.Module) -> None:
+    """An int8 embedding and its tied int8 head hold one matrix: the head's packed one."""
+    if isinstance(embedding, Int8Embedding) and isinstance(head, CpuW8A8Linear):
+        embedding.share_packed(head)
 
 
 class CpuInt8Linear(nn.Module):
@@ -118,10 +144,40 @@ def _int8pack_works(device: torch.device, dtype: torch.dtype) -> bool:
     return _PACK_SUPPORT[key]
 
 
+class CpuW8A8Linear(nn.Module):
+    """Int8 weights on the CPU through semline's kernel (engine/kernels/int4_gemm.cpp): the
+    activations quantized to int8 per group of 32 as for 4-bit weights, integer dot products
+    (AVX512-VNNI, AVX2): 1.6x PyTorch's weight-only int8 kernel at one decode row, 2x at 8-32.
+    The weights are held packed only (a tied output head packs its own copy of the
+    embedding's int8 rows)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.kernel = _cpu_kernel()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("q8_packed", self.kernel.q8_pack(q.contiguous()))
+        self.register_buffer("scales", scales.float().contiguous())
+        self.bias = None if bias is None else bias.detach().to(dtype).clone()
+        self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
+
+    @property
+    def weight_buffers(self) -> list[torch.Tensor]:
+        return [self.q8_packed, self.scales]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        y = self.kernel.q8_linear(x2, self.q8_packed, self.scales, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+
 def int8_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
                 dtype: torch.dtype) -> nn.Module:
-    """The int8 layer for a model of `dtype` on `device`: CpuInt8Linear for a CPU float32
-    model, else WeightOnlyInt8Linear."""
+    """The int8 layer for a model of `dtype` on `device`: on the CPU semline's W8A8 kernel
+    where the extension builds (and the input splits into groups of 32), else CpuInt8Linear
+    for a float32 model; WeightOnlyInt8Linear elsewhere (CUDA)."""
+    if device.type == "cpu" and q.shape[1] % INT4_GROUP_SIZE == 0 and _cpu_kernel() is not None:
+        return CpuW8A8Linear(q, scales, bias, dtype)
     if device.type == "cpu" and dtype == torch.float32:
         return CpuInt8Linear(q, scales, bias)
     return WeightOnlyInt8Linear(q, scales, bias, dtype)
@@ -134,6 +190,8 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, m
     modules were swapped. In int8, a tied output head and embedding share one int8 matrix
     (per-row scales serve both: rows are the head's output channels and the embedding's tokens)."""
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    tied = embed if embed is not None and head is not None and getattr(head, "weight", None) is embed.weight else None
 
     def rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = weight.data_ptr()
@@ -155,6 +213,9 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, m
             elif isinstance(child, nn.Embedding):
                 setattr(parent, name, Int8Embedding(*rows(child.weight), dtype))
                 swapped += 1
+    embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    if tied is not None and embedding is not None and head is not None:
+        tie_int8_embedding(embedding, head)
     return swapped
 
 
@@ -191,7 +252,7 @@ class CpuInt4Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().clone()
         # What runners report as this layer's parameters (the packed buffers hold two per byte).
         self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
-        self.kernel = _w4a8_kernel() if use_kernel and group_size == 32 else None
+        self.kernel = _cpu_kernel() if use_kernel and group_size == 32 else None
         if self.kernel is not None:
             self.register_buffer("q4_packed", self.kernel.q4_pack(q, scales, offsets))
             return
@@ -223,12 +284,6 @@ class CpuInt4Linear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _w4a8_kernel():
-    """The CPU extension, if it builds here and has the W4A8 kernel."""
-    from engine.kernels import load_paged_attention
-
-    kernel = load_paged_attention()
-    return kernel if kernel is not None and hasattr(kernel, "q4_linear") else None
 
 
 def int4_supported(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:

@@ -18,3 +18,7 @@ std::vector<std::string> q4_paths();
 torch::Tensor q4_pack(torch::Tensor q, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
+// 8-bit weights (one scale per output row) times the same int8-quantized activations.
+torch::Tensor q8_pack(torch::Tensor q);
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const c10::optional<torch::Tensor>& bias, int64_t path);

@@ -20,10 +20,10 @@ from torch import nn
 from engine.models.base import CausalLM
 from engine.models.layers import GatedMLP
 from engine.models.linear import BLOCK_ROWS, OneDNNLinear, padded_rows
-from engine.quantization import CpuInt4Linear
+from engine.quantization import CpuInt4Linear, CpuW8A8Linear
 
 # LinearSpec kinds (paged_attention.cpp).
-DENSE, ONEDNN, INT4, Q4 = 0, 1, 2, 3
+DENSE, ONEDNN, INT4, Q4, Q8 = 0, 1, 2, 3, 4
 
 
 def linear_spec(kernel, module: nn.Module):
@@ -34,6 +34,8 @@ def linear_spec(kernel, module: nn.Module):
         return kernel.LinearSpec(ONEDNN, module.packed_weight, bias=module.bias)
     if isinstance(module, CpuInt4Linear) and module.kernel is not None:  # semline's W4A8 kernel
         return kernel.LinearSpec(Q4, module.q4_packed, bias=module.bias, group_size=module.out_features)
+    if isinstance(module, CpuW8A8Linear):
+        return kernel.LinearSpec(Q8, module.q8_packed, module.scales, module.bias)
     if isinstance(module, CpuInt4Linear):
         return kernel.LinearSpec(INT4, module.packed_int4, module.scales_and_zeros, module.bias, module.group_size)
     return None

@@ -319,3 +319,186 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
   });
   return out;
 }
+
+// --- 8-bit weights (per output row scale) times the same int8 activations ------------------
+//
+// Packed like the 4-bit layout, one byte a weight: per (16-row block, group of 32) 512 bytes,
+// step s (0..7) holding per row its weights k0 .. k0+3, k0 = 32 g + 4 s. The row scales stay a
+// float tensor. VNNI multiplies unsigned by signed bytes, so the activations go in offset by
+// 128 (xq + 128 = xq ^ 0x80) and 128 * sum(w) comes off, sum(w) itself one more vpdpbusd
+// chain per block and group shared by every activation row; AVX2 takes |w| and moves w's sign
+// onto the activation (vpsignb), as llama.cpp does, so no pair sum saturates.
+
+namespace {
+
+constexpr int64_t kRecord8 = 512;
+
+void block8_scalar(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                   float* acc) {
+  const int64_t groups = k / kGroup;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float* out = acc + (r - row_begin) * kRows;
+    for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* rec = block + g * kRecord8;
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      for (int64_t j = 0; j < kRows; ++j) {
+        int32_t dot = 0;
+        for (int64_t s = 0; s < 8; ++s)
+          for (int64_t b = 0; b < 4; ++b) dot += static_cast<int32_t>(rec[s * 64 + j * 4 + b]) * xs[4 * s + b];
+        out[j] += xq.scale[r * groups + g] * static_cast<float>(dot);
+      }
+    }
+  }
+}
+
+#ifdef SEMLINE_Q4_AVX2
+void block8_avx2(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                 float* acc) {
+  const int64_t groups = k / kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* rec = block + g * kRecord8;
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      for (int64_t h = 0; h < 2; ++h) {
+        __m256i dot = _mm256_setzero_si256();
+        for (int64_t s = 0; s < 8; ++s) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + s * 64 + h * 32));
+          const __m256i x = _mm256_set1_epi32(load4(xs + 4 * s));
+          const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+        }
+        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[r * groups + g]), _mm256_cvtepi32_ps(dot), sums[h]);
+      }
+    }
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows + 8, sums[1]);
+  }
+}
+#endif
+
+#ifdef SEMLINE_Q4_VNNI
+template <int R>
+inline void tile8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+  const int64_t groups = k / kGroup;
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512 sums[R];
+  for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* rec = block + g * kRecord8;
+    __m512i w[8];
+    for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(rec + s * 64);
+    __m512i wsum_a = _mm512_setzero_si512(), wsum_b = _mm512_setzero_si512();
+    for (int s = 0; s < 8; s += 2) {
+      wsum_a = _mm512_dpbusd_epi32(wsum_a, ones, w[s]);
+      wsum_b = _mm512_dpbusd_epi32(wsum_b, ones, w[s + 1]);
+    }
+    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(wsum_a, wsum_b), 7);  // 128 * sum(w)
+    __m512i even[R], odd[R];
+    for (int i = 0; i < R; ++i) even[i] = odd[i] = _mm512_setzero_si512();
+    for (int s = 0; s < 8; s += 2)
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
+        even[i] = _mm512_dpbusd_epi32(even[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs)), flip), w[s]);
+        odd[i] = _mm512_dpbusd_epi32(odd[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs + 4)), flip), w[s + 1]);
+      }
+    for (int i = 0; i < R; ++i) {
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even[i], odd[i]), offset);
+      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[(r0 + i) * groups + g]), _mm512_cvtepi32_ps(dot), sums[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
+}
+
+void block8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                 float* acc) {
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) tile8_vnni<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
+  switch (row_end - r) {
+    case 3: tile8_vnni<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 2: tile8_vnni<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 1: tile8_vnni<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    default: break;
+  }
+}
+#endif
+
+}  // namespace
+
+torch::Tensor q8_pack(torch::Tensor q) {
+  TORCH_CHECK(q.dim() == 2 && q.size(1) % kGroup == 0 && q.scalar_type() == at::kChar,
+              "q: int8 [N, K] with K a multiple of 32");
+  const int64_t n = q.size(0), k = q.size(1), groups = k / kGroup, blocks = (n + kRows - 1) / kRows;
+  auto src = q.contiguous();
+  auto packed = torch::zeros({blocks, groups, kRecord8}, torch::dtype(at::kChar));
+  int8_t* out = packed.data_ptr<int8_t>();
+  const int8_t* w = src.data_ptr<int8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t g = 0; g < groups; ++g) {
+        int8_t* rec = out + (b * groups + g) * kRecord8;
+        for (int64_t j = 0; j < kRows && b * kRows + j < n; ++j)
+          for (int64_t s = 0; s < 8; ++s)
+            std::memcpy(rec + s * 64 + j * 4, w + (b * kRows + j) * k + g * kGroup + 4 * s, 4);
+      }
+  });
+  return packed;
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const c10::optional<torch::Tensor>& bias, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord8 && packed.scalar_type() == at::kChar &&
+                  packed.is_contiguous(),
+              "packed: q8_pack's [blocks, groups, 512] bytes");
+  const int64_t n = scales.numel(), rows = x.size(0), k = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
+  TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->numel() == n),
+              "bias: [N] in x's dtype");
+  if (path == kBest) path = best_path();
+  TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
+  RECORD_FUNCTION("semline::q8_linear", std::vector<c10::IValue>({x}));
+  auto out = torch::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  QuantizedRows xq;
+  SEMLINE_DISPATCH(x.scalar_type(), "q8_linear", [&] {
+    xq = quantize_rows<scalar_t>(x.data_ptr<scalar_t>(), rows, k, x.stride(0));
+  });
+  const int8_t* weights = packed.data_ptr<int8_t>();
+  const float* row_scales = scales.data_ptr<float>();
+  const int64_t groups = k / kGroup;
+  SEMLINE_DISPATCH(x.scalar_type(), "q8_linear", [&] {
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(std::min<int64_t>(rows, 64) * kRows);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int8_t* block = weights + blk * groups * kRecord8;
+        const int64_t cols = std::min(kRows, n - blk * kRows);
+        for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+          const int64_t r1 = std::min(rows, r0 + 64);
+          switch (path) {
+#ifdef SEMLINE_Q4_VNNI
+            case kVnni: block8_vnni(block, xq, r0, r1, k, acc.data()); break;
+#endif
+#ifdef SEMLINE_Q4_AVX2
+            case kAvx2: block8_avx2(block, xq, r0, r1, k, acc.data()); break;
+#endif
+            default: block8_scalar(block, xq, r0, r1, k, acc.data());
+          }
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t j = 0; j < cols; ++j) {
+              float v = acc[(r - r0) * kRows + j] * row_scales[blk * kRows + j];
+              if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
+              y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
+            }
+        }
+      }
+    });
+  });
+  return out;
+}

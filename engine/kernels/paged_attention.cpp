@@ -545,7 +545,7 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2, kQ4 = 3 };
+enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2, kQ4 = 3, kQ8 = 4 };
 
 // x += delta (each sum rounded to the dtype, as PyTorch's add), then out = rms_norm(x).
 template <typename scalar_t>
@@ -573,6 +573,7 @@ struct LinearSpec {
 
   torch::Tensor operator()(const torch::Tensor& x, int64_t padded_rows) const {
     if (kind == kQ4) return q4_linear(x, weight, group_size, bias, -1);  // group_size: N here
+    if (kind == kQ8) return q8_linear(x, weight, scales, bias, -1);
     if (kind == kInt4) {
       const auto dtype = x.scalar_type();
       auto in = dtype == at::kBFloat16 ? x : x.to(at::kBFloat16);
@@ -723,6 +724,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");
   m.def("q4_pack", &q4_pack, "Pack 4-bit weights (q, scales, minimums) for q4_linear");
+  m.def("q8_pack", &q8_pack, "Pack int8 weights [N, K] for q8_linear");
+  m.def("q8_linear", &q8_linear, "x @ (W * scales[:, None])^T for q8_pack'ed int8 weights (CPU)",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("path") = -1);
   m.def("q4_linear", &q4_linear, "x @ W^T for q4_pack'ed 4-bit weights (CPU)", pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);

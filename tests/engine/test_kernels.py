@@ -279,3 +279,40 @@ def test_w4a8_kernel_every_compiled_path_computes_the_reference(dtype):
         kernel.q4_pack(q[:, :40], scales[:, :1], offsets[:, :1])
     with pytest.raises(RuntimeError, match="disagree"):
         kernel.q4_linear(torch.randn(1, k + 32), packed, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_kernel_every_compiled_path_and_the_tied_embedding(dtype):
+    """semline's int8 kernel on every compiled path against the product of its int8 activations
+    (per group of 32, as the 4-bit kernel's) with the int8 rows and their scales, with a bias
+    and -128/127 weights; an embedding tied to the head reads its rows from the packed matrix."""
+    from engine.quantization import CpuW8A8Linear, Int8Embedding, quantize_rows, tie_int8_embedding
+
+    kernel = load_paged_attention()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available here")
+    torch.manual_seed(2)
+    n, k = 40, 96
+    q, scales = quantize_rows(torch.randn(n, k))
+    q[0, :5] = torch.tensor([-128, 127, -128, 127, -127], dtype=torch.int8)  # the extremes
+    bias = torch.randn(n).to(dtype)
+    packed = kernel.q8_pack(q)
+    for rows in (1, 6, 70):
+        x = (torch.randn(rows, k + 32) * 2)[:, 16:16 + k].to(dtype)
+        xg = x.float().view(rows, k // 32, 32)
+        amax = xg.abs().amax(dim=-1)
+        xq = torch.round(xg * torch.where(amax > 0, 127.0 / amax, 0.0)[..., None])
+        dots = torch.einsum("rgi,ngi->rng", xq.double(), q.view(n, k // 32, 32).double())
+        exact = (dots * (amax.double() / 127)[:, None]).sum(-1) * scales.double()
+        want = (exact.to(dtype) + bias).float()
+        for path, name in enumerate(kernel.q4_paths()):
+            got = kernel.q8_linear(x, packed, scales, bias, path)
+            tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+            assert (got.float() - want).abs().max() <= want.abs().max() * tolerance, (name, rows)
+    embedding = Int8Embedding(q, scales, dtype)
+    ids = torch.tensor([0, 39, 17, 16, 15, 39])
+    expected = embedding(ids)
+    head = CpuW8A8Linear(q, scales, None, dtype)
+    tie_int8_embedding(embedding, head)
+    assert embedding.qweight is None and embedding.packed is head.q8_packed
+    assert torch.equal(embedding(ids), expected)
