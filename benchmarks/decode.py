@@ -43,8 +43,8 @@ from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, Wei
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("bfloat16", "int4"),
-           ("bfloat16", "auto")]
+CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "w8a8"),
+           ("bfloat16", "int4"), ("bfloat16", "auto")]
 
 
 def streamed_bytes(model: nn.Module) -> int:
@@ -137,7 +137,7 @@ def main() -> None:
             run[f"batch{batch}_tokens_per_s"] = round(rate, 1)
         run["batch1_vs_roofline"] = round(run["batch1_tokens_per_s"] / run["roofline_tokens_per_s_batch1"], 3)
         if 32 in args.batches:
-            roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "auto") else "float32"]
+            roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "w8a8", "auto") else "float32"]
             run["batch32_vs_compute_roof"] = round(run["batch32_tokens_per_s"] * 2 * params / roof, 3)
         runs[name] = run
         print(name, run, flush=True)

@@ -15,7 +15,7 @@ _DTYPES = {
 }
 
 SPECULATIVE_METHODS = ("none", "prompt_lookup", "draft_model", "self_speculative")
-QUANTIZATION_METHODS = ("none", "auto", "int8", "int4")
+QUANTIZATION_METHODS = ("none", "auto", "int8", "w8a8", "int4")
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,8 @@ class EngineConfig:
     # through oneDNN with prepacked weights (engine/models/linear.py); off = PyTorch's GEMM.
     onednn_linear: bool = True
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
-    # scales; "int4" (CPU): linear layers as 4-bit groups of 32 weights with a scale and
+    # scales (weight-only: activations stay float); "w8a8" (CPU): the same weights, the
+    # activations quantized to int8 too (semline's kernel: faster, less exact); "int4" (CPU): linear layers as 4-bit groups of 32 weights with a scale and
     # an offset each, the embedding int8 (engine/quantization.py); "auto": a GGUF model keeps
     # its file's precision on the CPU (Q4_1 layers exact as int4, a Q8_0 embedding int8:
     # engine/gguf_weights.py), a HF folder runs in its dtype; "none": the model's dtype.

@@ -145,9 +145,10 @@ class ModelRunner:
         model.set_rotary(hf_config, max_model_len, device)
         model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
         onednn = config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available()
-        if config.quantization in ("int8", "int4"):
-            if config.quantization == "int4" and device.type != "cpu":
-                raise ConfigError("quantization 'int4' runs on the CPU (PyTorch's CPU int4 kernel); use int8 on CUDA")
+        if config.quantization in ("int8", "w8a8", "int4"):
+            if config.quantization in ("int4", "w8a8") and device.type != "cpu":
+                raise ConfigError(f"quantization {config.quantization!r} runs on the CPU (semline's CPU kernels); "
+                                  "use int8 on CUDA")
             quantize_model(model, device, dtype, config.quantization)
         else:
             source = gguf_source(config) if config.quantization == "auto" and device.type == "cpu" else None

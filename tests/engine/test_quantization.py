@@ -52,6 +52,21 @@ def test_int8_perplexity_within_3_percent_of_float32(make_llm, text_ids, fp32_pe
     assert abs(int8 - fp32_perplexity) / fp32_perplexity < 0.03, (fp32_perplexity, int8)
 
 
+def test_w8a8_runs_int8_activations_within_4_percent_of_float32(make_llm, text_ids, fp32_perplexity):
+    """quantization w8a8: the int8 weights through semline's kernel with int8 activations
+    (where the CPU extension builds); the tied head and embedding keep one packed matrix."""
+    from engine.quantization import CpuW8A8Linear, Int8Embedding
+
+    llm = make_llm(quantization="w8a8")
+    model = llm.engine.runner.model
+    if not isinstance(model.lm_head, CpuW8A8Linear):
+        pytest.skip("the CPU extension is not available here")
+    assert all(isinstance(layer.mlp.down_proj, CpuW8A8Linear) for layer in model.layers)
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.packed is model.lm_head.q8_packed
+    ppl = _perplexity(llm, text_ids)
+    assert abs(ppl - fp32_perplexity) / fp32_perplexity < 0.04, (fp32_perplexity, ppl)
+
+
 def test_bfloat16_perplexity_within_1_percent_of_float32(llm, make_llm, text_ids):
     """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32."""
     # 512 tokens in long chunks: bf16 is emulated (slow) on CPUs without bf16 instructions,
