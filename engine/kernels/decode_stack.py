@@ -20,10 +20,10 @@ from torch import nn
 from engine.models.base import CausalLM
 from engine.models.layers import GatedMLP
 from engine.models.linear import BLOCK_ROWS, OneDNNLinear, padded_rows
-from engine.quantization import CpuInt4Linear, CpuW8A8Linear
+from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, WeightOnlyInt8Linear
 
 # LinearSpec kinds (paged_attention.cpp).
-DENSE, ONEDNN, INT4, Q4, Q8 = 0, 1, 2, 3, 4
+DENSE, ONEDNN, INT4, Q4, Q8, INT8 = 0, 1, 2, 3, 4, 5
 
 
 def linear_spec(kernel, module: nn.Module):
@@ -36,6 +36,10 @@ def linear_spec(kernel, module: nn.Module):
         return kernel.LinearSpec(Q4, module.q4_packed, bias=module.bias, group_size=module.out_features)
     if isinstance(module, CpuW8A8Linear):
         return kernel.LinearSpec(Q8, module.q8_packed, module.scales, module.bias)
+    if isinstance(module, CpuInt8Linear):  # its packed path (up to max_packed_rows: max_rows)
+        return kernel.LinearSpec(INT8, module.qweight, module.scales_bf16, _detached(module.bias))
+    if isinstance(module, WeightOnlyInt8Linear) and module.packed:
+        return kernel.LinearSpec(INT8, module.qweight, module.scales, _detached(module.bias))
     if isinstance(module, CpuInt4Linear):
         return kernel.LinearSpec(INT4, module.packed_int4, module.scales_and_zeros, module.bias, module.group_size)
     return None
@@ -66,6 +70,10 @@ class DecodeStack:
         self.model = model
         self.stack = stack
         self.rope_keys = sorted(model.rotary)
+        # Most tokens a step may have here: the oneDNN layers' row blocks, and the weight-only
+        # int8 layers' packed path (past it they dequantize, which the stack does not).
+        self.max_rows = min([BLOCK_ROWS] + [m.max_packed_rows for m in model.layers.modules()
+                                           if isinstance(m, CpuInt8Linear)])
 
     @classmethod
     def build(cls, kernel, model: nn.Module) -> "DecodeStack | None":
@@ -85,7 +93,7 @@ class DecodeStack:
         return cls(kernel, model, stack)
 
     def accepts(self, num_tokens: int) -> bool:
-        return num_tokens <= BLOCK_ROWS
+        return num_tokens <= self.max_rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches, slot_mapping: torch.Tensor,
                 block_tables: torch.Tensor, context_lens: torch.Tensor, num_layers: int) -> torch.Tensor:

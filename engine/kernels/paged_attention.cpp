@@ -545,7 +545,7 @@ void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor 
 
 namespace {
 
-enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2, kQ4 = 3, kQ8 = 4 };
+enum LinearKind : int64_t { kDense = 0, kOneDNN = 1, kInt4 = 2, kQ4 = 3, kQ8 = 4, kInt8 = 5 };
 
 // x += delta (each sum rounded to the dtype, as PyTorch's add), then out = rms_norm(x).
 template <typename scalar_t>
@@ -574,6 +574,12 @@ struct LinearSpec {
   torch::Tensor operator()(const torch::Tensor& x, int64_t padded_rows) const {
     if (kind == kQ4) return q4_linear(x, weight, group_size, bias, -1);  // group_size: N here
     if (kind == kQ8) return q8_linear(x, weight, scales, bias, -1);
+    if (kind == kInt8) {  // weight-only int8: activations in the scales' dtype, as the Python layers
+      auto in = x.scalar_type() == scales.scalar_type() ? x : x.to(scales.scalar_type());
+      auto y = at::_weight_int8pack_mm(in.contiguous(), weight, scales);
+      if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+      return bias.has_value() ? y + *bias : y;
+    }
     if (kind == kInt4) {
       const auto dtype = x.scalar_type();
       auto in = dtype == at::kBFloat16 ? x : x.to(at::kBFloat16);

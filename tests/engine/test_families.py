@@ -140,11 +140,20 @@ def test_family_matches_hf_alone_and_batched(family, prompts):
     ("mistral", {"dtype": "bfloat16"}),  # sliding window, oneDNN bf16 (or dense) matmuls
     ("qwen2", {"dtype": "bfloat16", "quantization": "int4"}),  # biases, 4-bit weights
     ("llama3", {"onednn_linear": False}),  # float32 through PyTorch's own matmul; tied head
+    ("qwen2", {"quantization": "int8"}),  # weight-only int8 (PyTorch's packed kernel), biases
+    ("mistral", {"dtype": "bfloat16", "quantization": "w8a8"}),  # semline's W8A8 kernel
 ])
 def test_decode_stack_computes_what_the_layers_compute(name, overrides, llm, tmp_path, prompts):
     """The compiled stack's decode steps give the Python modules' logits bit for bit, in every
     dtype and weight kind it takes (float32 parity with HF is the test above)."""
+    from safetensors.torch import load_file, save_file
+
     build_tiny_model(name, tmp_path, llm.engine.model_dir)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    torch.manual_seed(1)
+    for key in [k for k in weights if k.endswith(".bias")]:  # HF initialises biases to zero
+        weights[key] = torch.randn_like(weights[key]) * 0.5
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     stacked = _engine(tmp_path, **overrides)
     if stacked.engine.runner.decode_stack is None:
         pytest.skip("the CPU extension is not available here")
