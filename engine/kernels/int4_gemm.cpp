@@ -222,6 +222,56 @@ int64_t best_path() {
 #endif
 }
 
+// A kernel's pass over one 16-row block: activation rows [row_begin, row_end) into acc.
+using BlockFn = void (*)(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end,
+                         int64_t k, float* acc);
+
+// What q4_linear and q8_linear share: the checks, the activations quantized once, the weight
+// blocks split over the threads (each thread's blocks stream from memory in one run), at most
+// 64 activation rows per pass, then per-row scales (int8) and the bias, rounded as the Python
+// layers round them. kernels[path]: the pass for each path (scalar, AVX2, VNNI).
+torch::Tensor run_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record,
+                         int64_t n, const float* row_scales, const c10::optional<torch::Tensor>& bias,
+                         int64_t path, const BlockFn* kernels) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous(),
+              name, ": the packed weights are not its pack's [blocks, groups, ", record, "] bytes");
+  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0), groups = k / kGroup;
+  TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
+  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->numel() == n),
+              "bias: [N] in x's dtype");
+  if (path == kBest) path = best_path();
+  TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
+  RECORD_FUNCTION(name, std::vector<c10::IValue>({x}));
+  auto out = torch::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  const BlockFn pass = kernels[path];
+  const uint8_t* weights = static_cast<const uint8_t*>(packed.data_ptr());
+  SEMLINE_DISPATCH(x.scalar_type(), "semline quantized linear", [&] {
+    const QuantizedRows xq = quantize_rows<scalar_t>(x.data_ptr<scalar_t>(), rows, k, x.stride(0));
+    scalar_t* y = out.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(std::min<int64_t>(rows, 64) * kRows);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t cols = std::min(kRows, n - blk * kRows);
+        for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+          const int64_t r1 = std::min(rows, r0 + 64);
+          pass(weights + blk * groups * record, xq, r0, r1, k, acc.data());
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t j = 0; j < cols; ++j) {
+              float v = acc[(r - r0) * kRows + j];
+              if (row_scales != nullptr) v *= row_scales[blk * kRows + j];
+              if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
+              y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
+            }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 std::vector<std::string> q4_paths() {
@@ -270,54 +320,21 @@ torch::Tensor q4_pack(torch::Tensor q, torch::Tensor scales, torch::Tensor mins)
 
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord && packed.scalar_type() == at::kByte &&
-                  packed.is_contiguous(),
-              "packed: q4_pack's [blocks, groups, 320] bytes");
-  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0);
-  TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
-  if (path == kBest) path = best_path();
-  TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
-  RECORD_FUNCTION("semline::q4_linear", std::vector<c10::IValue>({x}));
-  auto out = torch::empty({rows, n}, x.options());
-  if (rows == 0) return out;
-  QuantizedRows xq;
-  SEMLINE_DISPATCH(x.scalar_type(), "q4_linear", [&] {
-    xq = quantize_rows<scalar_t>(x.data_ptr<scalar_t>(), rows, k, x.stride(0));
-  });
-  const uint8_t* weights = packed.data_ptr<uint8_t>();
-  const int64_t groups = k / kGroup;
-  // Blocks split over the threads; each thread's blocks stream from memory in one run.
-  SEMLINE_DISPATCH(x.scalar_type(), "q4_linear", [&] {
-    scalar_t* y = out.data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(std::min<int64_t>(rows, 64) * kRows);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const uint8_t* block = weights + blk * groups * kRecord;
-        const int64_t cols = std::min(kRows, n - blk * kRows);
-        for (int64_t r0 = 0; r0 < rows; r0 += 64) {  // at most 64 activation rows per pass
-          const int64_t r1 = std::min(rows, r0 + 64);
-          switch (path) {
-#ifdef SEMLINE_Q4_VNNI
-            case kVnni: block_vnni(block, xq, r0, r1, k, acc.data()); break;
-#endif
+  static const BlockFn kernels[] = {
+      block_scalar,
 #ifdef SEMLINE_Q4_AVX2
-            case kAvx2: block_avx2(block, xq, r0, r1, k, acc.data()); break;
+      block_avx2,
+#else
+      block_scalar,
 #endif
-            default: block_scalar(block, xq, r0, r1, k, acc.data());
-          }
-          for (int64_t r = r0; r < r1; ++r)
-            for (int64_t j = 0; j < cols; ++j) {
-              float v = acc[(r - r0) * kRows + j];
-              if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
-              y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
-            }
-        }
-      }
-    });
-  });
-  return out;
+#ifdef SEMLINE_Q4_VNNI
+      block_vnni,
+#else
+      block_scalar,
+#endif
+  };
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: q4_pack's bytes");
+  return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, kernels);
 }
 
 // --- 8-bit weights (per output row scale) times the same int8 activations ------------------
@@ -333,8 +350,9 @@ namespace {
 
 constexpr int64_t kRecord8 = 512;
 
-void block8_scalar(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+void block8_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                    float* acc) {
+  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
   const int64_t groups = k / kGroup;
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* out = acc + (r - row_begin) * kRows;
@@ -353,8 +371,9 @@ void block8_scalar(const int8_t* block, const QuantizedRows& xq, int64_t row_beg
 }
 
 #ifdef SEMLINE_Q4_AVX2
-void block8_avx2(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+void block8_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                  float* acc) {
+  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
   const int64_t groups = k / kGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -413,8 +432,9 @@ inline void tile8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t r0,
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
-void block8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+void block8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                  float* acc) {
+  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
   int64_t r = row_begin;
   for (; r + 4 <= row_end; r += 4) tile8_vnni<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
   switch (row_end - r) {
@@ -450,55 +470,21 @@ torch::Tensor q8_pack(torch::Tensor q) {
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord8 && packed.scalar_type() == at::kChar &&
-                  packed.is_contiguous(),
-              "packed: q8_pack's [blocks, groups, 512] bytes");
-  const int64_t n = scales.numel(), rows = x.size(0), k = x.size(1), blocks = packed.size(0);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
-  TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->numel() == n),
-              "bias: [N] in x's dtype");
-  if (path == kBest) path = best_path();
-  TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
-  RECORD_FUNCTION("semline::q8_linear", std::vector<c10::IValue>({x}));
-  auto out = torch::empty({rows, n}, x.options());
-  if (rows == 0) return out;
-  QuantizedRows xq;
-  SEMLINE_DISPATCH(x.scalar_type(), "q8_linear", [&] {
-    xq = quantize_rows<scalar_t>(x.data_ptr<scalar_t>(), rows, k, x.stride(0));
-  });
-  const int8_t* weights = packed.data_ptr<int8_t>();
-  const float* row_scales = scales.data_ptr<float>();
-  const int64_t groups = k / kGroup;
-  SEMLINE_DISPATCH(x.scalar_type(), "q8_linear", [&] {
-    scalar_t* y = out.data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(std::min<int64_t>(rows, 64) * kRows);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int8_t* block = weights + blk * groups * kRecord8;
-        const int64_t cols = std::min(kRows, n - blk * kRows);
-        for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-          const int64_t r1 = std::min(rows, r0 + 64);
-          switch (path) {
-#ifdef SEMLINE_Q4_VNNI
-            case kVnni: block8_vnni(block, xq, r0, r1, k, acc.data()); break;
-#endif
+  static const BlockFn kernels[] = {
+      block8_scalar,
 #ifdef SEMLINE_Q4_AVX2
-            case kAvx2: block8_avx2(block, xq, r0, r1, k, acc.data()); break;
+      block8_avx2,
+#else
+      block8_scalar,
 #endif
-            default: block8_scalar(block, xq, r0, r1, k, acc.data());
-          }
-          for (int64_t r = r0; r < r1; ++r)
-            for (int64_t j = 0; j < cols; ++j) {
-              float v = acc[(r - r0) * kRows + j] * row_scales[blk * kRows + j];
-              if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
-              y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
-            }
-        }
-      }
-    });
-  });
-  return out;
+#ifdef SEMLINE_Q4_VNNI
+      block8_vnni,
+#else
+      block8_scalar,
+#endif
+  };
+  TORCH_CHECK(packed.scalar_type() == at::kChar, "packed: q8_pack's bytes");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
+  return run_blocks("semline::q8_linear", x, packed, kRecord8, scales.numel(), scales.data_ptr<float>(), bias, path,
+                    kernels);
 }
