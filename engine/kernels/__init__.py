@@ -1,10 +1,11 @@
 """semline's own CPU kernels, compiled on first use with the host's compiler.
 
-The paged decode-attention kernel reads K/V in place through the block table,
-where the pure-PyTorch path must first gather them into a padded buffer. It is
-built once per machine (cached under $SEMLINE_CACHE/kernels) with ninja and the
-system C++ compiler; when that is impossible the engine falls back to the
-PyTorch path and says so in its log.
+One extension (paged_attention.cpp, int4_gemm.cpp, cpu_ops.h): paged decode attention
+reading K/V in place through the block tables, fused RMSNorm and rotary, a decode step's
+layers in one call (decode_stack.py), and the W4A8/W8A8 kernels for 4- and 8-bit weights.
+It is built once per machine (cached under $SEMLINE_CACHE/kernels/<CPU and header key>)
+with ninja and the system C++ compiler; when that is impossible the engine falls back to
+its PyTorch paths and says so in its log.
 """
 
 from __future__ import annotations
@@ -19,6 +20,27 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int4_gemm.cpp")]
 
 
+def _build_key() -> str:
+    """The build folder's name: the CPU's instruction sets, the shared header and torch's
+    version. The extension is compiled with -march=native and picks its AVX2/AVX-512/VNNI/BF16
+    paths at compile time, so a cache shared between machines (an NFS home, a Ray cluster's
+    nodes) must not hand one CPU's build to another (an illegal instruction); torch's own
+    check hashes the .cpp files only, not the header they include."""
+    import hashlib
+    import platform
+
+    import torch
+
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    header = Path(__file__).with_name("cpu_ops.h").read_bytes()
+    return hashlib.sha1(flags.encode() + header + torch.__version__.encode()).hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=1)
 def load_paged_attention():
     """The compiled extension module, or None if it cannot be built here."""
@@ -26,7 +48,7 @@ def load_paged_attention():
         from torch.utils.cpp_extension import load
 
         cache = os.environ.get("SEMLINE_CACHE") or Path.home() / ".cache" / "semline"
-        build_dir = Path(cache) / "kernels"
+        build_dir = Path(cache) / "kernels" / _build_key()
         build_dir.mkdir(parents=True, exist_ok=True)
         return load(
             name="semline_paged_attention",

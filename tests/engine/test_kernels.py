@@ -316,3 +316,24 @@ def test_w8a8_kernel_every_compiled_path_and_the_tied_embedding(dtype):
     tie_int8_embedding(embedding, head)
     assert embedding.qweight is None and embedding.packed is head.q8_packed
     assert torch.equal(embedding(ids), expected)
+
+
+def test_the_build_folder_is_per_cpu(monkeypatch):
+    """A cache shared by machines of different CPUs (an NFS home, a cluster's nodes) keeps one
+    build per instruction-set mix: the extension is compiled with -march=native."""
+    import builtins
+    import io
+
+    from engine.kernels import _build_key
+
+    here = _build_key()
+    assert here == _build_key() and len(here) == 12
+    real_open = builtins.open
+
+    def fake_cpuinfo(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return io.StringIO("processor : 0\nflags : fpu sse2 avx avx2 fma\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_cpuinfo)
+    assert _build_key() != here
