@@ -199,17 +199,27 @@ inline void tile_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t r0,
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
-void block_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                float* acc) {
+// Rows [row_begin, row_end) in tiles of 4, the rest in one tile of 1-3: Tiles::run<R> is a
+// kernel's R-row tile (its loops unrolled for that R).
+template <typename Tiles>
+void in_tiles(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+              float* acc) {
   int64_t r = row_begin;
-  for (; r + 4 <= row_end; r += 4) tile_vnni<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
+  for (; r + 4 <= row_end; r += 4) Tiles::template run<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
   switch (row_end - r) {
-    case 3: tile_vnni<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 2: tile_vnni<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 1: tile_vnni<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 3: Tiles::template run<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 2: Tiles::template run<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
+    case 1: Tiles::template run<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
     default: break;
   }
 }
+
+struct VnniTiles {
+  template <int R>
+  static void run(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+    tile_vnni<R>(block, xq, r0, k, acc);
+  }
+};
 #endif
 
 int64_t best_path() {
@@ -328,7 +338,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
       block_scalar,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      block_vnni,
+      in_tiles<VnniTiles>,
 #else
       block_scalar,
 #endif
@@ -432,18 +442,12 @@ inline void tile8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t r0,
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
-void block8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                 float* acc) {
-  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
-  int64_t r = row_begin;
-  for (; r + 4 <= row_end; r += 4) tile8_vnni<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
-  switch (row_end - r) {
-    case 3: tile8_vnni<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 2: tile8_vnni<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 1: tile8_vnni<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    default: break;
+struct Vnni8Tiles {
+  template <int R>
+  static void run(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+    tile8_vnni<R>(reinterpret_cast<const int8_t*>(block), xq, r0, k, acc);
   }
-}
+};
 #endif
 
 }  // namespace
@@ -478,7 +482,7 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
       block8_scalar,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      block8_vnni,
+      in_tiles<Vnni8Tiles>,
 #else
       block8_scalar,
 #endif

@@ -140,6 +140,11 @@ inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// The two 256-bit halves of a vector added: eight lanes whose sum is the vector's.
+inline __m256 fold(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 // dot8 with sixteen lanes (dim a multiple of 16): half the instructions per key.
 template <typename scalar_t>
 inline __m256 dot8_512(const float* q, const scalar_t* const* rows, int64_t dim) {
@@ -150,9 +155,7 @@ inline __m256 dot8_512(const float* q, const scalar_t* const* rows, int64_t dim)
     for (int j = 0; j < 8; ++j) acc[j] = _mm512_fmadd_ps(qv, load16(rows[j] + d), acc[j]);
   }
   __m256 halves[8];
-  for (int j = 0; j < 8; ++j)
-    halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[j]),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1)));
+  for (int j = 0; j < 8; ++j) halves[j] = fold(acc[j]);
   return sum8(halves);
 }
 #endif
@@ -329,8 +332,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
       for (int j = 0; j < 8; ++j) {
         __m512 acc = _mm512_setzero_ps();
         for (int c = 0; c < C; ++c) acc = _mm512_dpbf16_ps(acc, as_bh(qv[c]), as_bh(_mm512_loadu_si512(rows[j] + 32 * c)));
-        halves[j] = _mm256_add_ps(_mm512_castps512_ps256(acc),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+        halves[j] = fold(acc);
       }
       _mm256_storeu_ps(row_scores + t0, _mm256_mul_ps(sum8(halves), _mm256_set1_ps(scale)));
     }
@@ -564,15 +566,21 @@ void add_rms_norm_rows(scalar_t* x, const scalar_t* delta, const scalar_t* weigh
 
 }  // namespace
 
+// One linear layer as the Python module holding it runs it (engine/kernels/decode_stack.py
+// linear_spec builds these), by kind:
+//   dense: weight [N, K];  oneDNN: weight prepacked;
+//   int4 (PyTorch's kernel): weight the int4pack buffer, scales [K/g, N, 2], group_size g;
+//   q4 (W4A8): weight q4_pack's bytes, group_size N;  q8 (W8A8): weight q8_pack's bytes, scales [N];
+//   int8 (weight-only, PyTorch's packed kernel): weight [N, K] int8, scales [N] in the activations' dtype.
 struct LinearSpec {
   int64_t kind;
-  torch::Tensor weight;  // dense: [N, K]; oneDNN: prepacked; int4: the int4pack buffer
-  torch::Tensor scales;  // int4: [K/g, N, 2] scales and zeros
+  torch::Tensor weight;
+  torch::Tensor scales;
   c10::optional<torch::Tensor> bias;
   int64_t group_size;
 
   torch::Tensor operator()(const torch::Tensor& x, int64_t padded_rows) const {
-    if (kind == kQ4) return q4_linear(x, weight, group_size, bias, -1);  // group_size: N here
+    if (kind == kQ4) return q4_linear(x, weight, group_size, bias, -1);
     if (kind == kQ8) return q8_linear(x, weight, scales, bias, -1);
     if (kind == kInt8) {  // weight-only int8: activations in the scales' dtype, as the Python layers
       auto in = x.scalar_type() == scales.scalar_type() ? x : x.to(scales.scalar_type());
@@ -669,16 +677,18 @@ class DecodeStack {
         TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == q_size + 2 * kv_size, "qkv shape");
         scalar_t* qkv_data = qkv.data_ptr<scalar_t>();
         const int64_t row = qkv.size(1);
-        const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
-        const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
-        RECORD_FUNCTION("semline::rotary_and_kv_write", std::vector<c10::IValue>());
-        rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
-        rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
         scalar_t* kc = k_cache.data_ptr<scalar_t>();
         scalar_t* vc = v_cache.data_ptr<scalar_t>();
-        for (int64_t t = 0; t < tokens; ++t) {
-          std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
-          std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
+        {
+          RECORD_FUNCTION("semline::rotary_and_kv_write", std::vector<c10::IValue>());
+          const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
+          const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
+          rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
+          rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
+          for (int64_t t = 0; t < tokens; ++t) {
+            std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
+            std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
+          }
         }
         const int64_t* first = nullptr;
         if (layer.window > 0) {
@@ -687,17 +697,17 @@ class DecodeStack {
         }
         auto attn = torch::empty({tokens, q_size}, x.options());
         {
-        RECORD_FUNCTION("semline::decode_attention", std::vector<c10::IValue>());
-        decode_attention<scalar_t>(qkv_data, kc, vc, tables.data_ptr<int64_t>(), len, first,
-                                   attn.data_ptr<scalar_t>(), tokens, heads, kv_heads, hd, k_cache.size(1),
-                                   tables.size(1), static_cast<float>(layer.scale),
-                                   static_cast<float>(layer.softcap), row);
+          RECORD_FUNCTION("semline::decode_attention", std::vector<c10::IValue>());
+          decode_attention<scalar_t>(qkv_data, kc, vc, tables.data_ptr<int64_t>(), len, first,
+                                     attn.data_ptr<scalar_t>(), tokens, heads, kv_heads, hd, k_cache.size(1),
+                                     tables.size(1), static_cast<float>(layer.scale),
+                                     static_cast<float>(layer.softcap), row);
         }
         auto o = layer.o(attn, padded_rows).contiguous();
         {
-        RECORD_FUNCTION("semline::add_rms_norm", std::vector<c10::IValue>());
-        add_rms_norm_rows<scalar_t>(xs, o.data_ptr<scalar_t>(), layer.post_norm.data_ptr<scalar_t>(),
-                                    h.data_ptr<scalar_t>(), tokens, dim, static_cast<float>(eps_));
+          RECORD_FUNCTION("semline::add_rms_norm", std::vector<c10::IValue>());
+          add_rms_norm_rows<scalar_t>(xs, o.data_ptr<scalar_t>(), layer.post_norm.data_ptr<scalar_t>(),
+                                      h.data_ptr<scalar_t>(), tokens, dim, static_cast<float>(eps_));
         }
         auto gate_up = layer.gate_up(h, padded_rows);
         const int64_t inter = gate_up.size(1) / 2;
