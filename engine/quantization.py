@@ -148,8 +148,8 @@ class CpuW8A8Linear(nn.Module):
     """Int8 weights on the CPU through semline's kernel (engine/kernels/int4_gemm.cpp): the
     activations quantized to int8 per group of 32 as for 4-bit weights, integer dot products
     (AVX512-VNNI, AVX2): 1.6x PyTorch's weight-only int8 kernel at one decode row, 2x at 8-32.
-    The weights are held packed only (a tied output head packs its own copy of the
-    embedding's int8 rows)."""
+    The weights are held packed only; an embedding tied to this head reads its rows from
+    them (tie_int8_embedding)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -195,7 +195,7 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, m
     (per-row scales serve both: rows are the head's output channels and the embedding's tokens)."""
     quantized: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
-    tied = embed if embed is not None and head is not None and getattr(head, "weight", None) is embed.weight else None
+    tied = embed is not None and head is not None and getattr(head, "weight", None) is embed.weight
 
     def rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = weight.data_ptr()
@@ -218,9 +218,8 @@ def quantize_model(model: nn.Module, device: torch.device, dtype: torch.dtype, m
             elif isinstance(child, nn.Embedding):
                 setattr(parent, name, Int8Embedding(*rows(child.weight), dtype))
                 swapped += 1
-    embedding, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
-    if tied is not None and embedding is not None and head is not None:
-        tie_int8_embedding(embedding, head)
+    if tied:  # the swapped modules
+        tie_int8_embedding(model.embed_tokens, model.lm_head)
     return swapped
 
 

@@ -65,11 +65,10 @@ def supported(model: nn.Module) -> bool:
 class DecodeStack:
     """The compiled stack of a model's layers and how to feed it one decode step."""
 
-    def __init__(self, kernel, model: CausalLM, stack) -> None:
-        self.kernel = kernel
+    def __init__(self, model: CausalLM, stack, rope_keys: list[str]) -> None:
         self.model = model
         self.stack = stack
-        self.rope_keys = sorted(model.rotary)
+        self.rope_keys = rope_keys  # the stack's rope table i is model.rotary[rope_keys[i]]
         # Most tokens a step may have here: the oneDNN layers' row blocks, and the weight-only
         # int8 layers' packed path (past it they dequantize, which the stack does not).
         self.max_rows = min([BLOCK_ROWS] + [m.max_packed_rows for m in model.layers.modules()
@@ -90,7 +89,7 @@ class DecodeStack:
             stack.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                             *specs, attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale,
                             attn.window or 0, attn.softcap or 0.0, rope_keys.index(attn.rope_key))
-        return cls(kernel, model, stack)
+        return cls(model, stack, rope_keys)
 
     def accepts(self, num_tokens: int) -> bool:
         return num_tokens <= self.max_rows
@@ -104,7 +103,7 @@ class DecodeStack:
         dtype = x.dtype
         cos, sin = [], []
         for key in self.rope_keys:
-            c, s = model.rotary[key]._lookup(positions, dtype)
+            c, s = model.rotary[key].lookup(positions, dtype)
             cos.append(c)
             sin.append(s)
         return self.stack.forward(x, cos, sin, [k for k, _ in kv_caches], [v for _, v in kv_caches], slot_mapping,

@@ -68,13 +68,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         # q: [T, H, Dh], k: [T, KVH, Dh], positions: [T]
-        cos, sin = self._lookup(positions, q.dtype)
+        cos, sin = self.lookup(positions, q.dtype)
         if self.kernel is not None and self.rotary_dim == q.shape[-1]:
             self.kernel.rotary_(q, k, cos, sin)  # in place: q and k are views of this step's qkv
             return q, k
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
-    def _lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
         """The step's cos/sin rows, looked up once per forward: every layer of a step gets the
         same positions tensor (held here, so `is` cannot match a new tensor at a reused address)."""
         cached = getattr(self, "_step", None)
