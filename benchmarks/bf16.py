@@ -30,6 +30,7 @@ from throughput import make_workload, run_hf_static, run_semline  # noqa: E402
 
 from engine import LLM  # noqa: E402
 from engine.config import cpu_has_native_bf16  # noqa: E402
+from engine.loader import hf_folder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).parent.parent / "tests" / "data" / "public_domain.txt"
@@ -49,7 +50,7 @@ def main() -> None:
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         logprobs = llm.engine.score(ids, chunk_size=64)
         perplexity[dtype] = math.exp(-sum(logprobs) / len(logprobs))
-        model_dir = llm.engine.model_dir
+        model_dir = hf_folder(llm.config.model, llm.config.resolve_cache_dir())
         del llm
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = None

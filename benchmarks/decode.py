@@ -4,7 +4,7 @@ The embedded SmolLM2-135M (a Q4_1 GGUF) decodes 64 greedy tokens after a short p
 - semline at batch 1, 8 and 32 (all requests at once) in float32, bfloat16, int8
   (float32 activations), int4 (quantized at load from the float weights) and `auto`
   (the GGUF's own 4-bit blocks kept), with 2 threads;
-- Hugging Face `generate` on the converted folder, one request, float32 and bfloat16;
+- Hugging Face `generate` on transformers' own conversion of the file, one request, float32 and bfloat16;
 - llama.cpp (`llama-cpp-python`, `pip install -e '.[bench]'`: it builds from source with
   this machine's compiler) on the very GGUF file, one request, the same threads.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import copy_bandwidth_gbs, machine_info, matmul_flops, read_bandwidth_gbs  # noqa: E402
 from benchmarks.throughput import _StepClock  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.loader import embedded_gguf_path  # noqa: E402
+from engine.loader import embedded_gguf_path, hf_folder  # noqa: E402
 from engine.models.linear import OneDNNLinear  # noqa: E402
 from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, WeightOnlyInt8Linear  # noqa: E402
 
@@ -124,7 +124,7 @@ def main() -> None:
     for dtype, quantization in CONFIGS:
         llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=args.threads,
                   kv_cache_memory_gb=0.5)
-        folder = llm.engine.model_dir
+        folder = hf_folder(llm.config.model, llm.config.resolve_cache_dir())
         semline_rate(llm, 1, 8)  # warm-up
         model = llm.engine.runner.model
         step_bytes = streamed_bytes(model)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info  # noqa: E402
 from benchmarks.throughput import make_workload  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.loader import hf_folder  # noqa: E402
 from engine.lora import load_adapter  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,7 +81,7 @@ def main() -> None:
     base = LLM(**config)
     workload = make_workload(base.tokenizer, args.num_requests)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_adapters(base.engine.model_dir, Path(tmp), args.num_adapters, args.rank)
+        paths = build_adapters(hf_folder(None, base.config.resolve_cache_dir()), Path(tmp), args.num_adapters, args.rank)
         load_s = []
         for i, path in enumerate(paths):
             start = time.perf_counter()

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteri
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.loader import hf_folder  # noqa: E402
 from engine.metrics import percentile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -160,7 +161,8 @@ def main() -> None:
     workload = make_workload(llm.tokenizer, args.num_requests)
     results = {"semline": run_semline(llm, workload)}
     if not args.skip_hf:
-        model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=getattr(torch, args.dtype))
+        model = AutoModelForCausalLM.from_pretrained(hf_folder(llm.config.model, llm.config.resolve_cache_dir()),
+                                                     dtype=getattr(torch, args.dtype))
         model = model.to(args.device).eval()
         model.generation_config.eos_token_id = None  # every request runs to its max_tokens
         pad_id = llm.tokenizer.pad_token_id or 0

@@ -1,21 +1,27 @@
-"""A GGUF file's 4-bit weights, kept 4-bit (`quantization: auto` on a .gguf model).
+"""Weights read straight from a GGUF file, and its 4-bit layers kept 4-bit.
 
-The loader turns a GGUF file into a float HF folder once (engine/loader.py), which is
-what every family and the HF parity tests read. With `quantization: auto`, the linear
-layers whose GGUF tensors are Q4_1 are then rebuilt from the file's own blocks as
-`CpuInt4Linear`s: a Q4_1 block is 32 weights q (0..15) with a float16 scale d and
-minimum m, w = q * d + m, which is exactly the int4 kernel's group form, so the served
-weights equal the file's to the bit and nothing is re-quantized. Other types (F32, F16,
-Q8_0, K-quants) stay as the float folder has them; a Q8_0 embedding and tied head are
-stored int8 (8-bit, as the file holds them).
+The engine never writes a GGUF model out as float weights. The loader caches, once per
+file, a small folder with the model's config, tokenizer and an index of the file's tensors
+(offset, type, shape, and the Hugging Face checkpoint name transformers maps each to);
+every load then memory-maps the file and dequantizes only the tensors (or tensor-parallel
+slices) a runner needs, one at a time, into the runner's dtype.
+
+With `quantization: auto` on the CPU, the linear layers whose tensors are Q4_1 are never
+dequantized: a Q4_1 block is 32 weights q (0..15) with a float16 scale d and minimum m,
+w = q * d + m, which is exactly the int4 kernel's group form, so they become
+`CpuInt4Linear`s holding the file's weights to the bit. A Q8_0 embedding (and the head
+tied to it) is stored int8, 8-bit as the file holds it.
 
 Llama-architecture files store q and k with their rows permuted for llama.cpp's rotary
-layout; the same permutation transformers undoes is undone here, row by row.
+layout; transformers' tensor processors undo that (and the other families' quirks) for
+dequantized tensors, and `_unpermute_rows` does it for the kept 4-bit blocks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +32,32 @@ from engine.quantization import CpuInt4Linear, Int8Embedding, int8_linear, quant
 
 logger = logging.getLogger(__name__)
 
+INDEX_FILE = "gguf_tensors.json"
 Q4_1_BLOCK = 32
 _Q4_1_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
+_Q4_1, _Q8_0 = 3, 8  # GGMLQuantizationType values
+
+
+def index_gguf(gguf_path: Path, hf_config) -> dict:
+    """What loading needs of a GGUF file, without parsing it again (gguf's reader spends
+    ~2 s on the embedded file's 49k-token vocabulary): the architecture, and per tensor
+    its Hugging Face checkpoint name (transformers' mapping, over a model built on the
+    meta device), type, shape (GGUF order: columns first) and byte range."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    arch = str(reader.fields["general.architecture"].contents())
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(hf_config)
+    names = get_gguf_hf_weights_map(hf_model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict()))
+    return {
+        "arch": arch,
+        "tensors": {t.name: {"hf_name": names.get(t.name), "type": int(t.tensor_type),
+                             "shape": [int(n) for n in t.shape], "offset": int(t.data_offset),
+                             "bytes": int(t.n_bytes)} for t in reader.tensors},
+    }
 
 
 def read_q4_1(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,60 +77,130 @@ def _unpermute_rows(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.reshape(num_heads, dim, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
 
-def keep_gguf_precision(model: nn.Module, gguf_path: Path, hf_config) -> int:
-    """Rebuild `model`'s linear layers whose every checkpoint part is a Q4_1 tensor of
-    `gguf_path` as exact int4 layers, and a Q8_0 embedding (and the head tied to it) as
-    int8; returns how many modules were replaced. The model must hold whole layers (no
-    tensor-parallel slices) and be on the CPU."""
-    import gguf
+class GGUFCheckpoint:
+    """A GGUF file's tensors under Hugging Face checkpoint names, read from the
+    memory-mapped file on demand (the index written by `index_gguf` says where)."""
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    arch = str(reader.fields["general.architecture"].contents())
-    tensors = {t.name: t for t in reader.tensors}
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
-    heads, kv_heads = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None) or \
-        hf_config.num_attention_heads
+    def __init__(self, gguf_path: Path, index: dict, hf_config) -> None:
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    def part(hf_name: str):
-        """(q, scales, minimums) of one checkpoint tensor if the file holds it as Q4_1."""
-        tensor = tensors.get(names.get_name(hf_name, try_suffixes=(".weight", ".bias")) or "")
-        if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+        self.path = gguf_path
+        self.arch = index["arch"]
+        self.hf_config = hf_config
+        self.config = hf_config.to_dict()
+        self.processor = TENSOR_PROCESSORS.get(self.arch, TensorProcessor)(config=self.config)
+        self.tensors = index["tensors"]
+        self.by_hf_name = {t["hf_name"]: name for name, t in self.tensors.items() if t["hf_name"]}
+        self.file = np.memmap(gguf_path, dtype=np.uint8, mode="r")
+
+    @classmethod
+    def open(cls, gguf_path: Path, folder: Path, hf_config) -> "GGUFCheckpoint":
+        return cls(gguf_path, json.loads((folder / INDEX_FILE).read_text()), hf_config)
+
+    def _raw(self, name: str) -> tuple[dict, np.ndarray]:
+        entry = self.tensors[name]
+        data = self.file[entry["offset"]: entry["offset"] + entry["bytes"]]
+        rows = math.prod(entry["shape"][1:])
+        return entry, data.reshape(rows, -1)
+
+    def q4_1(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(q, scales, minimums) of a checkpoint tensor the file holds as Q4_1, else None."""
+        name = self.by_hf_name.get(hf_name)
+        if name is None or self.tensors[name]["type"] != _Q4_1:
             return None
-        cols, rows = (int(n) for n in tensor.shape[:2])
-        q, d, m = read_q4_1(tensor.data, rows, cols)
-        if arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            n = heads if ".q_proj." in hf_name else kv_heads
-            q, d, m = (_unpermute_rows(t, n) for t in (q, d, m))
+        entry, data = self._raw(name)
+        cols, rows = entry["shape"][:2]
+        q, d, m = read_q4_1(data, rows, cols)
+        if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = self.config["num_attention_heads"]
+            if ".k_proj." in hf_name:
+                heads = self.config.get("num_key_value_heads") or heads
+            q, d, m = (_unpermute_rows(t, heads) for t in (q, d, m))
         return q, d, m
 
-    replaced = 0
+    def tensor_type(self, hf_name: str) -> int | None:
+        name = self.by_hf_name.get(hf_name)
+        return None if name is None else self.tensors[name]["type"]
+
+    def dequantize(self, hf_name: str) -> torch.Tensor:
+        """One checkpoint tensor in float32, as transformers reads it from the file."""
+        import gguf
+
+        name = self.by_hf_name[hf_name]
+        entry, data = self._raw(name)
+        shape = entry["shape"][::-1]
+        if entry["type"] == _Q4_1:  # ~10x gguf's numpy dequantizer, and the same floats
+            rows, cols = math.prod(shape[:-1]), shape[-1]
+            q, d, m = read_q4_1(data, rows, cols)
+            weights = (q.view(rows, -1, Q4_1_BLOCK) * d[..., None] + m[..., None]).view(shape).numpy()
+        else:
+            weights = gguf.dequantize(np.asarray(data), gguf.GGMLQuantizationType(entry["type"])).reshape(shape)
+        parsed = {"config": self.config, "tensors": {}}
+        result = self.processor.process(weights=weights, name=name, tensor_key_mapping={name: hf_name},
+                                        parsed_parameters=parsed)
+        return torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+
+    def read(self, parts: list, dtype: torch.dtype) -> dict:
+        """Like loader.load_weights: the named tensors, or the rows or columns a
+        `TensorSlice` names, in `dtype`, keyed by the part asked for."""
+        from engine.loader import ModelLoadError
+
+        missing = sorted({p if isinstance(p, str) else p.name for p in parts} - set(self.by_hf_name))
+        if missing:
+            raise ModelLoadError(f"tensors missing from {self.path.name} (or not mapped for its architecture "
+                                 f"{self.arch!r}): {', '.join(missing[:5])}"
+                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        by_name: dict[str, list] = {}
+        for part in parts:
+            by_name.setdefault(part if isinstance(part, str) else part.name, []).append(part)
+        tensors = {}
+        for name, wanted in by_name.items():
+            whole = self.dequantize(name)
+            for part in wanted:
+                if isinstance(part, str):
+                    tensors[part] = whole.to(dtype)
+                else:
+                    window = whole[part.start:part.stop] if part.dim == 0 else whole[:, part.start:part.stop]
+                    tensors[part] = window.to(dtype).contiguous()
+        return tensors
+
+
+def int4_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
+    """Our parameter names of the linear layers whose every checkpoint part the file holds as
+    Q4_1 (whole tensors: tensor-parallel slices stay on the float path)."""
     modules = dict(model.named_modules())
+    kept = set()
     for ours, parts in model.weight_map().items():
         module_name, _, kind = ours.rpartition(".")
-        module = modules.get(module_name)
-        if kind != "weight" or not isinstance(module, nn.Linear) or isinstance(parts[0], list):
+        if kind != "weight" or not isinstance(modules.get(module_name), nn.Linear) or isinstance(parts[0], list):
             continue
-        if any(not isinstance(p, str) for p in parts):  # a tensor-parallel slice: not handled here
-            continue
-        found = [part(p) for p in parts]
-        if any(f is None for f in found):
-            continue
+        if all(isinstance(p, str) and checkpoint.tensor_type(p) == _Q4_1 for p in parts):
+            kept.add(ours)
+    return kept
+
+
+def keep_gguf_precision(model: nn.Module, checkpoint: GGUFCheckpoint, kept: set[str]) -> int:
+    """Make the linear layers `int4_weights` chose exact int4 layers from the file's blocks
+    (their float weights were never loaded; biases were), and a Q8_0 embedding (with the
+    head tied to it) int8; returns how many modules were replaced. CPU only."""
+    weight_map = model.weight_map()
+    modules = dict(model.named_modules())
+    for ours in sorted(kept):
+        module_name = ours.rpartition(".")[0]
+        found = [checkpoint.q4_1(p) for p in weight_map[ours]]
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
         parent, _, child = module_name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, CpuInt4Linear(q, d, m, module.bias))
-        replaced += 1
-    replaced += _int8_embedding(model, tensors, gguf)
-    logger.info("kept %d GGUF 4-bit/8-bit layers of %s at the file's precision", replaced, gguf_path.name)
+        setattr(modules[parent] if parent else model, child, CpuInt4Linear(q, d, m, modules[module_name].bias))
+    replaced = len(kept) + _int8_embedding(model, checkpoint)
+    logger.info("kept %d GGUF 4-bit/8-bit layers of %s at the file's precision", replaced, checkpoint.path.name)
     return replaced
 
 
-def _int8_embedding(model: nn.Module, tensors: dict, gguf) -> int:
+def _int8_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> int:
     """A Q8_0 token embedding stays 8-bit: int8 rows with per-row scales (and an untouched
     float head tied to it becomes int8 the same way)."""
     embedding = getattr(model, "embed_tokens", None)
-    token_embd = tensors.get("token_embd.weight")
-    if not isinstance(embedding, nn.Embedding) or token_embd is None or \
-            token_embd.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+    if not isinstance(embedding, nn.Embedding) or checkpoint.tensor_type("model.embed_tokens.weight") != _Q8_0:
         return 0
     weight = embedding.weight
     q, scales = quantize_rows(weight)

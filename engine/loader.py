@@ -1,8 +1,10 @@
 """Find, convert and load models: local Hugging Face folders and GGUF files.
 
-A GGUF file (the embedded SmolLM2 by default) is dequantized once through
-transformers' GGUF support and cached as an ordinary HF folder (config,
-tokenizer, safetensors) under the cache dir; every later load is a folder load.
+A GGUF file (the embedded SmolLM2 by default) is read in place: its config, tokenizer and
+an index of its tensors are cached once as a small folder under the cache dir (through
+transformers' GGUF support), and every load reads the weights from the file itself
+(engine/gguf_weights.py), never from a float copy. `hf_folder` writes that copy only for
+tools that run Hugging Face's own model (tests' and benchmarks' baselines).
 Nothing is ever fetched from a hub and no remote code runs.
 """
 
@@ -51,20 +53,54 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve_model_dir(model: str | None, cache_dir: str) -> Path:
-    """Map a model argument (None, a .gguf file, or a HF folder) to a checked HF folder."""
+    """Map a model argument (None, a .gguf file, or a HF folder) to a checked folder with
+    its config and tokenizer (a GGUF file's: the cached folder, whose weights stay in the
+    file; see `gguf_source`)."""
+    path = _model_path(model)
+    if path.suffix == ".gguf":
+        return gguf_folder(path, cache_dir)
+    check_model_dir(path)
+    return path
+
+
+def hf_folder(model: str | None, cache_dir: str) -> Path:
+    """A Hugging Face folder with weights for `model`, for running transformers' own model on
+    it: a HF folder as it is; a GGUF file dequantized by transformers into its cached folder
+    (model.safetensors, once). The engine never reads these weights."""
+    path = _model_path(model)
+    if path.suffix != ".gguf":
+        check_model_dir(path)
+        return path
+    folder = gguf_folder(path, cache_dir)
+    if not (folder / "model.safetensors").is_file():
+        logger.info("writing %s as float weights under %s (once)", path, folder)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        fd, tmp = tempfile.mkstemp(prefix="model.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": "pt"})
+            os.replace(tmp, folder / "model.safetensors")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return folder
+
+
+def _model_path(model: str | None) -> Path:
     if model is None:
-        return convert_gguf(embedded_gguf_path(), cache_dir)
+        return embedded_gguf_path()
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(
             f"model path {model!r} does not exist (semline loads local folders and .gguf files only, "
             f"never from a hub)"
         )
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"model file {model!r} is not a .gguf file")
-        return convert_gguf(path, cache_dir)
-    check_model_dir(path)
+    if path.is_file() and path.suffix != ".gguf":
+        raise ModelLoadError(f"model file {model!r} is not a .gguf file")
     return path
 
 
@@ -99,42 +135,40 @@ def _content_key(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf(gguf_path: Path, cache_dir: str) -> Path:
-    """Dequantize a GGUF file into a cached HF folder once; return the folder. The folder is
-    named by the file's contents, so every checkout and virtual environment holding the
-    same file shares one conversion (keyed by its path, each new clone added 0.5 GB)."""
+def gguf_folder(gguf_path: Path, cache_dir: str) -> Path:
+    """The cached folder of a GGUF file: config, generation config, tokenizer and the index
+    of its tensors (engine/gguf_weights.py), written once. It is named by the file's
+    contents, so every checkout and virtual environment holding the same file shares it."""
+    from engine.gguf_weights import INDEX_FILE, index_gguf
+
     stat = gguf_path.stat()
     key = _content_key(str(gguf_path.resolve()), stat.st_size, stat.st_mtime_ns)
     target = Path(cache_dir) / "models" / f"{gguf_path.stem}-{key[:12]}"
-    if (target / "model.safetensors").is_file():
+    if (target / INDEX_FILE).is_file():
         return target
-    logger.info("converting %s to safetensors under %s (once)", gguf_path, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    logger.info("indexing %s under %s (once)", gguf_path, target)
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for a bad file
+        if hasattr(config, "quantization_config"):  # the folder is read as a plain one
+            del config.quantization_config
+        index = index_gguf(gguf_path, config)
+    except Exception as exc:  # transformers and gguf raise many types for a bad file
         raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        # The folder holds dense weights: no GGUF quantization_config (transformers would
-        # treat the folder as a packed GGUF checkpoint).
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds it done
-    except OSError:
-        if not (target / "model.safetensors").is_file():
-            raise
+        (tmp / INDEX_FILE).write_text(json.dumps(index))
+        # One file at a time, the index last: its presence means the folder is complete
+        # (a concurrent writer of the same file writes the same bytes).
+        for file in sorted(tmp.iterdir(), key=lambda f: f.name == INDEX_FILE):
+            os.replace(file, target / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

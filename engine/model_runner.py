@@ -17,7 +17,7 @@ import torch
 from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
                               make_prefill_chunk, windowed)
 from engine.config import ConfigError, EngineConfig
-from engine.gguf_weights import keep_gguf_precision
+from engine.gguf_weights import GGUFCheckpoint, int4_weights, keep_gguf_precision
 from engine.kernels.decode_stack import DecodeStack
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
@@ -143,7 +143,15 @@ class ModelRunner:
         # rotary tables are computed outside the meta context.
         model = model.to(dtype=dtype).to_empty(device=device)
         model.set_rotary(hf_config, max_model_len, device)
-        model.load_weights(load_weights(model_dir, model.weight_parts(), dtype))
+        # A GGUF file's weights come from the file itself; under `auto` on the CPU its 4-bit
+        # layers are never dequantized (their float weights are skipped, then replaced).
+        source = gguf_source(config)
+        checkpoint = GGUFCheckpoint.open(source, model_dir, hf_config) if source is not None else None
+        keep_4bit = checkpoint is not None and config.quantization == "auto" and device.type == "cpu"
+        skip = frozenset(int4_weights(model, checkpoint)) if keep_4bit else frozenset()
+        parts = model.weight_parts(skip)
+        model.load_weights(checkpoint.read(parts, dtype) if checkpoint is not None
+                           else load_weights(model_dir, parts, dtype), skip)
         onednn = config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available()
         if config.quantization in ("int8", "w8a8", "int4"):
             if config.quantization in ("int4", "w8a8") and device.type != "cpu":
@@ -151,9 +159,8 @@ class ModelRunner:
                                   "use int8 on CUDA")
             quantize_model(model, device, dtype, config.quantization)
         else:
-            source = gguf_source(config) if config.quantization == "auto" and device.type == "cpu" else None
-            if source is not None:
-                keep_gguf_precision(model, source, hf_config)  # its Q4_1 layers stay 4-bit
+            if keep_4bit:
+                keep_gguf_precision(model, checkpoint, skip)  # its Q4_1 layers stay 4-bit
             if onednn:
                 prepack_linears(model, onednn_dtypes())
         self.lora: LoRAState | None = None

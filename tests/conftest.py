@@ -44,8 +44,17 @@ def tokenizer(llm):
 
 
 @pytest.fixture(scope="session")
-def hf_model(llm):
+def hf_dir(llm):
+    """The embedded model as a Hugging Face folder with weights: transformers' own
+    dequantization of the GGUF file (the engine reads the file itself)."""
+    from engine.loader import hf_folder
+
+    return hf_folder(None, llm.engine.config.resolve_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return model.to(DEVICE).eval()

@@ -315,16 +315,20 @@ class CausalLM(nn.Module):
                 names["lm_head.weight"] = ["model.embed_tokens.weight"]
         return shard_weight_map(names, self.args, self.tp)
 
-    def weight_parts(self) -> list[Part]:
-        """The checkpoint tensors (or slices of them) this module needs (for partial loading)."""
-        return sorted({part for parts in self.weight_map().values() for part in _flatten(parts)}, key=str)
+    def weight_parts(self, skip: frozenset[str] = frozenset()) -> list[Part]:
+        """The checkpoint tensors (or slices of them) this module needs (for partial loading),
+        but for those of our parameters named in `skip`."""
+        return sorted({part for name, parts in self.weight_map().items() if name not in skip
+                       for part in _flatten(parts)}, key=str)
 
     @torch.no_grad()
-    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Fill every parameter from checkpoint tensors named as in HF checkpoints."""
+    def load_weights(self, tensors: dict[str, torch.Tensor], skip: frozenset[str] = frozenset()) -> None:
+        """Fill every parameter (but those named in `skip`, which their modules get some other
+        way) from checkpoint tensors named as in HF checkpoints."""
         params = dict(self.named_parameters())
         for name, parts in self.weight_map().items():
-            _copy(params[name], _assemble(tensors, parts), name)
+            if name not in skip:
+                _copy(params[name], _assemble(tensors, parts), name)
         if self.is_last and self.args.tie_word_embeddings and self.is_first:
             self.lm_head.weight = self.embed_tokens.weight  # share, don't copy
 

@@ -41,11 +41,11 @@ BLOCKED_PHRASE = "forbidden fruit"
 def adapter_dir(tmp_path_factory):
     """A PEFT LoRA adapter (random weights on q and v) of the embedded model, built here."""
     from engine.config import EngineConfig
-    from engine.loader import resolve_model_dir
+    from engine.loader import hf_folder
     from tests.engine.test_lora import build_adapter
 
     folder = tmp_path_factory.mktemp("adapter")
-    model_dir = resolve_model_dir(None, EngineConfig().resolve_cache_dir())
+    model_dir = hf_folder(None, EngineConfig().resolve_cache_dir())
     build_adapter(model_dir, folder, 7, ["q_proj", "v_proj"], 8)
     return folder
 

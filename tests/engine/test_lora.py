@@ -52,12 +52,12 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def adapters(llm, hf_model, prompts, tmp_path_factory):
+def adapters(llm, hf_dir, hf_model, prompts, tmp_path_factory):
     """name -> (folder, {prompt index: PEFT's greedy tokens}); "base" -> HF's own."""
     built = {"base": (None, {i: hf_greedy(hf_model, p) for i, p in enumerate(prompts)})}
     for name, (seed, targets, rank, rslora) in ADAPTERS.items():
         folder = tmp_path_factory.mktemp(f"lora-{name}")
-        model = build_adapter(llm.engine.model_dir, folder, seed, targets, rank, rslora)
+        model = build_adapter(hf_dir, folder, seed, targets, rank, rslora)
         built[name] = folder, {i: hf_greedy(model, p) for i, p in enumerate(prompts)}
         del model
     for name in ADAPTERS:  # every adapter changes the output, or the test would prove nothing

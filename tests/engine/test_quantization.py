@@ -144,30 +144,25 @@ def test_int4_perplexity_within_8_percent_of_float32_and_an_eighth_of_the_weight
     assert int4_bytes < sum(m.num_parameters for m in linears) * 4 / 6
 
 
-def test_the_embedded_gguf_4bit_blocks_read_exactly_as_transformers_dequantizes_them(llm):
-    """Q4_1 blocks read straight from the file (llama's q/k rows un-permuted) give, as
-    q * d + m, the very float weights of the converted folder."""
-    import gguf
+def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, hf_dir):
+    """Every tensor the engine reads from the embedded file (dequantized in place) equals
+    transformers' own conversion of it, and the Q4_1 blocks kept 4-bit (llama's q/k rows
+    un-permuted) give, as q * d + m, the very same weights."""
     from safetensors.torch import load_file
 
-    from engine.gguf_weights import _unpermute_rows, read_q4_1
+    from engine.gguf_weights import GGUFCheckpoint
     from engine.loader import embedded_gguf_path
 
-    folder = load_file(str(llm.engine.model_dir / "model.safetensors"))
-    tensors = {t.name: t for t in gguf.GGUFReader(str(embedded_gguf_path())).tensors}
-    config = llm.engine.hf_config
-    for theirs, ours, heads in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", 9),
-                                ("blk.5.attn_k.weight", "model.layers.5.self_attn.k_proj.weight", 3),
-                                ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight", None)):
-        tensor = tensors[theirs]
-        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
-        cols, rows = (int(n) for n in tensor.shape[:2])
-        q, d, m = read_q4_1(tensor.data, rows, cols)
-        if heads:
-            assert heads in (config.num_attention_heads, config.num_key_value_heads)
-            q, d, m = (_unpermute_rows(t, heads) for t in (q, d, m))
-        weight = (q.view(rows, -1, 32) * d[..., None] + m[..., None]).view(rows, cols)
-        assert torch.equal(weight, folder[ours]), theirs
+    folder = load_file(str(hf_dir / "model.safetensors"))
+    checkpoint = GGUFCheckpoint.open(embedded_gguf_path(), llm.engine.model_dir, llm.engine.hf_config)
+    assert set(folder) <= set(checkpoint.by_hf_name)
+    for name, weight in folder.items():
+        assert torch.equal(checkpoint.dequantize(name), weight), name
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight"):
+        q, d, m = checkpoint.q4_1(name)
+        rows, cols = q.shape
+        assert torch.equal((q.view(rows, -1, 32) * d[..., None] + m[..., None]).view(rows, cols), folder[name])
 
 
 def test_auto_keeps_the_gguf_4bit_and_scores_like_its_float_weights(make_llm, text_ids, fp32_perplexity):
