@@ -15,6 +15,8 @@ head, as stored) against the machine's read bandwidth (a reduction over 1 GiB) m
 just before and after that run (it moves between runs on a shared VM; the run's start
 figure and a copy's rate are recorded too), and at batch 32 the fraction of the dtype's
 measured matrix-product rate the step's FLOPs reach.
+Also timed: every compiled path of the W4A8/W8A8 kernels (scalar, AVX2, AVX512-VNNI)
+over the model's own quantized layers, so the AVX2 path has a number on any machine.
 Targets (issue 16): single stream >= 1.5x llama.cpp and >= 50 % of the bandwidth bound;
 batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json with the
 CPU flags and the commit.
@@ -65,6 +67,38 @@ def streamed_bytes(model: nn.Module) -> int:
             continue
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
+
+
+def kernel_paths(model: nn.Module, rows_list=(1, 32), seconds: float = 0.5) -> dict:
+    """Every compiled path of the W4A8 and W8A8 kernels (scalar, AVX2, AVX512-VNNI: the ones an
+    AVX2-only or older CPU would run) over the model's own quantized layers, in sequence as a
+    decode step calls them: weight GB/s and GFLOP/s at 1 and 32 activation rows."""
+    q4 = [m for m in model.modules() if isinstance(m, CpuInt4Linear) and m.kernel is not None]
+    q8 = [m for m in model.modules() if isinstance(m, CpuW8A8Linear)]
+    out = {}
+    for name, layers, call in (
+            ("w4a8", q4, lambda m, x, path: m.kernel.q4_linear(x, m.q4_packed, m.out_features, None, path)),
+            ("w8a8", q8, lambda m, x, path: m.kernel.q8_linear(x, m.q8_packed, m.scales, None, path))):
+        if not layers:
+            continue
+        nbytes = sum(t.numel() * t.element_size() for m in layers for t in m.weight_buffers)
+        flops_per_row = 2 * sum(m.in_features * m.out_features for m in layers)
+        for path, label in enumerate(layers[0].kernel.q4_paths()):
+            for rows in rows_list:
+                if label == "scalar" and rows > 1:
+                    continue  # minutes per pass; one row says enough
+                xs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for m in layers}
+                for m in layers:
+                    call(m, xs[m.in_features], path)
+                passes, start = 0, time.perf_counter()
+                while passes == 0 or time.perf_counter() - start < seconds:
+                    for m in layers:
+                        call(m, xs[m.in_features], path)
+                    passes += 1
+                elapsed = (time.perf_counter() - start) / passes
+                out[f"{name}/{label}/rows{rows}"] = {"weight_gbs": round(nbytes / elapsed / 1e9, 1),
+                                                     "gflops": round(flops_per_row * rows / elapsed / 1e9, 1)}
+    return out
 
 
 def semline_rate(llm: LLM, batch: int, tokens: int) -> float:
@@ -121,7 +155,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth_gbs() * 1e9
     roofs = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
-    runs, folder = {}, None
+    runs, folder, paths = {}, None, {}
     for dtype, quantization in CONFIGS:
         llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=args.threads,
                   kv_cache_memory_gb=0.5)
@@ -146,6 +180,8 @@ def main() -> None:
         if 32 in args.batches:
             roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "w8a8", "auto") else "float32"]
             run["batch32_vs_compute_roof"] = round(run["batch32_tokens_per_s"] * 2 * params / roof, 3)
+        if quantization in ("int4", "w8a8"):
+            paths.update(kernel_paths(model))
         runs[name] = run
         print(name, run, flush=True)
         del llm
@@ -163,6 +199,9 @@ def main() -> None:
         "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
         "matmul_gflops": {k: round(v / 1e9, 1) for k, v in roofs.items()},
         "semline": runs,
+        # The quantized kernels' every compiled path on this CPU (the AVX2 and scalar ones are
+        # what machines without AVX512-VNNI run), over the model's layers, 2 threads.
+        "kernel_paths": paths,
         "hf_generate_batch1_tokens_per_s": hf,
         "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
         "best_single_stream": best,
