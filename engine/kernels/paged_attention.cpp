@@ -10,8 +10,9 @@
 // softcap:      > 0: scores become softcap * tanh(score / softcap) (Gemma 2)
 // returns:      [B, H, D]
 //
-// Work is split over sequences (or, for small batches, sequence x KV head); the
-// query heads that share a KV head read the same rows, so each is loaded once.
+// Work is split over sequences (or, for small batches, sequence x KV head, and for a
+// few long sequences their keys too, in parts merged after); the query heads that share
+// a KV head read the same rows, so each is loaded once.
 // Scores are accumulated in float32 whatever the cache dtype.
 #include "cpu_ops.h"
 
@@ -26,7 +27,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -160,6 +163,107 @@ inline __m256 dot8_512(const float* q, const scalar_t* const* rows, int64_t dim)
 }
 #endif
 
+#ifdef SEMLINE_AVX2
+// The float ops of exp_nonpositive and the softmax loops at 8 (AVX2) or 16 (AVX-512) lanes,
+// so that one template (row_softmax) serves both.
+struct Lanes8 {
+  using V = __m256;
+  static constexpr int64_t n = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V floor(V a) { return _mm256_floor_ps(a); }
+  static V pow2(V n) {  // 2^n for integral n in [-126, 127]
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static float reduce_max(V v) {
+    float lanes[n];
+    store(lanes, v);
+    return *std::max_element(lanes, lanes + n);
+  }
+  static float reduce_add(V v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+  }
+};
+
+#ifdef SEMLINE_AVX512
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int64_t n = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V floor(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static V pow2(V n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+  static float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+};
+using Lanes = Lanes16;
+#else
+using Lanes = Lanes8;
+#endif
+
+// exp_nonpositive, lane by lane: the same operations in the same order, so the same floats.
+template <typename L>
+inline typename L::V exp_nonpositive(typename L::V x) {
+  x = L::max(x, L::set1(-87.0f));
+  const typename L::V n = L::floor(L::add(L::mul(x, L::set1(1.44269504088896341f)), L::set1(0.5f)));
+  const typename L::V r = L::sub(L::sub(x, L::mul(n, L::set1(0.693359375f))), L::mul(n, L::set1(-2.12194440e-4f)));
+  typename L::V p = L::set1(1.9875691500e-4f);
+  p = L::add(L::mul(p, r), L::set1(1.3981999507e-3f));
+  p = L::add(L::mul(p, r), L::set1(8.3334519073e-3f));
+  p = L::add(L::mul(p, r), L::set1(4.1665795894e-2f));
+  p = L::add(L::mul(p, r), L::set1(1.6666665459e-1f));
+  p = L::add(L::mul(p, r), L::set1(5.0000001201e-1f));
+  const typename L::V y = L::add(L::add(L::mul(L::mul(p, r), r), r), L::set1(1.0f));
+  return L::mul(y, L::pow2(n));
+}
+#endif
+
+// One row of scores: s[t] = exp(s[t] - max) in place; returns (max, sum of the exps).
+inline std::pair<float, float> row_softmax(float* s, int64_t length) {
+  int64_t t = 0;
+  float max_score = s[0];
+#ifdef SEMLINE_AVX2
+  using L = Lanes;
+  if (length >= L::n) {
+    typename L::V m = L::load(s);
+    for (t = L::n; t + L::n <= length; t += L::n) m = L::max(m, L::load(s + t));
+    max_score = L::reduce_max(m);
+  }
+#endif
+  for (; t < length; ++t) max_score = std::max(max_score, s[t]);
+  t = 0;
+  float total = 0.f;
+#ifdef SEMLINE_AVX2
+  typename L::V sum = L::set1(0.f);
+  const typename L::V top = L::set1(max_score);
+  for (; t + L::n <= length; t += L::n) {
+    const typename L::V e = exp_nonpositive<L>(L::sub(L::load(s + t), top));
+    L::store(s + t, e);
+    sum = L::add(sum, e);
+  }
+  total = L::reduce_add(sum);
+#endif
+  for (; t < length; ++t) {
+    s[t] = exp_nonpositive(s[t] - max_score);
+    total += s[t];
+  }
+  return {max_score, total};
+}
+
 // offsets[t]: where key start + t's row begins in the cache (elements), through the block table.
 inline void key_offsets(const int64_t* table, int64_t start, int64_t length, int64_t block_size,
                         int64_t token_stride, std::vector<int64_t>& offsets) {
@@ -171,23 +275,29 @@ inline void key_offsets(const int64_t* table, int64_t start, int64_t length, int
   }
 }
 
+// Where a work item that covers only some of a sequence's keys leaves its result (merged
+// afterwards, flash-decoding's split-K), per query head of the sequence: the largest score,
+// the sum of exp(score - largest), and the values weighted by those exps, unnormalised.
+struct Partial {
+  float* max;  // [H]
+  float* sum;  // [H]
+  float* acc;  // [H, D]
+};
+
 // Soft-capping (softcap > 0), then softmax of each of `heads` rows of `length` scores in
 // place (max-subtracted, float32, left unnormalised); inv_totals[h]: 1 / the row's sum.
-inline void softmax_rows(float* scores, int64_t heads, int64_t length, float softcap, float* inv_totals) {
+// With `partial`, also each row's largest score and sum, at head `head_begin + h`.
+inline void softmax_rows(float* scores, int64_t heads, int64_t length, float softcap, float* inv_totals,
+                         const Partial* partial = nullptr, int64_t head_begin = 0) {
   if (softcap > 0.f)
     for (int64_t i = 0; i < heads * length; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
   for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores + h * length;
-    float max_score = s[0];
-#pragma omp simd reduction(max : max_score)
-    for (int64_t t = 0; t < length; ++t) max_score = std::max(max_score, s[t]);
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < length; ++t) {
-      s[t] = exp_nonpositive(s[t] - max_score);
-      total += s[t];
-    }
+    const auto [max_score, total] = row_softmax(scores + h * length, length);
     inv_totals[h] = 1.f / total;
+    if (partial != nullptr) {
+      partial->max[head_begin + h] = max_score;
+      partial->sum[head_begin + h] = total;
+    }
   }
 }
 
@@ -198,7 +308,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
             int64_t start, int64_t end, scalar_t* out, int64_t head_begin, int64_t head_end, int64_t group,
             int64_t num_kv_heads, int64_t dim, int64_t block_size, float scale, float softcap,
             std::vector<float>& queries, std::vector<float>& scores, std::vector<float>& acc,
-            std::vector<int64_t>& offsets) {
+            std::vector<int64_t>& offsets, const Partial* partial) {
   const int64_t heads = head_end - head_begin;
   const int64_t length = end - start;  // keys read: [start, end)
   const int64_t token_stride = num_kv_heads * dim;  // between consecutive slots
@@ -237,7 +347,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       scores[h * length + t] = dot(&queries[h * dim], row + ((head_begin + h) / group) * dim, dim);
   }
   std::vector<float> inv_totals(heads);
-  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data());
+  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data(), partial, head_begin);
   // Pass 3: weighted sum of the values. With AVX2 and head_dim <= 128: tiles of keys, each
   // tile's value rows read from memory once and reused from L1 by every head of their KV
   // head, whose accumulator stays in registers across the tile.
@@ -290,6 +400,10 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
         axpy(&acc[h * dim], scores[h * length + t], row + ((head_begin + h) / group) * dim, dim);
     }
   }
+  if (partial != nullptr) {
+    std::memcpy(partial->acc + head_begin * dim, acc.data(), heads * dim * sizeof(float));
+    return;
+  }
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t d = 0; d < dim; ++d)
       out[(head_begin + h) * dim + d] = static_cast<scalar_t>(acc[h * dim + d] * inv_totals[h]);
@@ -312,7 +426,7 @@ template <int C>  // C = head_dim / 32
 void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache,
                  const int64_t* table, int64_t start, int64_t end, c10::BFloat16* out, int64_t head_begin,
                  int64_t head_end, int64_t group, int64_t num_kv_heads, int64_t block_size, float scale,
-                 float softcap, std::vector<float>& scores, std::vector<int64_t>& offsets) {
+                 float softcap, std::vector<float>& scores, std::vector<int64_t>& offsets, const Partial* partial) {
   constexpr int64_t dim = 32 * C;
   const int64_t heads = head_end - head_begin;
   const int64_t length = end - start;
@@ -344,28 +458,50 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
     }
   }
   std::vector<float> inv_totals(heads);
-  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data());
+  softmax_rows(scores.data(), heads, length, softcap, inv_totals.data(), partial, head_begin);
   // Pass 3: per head, keys in pairs. unpacklo/hi_epi16 interleave the two rows within each
   // 128-bit lane, so accumulator lo's float lane 4L + j holds feature 8L + j (of its 32) and
   // hi's holds 8L + 4 + j; the permutes at the end restore the order.
   const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  // The probabilities rounded to bf16 once, in key order, each row padded to an even length
+  // with a zero: word t / 2 of a row is key t's and key t + 1's weight, as one broadcast.
+  thread_local std::vector<uint16_t> probs;
+  const int64_t padded = length + (length & 1);
+  probs.resize(heads * padded);
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* p = &scores[h * length];
+    uint16_t* dst = probs.data() + h * padded;
+    int64_t t = 0;
+    for (; t + 32 <= length; t += 32)
+      _mm512_storeu_si512(dst + t, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + t + 16),
+                                                                                   _mm512_loadu_ps(p + t))));
+    for (; t < length; ++t) dst[t] = static_cast<uint16_t>(bf16_bits(p[t]));
+    if (length & 1) dst[length] = 0;
+  }
+  if (length & 1) offsets.push_back(offsets[length - 1]);  // the padding key: any row, weight 0
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t kv_offset = ((head_begin + h) / group) * dim;
-    const float* p = &scores[h * length];
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(probs.data() + h * padded);
     __m512 lo[C], hi[C];
     for (int c = 0; c < C; ++c) lo[c] = hi[c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; t += 2) {
-      const bool pair = t + 1 < length;
       const c10::BFloat16* r0 = v_cache + offsets[t] + kv_offset;
-      const c10::BFloat16* r1 = pair ? v_cache + offsets[t + 1] + kv_offset : r0;
-      const __m512i weights = _mm512_set1_epi32(
-          static_cast<int32_t>(bf16_bits(p[t]) | ((pair ? bf16_bits(p[t + 1]) : 0u) << 16)));
+      const c10::BFloat16* r1 = v_cache + offsets[t + 1] + kv_offset;
+      const __m512i weights = _mm512_set1_epi32(static_cast<int32_t>(pairs[t / 2]));
       for (int c = 0; c < C; ++c) {
         const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
         lo[c] = _mm512_dpbf16_ps(lo[c], as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(weights));
         hi[c] = _mm512_dpbf16_ps(hi[c], as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(weights));
       }
+    }
+    if (partial != nullptr) {  // unnormalised, in float32, for the merge
+      float* dst = partial->acc + (head_begin + h) * dim;
+      for (int c = 0; c < C; ++c) {
+        _mm512_storeu_ps(dst + 32 * c, _mm512_permutex2var_ps(lo[c], first, hi[c]));
+        _mm512_storeu_ps(dst + 32 * c + 16, _mm512_permutex2var_ps(lo[c], second, hi[c]));
+      }
+      continue;
     }
     const __m512 norm = _mm512_set1_ps(inv_totals[h]);
     c10::BFloat16* dst = out + (head_begin + h) * dim;
@@ -386,34 +522,78 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
                       int64_t block_size, int64_t max_blocks, float scale, float softcap,
                       int64_t q_stride) {  // q_stride: elements between sequences' queries
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t threads = at::get_num_threads();
   // Whole sequences per item when there are enough to keep every thread busy (each
   // K/V row is then read once); otherwise split sequences by KV head.
-  const int64_t splits = batch >= 2 * at::get_num_threads() ? 1 : num_kv_heads;
+  const int64_t splits = batch >= 2 * threads ? 1 : num_kv_heads;
+  // Still too few items for the threads (one long stream, 3 KV heads on 2 threads: one thread
+  // would read two thirds of the cache): the keys are split too, in parts of at least
+  // kMinKeys, each part's softmax state merged after.
+  constexpr int64_t kMinKeys = 256;
+  const int64_t parts = batch * splits >= 2 * threads ? 1 : (2 * threads + batch * splits - 1) / (batch * splits);
+  std::vector<int64_t> seq_parts(batch, 1);
+  bool split_keys = false;
+  for (int64_t b = 0; b < batch && parts > 1; ++b) {
+    const int64_t keys = context_lens[b] - (starts == nullptr ? 0 : starts[b]);
+    seq_parts[b] = std::max<int64_t>(1, std::min(parts, keys / kMinKeys));
+    split_keys = split_keys || seq_parts[b] > 1;
+  }
+  const int64_t state = num_heads * (dim + 2);  // one part's Partial: max, sum, acc
+  std::vector<float> partials(split_keys ? batch * parts * state : 0);
+  auto partial_of = [&](int64_t b, int64_t kp) {
+    float* base = partials.data() + (b * parts + kp) * state;
+    return Partial{base, base + num_heads, base + 2 * num_heads};
+  };
   // Dynamic scheduling: sequence lengths differ, so static halves would leave a thread idle.
-  const int64_t num_items = batch * splits;
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int64_t num_items = batch * splits * parts;
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> queries, scores, acc;
     std::vector<int64_t> offsets;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
-      const int64_t b = item / splits, part = item % splits;
+      const int64_t b = item / (splits * parts), part = item / parts % splits, kp = item % parts;
+      if (kp >= seq_parts[b]) continue;
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
-      const int64_t first_key = starts == nullptr ? 0 : starts[b];
+      const int64_t first_key = starts == nullptr ? 0 : starts[b], keys = context_lens[b] - first_key;
+      const int64_t begin = first_key + keys * kp / seq_parts[b], end = first_key + keys * (kp + 1) / seq_parts[b];
+      Partial partial{};
+      if (seq_parts[b] > 1) partial = partial_of(b, kp);
+      const Partial* into = seq_parts[b] > 1 ? &partial : nullptr;
 #ifdef SEMLINE_AVX512_BF16
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (dim == 64 || dim == 128) {
           auto run = dim == 64 ? attend_bf16<2> : attend_bf16<4>;
-          run(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, first_key, context_lens[b],
+          run(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
               out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, block_size, scale, softcap,
-              scores, offsets);
+              scores, offsets, into);
           continue;
         }
       }
 #endif
-      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, first_key, context_lens[b],
+      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
              out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
-             softcap, queries, scores, acc, offsets);
+             softcap, queries, scores, acc, offsets, into);
+    }
+    if (split_keys) {
+      // (the loop above ends with a barrier: every part is in place)
+#pragma omp for schedule(static)
+      for (int64_t item = 0; item < batch * num_heads; ++item) {
+        const int64_t b = item / num_heads, h = item % num_heads;
+        if (seq_parts[b] == 1) continue;
+        float largest = -std::numeric_limits<float>::infinity();
+        for (int64_t kp = 0; kp < seq_parts[b]; ++kp) largest = std::max(largest, partial_of(b, kp).max[h]);
+        float total = 0.f;
+        acc.assign(dim, 0.f);
+        for (int64_t kp = 0; kp < seq_parts[b]; ++kp) {
+          const Partial p = partial_of(b, kp);
+          const float weight = std::exp(p.max[h] - largest);
+          total += weight * p.sum[h];
+          for (int64_t d = 0; d < dim; ++d) acc[d] += weight * p.acc[h * dim + d];
+        }
+        scalar_t* dst = out + (b * num_heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
+      }
     }
   }
 }

@@ -91,6 +91,29 @@ def test_paged_decode_kernel_sliding_window_and_softcap(softcap, dtype, dim):
         kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, lens.clone())
 
 
+@pytest.mark.parametrize("dtype, num_kv_heads", [(torch.float32, 1), (torch.bfloat16, 3)])
+def test_paged_decode_kernel_splits_long_contexts_over_threads(dtype, num_kv_heads):
+    """One or two long sequences (too few items for the threads): each one's keys are
+    attended in parts (at least 256 keys each) whose softmax states merge into the same
+    answer; with a sliding window and soft-capping too."""
+    kernel = load_paged_attention()
+    torch.manual_seed(5)
+    num_heads, block_size, dim, num_blocks = 3 * num_kv_heads, 16, 64, 300
+    k_cache = (torch.randn(num_blocks, block_size, num_kv_heads, dim) * 2).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.stack([torch.randperm(num_blocks)[:140] for _ in range(2)])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for lens, starts, softcap in ((torch.tensor([2200]), None, None), (torch.tensor([1900, 700]), None, 5.0),
+                                  (torch.tensor([2000, 1200]), torch.tensor([300, 0]), None)):
+        batch = len(lens)
+        q = torch.randn(batch, num_heads, dim).to(dtype)
+        out = kernel.paged_decode_attention(q, k_cache, v_cache, tables[:batch], lens, dim**-0.5, starts,
+                                            softcap or 0.0)
+        expected = _reference_decode(q.float(), k_cache.float(), v_cache.float(), tables[:batch], lens, dim**-0.5,
+                                     starts, softcap)
+        torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_paged_decode_kernel_rejects_bad_input():
     kernel = load_paged_attention()
     q = torch.randn(2, 9, 64)
