@@ -6,7 +6,10 @@ The embedded SmolLM2-135M (a Q4_1 GGUF) decodes 64 greedy tokens after a short p
   (the GGUF's own 4-bit blocks kept), with 2 threads;
 - Hugging Face `generate` on transformers' own conversion of the file, one request, float32 and bfloat16;
 - llama.cpp (`llama-cpp-python`, `pip install -e '.[bench]'`: it builds from source with
-  this machine's compiler) on the very GGUF file, one request, the same threads.
+  this machine's compiler) on the very GGUF file, one request, the same threads;
+- one request after a long prompt (--long-context, 2000 tokens of tests/data), semline in
+  every configuration and llama.cpp, where each step also reads the whole K/V cache (its
+  roofline counts those bytes too).
 
 Decode rate = output tokens per second after the first token (the time per output
 token), so prompt processing is left out on every side. Beside each semline run:
@@ -45,6 +48,7 @@ from engine.models.linear import OneDNNLinear  # noqa: E402
 from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, WeightOnlyInt8Linear  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "w8a8"),
            ("bfloat16", "int4"), ("bfloat16", "auto")]
@@ -101,6 +105,26 @@ def kernel_paths(model: nn.Module, rows_list=(1, 32), seconds: float = 0.5) -> d
     return out
 
 
+def kv_bytes_per_step(llm: LLM, context: int) -> int:
+    """Bytes of K and V one decode step reads at `context` keys: every layer's, as cached."""
+    runner = llm.engine.runner
+    k_cache = runner.kv_caches[0][0]
+    per_token = k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() * 2  # K and V
+    return len(runner.kv_caches) * context * per_token
+
+
+def long_prompt(tokenizer, context: int) -> list[int]:
+    """The first `context` tokens of tests/data/public_domain.txt (repeated if it is shorter)."""
+    ids = tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
+    return (ids * (context // len(ids) + 1))[:context]
+
+
+def semline_long_rate(llm: LLM, prompt: list[int], tokens: int) -> float:
+    """One request's decode rate after a long prompt (its attention reads the whole context)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    return 1 / llm.generate([prompt], params)[0].metrics.time_per_output_token
+
+
 def semline_rate(llm: LLM, batch: int, tokens: int) -> float:
     """Output tokens per second of `batch` requests decoding together (after their first)."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
@@ -124,15 +148,17 @@ def hf_rate(folder: Path, dtype: torch.dtype, tokens: int) -> float:
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
-def llama_cpp_rate(threads: int, tokens: int) -> float | None:
+def llama_cpp_rate(threads: int, tokens: int, prompt_ids: list[int] | None = None) -> float | None:
+    """llama.cpp's greedy decode rate on the same GGUF after PROMPT, or after `prompt_ids`."""
     try:
         from llama_cpp import Llama
     except ImportError:
         print("llama-cpp-python is not installed (pip install -e '.[bench]'): no llama.cpp baseline")
         return None
-    llm = Llama(model_path=str(embedded_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+    n_ctx = 512 if prompt_ids is None else len(prompt_ids) + tokens + 64
+    llm = Llama(model_path=str(embedded_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                 verbose=False)
-    prompt = llm.tokenize(PROMPT.encode())
+    prompt = llm.tokenize(PROMPT.encode()) if prompt_ids is None else prompt_ids
     rates = []
     for _ in range(2):  # the first run warms up
         llm.reset()
@@ -150,6 +176,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--long-context", type=int, default=2000,
+                        help="also one stream after a prompt this long, its K/V read every step (0: skip)")
     parser.add_argument("--output", default=str(RESULTS / "decode.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,6 +208,16 @@ def main() -> None:
         if 32 in args.batches:
             roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "w8a8", "auto") else "float32"]
             run["batch32_vs_compute_roof"] = round(run["batch32_tokens_per_s"] * 2 * params / roof, 3)
+        if args.long_context:
+            prompt = long_prompt(llm.tokenizer, args.long_context)
+            semline_long_rate(llm, prompt, 8)  # warm-up
+            before = read_bandwidth_gbs()
+            rate = semline_long_rate(llm, prompt, args.tokens)
+            here = (before + read_bandwidth_gbs()) / 2
+            step = step_bytes + kv_bytes_per_step(llm, args.long_context + args.tokens // 2)
+            run["long_context_tokens_per_s"] = round(rate, 1)
+            run["long_context_streamed_mb"] = round(step / 1e6, 1)
+            run["long_context_vs_roofline"] = round(rate / (here * 1e9 / step), 3)
         if quantization in ("int4", "w8a8"):
             paths.update(kernel_paths(model))
         runs[name] = run
@@ -189,6 +227,13 @@ def main() -> None:
     print("hf", hf, flush=True)
     llama = llama_cpp_rate(args.threads, args.tokens)
     print("llama.cpp", llama, flush=True)
+    llama_long = None
+    if args.long_context:
+        from transformers import AutoTokenizer
+
+        prompt = long_prompt(AutoTokenizer.from_pretrained(folder), args.long_context)
+        llama_long = llama_cpp_rate(args.threads, args.tokens, prompt)
+        print("llama.cpp long context", llama_long, flush=True)
     best = max(runs, key=lambda n: runs[n]["batch1_tokens_per_s"])
     result = {
         "benchmark": "decode",
@@ -204,6 +249,8 @@ def main() -> None:
         "kernel_paths": paths,
         "hf_generate_batch1_tokens_per_s": hf,
         "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
+        "long_context": args.long_context,
+        "llama_cpp_long_context_tokens_per_s": None if llama_long is None else round(llama_long, 1),
         "best_single_stream": best,
         "best_single_stream_vs_llama_cpp": None if llama is None else
         round(runs[best]["batch1_tokens_per_s"] / llama, 3),
