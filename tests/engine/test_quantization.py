@@ -146,8 +146,9 @@ def test_int4_perplexity_within_8_percent_of_float32_and_an_eighth_of_the_weight
 
 def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, hf_dir):
     """Every tensor the engine reads from the embedded file (dequantized in place) equals
-    transformers' own conversion of it, and the Q4_1 blocks kept 4-bit (llama's q/k rows
-    un-permuted) give, as q * d + m, the very same weights."""
+    transformers' own conversion of it, as do a tensor-parallel rank's slices, and the Q4_1
+    blocks kept 4-bit (llama's q/k rows un-permuted) give, as q * d + m, the very same
+    weights."""
     from safetensors.torch import load_file
 
     from engine.gguf_weights import GGUFCheckpoint
@@ -158,6 +159,14 @@ def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, h
     assert set(folder) <= set(checkpoint.by_hf_name)
     for name, weight in folder.items():
         assert torch.equal(checkpoint.dequantize(name), weight), name
+    # A tensor-parallel rank's rows or columns: exactly those of the whole tensor, in its dtype.
+    from engine.models.base import TensorSlice
+
+    name = "model.layers.3.mlp.down_proj.weight"
+    rows, cols = TensorSlice(name, 0, 100, 300), TensorSlice(name, 1, 512, 1024)
+    parts = checkpoint.read([rows, cols], torch.bfloat16)
+    assert torch.equal(parts[rows], folder[name][100:300].bfloat16())
+    assert torch.equal(parts[cols], folder[name][:, 512:1024].bfloat16())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):
         q, d, m = checkpoint.q4_1(name)
