@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch

@@ -27,8 +27,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-
 from engine.config import ConfigError, EngineConfig
 from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
 from engine.model_runner import ModelRunner, StepPlan

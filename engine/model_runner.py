@@ -21,7 +21,7 @@ from engine.gguf_weights import GGUFCheckpoint, int4_weights, keep_gguf_precisio
 from engine.kernels.decode_stack import DecodeStack
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
-from engine.models import ModelArgs, TruncatedModel, build_model
+from engine.models import TruncatedModel, build_model
 from engine.models.layers import MoE, RMSNorm, RotaryEmbedding
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel

@@ -15,7 +15,6 @@ import json
 import time
 
 import httpx
-import pytest
 
 from tests.deployments.conftest import API_KEY, MODEL
 

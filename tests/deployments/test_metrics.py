@@ -71,5 +71,5 @@ def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus
 
     missing = [name for name in NAMES if not _query(prometheus, name)]
     assert not missing, f"no data in Prometheus for {missing}"
-    ttft_count = f'sum(ray_semline_time_to_first_token_seconds_count{{lane="realtime"}})'
+    ttft_count = 'sum(ray_semline_time_to_first_token_seconds_count{lane="realtime"})'
     assert _value(prometheus, ttft_count) >= len(usages)
