@@ -422,6 +422,47 @@ inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
 inline uint32_t bf16_bits(float x) { return narrow<c10::BFloat16>(x).x; }
 
+// Pass 3 for N heads of one KV head (probabilities: N rows of bf16 pairs, `stride` apart;
+// column: the KV head's first feature in slot 0): out rows head .. head + N - 1, each scaled
+// by its 1 / sum, or unnormalised into `partial`. unpacklo/hi_epi16 interleave the two rows
+// within each 128-bit lane, so accumulator lo's float lane 4L + j holds feature 8L + j (of
+// its 32) and hi's holds 8L + 4 + j; the permutes at the end restore the order.
+template <int C, int N>
+void values_bf16(const c10::BFloat16* column, const int64_t* offsets, int64_t length, const uint16_t* probs,
+                 int64_t stride, const float* inv_totals, const Partial* partial, int64_t head,
+                 c10::BFloat16* out) {
+  constexpr int64_t dim = 32 * C;
+  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  const uint32_t* pairs[N];
+  for (int i = 0; i < N; ++i) pairs[i] = reinterpret_cast<const uint32_t*>(probs + i * stride);
+  for (int c = 0; c < C; ++c) {  // 32 features at a time: 2N accumulators in registers
+    const c10::BFloat16* chunk = column + 32 * c;
+    __m512 lo[N], hi[N];
+    for (int i = 0; i < N; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < length; t += 2) {
+      const __m512i a = _mm512_loadu_si512(chunk + offsets[t]), b = _mm512_loadu_si512(chunk + offsets[t + 1]);
+      const __m512bh even = as_bh(_mm512_unpacklo_epi16(a, b)), odd = as_bh(_mm512_unpackhi_epi16(a, b));
+      for (int i = 0; i < N; ++i) {
+        const __m512bh weights = as_bh(_mm512_set1_epi32(static_cast<int32_t>(pairs[i][t / 2])));
+        lo[i] = _mm512_dpbf16_ps(lo[i], even, weights);
+        hi[i] = _mm512_dpbf16_ps(hi[i], odd, weights);
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      const __m512 norm = _mm512_set1_ps(partial != nullptr ? 1.f : inv_totals[i]);
+      float values[32];
+      _mm512_storeu_ps(values, _mm512_mul_ps(_mm512_permutex2var_ps(lo[i], first, hi[i]), norm));
+      _mm512_storeu_ps(values + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[i], second, hi[i]), norm));
+      if (partial != nullptr) {  // unnormalised, in float32, for the merge
+        std::memcpy(partial->acc + (head + i) * dim + 32 * c, values, sizeof values);
+      } else {
+        c10::BFloat16* dst = out + (head + i) * dim + 32 * c;
+        for (int d = 0; d < 32; ++d) dst[d] = narrow<c10::BFloat16>(values[d]);
+      }
+    }
+  }
+}
 template <int C>  // C = head_dim / 32
 void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache,
                  const int64_t* table, int64_t start, int64_t end, c10::BFloat16* out, int64_t head_begin,
@@ -459,12 +500,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
   }
   std::vector<float> inv_totals(heads);
   softmax_rows(scores.data(), heads, length, softcap, inv_totals.data(), partial, head_begin);
-  // Pass 3: per head, keys in pairs. unpacklo/hi_epi16 interleave the two rows within each
-  // 128-bit lane, so accumulator lo's float lane 4L + j holds feature 8L + j (of its 32) and
-  // hi's holds 8L + 4 + j; the permutes at the end restore the order.
-  const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-  const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-  // The probabilities rounded to bf16 once, in key order, each row padded to an even length
+  // Pass 3 (values_bf16): keys in pairs. The probabilities rounded to bf16 once, in key order, each row padded to an even length
   // with a zero: word t / 2 of a row is key t's and key t + 1's weight, as one broadcast.
   thread_local std::vector<uint16_t> probs;
   const int64_t padded = length + (length & 1);
@@ -480,39 +516,19 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
     if (length & 1) dst[length] = 0;
   }
   if (length & 1) offsets.push_back(offsets[length - 1]);  // the padding key: any row, weight 0
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t kv_offset = ((head_begin + h) / group) * dim;
-    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(probs.data() + h * padded);
-    __m512 lo[C], hi[C];
-    for (int c = 0; c < C; ++c) lo[c] = hi[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < length; t += 2) {
-      const c10::BFloat16* r0 = v_cache + offsets[t] + kv_offset;
-      const c10::BFloat16* r1 = v_cache + offsets[t + 1] + kv_offset;
-      const __m512i weights = _mm512_set1_epi32(static_cast<int32_t>(pairs[t / 2]));
-      for (int c = 0; c < C; ++c) {
-        const __m512i a = _mm512_loadu_si512(r0 + 32 * c), b = _mm512_loadu_si512(r1 + 32 * c);
-        lo[c] = _mm512_dpbf16_ps(lo[c], as_bh(_mm512_unpacklo_epi16(a, b)), as_bh(weights));
-        hi[c] = _mm512_dpbf16_ps(hi[c], as_bh(_mm512_unpackhi_epi16(a, b)), as_bh(weights));
-      }
-    }
-    if (partial != nullptr) {  // unnormalised, in float32, for the merge
-      float* dst = partial->acc + (head_begin + h) * dim;
-      for (int c = 0; c < C; ++c) {
-        _mm512_storeu_ps(dst + 32 * c, _mm512_permutex2var_ps(lo[c], first, hi[c]));
-        _mm512_storeu_ps(dst + 32 * c + 16, _mm512_permutex2var_ps(lo[c], second, hi[c]));
-      }
-      continue;
-    }
-    const __m512 norm = _mm512_set1_ps(inv_totals[h]);
-    c10::BFloat16* dst = out + (head_begin + h) * dim;
-    for (int c = 0; c < C; ++c) {
-      float values[32];
-      _mm512_storeu_ps(values, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], first, hi[c]), norm));
-      _mm512_storeu_ps(values + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[c], second, hi[c]), norm));
-      for (int d = 0; d < 32; ++d) dst[32 * c + d] = narrow<c10::BFloat16>(values[d]);
-    }
+  // Heads that share a KV head go together, up to 4 at a time: each pair of value rows is
+  // loaded and interleaved once for all of them.
+  for (int64_t h = 0; h < heads;) {
+    const int64_t kv = (head_begin + h) / group;
+    int64_t n = 1;
+    while (n < 4 && h + n < heads && (head_begin + h + n) / group == kv) ++n;
+    auto run = n == 4 ? values_bf16<C, 4> : n == 3 ? values_bf16<C, 3> : n == 2 ? values_bf16<C, 2> : values_bf16<C, 1>;
+    run(v_cache + kv * dim, offsets.data(), length, probs.data() + h * padded, padded, inv_totals.data() + h,
+        partial, head_begin + h, out);
+    h += n;
   }
 }
+
 #endif
 
 template <typename scalar_t>
