@@ -12,6 +12,7 @@ Shapes in comments: T tokens, D hidden, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -79,10 +80,11 @@ class ModelArgs:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads cannot share {self.num_kv_heads} KV heads evenly")
 
-    @property
+    @functools.cached_property
     def num_parameters(self) -> int:
         """Parameters touched per token by the matmuls (embedding lookup excluded, head
-        included); an MoE layer counts its router and the experts a token is routed to."""
+        included); an MoE layer counts its router and the experts a token is routed to.
+        Computed once (every step's FLOPs accounting asks, per chunk)."""
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         dense = 3 * self.hidden_size * self.intermediate_size
         routed = self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size \
