@@ -652,6 +652,61 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 
+// --- greedy sampling ---
+
+namespace {
+
+// The index of the largest of x[0..n), the first where several tie, and the first NaN if
+// there is one: what torch.argmax returns. AVX-512: 16 lanes of (largest, its first index).
+int64_t argmax_row(const float* x, int64_t n) {
+  int64_t t = 0, at = 0;
+  float best = x[0];
+#ifdef SEMLINE_AVX512
+  if (n >= 16) {
+    __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i best_index = index;
+    __m512 best_value = _mm512_loadu_ps(x);
+    __mmask16 nan = _mm512_cmp_ps_mask(best_value, best_value, _CMP_UNORD_Q);
+    for (t = 16; t + 16 <= n; t += 16) {
+      index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+      const __m512 v = _mm512_loadu_ps(x + t);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 greater = _mm512_cmp_ps_mask(v, best_value, _CMP_GT_OQ);
+      best_value = _mm512_mask_mov_ps(best_value, greater, v);
+      best_index = _mm512_mask_mov_epi32(best_index, greater, index);
+    }
+    if (nan != 0) {
+      t = 0;  // the scalar loop finds the first NaN
+    } else {
+      best = _mm512_reduce_max_ps(best_value);
+      at = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(best_value, _mm512_set1_ps(best), _CMP_EQ_OQ),
+                                        best_index);
+    }
+  }
+#endif
+  for (; t < n; ++t) {
+    if (x[t] != x[t]) return t;
+    if (x[t] > best) best = x[t], at = t;
+  }
+  return at;
+}
+
+}  // namespace
+
+torch::Tensor argmax_rows(torch::Tensor logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "logits: float32 [N, V], V > 0");
+  auto x = logits.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto out = torch::empty({rows}, torch::dtype(at::kLong));
+  const float* data = x.data_ptr<float>();
+  int64_t* ids = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) ids[r] = argmax_row(data + r * n, n);
+  });
+  return out;
+}
+
 // --- the small per-layer ops of a decode step, fused (one call instead of 4-14 PyTorch ops) ---
 
 namespace {
@@ -932,6 +987,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("starts") = pybind11::none(),
         pybind11::arg("softcap") = 0.0);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)");
+  m.def("argmax_rows", &argmax_rows, "Each row's argmax, as torch.argmax(dim=-1) (float32, CPU)");
   m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)");
 
   m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");

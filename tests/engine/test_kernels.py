@@ -360,3 +360,22 @@ def test_the_build_folder_is_per_cpu(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", fake_cpuinfo)
     assert _build_key() != here
+
+
+def test_argmax_rows_returns_what_torch_argmax_does():
+    """The greedy sampler's argmax: the first of tied maxima, the first NaN of a row that has
+    one, 0 for a row of -inf, any length (the 16-lane loop, its tail, rows shorter than 16)."""
+    kernel = load_paged_attention()
+    torch.manual_seed(11)
+    for vocab in (1, 7, 16, 49, 49152):
+        logits = torch.randn(12, vocab)
+        logits[1] = float("-inf")
+        if vocab > 3:
+            logits[2, [1, vocab - 2]] = 50.0  # a tie: the first wins
+            logits[3, vocab // 2] = float("nan")
+            logits[4, [vocab - 1, 2]] = float("nan")
+            logits[5] = torch.randint(0, 3, (vocab,)).float()  # many ties
+            logits[6, -1] = float("inf")
+        assert torch.equal(kernel.argmax_rows(logits), logits.argmax(dim=-1)), vocab
+    strided = torch.randn(64, 40)[:, ::2]  # not contiguous
+    assert torch.equal(kernel.argmax_rows(strided), strided.argmax(dim=-1))
