@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 
 from engine.config import ConfigError, EngineConfig
+from engine.kernels import argmax
 from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
 from engine.model_runner import ModelRunner, StepPlan
 from engine.scheduler import ScheduledChunk
@@ -79,7 +80,7 @@ class Drafter:
                 # Feed [start, n + j): the tokens it missed, then the proposal before this one.
                 plan.add(request, start, request.num_tokens + j, 1, self.block_size)
             logits = self.runner.execute(self.runner.build(plan))
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = argmax(logits).tolist()
             num_computed += len(plan.input_ids)
             next_spans = []
             for (request, _, wanted), token in zip(spans, tokens):

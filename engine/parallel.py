@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from engine.kernels import argmax
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -117,7 +119,7 @@ class TensorParallel:
         greedy[argmax_rows] = True
         full, best = local[~greedy], local[greedy]
         if self.size == 1:
-            return full, best.argmax(dim=-1).to(torch.int32)
+            return full, argmax(best).to(torch.int32)
         import torch.distributed as dist
 
         start, _ = self.vocab(vocab_size)

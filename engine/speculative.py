@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from engine.kernels import argmax
+
 
 def propose_prompt_lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
     """Up to k tokens that followed the latest earlier match of the last n tokens."""
@@ -47,7 +49,7 @@ def propose_prompt_lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> 
 
 def accept_greedy(logits: torch.Tensor, draft: list[int]) -> list[int]:
     """logits [k+1, V]: the model's argmax up to and including its first disagreement."""
-    best = logits.argmax(dim=-1).tolist()
+    best = argmax(logits).tolist()
     out = []
     for j, token in enumerate(draft):
         out.append(best[j])
