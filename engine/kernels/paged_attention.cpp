@@ -72,24 +72,41 @@ inline float dot(const float* q, const scalar_t* k, int64_t dim) {
   return sum;
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the maximum), written so that the compiler
-// vectorises it (std::exp is a scalar libm call per score): Cephes' expf polynomial on
-// [-ln2/2, ln2/2] after range reduction, within 2 ulp of std::exp.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+// The float ops of exp_nonpositive and the softmax loops over a lane type: one float here,
+// 8 (AVX2) or 16 (AVX-512) below, so that one template serves the vector loops and their
+// scalar tails, and both give the same floats.
+struct Lanes1 {
+  using V = float;
+  static V set1(float x) { return x; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) { return std::max(a, b); }
+  static V floor(V a) { return std::floor(a); }
+  static V pow2(V n) {  // 2^n for integral n in [-126, 127]
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+  }
+};
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum; std::exp is a scalar libm call
+// per score): Cephes' expf polynomial on [-ln2/2, ln2/2] after range reduction, within 2 ulp
+// of std::exp.
+template <typename L>
+inline typename L::V exp_nonpositive(typename L::V x) {
+  x = L::max(x, L::set1(-87.0f));
+  const typename L::V n = L::floor(L::add(L::mul(x, L::set1(1.44269504088896341f)), L::set1(0.5f)));
+  const typename L::V r = L::sub(L::sub(x, L::mul(n, L::set1(0.693359375f))), L::mul(n, L::set1(-2.12194440e-4f)));
+  typename L::V p = L::set1(1.9875691500e-4f);
+  p = L::add(L::mul(p, r), L::set1(1.3981999507e-3f));
+  p = L::add(L::mul(p, r), L::set1(8.3334519073e-3f));
+  p = L::add(L::mul(p, r), L::set1(4.1665795894e-2f));
+  p = L::add(L::mul(p, r), L::set1(1.6666665459e-1f));
+  p = L::add(L::mul(p, r), L::set1(5.0000001201e-1f));
+  const typename L::V y = L::add(L::add(L::mul(L::mul(p, r), r), r), L::set1(1.0f));
+  return L::mul(y, L::pow2(n));
 }
 
 template <typename scalar_t>
@@ -164,8 +181,8 @@ inline __m256 dot8_512(const float* q, const scalar_t* const* rows, int64_t dim)
 #endif
 
 #ifdef SEMLINE_AVX2
-// The float ops of exp_nonpositive and the softmax loops at 8 (AVX2) or 16 (AVX-512) lanes,
-// so that one template (row_softmax) serves both.
+// Lanes1's ops at 8 (AVX2) and 16 (AVX-512) lanes, with the loads and reductions
+// row_softmax needs.
 struct Lanes8 {
   using V = __m256;
   static constexpr int64_t n = 8;
@@ -214,22 +231,6 @@ using Lanes = Lanes16;
 #else
 using Lanes = Lanes8;
 #endif
-
-// exp_nonpositive, lane by lane: the same operations in the same order, so the same floats.
-template <typename L>
-inline typename L::V exp_nonpositive(typename L::V x) {
-  x = L::max(x, L::set1(-87.0f));
-  const typename L::V n = L::floor(L::add(L::mul(x, L::set1(1.44269504088896341f)), L::set1(0.5f)));
-  const typename L::V r = L::sub(L::sub(x, L::mul(n, L::set1(0.693359375f))), L::mul(n, L::set1(-2.12194440e-4f)));
-  typename L::V p = L::set1(1.9875691500e-4f);
-  p = L::add(L::mul(p, r), L::set1(1.3981999507e-3f));
-  p = L::add(L::mul(p, r), L::set1(8.3334519073e-3f));
-  p = L::add(L::mul(p, r), L::set1(4.1665795894e-2f));
-  p = L::add(L::mul(p, r), L::set1(1.6666665459e-1f));
-  p = L::add(L::mul(p, r), L::set1(5.0000001201e-1f));
-  const typename L::V y = L::add(L::add(L::mul(L::mul(p, r), r), r), L::set1(1.0f));
-  return L::mul(y, L::pow2(n));
-}
 #endif
 
 // One row of scores: s[t] = exp(s[t] - max) in place; returns (max, sum of the exps).
@@ -258,7 +259,7 @@ inline std::pair<float, float> row_softmax(float* s, int64_t length) {
   total = L::reduce_add(sum);
 #endif
   for (; t < length; ++t) {
-    s[t] = exp_nonpositive(s[t] - max_score);
+    s[t] = exp_nonpositive<Lanes1>(s[t] - max_score);
     total += s[t];
   }
   return {max_score, total};
@@ -463,6 +464,7 @@ void values_bf16(const c10::BFloat16* column, const int64_t* offsets, int64_t le
     }
   }
 }
+
 template <int C>  // C = head_dim / 32
 void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10::BFloat16* v_cache,
                  const int64_t* table, int64_t start, int64_t end, c10::BFloat16* out, int64_t head_begin,
@@ -500,8 +502,9 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
   }
   std::vector<float> inv_totals(heads);
   softmax_rows(scores.data(), heads, length, softcap, inv_totals.data(), partial, head_begin);
-  // Pass 3 (values_bf16): keys in pairs. The probabilities rounded to bf16 once, in key order, each row padded to an even length
-  // with a zero: word t / 2 of a row is key t's and key t + 1's weight, as one broadcast.
+  // Pass 3 (values_bf16): keys in pairs. The probabilities rounded to bf16 once, in key
+  // order, each row padded to an even length with a zero: word t / 2 of a row is key t's and
+  // key t + 1's weight, as one broadcast.
   thread_local std::vector<uint16_t> probs;
   const int64_t padded = length + (length & 1);
   probs.resize(heads * padded);
@@ -528,7 +531,6 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
     h += n;
   }
 }
-
 #endif
 
 template <typename scalar_t>
@@ -573,8 +575,7 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
       const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
       const int64_t first_key = starts == nullptr ? 0 : starts[b], keys = context_lens[b] - first_key;
       const int64_t begin = first_key + keys * kp / seq_parts[b], end = first_key + keys * (kp + 1) / seq_parts[b];
-      Partial partial{};
-      if (seq_parts[b] > 1) partial = partial_of(b, kp);
+      const Partial partial = seq_parts[b] > 1 ? partial_of(b, kp) : Partial{};
       const Partial* into = seq_parts[b] > 1 ? &partial : nullptr;
 #ifdef SEMLINE_AVX512_BF16
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
