@@ -80,9 +80,10 @@ class EngineConfig:
     onednn_linear: bool = True
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales (weight-only: activations stay float); "w8a8" (CPU): the same weights, the
-    # activations quantized to int8 too (semline's kernel: faster, less exact); "int4" (CPU): linear layers as 4-bit groups of 32 weights with a scale and
-    # an offset each, the embedding int8 (engine/quantization.py); "auto": a GGUF model keeps
-    # its file's precision on the CPU (Q4_1 layers exact as int4, a Q8_0 embedding int8:
+    # activations quantized to int8 too (semline's kernel: faster, less exact); "int4"
+    # (CPU): linear layers as 4-bit groups of 32 weights with a scale and an offset each,
+    # the embedding int8 (engine/quantization.py); "auto": a GGUF model keeps its file's
+    # precision on the CPU (Q4_1 layers exact as int4, a Q8_0 embedding int8:
     # engine/gguf_weights.py), a HF folder runs in its dtype; "none": the model's dtype.
     quantization: str = "none"
     # Model parallelism on Ray workers (cluster/parallel.py, through the executor
