@@ -263,9 +263,12 @@ class CausalLM(nn.Module):
         types = {layer.self_attn.rope_key for layer in self.layers}
         self.rotary = {t: build_rotary(hf_config, self.args.head_dim, max_positions, t).to(device) for t in types}
 
-    @property
-    def windows(self) -> set[int | None]:
-        return {layer.self_attn.window for layer in self.layers}
+    @functools.cached_property
+    def windows(self) -> frozenset[int | None]:
+        """The layers' attention windows (None: full attention). Fixed at construction and read
+        every step to build the attention metadata: computed once (a set over the layers
+        through nn.Module's attribute lookup cost ~20 us a step)."""
+        return frozenset(layer.self_attn.window for layer in self.layers)
 
     @property
     def num_kv_heads(self) -> int:
