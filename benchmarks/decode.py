@@ -19,12 +19,14 @@ just before and after that run (it moves between runs on a shared VM; the run's 
 figure and a copy's rate are recorded too), and at batch 32 the fraction of the dtype's
 measured matrix-product rate the step's FLOPs reach.
 Also timed: every compiled path of the W4A8/W8A8 kernels (scalar, AVX2, AVX512-VNNI)
-over the model's own quantized layers, so the AVX2 path has a number on any machine.
+over the model's own quantized layers, so the AVX2 path has a number on any machine, and
+the step's 4-bit products called one by one against the same bytes as one product (what
+the step loses to starting and ending ~120 short products; --kernels-only runs just these).
 Targets (issue 16): single stream >= 1.5x llama.cpp and >= 50 % of the bandwidth bound;
 batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json with the
 CPU flags and the commit.
 
-    .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 64]
+    .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 64] [--kernels-only]
 """
 
 from __future__ import annotations
@@ -102,6 +104,40 @@ def kernel_paths(model: nn.Module, rows_list=(1, 32), seconds: float = 0.5) -> d
                 elapsed = (time.perf_counter() - start) / passes
                 out[f"{name}/{label}/rows{rows}"] = {"weight_gbs": round(nbytes / elapsed / 1e9, 1),
                                                      "gflops": round(flops_per_row * rows / elapsed / 1e9, 1)}
+    if q4:
+        out.update(one_product(q4, seconds))
+    return out
+
+
+def one_product(layers: list[nn.Module], seconds: float) -> dict:
+    """What the step's many short products cost at one row: the W4A8 layers that share the
+    most common input width, called one after another as a step calls them, against their
+    blocks joined into one matrix and multiplied in one call (the same bytes, one stream per
+    thread instead of one per product), on 2 threads and on 1."""
+    width = statistics.mode(m.in_features for m in layers)
+    same = [m for m in layers if m.in_features == width]
+    joined = torch.cat([m.q4_packed for m in same])
+    rows = joined.shape[0] * 16
+    kernel = same[0].kernel
+    x = torch.randn(1, width, dtype=torch.bfloat16)
+
+    def rate(call) -> float:
+        call()
+        passes, start = 0, time.perf_counter()
+        while passes == 0 or time.perf_counter() - start < seconds:
+            call()
+            passes += 1
+        return round(joined.numel() / ((time.perf_counter() - start) / passes) / 1e9, 1)
+
+    out, threads = {}, torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        out[f"w4a8/best/rows1/threads{n}"] = {
+            "layers": len(same), "mb": round(joined.numel() / 1e6, 1),
+            "separate_calls_gbs": rate(lambda: [kernel.q4_linear(x, m.q4_packed, m.out_features) for m in same]),
+            "one_call_gbs": rate(lambda: kernel.q4_linear(x, joined, rows)),
+            "read_bandwidth_gbs": round(read_bandwidth_gbs(), 1)}
+    torch.set_num_threads(threads)
     return out
 
 
@@ -171,6 +207,19 @@ def llama_cpp_rate(threads: int, tokens: int, prompt_ids: list[int] | None = Non
     return rates[-1]
 
 
+def kernels_only(threads: int) -> None:
+    paths = {}
+    for quantization in ("int4", "w8a8"):
+        dtype = "bfloat16" if quantization == "int4" else "float32"
+        llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=threads, kv_cache_memory_gb=0.5)
+        paths.update(kernel_paths(llm.engine.runner.model))
+        del llm
+    result = {"benchmark": "decode_kernels", "machine": machine_info(), "threads": threads, "kernel_paths": paths}
+    output = RESULTS / "decode_kernels.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -179,8 +228,15 @@ def main() -> None:
     parser.add_argument("--long-context", type=int, default=2000,
                         help="also one stream after a prompt this long, its K/V read every step (0: skip)")
     parser.add_argument("--output", default=str(RESULTS / "decode.json"))
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only time the quantized kernels' paths over the model's layers (and the "
+                             "step's products one by one against one product of the same bytes); writes "
+                             "results/decode_kernels.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.kernels_only:
+        kernels_only(args.threads)
+        return
     bandwidth = read_bandwidth_gbs() * 1e9
     roofs = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     runs, folder, paths = {}, None, {}
