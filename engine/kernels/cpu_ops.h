@@ -22,3 +22,18 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 torch::Tensor q8_pack(torch::Tensor q);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
+
+// The products of a decode step inside one OpenMP parallel region (paged_attention.cpp's
+// DecodeStack): one thread quantizes the activations, then every thread of the region calls
+// team_linear for its share of the weight blocks, written into `out` ([rows, n], allocated
+// before). The same arithmetic as q4_linear / q8_linear, on the best path; no checks inside
+// (team_linear_fits, before the region).
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> scale;  // [M, G]
+  std::vector<float> sum;    // [M, G]: sum of the unquantized inputs
+};
+void quantize_activations(QuantizedRows& out, const torch::Tensor& x);
+bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n);
+void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales,
+                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out);

@@ -21,6 +21,9 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -46,18 +49,12 @@ constexpr int64_t kNibbles = 256;
 
 enum Path : int64_t { kBest = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
 
-// The activations of one call, quantized per row and group.
-struct QuantizedRows {
-  std::vector<int8_t> q;    // [M, K]
-  std::vector<float> scale; // [M, G]
-  std::vector<float> sum;   // [M, G]: sum of the unquantized inputs
-};
-
 template <typename scalar_t>
-QuantizedRows quantize_rows(const scalar_t* x, int64_t rows, int64_t k, int64_t stride) {
+void quantize_rows_into(QuantizedRows& out, const scalar_t* x, int64_t rows, int64_t k, int64_t stride) {
   const int64_t groups = k / kGroup;
-  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
-                    std::vector<float>(rows * groups)};
+  out.q.resize(rows * k);
+  out.scale.resize(rows * groups);
+  out.sum.resize(rows * groups);
   at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / groups, g = item % groups;
@@ -76,6 +73,12 @@ QuantizedRows quantize_rows(const scalar_t* x, int64_t rows, int64_t k, int64_t 
       out.sum[item] = sum;
     }
   });
+}
+
+template <typename scalar_t>
+QuantizedRows quantize_rows(const scalar_t* x, int64_t rows, int64_t k, int64_t stride) {
+  QuantizedRows out;
+  quantize_rows_into(out, x, rows, k, stride);
   return out;
 }
 
@@ -236,20 +239,50 @@ int64_t best_path() {
 using BlockFn = void (*)(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end,
                          int64_t k, float* acc);
 
-// What q4_linear and q8_linear share: the checks, the activations quantized once, the weight
-// blocks split over the threads (each thread's blocks stream from memory in one run), at most
-// 64 activation rows per pass, then per-row scales (int8) and the bias, rounded as the Python
-// layers round them. kernels[path]: the pass for each path (scalar, AVX2, VNNI).
-torch::Tensor run_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record,
-                         int64_t n, const float* row_scales, const c10::optional<torch::Tensor>& bias,
-                         int64_t path, const BlockFn* kernels) {
+// Weight blocks [begin, end) of one product: at most 64 activation rows per pass, then
+// per-row scales (int8) and the bias, rounded as the Python layers round them.
+template <typename scalar_t>
+void blocks_range(BlockFn pass, const uint8_t* weights, int64_t record, const QuantizedRows& xq, int64_t rows,
+                  int64_t k, int64_t n, const float* row_scales, const scalar_t* b, scalar_t* y, int64_t begin,
+                  int64_t end) {
+  const int64_t groups = k / kGroup;
+  float acc[64 * kRows];
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t cols = std::min(kRows, n - blk * kRows);
+    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+      const int64_t r1 = std::min(rows, r0 + 64);
+      pass(weights + blk * groups * record, xq, r0, r1, k, acc);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < cols; ++j) {
+          float v = acc[(r - r0) * kRows + j];
+          if (row_scales != nullptr) v *= row_scales[blk * kRows + j];
+          if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
+          y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
+        }
+    }
+  }
+}
+
+// What q4_linear and q8_linear check: x against the packed weights and bias.
+void check_product(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record, int64_t n,
+                   const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous(),
               name, ": the packed weights are not its pack's [blocks, groups, ", record, "] bytes");
-  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0), groups = k / kGroup;
-  TORCH_CHECK(packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == blocks, "x and weights disagree");
+  TORCH_CHECK(packed.size(1) * kGroup == x.size(1) && (n + kRows - 1) / kRows == packed.size(0),
+              "x and weights disagree");
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->numel() == n),
               "bias: [N] in x's dtype");
+}
+
+// What q4_linear and q8_linear share: the checks, the activations quantized once, the weight
+// blocks split over the threads (each thread's blocks stream from memory in one run).
+// kernels[path]: the pass for each path (scalar, AVX2, VNNI).
+torch::Tensor run_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record,
+                         int64_t n, const float* row_scales, const c10::optional<torch::Tensor>& bias,
+                         int64_t path, const BlockFn* kernels) {
+  check_product(name, x, packed, record, n, bias);
+  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0);
   if (path == kBest) path = best_path();
   TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
   RECORD_FUNCTION(name, std::vector<c10::IValue>({x}));
@@ -262,21 +295,7 @@ torch::Tensor run_blocks(const char* name, const torch::Tensor& x, const torch::
     scalar_t* y = out.data_ptr<scalar_t>();
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(std::min<int64_t>(rows, 64) * kRows);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t cols = std::min(kRows, n - blk * kRows);
-        for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-          const int64_t r1 = std::min(rows, r0 + 64);
-          pass(weights + blk * groups * record, xq, r0, r1, k, acc.data());
-          for (int64_t r = r0; r < r1; ++r)
-            for (int64_t j = 0; j < cols; ++j) {
-              float v = acc[(r - r0) * kRows + j];
-              if (row_scales != nullptr) v *= row_scales[blk * kRows + j];
-              if (b != nullptr) v = static_cast<float>(static_cast<scalar_t>(v)) + static_cast<float>(b[blk * kRows + j]);
-              y[r * n + blk * kRows + j] = static_cast<scalar_t>(v);
-            }
-        }
-      }
+      blocks_range<scalar_t>(pass, weights, record, xq, rows, k, n, row_scales, b, y, begin, end);
     });
   });
   return out;
@@ -328,8 +347,9 @@ torch::Tensor q4_pack(torch::Tensor q, torch::Tensor scales, torch::Tensor mins)
   return packed;
 }
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
-                        const c10::optional<torch::Tensor>& bias, int64_t path) {
+namespace {
+
+const BlockFn* q4_kernels() {
   static const BlockFn kernels[] = {
       block_scalar,
 #ifdef SEMLINE_Q4_AVX2
@@ -343,8 +363,15 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
       block_scalar,
 #endif
   };
+  return kernels;
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                        const c10::optional<torch::Tensor>& bias, int64_t path) {
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: q4_pack's bytes");
-  return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, kernels);
+  return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, q4_kernels());
 }
 
 // --- 8-bit weights (per output row scale) times the same int8 activations ------------------
@@ -472,8 +499,9 @@ torch::Tensor q8_pack(torch::Tensor q) {
   return packed;
 }
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                        const c10::optional<torch::Tensor>& bias, int64_t path) {
+namespace {
+
+const BlockFn* q8_kernels() {
   static const BlockFn kernels[] = {
       block8_scalar,
 #ifdef SEMLINE_Q4_AVX2
@@ -487,8 +515,46 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
       block8_scalar,
 #endif
   };
+  return kernels;
+}
+
+}  // namespace
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const c10::optional<torch::Tensor>& bias, int64_t path) {
   TORCH_CHECK(packed.scalar_type() == at::kChar, "packed: q8_pack's bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
   return run_blocks("semline::q8_linear", x, packed, kRecord8, scales.numel(), scales.data_ptr<float>(), bias, path,
-                    kernels);
+                    q8_kernels());
+}
+
+// --- DecodeStack's one parallel region ----------------------------------------------------
+
+void quantize_activations(QuantizedRows& out, const torch::Tensor& x) {
+  SEMLINE_DISPATCH(x.scalar_type(), "semline quantize_activations", [&] {
+    quantize_rows_into<scalar_t>(out, x.data_ptr<scalar_t>(), x.size(0), x.size(1), x.stride(0));
+  });
+}
+
+bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n) {
+  return packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == (q8 ? kRecord8 : kRecord) &&
+         packed.element_size() == 1 && packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == packed.size(0);
+}
+
+void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales,
+                 const c10::optional<torch::Tensor>& bias, torch::Tensor& out) {
+  const int64_t blocks = packed.size(0), rows = out.size(0), k = packed.size(1) * kGroup;
+#ifdef _OPENMP
+  const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+  const int64_t t = 0, threads = 1;
+#endif
+  const int64_t begin = blocks * t / threads, end = blocks * (t + 1) / threads;
+  const BlockFn pass = (q8 ? q8_kernels() : q4_kernels())[best_path()];
+  const uint8_t* weights = static_cast<const uint8_t*>(packed.data_ptr());
+  SEMLINE_DISPATCH(out.scalar_type(), "semline team_linear", [&] {
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    blocks_range<scalar_t>(pass, weights, q8 ? kRecord8 : kRecord, xq, rows, k, n, row_scales, b,
+                           out.data_ptr<scalar_t>(), begin, end);
+  });
 }

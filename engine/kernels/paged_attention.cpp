@@ -533,86 +533,115 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
 }
 #endif
 
+// How a decode attention call's work is cut into items (decode_attention): whole sequences,
+// or sequences by KV head, and long ones' keys in parts merged after (split-K).
+struct AttentionPlan {
+  int64_t splits = 1, parts = 1, num_items = 0;
+  bool split_keys = false;
+  std::vector<int64_t> seq_parts;  // per sequence: its key parts (1: not split)
+  std::vector<float> partials;     // per sequence and part: a Partial over every head
+
+  Partial partial_of(int64_t b, int64_t kp, int64_t num_heads, int64_t dim) {
+    float* base = partials.data() + (b * parts + kp) * num_heads * (dim + 2);
+    return Partial{base, base + num_heads, base + 2 * num_heads};
+  }
+};
+
+void plan_attention(AttentionPlan& plan, const int64_t* context_lens, const int64_t* starts, int64_t batch,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t dim, int64_t threads) {
+  // Whole sequences per item when there are enough to keep every thread busy (each
+  // K/V row is then read once); otherwise split sequences by KV head.
+  plan.splits = batch >= 2 * threads ? 1 : num_kv_heads;
+  // Still too few items for the threads (one long stream, 3 KV heads on 2 threads: one thread
+  // would read two thirds of the cache): the keys are split too, in parts of at least
+  // kMinKeys, each part's softmax state merged after.
+  constexpr int64_t kMinKeys = 256;
+  const int64_t items = batch * plan.splits;
+  plan.parts = items >= 2 * threads ? 1 : (2 * threads + items - 1) / items;
+  plan.seq_parts.assign(batch, 1);
+  plan.split_keys = false;
+  for (int64_t b = 0; b < batch && plan.parts > 1; ++b) {
+    const int64_t keys = context_lens[b] - (starts == nullptr ? 0 : starts[b]);
+    plan.seq_parts[b] = std::max<int64_t>(1, std::min(plan.parts, keys / kMinKeys));
+    plan.split_keys = plan.split_keys || plan.seq_parts[b] > 1;
+  }
+  plan.partials.resize(plan.split_keys ? batch * plan.parts * num_heads * (dim + 2) : 0);
+  plan.num_items = batch * plan.splits * plan.parts;
+}
+
+// A planned decode attention call's items, run by every thread of the enclosing OpenMP
+// parallel region (decode_attention's own, or DecodeStack's); its worksharing loops end in
+// barriers, so every output is in place when it returns.
+template <typename scalar_t>
+void attention_items(AttentionPlan& plan, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                     const int64_t* block_tables, const int64_t* context_lens, const int64_t* starts, scalar_t* out,
+                     int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim, int64_t block_size,
+                     int64_t max_blocks, float scale, float softcap, int64_t q_stride) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t splits = plan.splits, parts = plan.parts;
+  std::vector<float> queries, scores, acc;
+  std::vector<int64_t> offsets;
+  // Dynamic scheduling: sequence lengths differ, so static halves would leave a thread idle.
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t item = 0; item < plan.num_items; ++item) {
+    const int64_t b = item / (splits * parts), part = item / parts % splits, kp = item % parts;
+    if (kp >= plan.seq_parts[b]) continue;
+    const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
+    const int64_t first_key = starts == nullptr ? 0 : starts[b], keys = context_lens[b] - first_key;
+    const int64_t begin = first_key + keys * kp / plan.seq_parts[b];
+    const int64_t end = first_key + keys * (kp + 1) / plan.seq_parts[b];
+    const Partial partial = plan.seq_parts[b] > 1 ? plan.partial_of(b, kp, num_heads, dim) : Partial{};
+    const Partial* into = plan.seq_parts[b] > 1 ? &partial : nullptr;
+#ifdef SEMLINE_AVX512_BF16
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (dim == 64 || dim == 128) {
+        auto run = dim == 64 ? attend_bf16<2> : attend_bf16<4>;
+        run(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
+            out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, block_size, scale, softcap,
+            scores, offsets, into);
+        continue;
+      }
+    }
+#endif
+    attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
+           out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
+           softcap, queries, scores, acc, offsets, into);
+  }
+  if (plan.split_keys) {
+    // (the loop above ends with a barrier: every part is in place)
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * num_heads; ++item) {
+      const int64_t b = item / num_heads, h = item % num_heads;
+      if (plan.seq_parts[b] == 1) continue;
+      float largest = -std::numeric_limits<float>::infinity();
+      for (int64_t kp = 0; kp < plan.seq_parts[b]; ++kp)
+        largest = std::max(largest, plan.partial_of(b, kp, num_heads, dim).max[h]);
+      float total = 0.f;
+      acc.assign(dim, 0.f);
+      for (int64_t kp = 0; kp < plan.seq_parts[b]; ++kp) {
+        const Partial p = plan.partial_of(b, kp, num_heads, dim);
+        const float weight = std::exp(p.max[h] - largest);
+        total += weight * p.sum[h];
+        for (int64_t d = 0; d < dim; ++d) acc[d] += weight * p.acc[h * dim + d];
+      }
+      scalar_t* dst = out + (b * num_heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
+    }
+  }
+}
+
 template <typename scalar_t>
 void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                       const int64_t* block_tables, const int64_t* context_lens, const int64_t* starts,
                       scalar_t* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t dim,
                       int64_t block_size, int64_t max_blocks, float scale, float softcap,
                       int64_t q_stride) {  // q_stride: elements between sequences' queries
-  const int64_t group = num_heads / num_kv_heads;
   const int64_t threads = at::get_num_threads();
-  // Whole sequences per item when there are enough to keep every thread busy (each
-  // K/V row is then read once); otherwise split sequences by KV head.
-  const int64_t splits = batch >= 2 * threads ? 1 : num_kv_heads;
-  // Still too few items for the threads (one long stream, 3 KV heads on 2 threads: one thread
-  // would read two thirds of the cache): the keys are split too, in parts of at least
-  // kMinKeys, each part's softmax state merged after.
-  constexpr int64_t kMinKeys = 256;
-  const int64_t parts = batch * splits >= 2 * threads ? 1 : (2 * threads + batch * splits - 1) / (batch * splits);
-  std::vector<int64_t> seq_parts(batch, 1);
-  bool split_keys = false;
-  for (int64_t b = 0; b < batch && parts > 1; ++b) {
-    const int64_t keys = context_lens[b] - (starts == nullptr ? 0 : starts[b]);
-    seq_parts[b] = std::max<int64_t>(1, std::min(parts, keys / kMinKeys));
-    split_keys = split_keys || seq_parts[b] > 1;
-  }
-  const int64_t state = num_heads * (dim + 2);  // one part's Partial: max, sum, acc
-  std::vector<float> partials(split_keys ? batch * parts * state : 0);
-  auto partial_of = [&](int64_t b, int64_t kp) {
-    float* base = partials.data() + (b * parts + kp) * state;
-    return Partial{base, base + num_heads, base + 2 * num_heads};
-  };
-  // Dynamic scheduling: sequence lengths differ, so static halves would leave a thread idle.
-  const int64_t num_items = batch * splits * parts;
+  AttentionPlan plan;
+  plan_attention(plan, context_lens, starts, batch, num_heads, num_kv_heads, dim, threads);
 #pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> queries, scores, acc;
-    std::vector<int64_t> offsets;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_items; ++item) {
-      const int64_t b = item / (splits * parts), part = item / parts % splits, kp = item % parts;
-      if (kp >= seq_parts[b]) continue;
-      const int64_t head_begin = part * num_heads / splits, head_end = (part + 1) * num_heads / splits;
-      const int64_t first_key = starts == nullptr ? 0 : starts[b], keys = context_lens[b] - first_key;
-      const int64_t begin = first_key + keys * kp / seq_parts[b], end = first_key + keys * (kp + 1) / seq_parts[b];
-      const Partial partial = seq_parts[b] > 1 ? partial_of(b, kp) : Partial{};
-      const Partial* into = seq_parts[b] > 1 ? &partial : nullptr;
-#ifdef SEMLINE_AVX512_BF16
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (dim == 64 || dim == 128) {
-          auto run = dim == 64 ? attend_bf16<2> : attend_bf16<4>;
-          run(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
-              out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, block_size, scale, softcap,
-              scores, offsets, into);
-          continue;
-        }
-      }
-#endif
-      attend(q + b * q_stride, k_cache, v_cache, block_tables + b * max_blocks, begin, end,
-             out + b * num_heads * dim, head_begin, head_end, group, num_kv_heads, dim, block_size, scale,
-             softcap, queries, scores, acc, offsets, into);
-    }
-    if (split_keys) {
-      // (the loop above ends with a barrier: every part is in place)
-#pragma omp for schedule(static)
-      for (int64_t item = 0; item < batch * num_heads; ++item) {
-        const int64_t b = item / num_heads, h = item % num_heads;
-        if (seq_parts[b] == 1) continue;
-        float largest = -std::numeric_limits<float>::infinity();
-        for (int64_t kp = 0; kp < seq_parts[b]; ++kp) largest = std::max(largest, partial_of(b, kp).max[h]);
-        float total = 0.f;
-        acc.assign(dim, 0.f);
-        for (int64_t kp = 0; kp < seq_parts[b]; ++kp) {
-          const Partial p = partial_of(b, kp);
-          const float weight = std::exp(p.max[h] - largest);
-          total += weight * p.sum[h];
-          for (int64_t d = 0; d < dim; ++d) acc[d] += weight * p.acc[h * dim + d];
-        }
-        scalar_t* dst = out + (b * num_heads + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] / total);
-      }
-    }
-  }
+  attention_items<scalar_t>(plan, q, k_cache, v_cache, block_tables, context_lens, starts, out, batch, num_heads,
+                            num_kv_heads, dim, block_size, max_blocks, scale, softcap, q_stride);
 }
 
 }  // namespace
@@ -884,6 +913,11 @@ class DecodeStack {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "head shapes disagree");
     layers_.push_back({input_norm.contiguous(), post_norm.contiguous(), qkv, o, gate_up, down, num_heads,
                        num_kv_heads, head_dim, window, rope, scale, softcap});
+    // The team path (forward_team) takes a stack whose every product is a W4A8/W8A8 one.
+    const int64_t dim = input_norm.numel(), q_size = num_heads * head_dim;
+    const int64_t qkv_n = q_size + 2 * num_kv_heads * head_dim, inter = team_n(gate_up) / 2;
+    team_ = team_ && team_fits(qkv, dim, qkv_n) && team_fits(o, q_size, dim) && team_fits(gate_up, dim, 2 * inter) &&
+            team_fits(down, inter, dim);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -907,6 +941,20 @@ class DecodeStack {
     const int64_t tokens = x.size(0);
     TORCH_CHECK(slots.size(0) == tokens && tables.size(0) == tokens && lens.size(0) == tokens,
                 "one slot, table and length per token");
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const StackLayer& layer = layers_[i];
+      TORCH_CHECK(k_caches[i].is_contiguous() && v_caches[i].is_contiguous() &&
+                      k_caches[i].sizes() == v_caches[i].sizes() && k_caches[i].size(2) == layer.num_kv_heads &&
+                      k_caches[i].size(3) == layer.head_dim && k_caches[i].scalar_type() == x.scalar_type() &&
+                      v_caches[i].scalar_type() == x.scalar_type(),
+                  "cache of layer ", i, " does not match it");
+    }
+    if (team_ && tokens <= kTeamTokens) {
+      SEMLINE_DISPATCH(x.scalar_type(), "decode_stack", [&] {
+        forward_team<scalar_t>(x, cos, sin, k_caches, v_caches, slots, tables, lens, num_layers);
+      });
+      return x;
+    }
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t* len = lens.data_ptr<int64_t>();
     std::vector<int64_t> starts(tokens);
@@ -922,9 +970,6 @@ class DecodeStack {
         const int64_t q_size = heads * hd, kv_size = kv_heads * hd;
         auto& k_cache = k_caches[i];
         auto& v_cache = v_caches[i];
-        TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(2) == kv_heads &&
-                        k_cache.size(3) == hd && k_cache.scalar_type() == x.scalar_type(),
-                    "cache of layer ", i, " does not match it");
         auto qkv = layer.qkv(h, padded_rows);  // [T, q_size + 2 * kv_size], contiguous
         TORCH_CHECK(qkv.is_contiguous() && qkv.size(1) == q_size + 2 * kv_size, "qkv shape");
         scalar_t* qkv_data = qkv.data_ptr<scalar_t>();
@@ -978,8 +1023,147 @@ class DecodeStack {
   }
 
  private:
+  // Output features of a W4A8 (n in group_size) or W8A8 (one scale per row) product.
+  static int64_t team_n(const LinearSpec& spec) { return spec.kind == kQ8 ? spec.scales.numel() : spec.group_size; }
+
+  static bool team_fits(const LinearSpec& spec, int64_t k, int64_t n) {
+    if (spec.kind != kQ4 && spec.kind != kQ8) return false;
+    const bool q8 = spec.kind == kQ8;
+    if (q8 && !(spec.scales.scalar_type() == at::kFloat && spec.scales.is_contiguous())) return false;
+    return team_n(spec) == n && team_linear_fits(spec.weight, q8, k, n);
+  }
+
+  static void team_product(const LinearSpec& spec, const QuantizedRows& xq, torch::Tensor& out) {
+    const bool q8 = spec.kind == kQ8;
+    team_linear(xq, q8, spec.weight, team_n(spec), q8 ? spec.scales.data_ptr<float>() : nullptr, spec.bias, out);
+  }
+
+  // A step of at most kTeamTokens tokens whose products are all W4A8/W8A8 (quantization int4,
+  // auto, w8a8) in one OpenMP parallel region: each product's weight blocks split over the
+  // threads, barriers between the dependent parts, the small work between products (norms,
+  // rotary, the K/V write, SiLU, quantizing activations) on the calling thread, attention on
+  // all. A decode step of SmolLM2 makes ~120 products of 0.2-1.1 MB; as separate calls each
+  // paid a fork, a join and its allocations, and each thread's stream of weights stopped and
+  // started again (benchmarks/decode.py's one_product: the step's products one by one
+  // streamed 37 GB/s where the same bytes as one product streamed 70). Single stream +6-14 %
+  // here; past ~8 tokens the calling thread's share (norms, quantizing, SiLU of every row)
+  // costs more than the calls did (batch 32 -5-14 %), so those steps take the other path.
+  // Same arithmetic in the same order: the same floats as the other path. Every tensor is
+  // allocated before the region, and nothing inside it checks or throws.
+  template <typename scalar_t>
+  void forward_team(torch::Tensor& x, const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                    const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                    const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lens,
+                    int64_t num_layers) {
+    RECORD_FUNCTION("semline::decode_stack_team", std::vector<c10::IValue>());
+    const int64_t tokens = x.size(0), dim = x.size(1);
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* len = lens.data_ptr<int64_t>();
+    const float eps = static_cast<float>(eps_);
+    int64_t most_qkv = 0, most_q = 0, most_gate_up = 0;
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const StackLayer& layer = layers_[i];
+      most_q = std::max(most_q, layer.num_heads * layer.head_dim);
+      most_qkv = std::max(most_qkv, team_n(layer.qkv));
+      most_gate_up = std::max(most_gate_up, team_n(layer.gate_up));
+    }
+    auto h = torch::empty_like(x);
+    auto o = torch::empty_like(x);
+    auto down = torch::empty_like(x);
+    auto qkv_store = torch::empty({tokens * most_qkv}, x.options());
+    auto attn_store = torch::empty({tokens * most_q}, x.options());
+    auto gate_up_store = torch::empty({tokens * most_gate_up}, x.options());
+    auto act_store = torch::empty({tokens * most_gate_up / 2}, x.options());
+    auto rows_of = [tokens](const torch::Tensor& store, int64_t n) { return store.narrow(0, 0, tokens * n).view({tokens, n}); };
+    std::vector<torch::Tensor> qkv(num_layers), attn(num_layers), gate_up(num_layers), act(num_layers);
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const StackLayer& layer = layers_[i];
+      qkv[i] = rows_of(qkv_store, team_n(layer.qkv));
+      attn[i] = rows_of(attn_store, layer.num_heads * layer.head_dim);
+      gate_up[i] = rows_of(gate_up_store, team_n(layer.gate_up));
+      act[i] = rows_of(act_store, team_n(layer.gate_up) / 2);
+    }
+    std::vector<int64_t> starts(tokens);
+    QuantizedRows xq;
+    AttentionPlan plan;
+    scalar_t* xs = x.data_ptr<scalar_t>();
+    rms_norm_rows<scalar_t>(xs, layers_[0].input_norm.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), tokens, dim, dim,
+                            eps);
+    quantize_activations(xq, h);
+    const int64_t threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+    for (int64_t i = 0; i < num_layers; ++i) {
+      const StackLayer& layer = layers_[i];
+      const int64_t heads = layer.num_heads, kv_heads = layer.num_kv_heads, hd = layer.head_dim;
+      const int64_t q_size = heads * hd, kv_size = kv_heads * hd, row = team_n(layer.qkv);
+      scalar_t* qkv_data = qkv[i].data_ptr<scalar_t>();
+      scalar_t* kc = k_caches[i].data_ptr<scalar_t>();
+      scalar_t* vc = v_caches[i].data_ptr<scalar_t>();
+      const int64_t* first = layer.window > 0 ? starts.data() : nullptr;
+      team_product(layer.qkv, xq, qkv[i]);
+#pragma omp barrier
+#pragma omp master
+      {
+        const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
+        const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
+        rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
+        rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
+        for (int64_t t = 0; t < tokens; ++t) {
+          std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
+          std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
+        }
+        if (first != nullptr)
+          for (int64_t t = 0; t < tokens; ++t) starts[t] = std::max<int64_t>(0, len[t] - layer.window);
+        plan_attention(plan, len, first, tokens, heads, kv_heads, hd, threads);
+      }
+#pragma omp barrier
+      attention_items<scalar_t>(plan, qkv_data, kc, vc, tables.data_ptr<int64_t>(), len, first,
+                                attn[i].data_ptr<scalar_t>(), tokens, heads, kv_heads, hd, k_caches[i].size(1),
+                                tables.size(1), static_cast<float>(layer.scale), static_cast<float>(layer.softcap),
+                                row);
+#pragma omp master
+      quantize_activations(xq, attn[i]);
+#pragma omp barrier
+      team_product(layer.o, xq, o);
+#pragma omp barrier
+#pragma omp master
+      {
+        add_rms_norm_rows<scalar_t>(xs, o.data_ptr<scalar_t>(), layer.post_norm.data_ptr<scalar_t>(),
+                                    h.data_ptr<scalar_t>(), tokens, dim, eps);
+        quantize_activations(xq, h);
+      }
+#pragma omp barrier
+      team_product(layer.gate_up, xq, gate_up[i]);
+#pragma omp barrier
+#pragma omp master
+      {
+        const int64_t inter = gate_up[i].size(1) / 2;
+        auto gate = gate_up[i].narrow(1, 0, inter);
+        at::silu_(gate);  // as the other path: silu(gate), then times up, each rounded
+        at::mul_out(act[i], gate, gate_up[i].narrow(1, inter, inter));
+        quantize_activations(xq, act[i]);
+      }
+#pragma omp barrier
+      team_product(layer.down, xq, down);
+#pragma omp barrier
+#pragma omp master
+      {
+        if (i + 1 < num_layers) {
+          add_rms_norm_rows<scalar_t>(xs, down.data_ptr<scalar_t>(), layers_[i + 1].input_norm.data_ptr<scalar_t>(),
+                                      h.data_ptr<scalar_t>(), tokens, dim, eps);
+          quantize_activations(xq, h);
+        } else {
+          x.add_(down);
+        }
+      }
+#pragma omp barrier
+    }
+  }
+
   double eps_;
   std::vector<StackLayer> layers_;
+  bool team_ = true;  // every layer's products W4A8/W8A8 (forward_team)
+  static constexpr int64_t kTeamTokens = 8;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -136,16 +136,20 @@ def test_family_matches_hf_alone_and_batched(family, prompts):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the decode stack is the CPU extension's")
-@pytest.mark.parametrize("name, overrides", [
-    ("mistral", {"dtype": "bfloat16"}),  # sliding window, oneDNN bf16 (or dense) matmuls
-    ("qwen2", {"dtype": "bfloat16", "quantization": "int4"}),  # biases, 4-bit weights
-    ("llama3", {"onednn_linear": False}),  # float32 through PyTorch's own matmul; tied head
-    ("qwen2", {"quantization": "int8"}),  # weight-only int8 (PyTorch's packed kernel), biases
-    ("mistral", {"dtype": "bfloat16", "quantization": "w8a8"}),  # semline's W8A8 kernel
+@pytest.mark.parametrize("name, overrides, copies", [
+    ("mistral", {"dtype": "bfloat16"}, 1),  # sliding window, oneDNN bf16 (or dense) matmuls
+    # Biases, 4-bit weights: steps of <= 8 tokens in one parallel region, then of 12 as calls.
+    ("qwen2", {"dtype": "bfloat16", "quantization": "int4"}, 1),
+    ("qwen2", {"dtype": "bfloat16", "quantization": "int4"}, 3),
+    ("llama3", {"quantization": "int4"}, 1),  # float32 activations into the 4-bit kernel
+    ("llama3", {"onednn_linear": False}, 1),  # float32 through PyTorch's own matmul; tied head
+    ("qwen2", {"quantization": "int8"}, 1),  # weight-only int8 (PyTorch's packed kernel), biases
+    ("mistral", {"dtype": "bfloat16", "quantization": "w8a8"}, 1),  # semline's W8A8 kernel, a window
 ])
-def test_decode_stack_computes_what_the_layers_compute(name, overrides, llm, tmp_path, prompts):
+def test_decode_stack_computes_what_the_layers_compute(name, overrides, copies, llm, tmp_path, prompts):
     """The compiled stack's decode steps give the Python modules' logits bit for bit, in every
     dtype and weight kind it takes (float32 parity with HF is the test above)."""
+    prompts = prompts * copies
     from safetensors.torch import load_file, save_file
 
     build_tiny_model(name, tmp_path, llm.engine.model_dir)
