@@ -7,6 +7,10 @@ and runs them from C++ with the same ops (the matmuls through the same ATen/oneD
 kernels, norms, rotary and attention through semline's kernels), so the tokens are those
 of the Python path.
 
+Where every product is semline's W4A8/W8A8 kernel (quantization int4, auto, w8a8) and a
+step has at most 8 tokens, the whole step runs in one OpenMP parallel region instead of
+~120 kernel calls (paged_attention.cpp, DecodeStack::forward_team).
+
 It takes the pure decode steps (one new token per sequence, no LoRA) of a whole model in
 one process whose layers are all pre-norm, SiLU-gated, fully rotary and dense (Llama,
 Mistral, Qwen2 and their like); everything else stays on the Python modules.
