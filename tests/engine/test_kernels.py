@@ -94,7 +94,7 @@ def test_paged_decode_kernel_sliding_window_and_softcap(softcap, dtype, dim):
 @pytest.mark.parametrize("dtype, num_kv_heads", [(torch.float32, 1), (torch.bfloat16, 3)])
 def test_paged_decode_kernel_splits_long_contexts_over_threads(dtype, num_kv_heads):
     """One or two long sequences (too few items for the threads): each one's keys are
-    attended in parts (at least 256 keys each) whose softmax states merge into the same
+    attended in parts (at least 64 keys each) whose softmax states merge into the same
     answer; with a sliding window and soft-capping too."""
     kernel = load_paged_attention()
     torch.manual_seed(5)
@@ -103,7 +103,8 @@ def test_paged_decode_kernel_splits_long_contexts_over_threads(dtype, num_kv_hea
     v_cache = torch.randn_like(k_cache)
     tables = torch.stack([torch.randperm(num_blocks)[:140] for _ in range(2)])
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for lens, starts, softcap in ((torch.tensor([2200]), None, None), (torch.tensor([1900, 700]), None, 5.0),
+    for lens, starts, softcap in ((torch.tensor([2200]), None, None), (torch.tensor([300]), None, None),
+                                  (torch.tensor([1900, 700]), None, 5.0),
                                   (torch.tensor([2000, 1200]), torch.tensor([300, 0]), None)):
         batch = len(lens)
         q = torch.randn(batch, num_heads, dim).to(dtype)
