@@ -905,6 +905,23 @@ struct StackLayer {
   double scale, softcap;
 };
 
+// A layer's rotary on the step's q and k (rows of `row` elements: q, k, v), then each token's
+// k and v into its cache slot.
+template <typename scalar_t>
+void rotary_and_kv_write(const StackLayer& layer, const std::vector<torch::Tensor>& cos,
+                         const std::vector<torch::Tensor>& sin, scalar_t* qkv, int64_t row, int64_t tokens,
+                         const int64_t* slot, scalar_t* k_cache, scalar_t* v_cache) {
+  const int64_t hd = layer.head_dim, q_size = layer.num_heads * hd, kv_size = layer.num_kv_heads * hd;
+  const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
+  const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
+  rotate_heads<scalar_t>(qkv, tokens, layer.num_heads, row, hd, c, s, hd / 2);
+  rotate_heads<scalar_t>(qkv + q_size, tokens, layer.num_kv_heads, row, hd, c, s, hd / 2);
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(k_cache + slot[t] * kv_size, qkv + t * row + q_size, kv_size * sizeof(scalar_t));
+    std::memcpy(v_cache + slot[t] * kv_size, qkv + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
+  }
+}
+
 class DecodeStack {
  public:
   explicit DecodeStack(double eps) : eps_(eps) {}
@@ -980,14 +997,7 @@ class DecodeStack {
         scalar_t* vc = v_cache.data_ptr<scalar_t>();
         {
           RECORD_FUNCTION("semline::rotary_and_kv_write", std::vector<c10::IValue>());
-          const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
-          const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
-          rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
-          rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
-          for (int64_t t = 0; t < tokens; ++t) {
-            std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
-            std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
-          }
+          rotary_and_kv_write<scalar_t>(layer, cos, sin, qkv_data, row, tokens, slot, kc, vc);
         }
         const int64_t* first = nullptr;
         if (layer.window > 0) {
@@ -1097,7 +1107,7 @@ class DecodeStack {
     for (int64_t i = 0; i < num_layers; ++i) {
       const StackLayer& layer = layers_[i];
       const int64_t heads = layer.num_heads, kv_heads = layer.num_kv_heads, hd = layer.head_dim;
-      const int64_t q_size = heads * hd, kv_size = kv_heads * hd, row = team_n(layer.qkv);
+      const int64_t row = team_n(layer.qkv);
       scalar_t* qkv_data = qkv[i].data_ptr<scalar_t>();
       scalar_t* kc = k_caches[i].data_ptr<scalar_t>();
       scalar_t* vc = v_caches[i].data_ptr<scalar_t>();
@@ -1106,14 +1116,7 @@ class DecodeStack {
 #pragma omp barrier
 #pragma omp master
       {
-        const scalar_t* c = cos[layer.rope].data_ptr<scalar_t>();
-        const scalar_t* s = sin[layer.rope].data_ptr<scalar_t>();
-        rotate_heads<scalar_t>(qkv_data, tokens, heads, row, hd, c, s, hd / 2);
-        rotate_heads<scalar_t>(qkv_data + q_size, tokens, kv_heads, row, hd, c, s, hd / 2);
-        for (int64_t t = 0; t < tokens; ++t) {
-          std::memcpy(kc + slot[t] * kv_size, qkv_data + t * row + q_size, kv_size * sizeof(scalar_t));
-          std::memcpy(vc + slot[t] * kv_size, qkv_data + t * row + q_size + kv_size, kv_size * sizeof(scalar_t));
-        }
+        rotary_and_kv_write<scalar_t>(layer, cos, sin, qkv_data, row, tokens, slot, kc, vc);
         if (first != nullptr)
           for (int64_t t = 0; t < tokens; ++t) starts[t] = std::max<int64_t>(0, len[t] - layer.window);
         plan_attention(plan, len, first, tokens, heads, kv_heads, hd, threads);
