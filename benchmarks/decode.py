@@ -27,6 +27,7 @@ batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json wit
 CPU flags and the commit.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 64] [--kernels-only]
+        [--bandwidth-sweep MINUTES]
 """
 
 from __future__ import annotations
@@ -220,6 +221,32 @@ def kernels_only(threads: int) -> None:
     print(json.dumps(result, indent=2))
 
 
+def bandwidth_sweep(threads: int, tokens: int, minutes: float) -> None:
+    """The single stream's roofline ratio across the shared VM's bandwidth moods: for
+    `minutes`, int4 and auto by turns, each run between two reads of the bandwidth (they
+    move 40 <-> 75 GB/s within minutes here, and a batch of configurations' runs may all
+    land in one mood). Writes results/decode_sweep.json, one row per run."""
+    llms = {q: LLM(device="cpu", dtype="bfloat16", quantization=q, num_threads=threads, kv_cache_memory_gb=0.5)
+            for q in ("int4", "auto")}
+    step_bytes = {q: streamed_bytes(llm.engine.runner.model) for q, llm in llms.items()}
+    for llm in llms.values():
+        semline_rate(llm, 1, 8)  # warm-up
+    samples, deadline = [], time.time() + 60 * minutes
+    while time.time() < deadline:
+        for quantization, llm in llms.items():
+            before = read_bandwidth_gbs()
+            rate = semline_rate(llm, 1, tokens)
+            after = read_bandwidth_gbs()
+            roofline = (before + after) / 2 * 1e9 / step_bytes[quantization]
+            samples.append({"quantization": quantization, "read_gbs_before": round(before, 1),
+                            "read_gbs_after": round(after, 1), "tokens_per_s": round(rate, 1),
+                            "vs_roofline": round(rate / roofline, 3)})
+            print(samples[-1], flush=True)
+    result = {"benchmark": "decode_sweep", "machine": machine_info(), "threads": threads, "tokens": tokens,
+              "samples": samples}
+    (RESULTS / "decode_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -232,10 +259,16 @@ def main() -> None:
                         help="only time the quantized kernels' paths over the model's layers (and the "
                              "step's products one by one against one product of the same bytes); writes "
                              "results/decode_kernels.json")
+    parser.add_argument("--bandwidth-sweep", type=float, metavar="MINUTES",
+                        help="only the single stream (int4 and auto by turns) between bandwidth reads for "
+                             "MINUTES; writes results/decode_sweep.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.kernels_only:
         kernels_only(args.threads)
+        return
+    if args.bandwidth_sweep:
+        bandwidth_sweep(args.threads, args.tokens, args.bandwidth_sweep)
         return
     bandwidth = read_bandwidth_gbs() * 1e9
     roofs = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
