@@ -187,3 +187,34 @@ def test_a_request_that_fails_on_its_own_leaves_its_step_mates_alone(make_llm, l
     assert [final[i].finish_reason for i in ids[3:]] == ["error", "error"]
     assert "stop check exploded" in final[ids[3]].error and "bad row" in final[ids[4]].error
     assert core.block_manager.num_used_blocks == 0
+
+
+def test_an_engine_built_from_a_config_loads_on_the_engine_thread(tmp_path):
+    """From a config the model is built on the engine thread (the thread that steps it runs
+    every parallel region), and a load error still reaches the caller."""
+    import threading
+
+    from engine import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
+    built_on = []
+    original = LLMEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        built_on.append(threading.current_thread().name)
+        original(self, *args, **kwargs)
+
+    LLMEngine.__init__ = recording_init
+    try:
+        engine = AsyncEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=16))
+    finally:
+        LLMEngine.__init__ = original
+    try:
+        assert built_on == ["semline-engine"]
+        outputs = asyncio.run(_collect(engine, "The sea is", _greedy(4)))
+        assert outputs[-1].finished and len(outputs[-1].token_ids) == 4
+    finally:
+        engine.shutdown()
