@@ -17,13 +17,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="local HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--quantization", default="auto",
+                        help="auto (a GGUF keeps its own precision, as `semline serve` without a config), "
+                             "none, int8, w8a8 or int4")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine import AsyncEngine, EngineConfig, SamplingParams
     from engine.llm import apply_chat_template
 
-    engine = AsyncEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype))
+    engine = AsyncEngine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                      quantization=args.quantization))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     prompt = args.prompt
     if args.chat:
