@@ -27,13 +27,15 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
 // DecodeStack): one thread quantizes the activations, then every thread of the region calls
 // team_linear for its share of the weight blocks, written into `out` ([rows, n], allocated
 // before). The same arithmetic as q4_linear / q8_linear, on the best path; no checks inside
-// (team_linear_fits, before the region).
+// (team_linear_fits, before the region: the weights and bias for K inputs, N outputs and
+// activations of `dtype`).
 struct QuantizedRows {
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> scale;  // [M, G]
   std::vector<float> sum;    // [M, G]: sum of the unquantized inputs
 };
 void quantize_activations(QuantizedRows& out, const torch::Tensor& x);
-bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n);
+bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n,
+                      const c10::optional<torch::Tensor>& bias, at::ScalarType dtype);
 void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales,
                  const c10::optional<torch::Tensor>& bias, torch::Tensor& out);

@@ -263,16 +263,25 @@ void blocks_range(BlockFn pass, const uint8_t* weights, int64_t record, const Qu
   }
 }
 
+// Whether `packed` is a pack's [blocks, groups, record] bytes, and one for K inputs and N outputs.
+bool packed_layout(const torch::Tensor& packed, int64_t record) {
+  return packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous();
+}
+bool packed_shape(const torch::Tensor& packed, int64_t k, int64_t n) {
+  return packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == packed.size(0);
+}
+bool bias_fits(const c10::optional<torch::Tensor>& bias, at::ScalarType dtype, int64_t n) {
+  return !bias.has_value() || (bias->scalar_type() == dtype && bias->numel() == n && bias->is_contiguous());
+}
+
 // What q4_linear and q8_linear check: x against the packed weights and bias.
 void check_product(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record, int64_t n,
                    const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [M, K] with unit stride over K");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous(),
-              name, ": the packed weights are not its pack's [blocks, groups, ", record, "] bytes");
-  TORCH_CHECK(packed.size(1) * kGroup == x.size(1) && (n + kRows - 1) / kRows == packed.size(0),
-              "x and weights disagree");
-  TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == x.scalar_type() && bias->numel() == n),
-              "bias: [N] in x's dtype");
+  TORCH_CHECK(packed_layout(packed, record), name, ": the packed weights are not its pack's [blocks, groups, ",
+              record, "] bytes");
+  TORCH_CHECK(packed_shape(packed, x.size(1), n), "x and weights disagree");
+  TORCH_CHECK(bias_fits(bias, x.scalar_type(), n), "bias: [N] in x's dtype");
 }
 
 // What q4_linear and q8_linear share: the checks, the activations quantized once, the weight
@@ -536,9 +545,9 @@ void quantize_activations(QuantizedRows& out, const torch::Tensor& x) {
   });
 }
 
-bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n) {
-  return packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == (q8 ? kRecord8 : kRecord) &&
-         packed.element_size() == 1 && packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == packed.size(0);
+bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n,
+                      const c10::optional<torch::Tensor>& bias, at::ScalarType dtype) {
+  return packed_layout(packed, q8 ? kRecord8 : kRecord) && packed_shape(packed, k, n) && bias_fits(bias, dtype, n);
 }
 
 void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales,

@@ -536,13 +536,15 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
 // How a decode attention call's work is cut into items (decode_attention): whole sequences,
 // or sequences by KV head, and long ones' keys in parts merged after (split-K).
 struct AttentionPlan {
-  int64_t splits = 1, parts = 1, num_items = 0;
+  int64_t splits = 1, parts = 1, num_items = 0, num_heads = 0, dim = 0;
   bool split_keys = false;
   std::vector<int64_t> seq_parts;  // per sequence: its key parts (1: not split)
   std::vector<float> partials;     // per sequence and part: a Partial over every head
 
-  Partial partial_of(int64_t b, int64_t kp, int64_t num_heads, int64_t dim) {
-    float* base = partials.data() + (b * parts + kp) * num_heads * (dim + 2);
+  int64_t state() const { return num_heads * (dim + 2); }  // one part's Partial: max, sum, acc
+
+  Partial partial_of(int64_t b, int64_t kp) {
+    float* base = partials.data() + (b * parts + kp) * state();
     return Partial{base, base + num_heads, base + 2 * num_heads};
   }
 };
@@ -567,7 +569,9 @@ void plan_attention(AttentionPlan& plan, const int64_t* context_lens, const int6
     plan.seq_parts[b] = std::max<int64_t>(1, std::min(plan.parts, keys / kMinKeys));
     plan.split_keys = plan.split_keys || plan.seq_parts[b] > 1;
   }
-  plan.partials.resize(plan.split_keys ? batch * plan.parts * num_heads * (dim + 2) : 0);
+  plan.num_heads = num_heads;
+  plan.dim = dim;
+  plan.partials.resize(plan.split_keys ? batch * plan.parts * plan.state() : 0);
   plan.num_items = batch * plan.splits * plan.parts;
 }
 
@@ -592,7 +596,7 @@ void attention_items(AttentionPlan& plan, const scalar_t* q, const scalar_t* k_c
     const int64_t first_key = starts == nullptr ? 0 : starts[b], keys = context_lens[b] - first_key;
     const int64_t begin = first_key + keys * kp / plan.seq_parts[b];
     const int64_t end = first_key + keys * (kp + 1) / plan.seq_parts[b];
-    const Partial partial = plan.seq_parts[b] > 1 ? plan.partial_of(b, kp, num_heads, dim) : Partial{};
+    const Partial partial = plan.seq_parts[b] > 1 ? plan.partial_of(b, kp) : Partial{};
     const Partial* into = plan.seq_parts[b] > 1 ? &partial : nullptr;
 #ifdef SEMLINE_AVX512_BF16
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -617,11 +621,11 @@ void attention_items(AttentionPlan& plan, const scalar_t* q, const scalar_t* k_c
       if (plan.seq_parts[b] == 1) continue;
       float largest = -std::numeric_limits<float>::infinity();
       for (int64_t kp = 0; kp < plan.seq_parts[b]; ++kp)
-        largest = std::max(largest, plan.partial_of(b, kp, num_heads, dim).max[h]);
+        largest = std::max(largest, plan.partial_of(b, kp).max[h]);
       float total = 0.f;
       acc.assign(dim, 0.f);
       for (int64_t kp = 0; kp < plan.seq_parts[b]; ++kp) {
-        const Partial p = plan.partial_of(b, kp, num_heads, dim);
+        const Partial p = plan.partial_of(b, kp);
         const float weight = std::exp(p.max[h] - largest);
         total += weight * p.sum[h];
         for (int64_t d = 0; d < dim; ++d) acc[d] += weight * p.acc[h * dim + d];
@@ -932,11 +936,16 @@ class DecodeStack {
     TORCH_CHECK(num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "head shapes disagree");
     layers_.push_back({input_norm.contiguous(), post_norm.contiguous(), qkv, o, gate_up, down, num_heads,
                        num_kv_heads, head_dim, window, rope, scale, softcap});
-    // The team path (forward_team) takes a stack whose every product is a W4A8/W8A8 one.
+    // The team path (forward_team) takes a stack whose every product is a W4A8/W8A8 one,
+    // run on activations of the norms' dtype (team_dtype_, checked per step: nothing may
+    // throw inside its parallel region).
+    const auto dtype = input_norm.scalar_type();
+    if (layers_.size() == 1) team_dtype_ = dtype;
     const int64_t dim = input_norm.numel(), q_size = num_heads * head_dim;
     const int64_t qkv_n = q_size + 2 * num_kv_heads * head_dim, inter = team_n(gate_up) / 2;
-    team_ = team_ && team_fits(qkv, dim, qkv_n) && team_fits(o, q_size, dim) && team_fits(gate_up, dim, 2 * inter) &&
-            team_fits(down, inter, dim);
+    team_ = team_ && dtype == team_dtype_ && post_norm.scalar_type() == dtype && team_fits(qkv, dim, qkv_n, dtype) &&
+            team_fits(o, q_size, dim, dtype) && team_fits(gate_up, dim, 2 * inter, dtype) &&
+            team_fits(down, inter, dim, dtype);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -968,7 +977,7 @@ class DecodeStack {
                       v_caches[i].scalar_type() == x.scalar_type(),
                   "cache of layer ", i, " does not match it");
     }
-    if (team_ && tokens <= kTeamTokens) {
+    if (team_ && x.scalar_type() == team_dtype_ && tokens <= kTeamTokens) {
       SEMLINE_DISPATCH(x.scalar_type(), "decode_stack", [&] {
         forward_team<scalar_t>(x, cos, sin, k_caches, v_caches, slots, tables, lens, num_layers);
       });
@@ -1038,11 +1047,11 @@ class DecodeStack {
   // Output features of a W4A8 (n in group_size) or W8A8 (one scale per row) product.
   static int64_t team_n(const LinearSpec& spec) { return spec.kind == kQ8 ? spec.scales.numel() : spec.group_size; }
 
-  static bool team_fits(const LinearSpec& spec, int64_t k, int64_t n) {
+  static bool team_fits(const LinearSpec& spec, int64_t k, int64_t n, at::ScalarType dtype) {
     if (spec.kind != kQ4 && spec.kind != kQ8) return false;
     const bool q8 = spec.kind == kQ8;
     if (q8 && !(spec.scales.scalar_type() == at::kFloat && spec.scales.is_contiguous())) return false;
-    return team_n(spec) == n && team_linear_fits(spec.weight, q8, k, n);
+    return team_n(spec) == n && team_linear_fits(spec.weight, q8, k, n, spec.bias, dtype);
   }
 
   static void team_product(const LinearSpec& spec, const QuantizedRows& xq, torch::Tensor& out) {
@@ -1086,14 +1095,18 @@ class DecodeStack {
     auto attn_store = torch::empty({tokens * most_q}, x.options());
     auto gate_up_store = torch::empty({tokens * most_gate_up}, x.options());
     auto act_store = torch::empty({tokens * most_gate_up / 2}, x.options());
-    auto rows_of = [tokens](const torch::Tensor& store, int64_t n) { return store.narrow(0, 0, tokens * n).view({tokens, n}); };
+    // Each layer's buffers: [tokens, n] views of the stores, made once per width (the layers
+    // of a model share them; a view per layer and buffer cost ~0.5 us each, every step).
+    auto rows_of = [tokens](std::vector<torch::Tensor>& views, int64_t i, const torch::Tensor& store, int64_t n) {
+      views[i] = i > 0 && views[i - 1].size(1) == n ? views[i - 1] : store.narrow(0, 0, tokens * n).view({tokens, n});
+    };
     std::vector<torch::Tensor> qkv(num_layers), attn(num_layers), gate_up(num_layers), act(num_layers);
     for (int64_t i = 0; i < num_layers; ++i) {
       const StackLayer& layer = layers_[i];
-      qkv[i] = rows_of(qkv_store, team_n(layer.qkv));
-      attn[i] = rows_of(attn_store, layer.num_heads * layer.head_dim);
-      gate_up[i] = rows_of(gate_up_store, team_n(layer.gate_up));
-      act[i] = rows_of(act_store, team_n(layer.gate_up) / 2);
+      rows_of(qkv, i, qkv_store, team_n(layer.qkv));
+      rows_of(attn, i, attn_store, layer.num_heads * layer.head_dim);
+      rows_of(gate_up, i, gate_up_store, team_n(layer.gate_up));
+      rows_of(act, i, act_store, team_n(layer.gate_up) / 2);
     }
     std::vector<int64_t> starts(tokens);
     QuantizedRows xq;
@@ -1168,6 +1181,7 @@ class DecodeStack {
   double eps_;
   std::vector<StackLayer> layers_;
   bool team_ = true;  // every layer's products W4A8/W8A8 (forward_team)
+  at::ScalarType team_dtype_ = at::kFloat;  // the activations' dtype team_ holds for
   static constexpr int64_t kTeamTokens = 8;
 };
 
