@@ -136,8 +136,9 @@ class AsyncEngine:
         built: concurrent.futures.Future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(built, engine, config, executor),
                                         name="semline-engine", daemon=True)
+        self.engine: LLMEngine  # set by the engine thread before it resolves `built`
         self._thread.start()
-        self.engine: LLMEngine = built.result()  # a load error is raised here, to the caller
+        built.result()  # a load error is raised here, to the caller
 
     @property
     def tokenizer(self):

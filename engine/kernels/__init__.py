@@ -64,7 +64,6 @@ def load_paged_attention():
         return None
 
 
-
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's index of its largest value, the first of ties (the first NaN where a row has
     one), as torch.argmax(dim=-1): through the extension's vectorised loop for float32 rows

@@ -189,7 +189,7 @@ def test_a_request_that_fails_on_its_own_leaves_its_step_mates_alone(make_llm, l
     assert core.block_manager.num_used_blocks == 0
 
 
-def test_an_engine_built_from_a_config_loads_on_the_engine_thread(tmp_path):
+def test_an_engine_built_from_a_config_loads_on_the_engine_thread(tmp_path, monkeypatch):
     """From a config the model is built on the engine thread (the thread that steps it runs
     every parallel region), and a load error still reaches the caller."""
     import threading
@@ -207,11 +207,9 @@ def test_an_engine_built_from_a_config_loads_on_the_engine_thread(tmp_path):
         built_on.append(threading.current_thread().name)
         original(self, *args, **kwargs)
 
-    LLMEngine.__init__ = recording_init
-    try:
-        engine = AsyncEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=16))
-    finally:
-        LLMEngine.__init__ = original
+    monkeypatch.setattr(LLMEngine, "__init__", recording_init)
+    engine = AsyncEngine(EngineConfig(device="cpu", dtype="float32", num_kv_blocks=16))
+    monkeypatch.undo()
     try:
         assert built_on == ["semline-engine"]
         outputs = asyncio.run(_collect(engine, "The sea is", _greedy(4)))
