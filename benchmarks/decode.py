@@ -95,19 +95,22 @@ def kernel_paths(model: nn.Module, rows_list=(1, 32), seconds: float = 0.5) -> d
                 if label == "scalar" and rows > 1:
                     continue  # minutes per pass; one row says enough
                 xs = {m.in_features: torch.randn(rows, m.in_features, dtype=torch.bfloat16) for m in layers}
-                for m in layers:
-                    call(m, xs[m.in_features], path)
-                passes, start = 0, time.perf_counter()
-                while passes == 0 or time.perf_counter() - start < seconds:
-                    for m in layers:
-                        call(m, xs[m.in_features], path)
-                    passes += 1
-                elapsed = (time.perf_counter() - start) / passes
+                elapsed = seconds_per_pass(lambda: [call(m, xs[m.in_features], path) for m in layers], seconds)
                 out[f"{name}/{label}/rows{rows}"] = {"weight_gbs": round(nbytes / elapsed / 1e9, 1),
                                                      "gflops": round(flops_per_row * rows / elapsed / 1e9, 1)}
     if q4:
         out.update(one_product(q4, seconds))
     return out
+
+
+def seconds_per_pass(call, seconds: float) -> float:
+    """call() once to warm up, then as many times as fit in `seconds` (at least once): its mean time."""
+    call()
+    passes, start = 0, time.perf_counter()
+    while passes == 0 or time.perf_counter() - start < seconds:
+        call()
+        passes += 1
+    return (time.perf_counter() - start) / passes
 
 
 def one_product(layers: list[nn.Module], seconds: float) -> dict:
@@ -123,12 +126,7 @@ def one_product(layers: list[nn.Module], seconds: float) -> dict:
     x = torch.randn(1, width, dtype=torch.bfloat16)
 
     def rate(call) -> float:
-        call()
-        passes, start = 0, time.perf_counter()
-        while passes == 0 or time.perf_counter() - start < seconds:
-            call()
-            passes += 1
-        return round(joined.numel() / ((time.perf_counter() - start) / passes) / 1e9, 1)
+        return round(joined.numel() / seconds_per_pass(call, seconds) / 1e9, 1)
 
     out, threads = {}, torch.get_num_threads()
     for n in sorted({threads, 1}, reverse=True):
@@ -221,6 +219,13 @@ def kernels_only(threads: int) -> None:
     print(json.dumps(result, indent=2))
 
 
+def between_reads(run, *args) -> tuple[float, float, float]:
+    """run(*args)'s result with the read bandwidth (GB/s) measured just before and just after it."""
+    before = read_bandwidth_gbs()
+    result = run(*args)
+    return result, before, read_bandwidth_gbs()
+
+
 def bandwidth_sweep(threads: int, tokens: int, minutes: float) -> None:
     """The single stream's roofline ratio across the shared VM's bandwidth moods: for
     `minutes`, int4 and auto by turns, each run between two reads of the bandwidth (they
@@ -234,9 +239,7 @@ def bandwidth_sweep(threads: int, tokens: int, minutes: float) -> None:
     samples, deadline = [], time.time() + 60 * minutes
     while time.time() < deadline:
         for quantization, llm in llms.items():
-            before = read_bandwidth_gbs()
-            rate = semline_rate(llm, 1, tokens)
-            after = read_bandwidth_gbs()
+            rate, before, after = between_reads(semline_rate, llm, 1, tokens)
             roofline = (before + after) / 2 * 1e9 / step_bytes[quantization]
             samples.append({"quantization": quantization, "read_gbs_before": round(before, 1),
                             "read_gbs_after": round(after, 1), "tokens_per_s": round(rate, 1),
@@ -286,13 +289,14 @@ def main() -> None:
         for batch in args.batches:
             # The VM's bandwidth moves between runs (45-68 GB/s here): the single stream's
             # roofline is taken from reads measured just before and after it.
-            before = read_bandwidth_gbs() if batch == 1 else None
-            rate = semline_rate(llm, batch, args.tokens)
-            run[f"batch{batch}_tokens_per_s"] = round(rate, 1)
-            if before is not None:
-                here = (before + read_bandwidth_gbs()) / 2
+            if batch == 1:
+                rate, before, after = between_reads(semline_rate, llm, 1, args.tokens)
+                here = (before + after) / 2
                 run["read_bandwidth_gbs"] = round(here, 1)
                 run["roofline_tokens_per_s_batch1"] = round(here * 1e9 / step_bytes, 1)
+            else:
+                rate = semline_rate(llm, batch, args.tokens)
+            run[f"batch{batch}_tokens_per_s"] = round(rate, 1)
         run["batch1_vs_roofline"] = round(run["batch1_tokens_per_s"] / run["roofline_tokens_per_s_batch1"], 3)
         if 32 in args.batches:
             roof = roofs["bfloat16" if dtype == "bfloat16" or quantization in ("int4", "w8a8", "auto") else "float32"]
@@ -300,9 +304,8 @@ def main() -> None:
         if args.long_context:
             prompt = long_prompt(llm.tokenizer, args.long_context)
             semline_long_rate(llm, prompt, 8)  # warm-up
-            before = read_bandwidth_gbs()
-            rate = semline_long_rate(llm, prompt, args.tokens)
-            here = (before + read_bandwidth_gbs()) / 2
+            rate, before, after = between_reads(semline_long_rate, llm, prompt, args.tokens)
+            here = (before + after) / 2
             step = step_bytes + kv_bytes_per_step(llm, args.long_context + args.tokens // 2)
             run["long_context_tokens_per_s"] = round(rate, 1)
             run["long_context_streamed_mb"] = round(step / 1e6, 1)
