@@ -2,8 +2,11 @@
 
 The embedded SmolLM2-135M (a Q4_1 GGUF) decodes 64 greedy tokens after a short prompt:
 - semline at batch 1, 8 and 32 (all requests at once) in float32, bfloat16, int8
-  (float32 activations), int4 (quantized at load from the float weights) and `auto`
-  (the GGUF's own 4-bit blocks kept), with 2 threads;
+  (float32 activations), w8a8, int4 (quantized at load from the float weights) and `auto`
+  (the GGUF's own 4-bit blocks kept), with 2 threads; the quantized ones in the dtype
+  `dtype: auto` picks on this CPU (bfloat16 with AVX512-BF16/AMX, else float32), named by it;
+- the int4 configuration again with the weights and KV cache on 4 KiB pages
+  (cpu_huge_pages off: the previous path), named ".../4k_pages";
 - Hugging Face `generate` on transformers' own conversion of the file, one request, float32 and bfloat16;
 - llama.cpp (`llama-cpp-python`, `pip install -e '.[bench]'`: it builds from source with
   this machine's compiler) on the very GGUF file, one request, the same threads;
@@ -27,7 +30,7 @@ batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json wit
 CPU flags and the commit.
 
     .venv/bin/python benchmarks/decode.py [--threads 2] [--tokens 64] [--kernels-only]
-        [--bandwidth-sweep MINUTES]
+        [--bandwidth-sweep MINUTES] [--pages-sweep MINUTES]
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, Wei
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-CONFIGS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"), ("float32", "w8a8"),
-           ("bfloat16", "int4"), ("bfloat16", "auto")]
+# (dtype, quantization, weights and KV cache on huge pages)
+CONFIGS = [("float32", "none", True), ("bfloat16", "none", True), ("float32", "int8", True), ("auto", "w8a8", True),
+           ("auto", "int4", True), ("auto", "auto", True), ("auto", "int4", False)]
 
 
 def streamed_bytes(model: nn.Module) -> int:
@@ -226,28 +230,29 @@ def between_reads(run, *args) -> tuple[float, float, float]:
     return result, before, read_bandwidth_gbs()
 
 
-def bandwidth_sweep(threads: int, tokens: int, minutes: float) -> None:
+def bandwidth_sweep(threads: int, tokens: int, minutes: float, configs: dict[str, dict], name: str) -> None:
     """The single stream's roofline ratio across the shared VM's bandwidth moods: for
-    `minutes`, int4 and auto by turns, each run between two reads of the bandwidth (they
-    move 40 <-> 75 GB/s within minutes here, and a batch of configurations' runs may all
-    land in one mood). Writes results/decode_sweep.json, one row per run."""
-    llms = {q: LLM(device="cpu", dtype="bfloat16", quantization=q, num_threads=threads, kv_cache_memory_gb=0.5)
-            for q in ("int4", "auto")}
-    step_bytes = {q: streamed_bytes(llm.engine.runner.model) for q, llm in llms.items()}
+    `minutes`, each of `configs` (label -> LLM settings) by turns, each run between two
+    reads of the bandwidth (they move 40 <-> 75 GB/s within minutes here, and a batch of
+    configurations' runs may all land in one mood). Writes results/<name>.json, one row
+    per run."""
+    llms = {label: LLM(device="cpu", num_threads=threads, kv_cache_memory_gb=0.5, **settings)
+            for label, settings in configs.items()}
+    step_bytes = {label: streamed_bytes(llm.engine.runner.model) for label, llm in llms.items()}
     for llm in llms.values():
         semline_rate(llm, 1, 8)  # warm-up
     samples, deadline = [], time.time() + 60 * minutes
     while time.time() < deadline:
-        for quantization, llm in llms.items():
+        for label, llm in llms.items():
             rate, before, after = between_reads(semline_rate, llm, 1, tokens)
-            roofline = (before + after) / 2 * 1e9 / step_bytes[quantization]
-            samples.append({"quantization": quantization, "read_gbs_before": round(before, 1),
+            roofline = (before + after) / 2 * 1e9 / step_bytes[label]
+            samples.append({"config": label, "read_gbs_before": round(before, 1),
                             "read_gbs_after": round(after, 1), "tokens_per_s": round(rate, 1),
                             "vs_roofline": round(rate / roofline, 3)})
             print(samples[-1], flush=True)
-    result = {"benchmark": "decode_sweep", "machine": machine_info(), "threads": threads, "tokens": tokens,
-              "samples": samples}
-    (RESULTS / "decode_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"benchmark": name, "machine": machine_info(), "threads": threads, "tokens": tokens,
+              "configs": configs, "samples": samples}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -265,26 +270,37 @@ def main() -> None:
     parser.add_argument("--bandwidth-sweep", type=float, metavar="MINUTES",
                         help="only the single stream (int4 and auto by turns) between bandwidth reads for "
                              "MINUTES; writes results/decode_sweep.json")
+    parser.add_argument("--pages-sweep", type=float, metavar="MINUTES",
+                        help="only the single stream of int4 with its weights and KV cache on 2 MiB and on "
+                             "4 KiB pages by turns, between bandwidth reads, for MINUTES; writes "
+                             "results/decode_pages.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.kernels_only:
         kernels_only(args.threads)
         return
     if args.bandwidth_sweep:
-        bandwidth_sweep(args.threads, args.tokens, args.bandwidth_sweep)
+        bandwidth_sweep(args.threads, args.tokens, args.bandwidth_sweep,
+                        {q: {"dtype": "bfloat16", "quantization": q} for q in ("int4", "auto")}, "decode_sweep")
+        return
+    if args.pages_sweep:
+        bandwidth_sweep(args.threads, args.tokens, args.pages_sweep,
+                        {f"int4/{pages}": {"quantization": "int4", "cpu_huge_pages": pages == "2m_pages"}
+                         for pages in ("2m_pages", "4k_pages")}, "decode_pages")
         return
     bandwidth = read_bandwidth_gbs() * 1e9
     roofs = {dtype: matmul_flops(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     runs, folder, paths = {}, None, {}
-    for dtype, quantization in CONFIGS:
+    for dtype, quantization, huge_pages in CONFIGS:
         llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=args.threads,
-                  kv_cache_memory_gb=0.5)
+                  kv_cache_memory_gb=0.5, cpu_huge_pages=huge_pages)
         folder = hf_folder(llm.config.model, llm.config.resolve_cache_dir())
         semline_rate(llm, 1, 8)  # warm-up
         model = llm.engine.runner.model
         step_bytes = streamed_bytes(model)
         params = llm.engine.runner.args.num_parameters
-        name = f"{dtype}/{quantization}"
+        dtype = str(llm.engine.runner.dtype).removeprefix("torch.")  # what "auto" chose
+        name = f"{dtype}/{quantization}" + ("" if huge_pages else "/4k_pages")
         run = {"streamed_weight_mb": round(step_bytes / 1e6, 1)}
         for batch in args.batches:
             # The VM's bandwidth moves between runs (45-68 GB/s here): the single stream's
@@ -310,7 +326,7 @@ def main() -> None:
             run["long_context_tokens_per_s"] = round(rate, 1)
             run["long_context_streamed_mb"] = round(step / 1e6, 1)
             run["long_context_vs_roofline"] = round(rate / (here * 1e9 / step), 3)
-        if quantization in ("int4", "w8a8"):
+        if quantization in ("int4", "w8a8") and huge_pages:
             paths.update(kernel_paths(model))
         runs[name] = run
         print(name, run, flush=True)
@@ -326,7 +342,12 @@ def main() -> None:
         prompt = long_prompt(AutoTokenizer.from_pretrained(folder), args.long_context)
         llama_long = llama_cpp_rate(args.threads, args.tokens, prompt)
         print("llama.cpp long context", llama_long, flush=True)
-    best = max(runs, key=lambda n: runs[n]["batch1_tokens_per_s"])
+    best = max((n for n in runs if not n.endswith("/4k_pages")), key=lambda n: runs[n]["batch1_tokens_per_s"])
+    # What the huge pages give: each rate over the same configuration's on 4 KiB pages.
+    pages_gain = {base: {key: round(runs[base][key] / runs[name][key], 3) for key in runs[name]
+                         if key.endswith("tokens_per_s") and key in runs[base]}
+                  for name in runs if name.endswith("/4k_pages")
+                  for base in [name.removesuffix("/4k_pages")] if base in runs}
     result = {
         "benchmark": "decode",
         "machine": machine_info(),
@@ -343,6 +364,7 @@ def main() -> None:
         "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
         "long_context": args.long_context,
         "llama_cpp_long_context_tokens_per_s": None if llama_long is None else round(llama_long, 1),
+        "huge_pages_vs_4k_pages": pages_gain,
         "best_single_stream": best,
         "best_single_stream_vs_llama_cpp": None if llama is None else
         round(runs[best]["batch1_tokens_per_s"] / llama, 3),

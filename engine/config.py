@@ -78,6 +78,10 @@ class EngineConfig:
     # CPU float32 (and bfloat16 where the CPU has bf16 instructions): run linear layers
     # through oneDNN with prepacked weights (engine/models/linear.py); off = PyTorch's GEMM.
     onednn_linear: bool = True
+    # CPU: the weights (all but oneDNN's prepacked ones) and the KV cache on 2 MiB pages
+    # (engine/huge_pages.py; Linux transparent huge pages, asked for with madvise): fewer TLB
+    # misses streaming weights and reading scattered K/V blocks. Off: PyTorch's allocations.
+    cpu_huge_pages: bool = True
     # "int8": linear layers and the embedding stored as int8 with per-output-channel
     # scales (weight-only: activations stay float); "w8a8" (CPU): the same weights, the
     # activations quantized to int8 too (semline's kernel: faster, less exact); "int4"

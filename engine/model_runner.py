@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engine import huge_pages
 from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
                               make_prefill_chunk, windowed)
 from engine.config import ConfigError, EngineConfig
@@ -163,6 +164,10 @@ class ModelRunner:
                 keep_gguf_precision(model, checkpoint, skip)  # its Q4_1 layers stay 4-bit
             if onednn:
                 prepack_linears(model, onednn_dtypes())
+        if device.type == "cpu" and config.cpu_huge_pages:  # before anything holds the weights
+            placed = huge_pages.place_model(model)
+            if placed:
+                logger.info("weights on huge pages: %.0f MiB", placed / 2**20)
         self.lora: LoRAState | None = None
         if config.lora_enabled:  # after quantization: the LoRA pairs wrap whatever runs the base
             self.lora = LoRAState(prepack=onednn)
@@ -291,6 +296,9 @@ class ModelRunner:
         padding rows of a CUDA-graph decode step write to."""
         shape = (num_blocks + 1, self.block_size, self.model.num_kv_heads, self.args.head_dim)
         logger.info("KV cache: %d blocks x %d tokens (%s)", num_blocks, self.block_size, self.dtype)
+        if self.device.type == "cpu" and self.config.cpu_huge_pages and huge_pages.available():
+            caches = huge_pages.zeros(shape, self.dtype, 2 * len(self.model.layers))
+            return list(zip(caches[0::2], caches[1::2]))
         return [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
