@@ -276,6 +276,37 @@ inline void key_offsets(const int64_t* table, int64_t start, int64_t length, int
   }
 }
 
+// Software prefetch of the K/V rows a work item reads. A sequence's rows lie block by block
+// wherever the block manager put its blocks, and the hardware prefetchers lose their stream
+// at every block; the item knows each key's offset, so it asks for rows kAhead keys before
+// it reads them: its keys during the score pass and, when its values fit kValuesEarly, its
+// values then too (so they are in L2 when the value pass starts; larger items' values are
+// asked for by the value pass itself, as they would be evicted before it). On a 2-core EPYC
+// VM, 30 layers of K/V in scattered blocks on 2 MiB pages: bf16 batch 32 x 200 keys 18.7 ->
+// 25.7 GB/s, one stream of 2000 keys 21.5 -> 30.9; float32 20.4 -> 22.5 and 19.9 -> 23.0.
+constexpr int64_t kAhead = 16;
+constexpr int64_t kValuesEarly = 512 * 1024;
+
+// The cache lines of [start, start + bytes) on their way into L1.
+inline void prefetch_span(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  const char* end = p + bytes;
+  for (p -= reinterpret_cast<uintptr_t>(p) % 64; p < end; p += 64) __builtin_prefetch(p, 0, 3);
+}
+
+// Keys [from, to) (clipped to `length`): `bytes` of each one's K row from `offset` on, and
+// of its V row too when `values`. Always inlined: the same loop as a lambda in the score
+// pass took all of the gain away (measured, not explained).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void prefetch_keys(const scalar_t* k_cache, const scalar_t* v_cache,
+                                                         const int64_t* offsets, int64_t from, int64_t to,
+                                                         int64_t length, int64_t offset, int64_t bytes, bool values) {
+  for (int64_t t = from; t < std::min(to, length); ++t) {
+    prefetch_span(k_cache + offsets[t] + offset, bytes);
+    if (values) prefetch_span(v_cache + offsets[t] + offset, bytes);
+  }
+}
+
 // Where a work item that covers only some of a sequence's keys leaves its result (merged
 // afterwards, flash-decoding's split-K), per query head of the sequence: the largest score,
 // the sum of exp(score - largest), and the values weighted by those exps, unnormalised.
@@ -319,12 +350,19 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
   acc.assign(heads * dim, 0.f);
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t d = 0; d < dim; ++d) queries[h * dim + d] = static_cast<float>(q[(head_begin + h) * dim + d]) * scale;
+  // The item's KV heads: one span of each key's row (prefetch_span).
+  const int64_t kv_first = head_begin / group * dim;
+  const int64_t kv_bytes = ((head_end - 1) / group * dim + dim - kv_first) * static_cast<int64_t>(sizeof(scalar_t));
+  const bool values_early = length * kv_bytes <= kValuesEarly;
+  prefetch_keys(k_cache, v_cache, offsets.data(), 0, kAhead, length, kv_first, kv_bytes, values_early);
   // Pass 1: every head's score for every key (eight keys at a time where the CPU has AVX2).
   int64_t t0 = 0;
 #ifdef SEMLINE_AVX2
   if (dim % 8 == 0) {
     const scalar_t* rows[8];
     for (; t0 + 8 <= length; t0 += 8) {
+      prefetch_keys(k_cache, v_cache, offsets.data(), t0 + kAhead, t0 + kAhead + 8, length, kv_first, kv_bytes,
+                    values_early);
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t kv_offset = ((head_begin + h) / group) * dim;
         if (h == 0 || (head_begin + h) % group == 0)
@@ -359,6 +397,9 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     const scalar_t* rows[kTile];
     for (int64_t t0 = 0; t0 < length; t0 += kTile) {
       const int64_t tile = std::min(kTile, length - t0);
+      if (!values_early)  // the next tile's value rows
+        for (int64_t t = t0 + kTile; t < std::min(t0 + 2 * kTile, length); ++t)
+          prefetch_span(v_cache + offsets[t] + kv_first, kv_bytes);
       int64_t rows_kv = -1;  // the KV head `rows` point into
       for (int64_t h = 0; h < heads; ++h) {
         const int64_t kv = (head_begin + h) / group;
@@ -431,7 +472,7 @@ inline uint32_t bf16_bits(float x) { return narrow<c10::BFloat16>(x).x; }
 template <int C, int N>
 void values_bf16(const c10::BFloat16* column, const int64_t* offsets, int64_t length, const uint16_t* probs,
                  int64_t stride, const float* inv_totals, const Partial* partial, int64_t head,
-                 c10::BFloat16* out) {
+                 c10::BFloat16* out, bool prefetch) {
   constexpr int64_t dim = 32 * C;
   const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
   const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
@@ -442,6 +483,10 @@ void values_bf16(const c10::BFloat16* column, const int64_t* offsets, int64_t le
     __m512 lo[N], hi[N];
     for (int i = 0; i < N; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < length; t += 2) {
+      if (prefetch && t + kAhead + 1 < length) {  // this chunk's line of the rows ahead
+        __builtin_prefetch(chunk + offsets[t + kAhead], 0, 3);
+        __builtin_prefetch(chunk + offsets[t + kAhead + 1], 0, 3);
+      }
       const __m512i a = _mm512_loadu_si512(chunk + offsets[t]), b = _mm512_loadu_si512(chunk + offsets[t + 1]);
       const __m512bh even = as_bh(_mm512_unpacklo_epi16(a, b)), odd = as_bh(_mm512_unpackhi_epi16(a, b));
       for (int i = 0; i < N; ++i) {
@@ -475,15 +520,24 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
   const int64_t length = end - start;
   scores.resize(heads * length);
   key_offsets(table, start, length, block_size, num_kv_heads * dim, offsets);
-  // Pass 1: scores, eight keys at a time (one horizontal reduction for the eight).
+  // Pass 1: scores, eight keys at a time (one horizontal reduction for the eight), head by
+  // head. The first head of each KV head asks for that KV head's keys ahead (the others
+  // find them in L1/L2), and for its values too where the item's fit kValuesEarly.
+  const int64_t kv_heads_read = (head_end - 1) / group - head_begin / group + 1;
+  const bool values_early = length * kv_heads_read * dim * 2 <= kValuesEarly;
   const c10::BFloat16* rows[8];
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t kv_offset = ((head_begin + h) / group) * dim;
+    const bool lead = h == 0 || (head_begin + h) % group == 0;
+    if (lead) prefetch_keys(k_cache, v_cache, offsets.data(), 0, kAhead, length, kv_offset, dim * 2, values_early);
     __m512i qv[C];
     for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_si512(q + (head_begin + h) * dim + 32 * c);
     float* row_scores = &scores[h * length];
     int64_t t0 = 0;
     for (; t0 + 8 <= length; t0 += 8) {
+      if (lead)
+        prefetch_keys(k_cache, v_cache, offsets.data(), t0 + kAhead, t0 + kAhead + 8, length, kv_offset, dim * 2,
+                      values_early);
       for (int j = 0; j < 8; ++j) rows[j] = k_cache + offsets[t0 + j] + kv_offset;
       __m256 halves[8];
       for (int j = 0; j < 8; ++j) {
@@ -527,7 +581,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
     while (n < 4 && h + n < heads && (head_begin + h + n) / group == kv) ++n;
     auto run = n == 4 ? values_bf16<C, 4> : n == 3 ? values_bf16<C, 3> : n == 2 ? values_bf16<C, 2> : values_bf16<C, 1>;
     run(v_cache + kv * dim, offsets.data(), length, probs.data() + h * padded, padded, inv_totals.data() + h,
-        partial, head_begin + h, out);
+        partial, head_begin + h, out, !values_early);
     h += n;
   }
 }

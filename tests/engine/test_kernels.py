@@ -115,6 +115,30 @@ def test_paged_decode_kernel_splits_long_contexts_over_threads(dtype, num_kv_hea
         torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_kernel_items_too_long_to_prefetch_their_values_early(dtype):
+    """Whole sequences per item (4 sequences on 2 threads) whose values exceed the kernel's
+    budget for asking for them during the score pass (kValuesEarly, 512 KiB): the value pass
+    asks for them itself. Same answer."""
+    kernel = load_paged_attention()
+    torch.manual_seed(7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch, num_heads, num_kv_heads, block_size, dim, num_blocks = 4, 9, 3, 16, 64, 600
+        k_cache = torch.randn(num_blocks, block_size, num_kv_heads, dim).to(dtype)
+        v_cache = torch.randn_like(k_cache)
+        lens = torch.tensor([2000, 1500, 1800, 1400])  # 1400 x 3 KV heads x 64 x 2 bytes > 512 KiB
+        tables = torch.stack([torch.randperm(num_blocks)[:125] for _ in range(batch)])
+        q = torch.randn(batch, num_heads, dim).to(dtype)
+        out = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    expected = _reference_decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 def test_paged_decode_kernel_rejects_bad_input():
     kernel = load_paged_attention()
     q = torch.randn(2, 9, 64)
