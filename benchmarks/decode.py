@@ -24,7 +24,9 @@ measured matrix-product rate the step's FLOPs reach.
 Also timed: every compiled path of the W4A8/W8A8 kernels (scalar, AVX2, AVX512-VNNI)
 over the model's own quantized layers, so the AVX2 path has a number on any machine, and
 the step's 4-bit products called one by one against the same bytes as one product (what
-the step loses to starting and ending ~120 short products; --kernels-only runs just these).
+the step loses to starting and ending ~120 short products; --kernels-only runs just these), and
+the decode attention kernel alone at batch 32 x 200 keys and 1 x 2000, blocks consecutive and
+scattered.
 Targets (issue 16): single stream >= 1.5x llama.cpp and >= 50 % of the bandwidth bound;
 batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json with the
 CPU flags and the commit.
@@ -210,6 +212,37 @@ def llama_cpp_rate(threads: int, tokens: int, prompt_ids: list[int] | None = Non
     return rates[-1]
 
 
+def attention_rates(seconds: float = 1.0) -> dict:
+    """The decode attention kernel alone over SmolLM2's shapes (9 query heads, 3 KV heads of
+    64, 30 layers, caches on 2 MiB pages as the engine's): K/V GB/s at batch 32 x 200 keys
+    and one sequence of 2000, its blocks consecutive (a lone stream's) or scattered over the
+    cache (a busy server's, after many requests came and went)."""
+    from engine import huge_pages
+    from engine.kernels import load_paged_attention
+
+    kernel = load_paged_attention()
+    out, layers, heads, kv_heads, dim, block = {}, 30, 9, 3, 64, 16
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, keys in ((32, 200), (1, 2000)):
+            per_seq = -(-keys // block)
+            blocks = batch * per_seq
+            caches = huge_pages.zeros((blocks, block, kv_heads, dim), dtype, 2 * layers) if huge_pages.available() \
+                else [torch.zeros(blocks, block, kv_heads, dim, dtype=dtype) for _ in range(2 * layers)]
+            for cache in caches:
+                cache.copy_(torch.randn(cache.shape))
+            q = torch.randn(batch, heads, dim).to(dtype)
+            lens = torch.full((batch,), keys, dtype=torch.long)
+            nbytes = 2 * layers * batch * keys * kv_heads * dim * q.element_size()
+            for order in ("consecutive", "scattered"):
+                ids = torch.arange(blocks) if order == "consecutive" else torch.randperm(blocks)
+                tables = ids.view(batch, per_seq)
+                elapsed = seconds_per_pass(lambda: [kernel.paged_decode_attention(
+                    q, caches[2 * i], caches[2 * i + 1], tables, lens, dim**-0.5) for i in range(layers)], seconds)
+                out[f"{str(dtype).removeprefix('torch.')}/batch{batch}x{keys}/{order}"] = {
+                    "kv_gbs": round(nbytes / elapsed / 1e9, 1), "ms_30_layers": round(1e3 * elapsed, 2)}
+    return out
+
+
 def kernels_only(threads: int) -> None:
     paths = {}
     for quantization in ("int4", "w8a8"):
@@ -217,7 +250,8 @@ def kernels_only(threads: int) -> None:
         llm = LLM(device="cpu", dtype=dtype, quantization=quantization, num_threads=threads, kv_cache_memory_gb=0.5)
         paths.update(kernel_paths(llm.engine.runner.model))
         del llm
-    result = {"benchmark": "decode_kernels", "machine": machine_info(), "threads": threads, "kernel_paths": paths}
+    result = {"benchmark": "decode_kernels", "machine": machine_info(), "threads": threads, "kernel_paths": paths,
+              "attention": attention_rates(), "read_bandwidth_gbs": round(read_bandwidth_gbs(), 1)}
     output = RESULTS / "decode_kernels.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -360,6 +394,7 @@ def main() -> None:
         # The quantized kernels' every compiled path on this CPU (the AVX2 and scalar ones are
         # what machines without AVX512-VNNI run), over the model's layers, 2 threads.
         "kernel_paths": paths,
+        "attention": attention_rates(),
         "hf_generate_batch1_tokens_per_s": hf,
         "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
         "long_context": args.long_context,
