@@ -62,6 +62,13 @@ class ServerSettings(_Strict):
                                        "prefix go to the replica holding it (bounded load), else power of two "
                                        "choices on requests in flight; free_kv: rank by reported free KV blocks.")
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    stream_interval_ms: float = Field(
+        20, ge=0, description="A streamed request's tokens that come within this long of the last chunk sent go "
+                              "out together in the next (its first token and its end never wait): every chunk "
+                              "costs a message through the ingress and the proxy, work that shares the replica's "
+                              "cores (2-core CPU replica, one stream: 5.5 ms a token at one chunk per token, 4.0 "
+                              "at 20 ms, the engine alone 2.6). 0: a chunk per step, unless the stream falls "
+                              "behind.")
 
 
 class HTTPSettings(_Strict):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ class LLMServer:
     def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
                  router_config: dict | None = None, capacity: int | None = None,
                  model_name: str = "semline", parallel_config: dict | None = None,
-                 tool_call_parser: str = "auto") -> None:
+                 tool_call_parser: str = "auto", stream_interval_ms: float = 0.0) -> None:
         # First: Serve calls __del__ even when the engine fails to start.
         self._stop, self.router = threading.Event(), None
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
@@ -47,6 +48,7 @@ class LLMServer:
         self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}),
                                   executor=RayExecutor(ParallelConfig.from_dict(parallel_config)))
         self.capacity = capacity or self.engine.engine.config.max_num_seqs
+        self.stream_interval_s = stream_interval_ms / 1000
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
         self.router_stats: dict = {}
@@ -77,13 +79,15 @@ class LLMServer:
 
     async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
-                       announce: bool = False, lora: tuple[str, str] | None = None
+                       announce: bool = False, lora: tuple[str, str] | None = None, interval: float | None = None
                        ) -> AsyncIterator[RequestOutput | None]:
         """Stream one request's outputs; cancelling the stream aborts it in the engine.
         announce: first yield None once the engine has accepted the request (its validation
         error is raised before that), so a caller can answer 4xx before it starts a stream.
         Every output names this replica (served_by); so does the announcement (instead of None).
-        lora: (name, folder) of the LoRA adapter that serves it, loaded here on first use."""
+        lora: (name, folder) of the LoRA adapter that serves it, loaded here on first use.
+        interval: outputs within this many seconds of the last one go as one (merged; the
+        first and the last never wait); None: the replica's stream_interval_ms."""
         if lora is not None:
             await self.load_lora(*lora)
         stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority,
@@ -93,7 +97,7 @@ class LLMServer:
         try:
             if announce:
                 yield self.replica_id
-            async for output in stream:
+            async for output in stream.coalesced(self.stream_interval_s if interval is None else interval):
                 tracker.observe(output)
                 if first and output.token_ids and priority == 0:  # realtime TTFT, for the autoscaler
                     self._ttfts.append((time.monotonic(), time.monotonic() - started))
@@ -111,7 +115,10 @@ class LLMServer:
         """The final output only: no per-token messages for callers that do not stream
         (the batch lane, non-streamed requests). Cancelling the call aborts the request."""
         final = None
-        async for output in self.generate(prompt, messages, params, priority, request_id, tools, lora=lora):
+        # Only the end is wanted: everything after the first token (which the realtime TTFT
+        # figure needs) is merged into it.
+        async for output in self.generate(prompt, messages, params, priority, request_id, tools, lora=lora,
+                                          interval=math.inf):
             final = output
         return final
 

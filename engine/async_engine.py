@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import copy
 import logging
+import math
 import queue
 import ctypes
 import ctypes.util
@@ -25,7 +26,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, RequestError
 from engine.lora import load_adapter
 from engine.metrics import EngineStats
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge_outputs
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,36 @@ class OutputStream:
             raise item
         self._finished = item.finished
         return item
+
+    async def coalesced(self, interval: float) -> AsyncIterator[RequestOutput]:
+        """The outputs, those that come less than `interval` seconds after the last one handed
+        out merged into one (merge_outputs), so a consumer that pays per item (a Serve stream:
+        a message through the ingress and the proxy for each) takes fewer of them when tokens
+        come faster than that. The first output is never held back; nor is the last, once it
+        has come. 0: what is already waiting when the consumer asks goes as one (a consumer
+        that keeps up gets each output alone)."""
+        loop = asyncio.get_running_loop()
+        due = -math.inf  # when the next output may go (math.inf: only with the last)
+        async for first in self:
+            batch = [first]
+            while not batch[-1].finished:
+                wait = due - loop.time()
+                try:  # cancelling Queue.get loses no item
+                    if wait <= 0:
+                        item = self._outputs.get_nowait()
+                    elif wait == math.inf:
+                        item = await self._outputs.get()
+                    else:
+                        item = await asyncio.wait_for(self._outputs.get(), wait)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if isinstance(item, BaseException):
+                    self._finished = True
+                    raise item
+                batch.append(item)
+                self._finished = item.finished
+            due = loop.time() + interval
+            yield merge_outputs(batch)
 
     async def aclose(self) -> None:
         if not self._finished and not self._closed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -106,3 +107,16 @@ class RequestOutput:
     error: str | None = None
     # Set by a serving layer: which replica answered (semline's Serve app: x-semline-replica).
     served_by: str | None = None
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: the last one's state (its cumulative text,
+    tokens, logprobs, finish, metrics) with every one's increment joined in order."""
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    deltas = [o.delta_logprobs for o in outputs if o.delta_logprobs]
+    return dataclasses.replace(
+        last, delta_text="".join(o.delta_text for o in outputs),
+        delta_token_ids=[t for o in outputs for t in o.delta_token_ids],
+        delta_logprobs=[lp for d in deltas for lp in d] if deltas else last.delta_logprobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -42,6 +43,30 @@ def test_concurrent_streams_match_offline(async_engine, llm):
         m = final.metrics
         assert 0 < m.time_to_first_token <= m.e2e_latency
         assert m.time_per_output_token > 0 and m.flops > 0 and m.energy_joules > 0
+
+
+def test_coalesced_streams_merge_what_comes_within_the_interval(async_engine, llm):
+    """The first output at once, the rest of the request within a long interval merged into
+    the last one; interval 0 merges only what is already waiting. Same tokens and text as the
+    plain stream, and what each output adds joins up to the whole, logprobs too."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    expected = llm.generate(["The sea in winter"], params)[0]
+
+    async def run(interval):
+        stream = await async_engine.submit("The sea in winter", params)
+        return [out async for out in stream.coalesced(interval)]
+
+    slow, only_end, fast = asyncio.run(run(30.0)), asyncio.run(run(math.inf)), asyncio.run(run(0.0))
+    for outputs in (slow, only_end):
+        assert len(outputs) == 2 and len(outputs[0].token_ids) == 1 and not outputs[0].finished
+    assert 2 <= len(fast) <= 16
+    for outputs in (slow, only_end, fast):
+        final = outputs[-1]
+        assert final.finished and final.token_ids == expected.token_ids and final.text == expected.text
+        assert [t for o in outputs for t in o.delta_token_ids] == final.token_ids
+        assert "".join(o.delta_text for o in outputs) == final.text
+        assert [lp.token_id for o in outputs for lp in o.delta_logprobs] == final.token_ids
+        assert all(not o.finished for o in outputs[:-1])
 
 
 def test_leaving_the_stream_aborts_and_frees_blocks(async_engine):
