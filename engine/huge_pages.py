@@ -3,9 +3,9 @@
 A decode step streams every weight once and, at long contexts or large batches, reads its
 sequences' K/V blocks scattered over the cache: on 4 KiB pages that is a TLB miss every
 4 KiB, and under a virtual machine each miss walks two page tables. Measured on a 2-core
-AMD EPYC VM (benchmarks/decode.py --huge-pages): random 6 KiB blocks read at 22 GB/s on 4
-KiB pages and 38-41 on 2 MiB pages; a decode step of the embedded 4-bit model 5-13 %
-faster, more at long contexts.
+AMD EPYC VM: random 6 KiB blocks read at 22 GB/s on 4 KiB pages and 38-41 on 2 MiB pages;
+the embedded 4-bit model, by turns with and without (benchmarks/decode.py --pages-sweep and
+alternating runs): one stream +2 % over 128 tokens, +7-15 % over 300, batch 32 +2-7 %.
 
 malloc gives such pages only to allocations it maps itself and only where the kernel is
 asked (madvise MADV_HUGEPAGE, which is what `transparent_hugepage/enabled = madvise`, the
