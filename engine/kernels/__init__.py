@@ -23,11 +23,13 @@ _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "
 
 
 def _build_key() -> str:
-    """The build folder's name: the CPU's instruction sets, the shared header and torch's
-    version. The extension is compiled with -march=native and picks its AVX2/AVX-512/VNNI/BF16
-    paths at compile time, so a cache shared between machines (an NFS home, a Ray cluster's
-    nodes) must not hand one CPU's build to another (an illegal instruction); torch's own
-    check hashes the .cpp files only, not the header they include."""
+    """The build folder's name: the CPU's instruction sets, the sources (header included) and
+    torch's version. The extension is compiled with -march=native and picks its AVX2/AVX-512/
+    VNNI/BF16 paths at compile time, so a cache shared between machines (an NFS home, a Ray
+    cluster's nodes) must not hand one CPU's build to another (an illegal instruction); and
+    two versions of semline on one machine (two checkouts, two venvs) must not take turns
+    rebuilding one folder (torch's own check hashes the .cpp files, but in place: a process
+    loading while another rebuilt found no extension)."""
     import hashlib
     import platform
 
@@ -37,8 +39,8 @@ def _build_key() -> str:
             flags += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    header = Path(__file__).with_name("cpu_ops.h").read_bytes()
-    return hashlib.sha1(flags.encode() + header + torch.__version__.encode()).hexdigest()[:12]
+    sources = b"".join(path.read_bytes() for path in [*_SOURCES, Path(__file__).with_name("cpu_ops.h")])
+    return hashlib.sha1(flags.encode() + sources + torch.__version__.encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)

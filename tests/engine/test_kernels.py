@@ -387,6 +387,18 @@ def test_the_build_folder_is_per_cpu(monkeypatch):
     assert _build_key() != here
 
 
+def test_the_build_folder_is_per_source_version(monkeypatch, tmp_path):
+    """Two versions of the kernels on one machine (two checkouts or venvs) build in two folders
+    instead of rebuilding one in turn."""
+    import engine.kernels as kernels
+
+    here = kernels._build_key()
+    changed = tmp_path / "paged_attention.cpp"
+    changed.write_bytes(kernels._SOURCES[0].read_bytes() + b"\n// another version\n")
+    monkeypatch.setattr(kernels, "_SOURCES", [changed, *kernels._SOURCES[1:]])
+    assert kernels._build_key() != here
+
+
 def test_argmax_rows_returns_what_torch_argmax_does():
     """The greedy sampler's argmax: the first of tied maxima, the first NaN of a row that has
     one, 0 for a row of -inf, any length (the 16-lane loop, its tail, rows shorter than 16)."""
