@@ -17,6 +17,7 @@
 #include "cpu_ops.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/record_function.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -848,6 +849,68 @@ void rotate_heads(scalar_t* x, int64_t tokens, int64_t heads, int64_t token_stri
   });
 }
 
+#ifdef SEMLINE_AVX2
+// PyTorch's own vectorised exp (libtorch_cpu exports its Sleef): what its SiLU kernel calls.
+extern "C" __m256 Sleef_expf8_u10(__m256);
+#ifdef SEMLINE_AVX512
+extern "C" __m512 Sleef_expf16_u10(__m512);
+#endif
+#endif
+
+// out = silu(gate) * up for `rows` rows of [gate | up] (row stride 2 * inter), as PyTorch's
+// F.silu and mul compute it: silu in float32, x / (1 + exp(-x)) with the exp of the vector
+// width ATen runs in this process (its AVX-512 kernels: Sleef's 16-lane exp; AVX2: 8-lane),
+// rounded to the dtype, times up, rounded. One loop instead of four ATen calls (silu_, mul
+// and two narrows: ~5 us a layer, most of what a decode step's calling thread did between
+// products). False where this build cannot match ATen's choice, or a row's length is not
+// a multiple of the vector (ATen's remainder goes through the C library's exp): the caller
+// then uses ATen.
+// One block of a row: out[d] = narrow(narrow(silu[d]) * up[d]) (vectorised by the compiler).
+template <typename scalar_t>
+inline void times_up(const float* silu, const scalar_t* up, scalar_t* out, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) out[d] = narrow<scalar_t>(widen(narrow<scalar_t>(silu[d])) * widen(up[d]));
+}
+
+template <typename scalar_t>
+bool silu_mul_rows(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64_t inter) {
+#ifdef SEMLINE_AVX2
+  constexpr int64_t kBlock = 256;
+  static const int64_t lanes = [] {  // fixed for the process (ATen reads ATEN_CPU_CAPABILITY once)
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX512" ? 16 : capability == "AVX2" ? 8 : 0;
+  }();
+#ifndef SEMLINE_AVX512
+  if (lanes == 16) return false;
+#endif
+  if (lanes == 0 || inter % (2 * lanes) != 0) return false;
+  alignas(64) float silu[kBlock];
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* gate = gate_up + r * 2 * inter;
+    for (int64_t d0 = 0; d0 < inter; d0 += kBlock) {
+      const int64_t n = std::min(kBlock, inter - d0);  // a multiple of the lanes
+      for (int64_t d = 0; d < n; d += lanes) {
+#ifdef SEMLINE_AVX512
+        if (lanes == 16) {
+          const __m512 x = load16(gate + d0 + d);
+          const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x));
+          _mm512_store_ps(silu + d, _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+          continue;
+        }
+#endif
+        const __m256 x = load8(gate + d0 + d);
+        const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_store_ps(silu + d, _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+      }
+      times_up<scalar_t>(silu, gate + inter + d0, out + r * inter + d0, n);
+    }
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -1210,9 +1273,11 @@ class DecodeStack {
 #pragma omp master
       {
         const int64_t inter = gate_up[i].size(1) / 2;
-        auto gate = gate_up[i].narrow(1, 0, inter);
-        at::silu_(gate);  // as the other path: silu(gate), then times up, each rounded
-        at::mul_out(act[i], gate, gate_up[i].narrow(1, inter, inter));
+        if (!silu_mul_rows<scalar_t>(gate_up[i].data_ptr<scalar_t>(), act[i].data_ptr<scalar_t>(), tokens, inter)) {
+          auto gate = gate_up[i].narrow(1, 0, inter);
+          at::silu_(gate);  // as the other path: silu(gate), then times up, each rounded
+          at::mul_out(act[i], gate, gate_up[i].narrow(1, inter, inter));
+        }
         quantize_activations(xq, act[i]);
       }
 #pragma omp barrier
