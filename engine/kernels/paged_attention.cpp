@@ -862,9 +862,8 @@ extern "C" __m512 Sleef_expf16_u10(__m512);
 // width ATen runs in this process (its AVX-512 kernels: Sleef's 16-lane exp; AVX2: 8-lane),
 // rounded to the dtype, times up, rounded. One loop instead of four ATen calls (silu_, mul
 // and two narrows: ~5 us a layer, most of what a decode step's calling thread did between
-// products). False where this build cannot match ATen's choice, or a row's length is not
-// a multiple of the vector (ATen's remainder goes through the C library's exp): the caller
-// then uses ATen.
+// products). False where this build cannot match ATen's choice, or a row's length is not a
+// multiple of ATen's step: the caller then uses ATen.
 // One block of a row: out[d] = narrow(narrow(silu[d]) * up[d]) (vectorised by the compiler).
 template <typename scalar_t>
 inline void times_up(const float* silu, const scalar_t* up, scalar_t* out, int64_t n) {
@@ -883,7 +882,9 @@ bool silu_mul_rows(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64_t
 #ifndef SEMLINE_AVX512
   if (lanes == 16) return false;
 #endif
-  if (lanes == 0 || inter % (2 * lanes) != 0) return false;
+  // ATen's loop takes two of its vectors of the dtype at a time (64 bf16 or 32 float32 lanes
+  // under AVX-512) and the rest one by one through the C library's exp.
+  if (lanes == 0 || inter % (2 * lanes * static_cast<int64_t>(sizeof(float) / sizeof(scalar_t))) != 0) return false;
   alignas(64) float silu[kBlock];
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* gate = gate_up + r * 2 * inter;
