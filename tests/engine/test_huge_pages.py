@@ -89,7 +89,11 @@ def test_huge_pages_off_decodes_the_same_tokens(llm, make_llm):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     prompts = ["The capital of France is", "def add(a, b):"]
     off = make_llm(cpu_huge_pages=False)
-    if "[madvise]" in huge_pages._THP_SETTING.read_text():  # only what is asked for gets them
-        assert _vma_flags(off.engine.runner.kv_caches[0][0].data_ptr()).get("THPeligible") == "0"
+    # Each of its caches its own allocation (torch.zeros), where the default's share an arena.
+    # (Not checked through smaps' THPeligible: in one full-suite run a torch.zeros block was
+    # marked eligible too, by something else in the process.)
+    on_cache, off_cache = llm.engine.runner.kv_caches[0][0], off.engine.runner.kv_caches[0][0]
+    assert off_cache.untyped_storage().nbytes() == off_cache.nbytes
+    assert on_cache.untyped_storage().nbytes() >= 2 * len(llm.engine.runner.kv_caches) * on_cache.nbytes
     assert [o.token_ids for o in off.generate(prompts, params)] == \
         [o.token_ids for o in llm.generate(prompts, params)]
