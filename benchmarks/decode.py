@@ -226,8 +226,7 @@ def attention_rates(seconds: float = 1.0) -> dict:
         for batch, keys in ((32, 200), (1, 2000)):
             per_seq = -(-keys // block)
             blocks = batch * per_seq
-            caches = huge_pages.zeros((blocks, block, kv_heads, dim), dtype, 2 * layers) if huge_pages.available() \
-                else [torch.zeros(blocks, block, kv_heads, dim, dtype=dtype) for _ in range(2 * layers)]
+            caches = huge_pages.zeros((blocks, block, kv_heads, dim), dtype, 2 * layers)
             for cache in caches:
                 cache.copy_(torch.randn(cache.shape))
             q = torch.randn(batch, heads, dim).to(dtype)
@@ -378,10 +377,12 @@ def main() -> None:
         print("llama.cpp long context", llama_long, flush=True)
     best = max((n for n in runs if not n.endswith("/4k_pages")), key=lambda n: runs[n]["batch1_tokens_per_s"])
     # What the huge pages give: each rate over the same configuration's on 4 KiB pages.
-    pages_gain = {base: {key: round(runs[base][key] / runs[name][key], 3) for key in runs[name]
-                         if key.endswith("tokens_per_s") and key in runs[base]}
-                  for name in runs if name.endswith("/4k_pages")
-                  for base in [name.removesuffix("/4k_pages")] if base in runs}
+    pages_gain = {}
+    for name in runs:
+        base = name.removesuffix("/4k_pages")
+        if base != name and base in runs:
+            pages_gain[base] = {key: round(runs[base][key] / runs[name][key], 3) for key in runs[name]
+                                if key.endswith("tokens_per_s") and key in runs[base]}
     result = {
         "benchmark": "decode",
         "machine": machine_info(),

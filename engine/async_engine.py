@@ -101,6 +101,10 @@ class OutputStream:
         except BaseException:
             await self.aclose()
             raise
+        return self._take(item)
+
+    def _take(self, item) -> RequestOutput:
+        """An item off the queue: the output (noting whether it is the last), or its error raised."""
         if isinstance(item, BaseException):
             self._finished = True
             raise item
@@ -129,11 +133,7 @@ class OutputStream:
                         item = await asyncio.wait_for(self._outputs.get(), wait)
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
-                if isinstance(item, BaseException):
-                    self._finished = True
-                    raise item
-                batch.append(item)
-                self._finished = item.finished
+                batch.append(self._take(item))
             due = loop.time() + interval
             yield merge_outputs(batch)
 

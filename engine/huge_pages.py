@@ -68,11 +68,14 @@ def buffer(nbytes: int) -> torch.Tensor:
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, count: int) -> list[torch.Tensor]:
-    """`count` zeroed CPU tensors of `shape` and `dtype`, one after another in one buffer."""
-    nbytes = _round_up(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size(), ALIGN)
+    """`count` zeroed CPU tensors of `shape` and `dtype`, one after another in one buffer (or
+    `count` torch.zeros where huge pages cannot be asked for)."""
+    if not available():
+        return [torch.zeros(shape, dtype=dtype) for _ in range(count)]
+    numel = torch.Size(shape).numel()
+    nbytes = _round_up(numel * torch.empty((), dtype=dtype).element_size(), ALIGN)
     arena = buffer(nbytes * count)
-    return [arena[i * nbytes:(i + 1) * nbytes].view(dtype)[:torch.Size(shape).numel()].view(shape)
-            for i in range(count)]
+    return [arena[i * nbytes:(i + 1) * nbytes].view(dtype)[:numel].view(shape) for i in range(count)]
 
 
 def _movable(tensor: torch.Tensor | None) -> bool:

@@ -296,7 +296,7 @@ class ModelRunner:
         padding rows of a CUDA-graph decode step write to."""
         shape = (num_blocks + 1, self.block_size, self.model.num_kv_heads, self.args.head_dim)
         logger.info("KV cache: %d blocks x %d tokens (%s)", num_blocks, self.block_size, self.dtype)
-        if self.device.type == "cpu" and self.config.cpu_huge_pages and huge_pages.available():
+        if self.device.type == "cpu" and self.config.cpu_huge_pages:
             caches = huge_pages.zeros(shape, self.dtype, 2 * len(self.model.layers))
             return list(zip(caches[0::2], caches[1::2]))
         return [

@@ -295,6 +295,11 @@ inline void prefetch_span(const void* start, int64_t bytes) {
   for (p -= reinterpret_cast<uintptr_t>(p) % 64; p < end; p += 64) __builtin_prefetch(p, 0, 3);
 }
 
+// How many KV heads query heads [head_begin, head_end) read (consecutive ones).
+inline int64_t kv_heads_read(int64_t head_begin, int64_t head_end, int64_t group) {
+  return (head_end - 1) / group - head_begin / group + 1;
+}
+
 // Keys [from, to) (clipped to `length`): `bytes` of each one's K row from `offset` on, and
 // of its V row too when `values`. Always inlined: the same loop as a lambda in the score
 // pass took all of the gain away (measured, not explained).
@@ -353,7 +358,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     for (int64_t d = 0; d < dim; ++d) queries[h * dim + d] = static_cast<float>(q[(head_begin + h) * dim + d]) * scale;
   // The item's KV heads: one span of each key's row (prefetch_span).
   const int64_t kv_first = head_begin / group * dim;
-  const int64_t kv_bytes = ((head_end - 1) / group * dim + dim - kv_first) * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t kv_bytes = kv_heads_read(head_begin, head_end, group) * dim * static_cast<int64_t>(sizeof(scalar_t));
   const bool values_early = length * kv_bytes <= kValuesEarly;
   prefetch_keys(k_cache, v_cache, offsets.data(), 0, kAhead, length, kv_first, kv_bytes, values_early);
   // Pass 1: every head's score for every key (eight keys at a time where the CPU has AVX2).
@@ -524,8 +529,7 @@ void attend_bf16(const c10::BFloat16* q, const c10::BFloat16* k_cache, const c10
   // Pass 1: scores, eight keys at a time (one horizontal reduction for the eight), head by
   // head. The first head of each KV head asks for that KV head's keys ahead (the others
   // find them in L1/L2), and for its values too where the item's fit kValuesEarly.
-  const int64_t kv_heads_read = (head_end - 1) / group - head_begin / group + 1;
-  const bool values_early = length * kv_heads_read * dim * 2 <= kValuesEarly;
+  const bool values_early = length * kv_heads_read(head_begin, head_end, group) * dim * 2 <= kValuesEarly;
   const c10::BFloat16* rows[8];
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t kv_offset = ((head_begin + h) / group) * dim;
@@ -857,13 +861,6 @@ extern "C" __m512 Sleef_expf16_u10(__m512);
 #endif
 #endif
 
-// out = silu(gate) * up for `rows` rows of [gate | up] (row stride 2 * inter), as PyTorch's
-// F.silu and mul compute it: silu in float32, x / (1 + exp(-x)) with the exp of the vector
-// width ATen runs in this process (its AVX-512 kernels: Sleef's 16-lane exp; AVX2: 8-lane),
-// rounded to the dtype, times up, rounded. One loop instead of four ATen calls (silu_, mul
-// and two narrows: ~5 us a layer, most of what a decode step's calling thread did between
-// products). False where this build cannot match ATen's choice, or a row's length is not a
-// multiple of ATen's step: the caller then uses ATen.
 // One block of a row: out[d] = narrow(narrow(silu[d]) * up[d]) (vectorised by the compiler).
 template <typename scalar_t>
 inline void times_up(const float* silu, const scalar_t* up, scalar_t* out, int64_t n) {
@@ -871,6 +868,13 @@ inline void times_up(const float* silu, const scalar_t* up, scalar_t* out, int64
   for (int64_t d = 0; d < n; ++d) out[d] = narrow<scalar_t>(widen(narrow<scalar_t>(silu[d])) * widen(up[d]));
 }
 
+// out = silu(gate) * up for `rows` rows of [gate | up] (row stride 2 * inter), as PyTorch's
+// F.silu and mul compute it: silu in float32, x / (1 + exp(-x)) with the exp of the vector
+// width ATen runs in this process (its AVX-512 kernels: Sleef's 16-lane exp; AVX2: 8-lane),
+// rounded to the dtype, times up, rounded. One loop instead of four ATen calls (silu_, mul
+// and two narrows: ~5 us a layer, most of what a decode step's calling thread did between
+// products). False where this build cannot match ATen's choice, or a row's length is not a
+// multiple of ATen's step: the caller then uses ATen.
 template <typename scalar_t>
 bool silu_mul_rows(const scalar_t* gate_up, scalar_t* out, int64_t rows, int64_t inter) {
 #ifdef SEMLINE_AVX2
