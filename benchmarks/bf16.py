@@ -44,7 +44,7 @@ def main() -> None:
     results: dict = {}
     perplexity = {}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM(device="cpu", dtype=dtype, max_num_seqs=args.num_requests)
+        llm = LLM(device="cpu", dtype=dtype, quantization="none", max_num_seqs=args.num_requests)
         workload = make_workload(llm.tokenizer, args.num_requests)
         results[f"semline_{dtype}"] = run_semline(llm, workload)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)

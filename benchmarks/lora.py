@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    config = {"dtype": args.dtype, "num_threads": args.threads, "kv_cache_memory_gb": 1.0}
+    config = {"dtype": args.dtype, "quantization": "none", "num_threads": args.threads, "kv_cache_memory_gb": 1.0}
 
     base = LLM(**config)
     workload = make_workload(base.tokenizer, args.num_requests)

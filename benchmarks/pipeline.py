@@ -70,8 +70,8 @@ def main() -> None:
         if args.device != "cpu":
             parallel.gpus_per_worker = int(100 / stages) / 100
             options["kv_cache_memory_gb"] = 2  # not 80 % of the GPU: the runs follow each other
-        llm = LLM(device=args.device, executor=RayExecutor(parallel), dtype="float32", num_threads=threads,
-                  max_num_seqs=args.num_requests, pipeline_parallel_size=stages, **options)
+        llm = LLM(device=args.device, executor=RayExecutor(parallel), dtype="float32", quantization="none",
+                  num_threads=threads, max_num_seqs=args.num_requests, pipeline_parallel_size=stages, **options)
         ids = llm.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
         rng.seed(0)
         prompts = []
@@ -103,9 +103,8 @@ def main() -> None:
             if inflight == 1:  # with overlap, wall minus compute is not the transfer cost
                 busy = sum(i["busy_seconds"] for i in runner.stage_info()) - busy_before
                 run["overhead_ms_per_step"] = round((runner.wall_seconds - busy) / runner.num_steps * 1000, 3)
-            runner.shutdown()
+        llm.close()
         runs[name] = run
-        del llm
     base = runs[f"1x1x{args.threads}"]
     result = {
         "benchmark": "pipeline",

@@ -62,7 +62,7 @@ async def run(engine: AsyncEngine, prompts: list[list[int]], interval: float, ma
 
 
 def measure(prefix_caching: bool, prompts, args) -> dict:
-    engine = AsyncEngine(EngineConfig(device="cpu", dtype="float32", enable_prefix_caching=prefix_caching))
+    engine = AsyncEngine(EngineConfig(device="cpu", dtype="float32", quantization="none", enable_prefix_caching=prefix_caching))
     start = time.perf_counter()
     outputs = asyncio.run(run(engine, prompts, args.interval, args.max_tokens))
     wall = time.perf_counter() - start
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
 
-    probe = AsyncEngine(EngineConfig(device="cpu", dtype="float32"))
+    probe = AsyncEngine(EngineConfig(device="cpu", dtype="float32", quantization="none"))
     prompts = make_prompts(probe.tokenizer, args.num_requests, args.system_tokens)
     probe.shutdown()
     runs = []

@@ -35,7 +35,7 @@ def _sync(device: str) -> None:
 
 
 def profile_backend(args, backend: str) -> dict:
-    llm = LLM(device=args.device, dtype=args.dtype, attention_backend=backend, max_num_seqs=max(64, args.batch))
+    llm = LLM(device=args.device, dtype=args.dtype, quantization="none", attention_backend=backend, max_num_seqs=max(64, args.batch))
     engine = llm.engine
     prompt = llm.tokenizer.encode("The production line turns text into tokens, and tokens into text.")
     # Long enough that nobody finishes inside the timed and the profiled steps.

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "num_threads": args.threads}
+    base = {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "num_threads": args.threads}
     engines = {"float32": LLM(**base), "int8": LLM(**base, quantization="int8")}
     tok = engines["float32"].tokenizer
     chats = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in PROMPTS]

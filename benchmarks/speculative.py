@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "num_threads": args.threads,
+    base = {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "num_threads": args.threads,
             "num_speculative_tokens": args.k}
     engines = {"none": LLM(**base),
                "prompt_lookup": LLM(**base, speculative_method="prompt_lookup"),

@@ -151,15 +151,14 @@ def main() -> None:
     weight_bytes = llm.engine.runner.num_parameters * 2
     llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up
     runs["tp1"] = run(llm, prompts, params, 1)
-    del llm
+    llm.close()
     for name, backend in (("tp2", "auto"), ("tp2_gloo", "gloo")):
         llm = LLM(**config, num_threads=max(1, args.threads // 2), tensor_parallel_size=2,
                   executor=RayExecutor(ParallelConfig(tp_backend=backend)))
         llm.generate(prompts[:2], SamplingParams(max_tokens=2))
         runs[name] = run(llm, prompts, params, 2)
         runs[name]["all_reduce"] = llm.engine.runner.worker_info()[0]["all_reduce"]
-        llm.engine.runner.shutdown()
-        del llm
+        llm.close()
     tp1, tp2 = runs["tp1"], runs["tp2"]
 
     def overhead_ms(r: dict) -> float:

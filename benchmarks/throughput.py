@@ -154,10 +154,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (both runs on it)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (both runs)")
     parser.add_argument("--attention-backend", default="auto", help="the engine's attention_backend")
+    parser.add_argument("--quantization", default="none",
+                        help="the engine's quantization: none (default) runs the weights HF runs, in --dtype; "
+                             "auto keeps the GGUF file's 4-bit layers (the library's and server's default)")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    llm = LLM(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend)
+    llm = LLM(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+              quantization=args.quantization)
     workload = make_workload(llm.tokenizer, args.num_requests)
     results = {"semline": run_semline(llm, workload)}
     if not args.skip_hf:
@@ -189,7 +193,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
-        "model": f"SmolLM2-135M-Instruct ({args.dtype})",
+        "model": f"SmolLM2-135M-Instruct ({args.dtype}, quantization {args.quantization})",
         "attention_backend": args.attention_backend,
         **machine_info(),
     }

@@ -546,12 +546,19 @@ class ParallelRunner:
         return sum(info["num_parameters"] for info in self.worker_info())
 
     def shutdown(self) -> None:
+        """Stop the workers (they close their shared memory and leave their process group
+        first) and give back the placement group this runner reserved. Idempotent; a no-op
+        once Ray itself is shut down (its workers and groups are gone with it)."""
+        workers, self.stages = self.workers, [[] for _ in range(self.num_stages)]
+        group, self._own_group = self._own_group, None
+        if not ray.is_initialized():
+            return
         self._teardown()
         try:
-            ray.get([w.shutdown.remote() for w in self.workers], timeout=5)
+            ray.get([w.shutdown.remote() for w in workers], timeout=5)
         except WORKER_ERRORS + (ray.exceptions.GetTimeoutError,):
             pass
-        for worker in self.workers:
-            ray.kill(worker)
-        if self._own_group is not None:
-            remove_placement_group(self._own_group)
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+        if group is not None:
+            remove_placement_group(group)

@@ -64,9 +64,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from deployments.app import build_app
     from deployments.config import SemlineConfig
 
-    # Without a config: the embedded model at its GGUF file's own precision (4-bit layers on
-    # the CPU, ~2x the single-stream decode rate of bf16; a HF folder runs in its dtype).
-    config = SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig(engine={"quantization": "auto"})
+    # Without a config: the embedded model, at its GGUF file's own precision (the engine's
+    # default quantization "auto", as in the library).
+    config = SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig()
     if args.port:
         config.http.port = args.port
     os.environ.setdefault("RAY_metrics_report_interval_ms", "5000")

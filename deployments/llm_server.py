@@ -90,6 +90,8 @@ class LLMServer:
         first and the last never wait); None: the replica's stream_interval_ms."""
         if lora is not None:
             await self.load_lora(*lora)
+        # Outputs cross processes: each carries what is new, the last the totals too.
+        params = params.model_copy(update={"output_kind": "delta"})
         stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority,
                                           lora[0] if lora is not None else None)
         tracker = self.metrics.request_tracker(priority)
@@ -99,9 +101,9 @@ class LLMServer:
                 yield self.replica_id
             async for output in stream.coalesced(self.stream_interval_s if interval is None else interval):
                 tracker.observe(output)
-                if first and output.token_ids and priority == 0:  # realtime TTFT, for the autoscaler
+                if first and output.delta_token_ids and priority == 0:  # realtime TTFT, for the autoscaler
                     self._ttfts.append((time.monotonic(), time.monotonic() - started))
-                first = first and not output.token_ids
+                first = first and not output.delta_token_ids
                 output.served_by = self.replica_id
                 yield output
         finally:

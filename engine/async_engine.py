@@ -161,6 +161,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self._owns_engine = engine is None
         self._dead_error: BaseException | None = None
         # 1: the first idle moment also gives back what loading the model left free.
         self._steps_since_trim, self._last_trim = 1, 0.0
@@ -247,9 +248,16 @@ class AsyncEngine:
         return copy.deepcopy(self.engine.stats)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; an engine this object built is closed too (its workers and
+        memory given back). One handed in stays open: its owner closes it."""
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout)
+        if self._owns_engine and hasattr(self, "engine"):
+            if self._thread.is_alive():
+                logger.warning("the engine thread did not stop within %.0f s; its engine stays open", timeout)
+            else:
+                self.engine.close()
 
     # --- the engine thread --------------------------------------------------------
 

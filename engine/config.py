@@ -86,10 +86,12 @@ class EngineConfig:
     # scales (weight-only: activations stay float); "w8a8" (CPU): the same weights, the
     # activations quantized to int8 too (semline's kernel: faster, less exact); "int4"
     # (CPU): linear layers as 4-bit groups of 32 weights with a scale and an offset each,
-    # the embedding int8 (engine/quantization.py); "auto": a GGUF model keeps its file's
-    # precision on the CPU (Q4_1 layers exact as int4, a Q8_0 embedding int8:
-    # engine/gguf_weights.py), a HF folder runs in its dtype; "none": the model's dtype.
-    quantization: str = "none"
+    # the embedding int8 (engine/quantization.py); "auto" (the default, in the library and
+    # the server alike): a GGUF model keeps its file's precision on the CPU (Q4_1 layers
+    # exact as int4, a Q8_0 embedding int8: engine/gguf_weights.py), a HF folder runs in its
+    # dtype; "none": every weight in the model's dtype (a GGUF file dequantized: the float
+    # reference path that Hugging Face parity is checked on).
+    quantization: str = "auto"
     # Model parallelism on Ray workers (cluster/parallel.py, through the executor
     # cluster.executors.ray_executor): each layer's heads and MLP columns split over
     # tensor_parallel_size workers, the layers over pipeline_parallel_size stages of them

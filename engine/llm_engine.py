@@ -10,23 +10,25 @@ import dataclasses
 import itertools
 import logging
 import time
+import warnings
+import weakref
 from collections import deque
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
 from engine.lora import LoRAAdapter, LoRAManager
-from engine.metrics import EnergyMeter, EngineStats, chunk_flops
+from engine.metrics import EnergyMeter, EngineStats, account_step
 from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
-from engine.outputs import RequestOutput, TokenLogprob
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
-from engine.speculative import propose_prompt_lookup
+from engine.speculative import propose
 from engine.structured_output import GrammarBackend, StructuredOutput
 
 
@@ -76,6 +78,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # A lone request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_len, self.runner.num_blocks * config.block_size)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         if not config.enable_chunked_prefill:
             # A whole prompt must fit in one step's budget, or it would wait forever.
             config = self.config = dataclasses.replace(
@@ -92,7 +95,6 @@ class LLMEngine:
         self.energy_meter = EnergyMeter(self.device, config.power_watts)
         self.stats = EngineStats(num_free_blocks=self.block_manager.num_free_blocks)
         self.requests: dict[str, Request] = {}
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._id_counter = itertools.count()
         self._grammars: GrammarBackend | None = None  # built on the first constrained request
         # Why the engine cannot serve right now (a pipeline being rebuilt), or None.
@@ -106,6 +108,11 @@ class LLMEngine:
         if defer is None:
             defer = torch.device(getattr(self.runner, "device", self.device)).type == "cuda"
         self._defer_text = bool(defer) and self.max_inflight == 1
+        self.is_closed = False
+        # What close() releases, released too if the engine is collected unclosed (holds the
+        # runners, not the engine). At exit Ray tears its own workers down.
+        self._finalizer = weakref.finalize(self, _release_collected, self._runners(), config.num_model_workers)
+        self._finalizer.atexit = False
 
     def _eos_token_ids(self) -> set[int]:
         ids = set()
@@ -155,6 +162,7 @@ class LLMEngine:
         """Queue a prompt (text or token ids). Raises RequestError if it cannot be served.
         grammar: the request's structured output compiled by compile_grammar (else compiled here).
         lora: the name of a LoRA adapter to serve it with (LoRAError if none is loaded so named)."""
+        self._check_open()
         params = sampling_params or SamplingParams()
         request_id = request_id if request_id is not None else f"req-{next(self._id_counter)}"
         if request_id in self.requests:
@@ -181,8 +189,7 @@ class LLMEngine:
         if params.seed is not None:
             request.generator = self.sampler.make_generator(params.seed)
         self.requests[request_id] = request
-        self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, token_ids, params.skip_special_tokens, params.stop)
+        self.output_processor.add_request(request)
         self.scheduler.add_request(request)
         self._refresh_gauges()
         return request
@@ -207,13 +214,14 @@ class LLMEngine:
             return None
         self._finish(request, RequestStatus.FINISHED_ABORTED)
         self._refresh_gauges()
-        return self._make_output(request)
+        return self.output_processor.make_output(request)
 
     def score(self, token_ids: list[int], chunk_size: int = 32) -> list[float]:
         """Log-probability of each token after the first, given the ones before it (teacher
         forcing), from the engine's own model, dtype and quantization: chunks of `chunk_size`
         tokens through the paged KV cache, as decoding and chunked prefill run them.
         For quality checks (perplexity); call it from the thread that owns the engine."""
+        self._check_open()
         self._check_prompt(token_ids)
         request = Request(f"score-{next(self._id_counter)}", None, token_ids, SamplingParams(max_tokens=1))
         if not self.block_manager.allocate_slots(request, len(token_ids)):
@@ -237,6 +245,7 @@ class LLMEngine:
         the final norm; decoder models read the whole text only there), L2-normalised. Runs
         the text alone through the paged KV cache in chunks of the step's token budget, so it
         is the same whatever else is served. Call it from the thread that owns the engine."""
+        self._check_open()
         self._check_prompt(token_ids)
         if not hasattr(self.runner, "embed"):
             raise RequestError("embeddings need the in-process executor (no tensor or pipeline split)")
@@ -259,7 +268,31 @@ class LLMEngine:
         return torch.nn.functional.normalize(vector, dim=0).tolist()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._inflight)
+        return not self.is_closed and (self.scheduler.has_unfinished_requests() or bool(self._inflight))
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release what the engine holds: the executor's workers (Ray actors, their placement
+        group, compiled graphs, shared memory), the draft model, the KV cache and the weights.
+        Unfinished requests are aborted. Idempotent; the engine serves nothing afterwards
+        (add_request raises RequestError)."""
+        if self.is_closed:
+            return
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        self.is_closed = True
+        self._inflight.clear()
+        self._finalizer.detach()
+        _shut_down(self._runners())
+        self.drafter = None
+
+    def _runners(self) -> list:
+        return [self.runner] + ([self.drafter.runner] if self.drafter is not None else [])
+
+    def _check_open(self) -> None:
+        if self.is_closed:
+            raise RequestError("this engine is closed")
 
     # --- the loop -------------------------------------------------------------
 
@@ -288,7 +321,7 @@ class LLMEngine:
     def _launch(self) -> _Batch | None:
         """Schedule a batch from the requests not in flight and hand it to the runner."""
         if self.config.speculative_method != "none":
-            self._propose()
+            propose(self.scheduler.running, self.config, self.max_model_len, drafting=self.drafter is not None)
         max_chunks = None
         if self.max_inflight > 1:  # spread the requests over the batches in flight
             active = self.scheduler.num_running + self.scheduler.num_waiting
@@ -316,7 +349,8 @@ class LLMEngine:
         begin_time, begin_energy = max((batch.start_time, batch.start_energy), self._last_landed)
         now, energy = time.perf_counter(), self.energy_meter.read()
         self._last_landed = (now, energy)
-        self._account(batch.chunks, now - begin_time, energy - begin_energy)
+        account_step(self.stats, self.runner.args, batch.chunks, now - begin_time, energy - begin_energy,
+                     self.energy_meter.source)
         pending: list[tuple[Request, int]] | None = [] if self._defer_text else None
         landed = self._update(batch.chunks, sampling, tokens, pending)
         if pending:
@@ -336,7 +370,9 @@ class LLMEngine:
                         self._fail(request, "detokenizing", exc)
         outputs = []
         for request in landed:
-            outputs.append(self._make_output(request))
+            output = self.output_processor.make_output(request)
+            if output is not None:
+                outputs.append(output)
             if request.is_finished:
                 self._forget(request)
         self._refresh_gauges()
@@ -356,30 +392,6 @@ class LLMEngine:
         self.runner.rebuild()
         self.stats.num_executor_rebuilds += 1
         self.health_problem = None
-
-    def _propose(self) -> None:
-        """Speculative decoding: proposals for every running request that decodes next."""
-        config = self.config
-        for request in self.scheduler.running:
-            if request.in_flight:  # its proposals are being verified
-                continue
-            request.spec_token_ids = []
-            params = request.sampling_params
-            if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
-                    or params.logprobs is not None or request.grammar is not None):
-                continue
-            # Room left: the step's own token counts too.
-            k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,
-                    self.max_model_len - request.num_tokens - 1)
-            if k <= 0:
-                continue
-            if self.drafter is not None:
-                # Placeholders: the scheduler sizes the verification chunk (budget, blocks),
-                # then the draft runs on the chunks it kept (step()).
-                request.spec_token_ids = [0] * k
-            else:
-                request.spec_token_ids = propose_prompt_lookup(
-                    request.all_token_ids, k, config.prompt_lookup_max, config.prompt_lookup_min)
 
     def _sample(self, logits: torch.Tensor, sampling: list[ScheduledChunk]) -> list[list[tuple[int, object]]]:
         """Per sampling chunk, its new tokens with their logprobs: one token, or for a chunk
@@ -484,7 +496,7 @@ class LLMEngine:
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
         if logprobs is not None:
-            request.output_logprobs.append(self._to_token_logprob(token_id, logprobs))
+            request.output_logprobs.append(self.output_processor.token_logprob(token_id, logprobs))
         if request.grammar is not None:
             request.grammar.accept(token_id)  # GrammarError: this request fails alone
             if request.grammar.is_terminated:  # the grammar took a stop token: nothing may follow
@@ -496,30 +508,25 @@ class LLMEngine:
             request.stop_reason = token_id if token_id in params.stop_token_ids else None
             self._finish(request, RequestStatus.FINISHED_STOPPED)
             return
-        if pending is not None and not self._at_length_limit(request):
+        if pending is not None and not self.output_processor.at_length_limit(request):
             pending.append((request, token_id))  # goes on: its text after the next launch
             return
         self._take_text(request, token_id)
 
-    def _at_length_limit(self, request: Request) -> bool:
-        return (request.num_output_tokens >= request.sampling_params.max_tokens
-                or request.num_tokens >= self.max_model_len)
-
     def _take_text(self, request: Request, token_id: int) -> None:
         """The text of a request's newest token: a stop string, or the length limit, ends it."""
-        stop_string = self._detokenizers[request.request_id].add_token(token_id)
+        stop_string = self.output_processor.take_text(request, token_id)
         if stop_string is not None:
             request.stop_reason = stop_string
             self._finish(request, RequestStatus.FINISHED_STOPPED)
-        elif self._at_length_limit(request):
+        elif self.output_processor.at_length_limit(request):
             self._finish(request, RequestStatus.FINISHED_LENGTH)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.is_finished:
             return
-        detok = self._detokenizers[request.request_id]
         if not isinstance(request.stop_reason, str):  # not already cut at a stop string
-            stop_string = detok.flush()
+            stop_string = self.output_processor.flush_text(request)
             if stop_string is not None:
                 request.stop_reason = stop_string
                 status = RequestStatus.FINISHED_STOPPED
@@ -536,61 +543,26 @@ class LLMEngine:
     def _forget(self, request: Request) -> None:
         self.requests.pop(request.request_id, None)
 
-    def _make_output(self, request: Request) -> RequestOutput:
-        detok = self._detokenizers[request.request_id]
-        finished = request.is_finished
-        delta_text = detok.take_delta(finished)
-        if finished:
-            self._detokenizers.pop(request.request_id, None)
-        num_sent = request.num_output_tokens_sent
-        request.num_output_tokens_sent = request.num_output_tokens
-        logprobs = request.output_logprobs if request.sampling_params.logprobs is not None else None
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            text=detok.text if finished else detok.text[: detok.num_emitted],
-            token_ids=list(request.output_token_ids),
-            finished=finished,
-            finish_reason=request.status.value if finished else None,
-            delta_text=delta_text,
-            delta_token_ids=request.output_token_ids[num_sent:],
-            logprobs=list(logprobs) if logprobs is not None else None,
-            delta_logprobs=logprobs[num_sent:] if logprobs is not None else None,
-            stop_reason=request.stop_reason,
-            metrics=request.metrics,
-            error=request.error,
-        )
-
-    def _to_token_logprob(self, token_id: int, logprobs) -> TokenLogprob:
-        return TokenLogprob(
-            token_id=token_id,
-            token=self.tokenizer.decode([token_id]),
-            logprob=logprobs.logprob,
-            top_logprobs=[(i, self.tokenizer.decode([i]), lp)
-                          for i, lp in zip(logprobs.top_ids, logprobs.top_logprobs)],
-        )
-
     # --- metrics ----------------------------------------------------------------
-
-    def _account(self, chunks: list[ScheduledChunk], seconds: float, joules: float) -> None:
-        """Attribute the step's FLOPs to each request, and its energy in proportion to FLOPs."""
-        args = self.runner.args
-        flops = [chunk_flops(args, c.request.num_computed_tokens, c.num_new_tokens, c.samples_token)
-                 for c in chunks]
-        total = sum(flops) or 1.0
-        for chunk, f in zip(chunks, flops):
-            chunk.request.metrics.flops += f
-            chunk.request.metrics.energy_joules += joules * f / total
-            chunk.request.metrics.energy_source = self.energy_meter.source
-        self.stats.num_generation_tokens += sum(c.samples_token for c in chunks)
-        self.stats.flops += sum(flops)
-        self.stats.energy_joules += joules
-        self.stats.busy_seconds += seconds
-        self.stats.num_steps += 1
 
     def _refresh_gauges(self) -> None:
         self.stats.num_running = self.scheduler.num_running
         self.stats.num_waiting = self.scheduler.num_waiting
         self.stats.kv_cache_usage = self.block_manager.usage
         self.stats.num_free_blocks = self.block_manager.num_free_blocks
+
+
+def _shut_down(runners: list) -> None:
+    for runner in runners:
+        shutdown = getattr(runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _release_collected(runners: list, num_model_workers: int) -> None:
+    message = ("an engine was collected without being closed: call llm.close() (or use `with LLM(...) as "
+               "llm:`) to give back its workers and memory when you are done")
+    warnings.warn(message, ResourceWarning, stacklevel=2)
+    if num_model_workers > 1:  # Ray workers: say it where warnings are filtered out too
+        logger.warning(message)
+    _shut_down(runners)

@@ -25,6 +25,24 @@ def chunk_flops(args: ModelArgs, num_cached: int, num_new: int, samples_token: b
     return float(2 * layer_params * num_new + attention + head)
 
 
+def account_step(stats: "EngineStats", args: ModelArgs, chunks: list, seconds: float, joules: float,
+                 energy_source: str) -> None:
+    """Charge a step: its FLOPs to each request (scheduled chunks), its energy to them in
+    proportion to FLOPs, and both, with its time, to the engine's totals."""
+    flops = [chunk_flops(args, c.request.num_computed_tokens, c.num_new_tokens, c.samples_token) for c in chunks]
+    total = sum(flops) or 1.0
+    for chunk, f in zip(chunks, flops):
+        metrics = chunk.request.metrics
+        metrics.flops += f
+        metrics.energy_joules += joules * f / total
+        metrics.energy_source = energy_source
+    stats.num_generation_tokens += sum(c.samples_token for c in chunks)
+    stats.flops += sum(flops)
+    stats.energy_joules += joules
+    stats.busy_seconds += seconds
+    stats.num_steps += 1
+
+
 class EnergyMeter:
     """Joules used by the device, measured where the platform allows, else estimated.
 

@@ -189,6 +189,15 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.decode_graphs = self._decode_graphs()
 
+    def shutdown(self) -> None:
+        """Let go of the weights, the KV cache and the CUDA graphs (their memory returns once
+        nothing else holds them: the huge-page arenas are unmapped with their last view)."""
+        self.model = None
+        self.kv_caches = []
+        self.decode_stack = self.decode_graphs = self.lora = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def first_layers(self, num_layers: int) -> "ModelRunner":
         """A runner over this one's first `num_layers` layers and its output head, sharing its
         weights and those layers' KV cache (the self-speculative draft)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.structured_output import StructuredOutput
@@ -42,6 +44,11 @@ class SamplingParams(BaseModel):
         None, description="Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).")
     structured_output: StructuredOutput | None = Field(
         None, description="A grammar the output must match (JSON schema, JSON object, regex, choice, EBNF).")
+    output_kind: Literal["cumulative", "delta", "final_only"] = Field(
+        "cumulative", description="What each output carries (engine/output_processor.py): cumulative: the whole "
+        "text, tokens and logprobs so far plus what is new; delta: only what is new until the last output, which "
+        "carries both (streams: bytes that grow with the answer's length, not its square); final_only: one output "
+        "at the end.")
 
     @field_validator("logit_bias")
     @classmethod

@@ -80,3 +80,28 @@ def accept_sampled(probs: torch.Tensor, draft: list[int], generator: torch.Gener
         return out
     out.append(int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
     return out
+
+
+def propose(running: list, config, max_model_len: int, drafting: bool) -> None:
+    """Proposals for every running request that decodes next (request.spec_token_ids).
+    drafting: a draft model proposes; here only placeholders of the right length are set,
+    the scheduler sizes the verification chunk (budget, blocks), then the draft runs on the
+    chunks it kept (LLMEngine._launch)."""
+    for request in running:
+        if request.in_flight:  # its proposals are being verified
+            continue
+        request.spec_token_ids = []
+        params = request.sampling_params
+        if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
+                or params.logprobs is not None or request.grammar is not None):
+            continue
+        # Room left: the step's own token counts too.
+        k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,
+                max_model_len - request.num_tokens - 1)
+        if k <= 0:
+            continue
+        if drafting:
+            request.spec_token_ids = [0] * k
+        else:
+            request.spec_token_ids = propose_prompt_lookup(
+                request.all_token_ids, k, config.prompt_lookup_max, config.prompt_lookup_min)

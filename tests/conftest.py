@@ -10,10 +10,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# One config for every engine in the parity tests: float32 on the CPU (CI has no GPU).
-# SEMLINE_TEST_DEVICE=cuda runs them on a GPU, Hugging Face's reference model included.
+# One config for every engine in the parity tests: float32 on the CPU (CI has no GPU), the
+# GGUF file dequantized (quantization "none": the float reference path; the default, "auto",
+# keeps the file's 4-bit layers). SEMLINE_TEST_DEVICE=cuda runs them on a GPU, Hugging
+# Face's reference model included.
 DEVICE = os.environ.get("SEMLINE_TEST_DEVICE", "cpu")
-BASE_CONFIG = {"device": DEVICE, "dtype": "float32", "kv_cache_memory_gb": 0.5}
+BASE_CONFIG = {"device": DEVICE, "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.5}
 # Without a GPU, Triton kernels (engine/kernels/triton_attention.py) run under Triton's
 # interpreter; it must be on before they are first imported.
 if DEVICE == "cpu":

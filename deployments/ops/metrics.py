@@ -82,13 +82,14 @@ class RequestTracker:
         self.num_tokens = 0
 
     def observe(self, output: RequestOutput) -> None:
-        now, new = time.time(), len(output.token_ids) - self.num_tokens
+        now, new = time.time(), len(output.delta_token_ids)
         if new > 0:
             if self.last_token_time is not None:
                 gap = (now - self.last_token_time) / new
                 for _ in range(new):
                     self.metrics.itl.observe(gap, self.tags)
-            self.last_token_time, self.num_tokens = now, len(output.token_ids)
+            self.last_token_time = now
+            self.num_tokens += new
         if output.finished:
             self.finish(output)
 

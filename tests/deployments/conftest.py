@@ -56,7 +56,7 @@ def app_config(storage_dir, adapter_dir, tmp_path_factory):
 
     return SemlineConfig(
         api_key=API_KEY,
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
                 "lora_modules": {ADAPTER: str(adapter_dir)}, "max_lora_rank": 16},
         experiments=[{"name": EXPERIMENT, "arms": [{"name": "control", "model": MODEL, "weight": 70},
                                                    {"name": "treatment", "model": ADAPTER, "weight": 30}]},

@@ -28,7 +28,7 @@ def test_serve_app_runs_a_split_model_from_the_config_file(serve_app, client, tm
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({
         "model_name": MODEL, "api_key": API_KEY,
-        "engine": {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.125, **split},
+        "engine": {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.125, **split},
         "parallel": {"step_timeout_s": 30},
         "server": {"num_cpus": 0.5},  # the replica's bundle; each worker reserves one CPU of its own
         "router": {"actor_name": f"split-router-{'-'.join(split)}"},
@@ -80,7 +80,7 @@ def test_semline_serve_runs_tensor_parallel_from_the_config_file(client, tmp_pat
     path = tmp_path / "tp.yaml"
     path.write_text(yaml.safe_dump({
         "model_name": MODEL,
-        "engine": {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.125, "tensor_parallel_size": 2},
+        "engine": {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.125, "tensor_parallel_size": 2},
         "server": {"num_cpus": 0.5},
         "http": {"port": port}, "metrics_export_port": _free_port(),
         "router": {"actor_name": "cli-router"},

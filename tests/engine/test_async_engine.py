@@ -241,3 +241,38 @@ def test_an_engine_built_from_a_config_loads_on_the_engine_thread(tmp_path, monk
         assert outputs[-1].finished and len(outputs[-1].token_ids) == 4
     finally:
         engine.shutdown()
+
+
+def test_delta_streams_carry_what_is_new_and_end_with_the_totals(async_engine):
+    """output_kind "delta": outputs before the last carry only their increment (no prompt, no
+    text or tokens so far), the last the totals too; the bytes a stream's outputs take when
+    pickled (what crosses a process boundary) grow with its length, not its square. The same
+    request as "cumulative" gives the same tokens, text and logprobs."""
+    import pickle
+
+    def params(n, kind):
+        return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=1, output_kind=kind)
+
+    prompt = "A long story about the sea, told slowly: " * 8
+
+    async def run(n, kind):
+        return [out async for out in async_engine.generate(prompt, params(n, kind))]
+
+    sizes = {}
+    for n in (24, 96):
+        deltas = asyncio.run(run(n, "delta"))
+        assert all(o.token_ids == [] and o.text == "" and o.prompt_token_ids == [] and o.logprobs is None
+                   for o in deltas[:-1]) and len(deltas) > 2
+        final = deltas[-1]
+        assert final.finished and final.prompt_token_ids and len(final.token_ids) == n
+        assert [t for o in deltas for t in o.delta_token_ids] == final.token_ids
+        assert "".join(o.delta_text for o in deltas) == final.text
+        assert [lp for o in deltas for lp in o.delta_logprobs] == final.logprobs
+        sizes[n] = sum(len(pickle.dumps(o)) for o in deltas)
+    cumulative = asyncio.run(run(96, "cumulative"))
+    assert cumulative[-1].token_ids == final.token_ids and cumulative[-1].text == final.text
+    assert cumulative[-1].logprobs == final.logprobs
+    cumulative_bytes = sum(len(pickle.dumps(o)) for o in cumulative)
+    # 4x the tokens: ~4x the bytes (the prompt and totals, sent once, make it a little less).
+    assert sizes[96] < 4.5 * sizes[24], sizes
+    assert cumulative_bytes > 3 * sizes[96], (cumulative_bytes, sizes)

@@ -78,7 +78,7 @@ def main() -> dict:
     port = _free_port()
     storage = tempfile.mkdtemp(prefix="semline-multinode-")
     config = SemlineConfig(
-        engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25},
+        engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25},
         http={"port": port, "node_resource": "head"},
         server={"num_cpus": 1, "resources": {"llm": 1}, "max_replicas_per_node": 1,
                 "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
@@ -169,7 +169,7 @@ def _pipeline_loses_a_node(cluster) -> dict:
 
     prompts = [f"Pipeline request {i}: the river" for i in range(4)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    config = {"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.25, "num_threads": 1}
+    config = {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "num_threads": 1}
     want = [o.token_ids for o in LLM(**config).generate(prompts, params)]
     llm = LLM(**config, pipeline_parallel_size=2,
               executor=RayExecutor(ParallelConfig(placement_strategy="SPREAD", step_timeout_s=20,
