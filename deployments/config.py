@@ -69,6 +69,12 @@ class ServerSettings(_Strict):
                               "cores (2-core CPU replica, one stream: 5.5 ms a token at one chunk per token, 4.0 "
                               "at 20 ms, the engine alone 2.6). 0: a chunk per step, unless the stream falls "
                               "behind.")
+    stream_chunks_per_s: float | None = Field(
+        150, gt=0, description="Chunks per second one replica sends over all its open streams, at most: with N "
+                               "streams open each waits at least N / this between chunks (its tokens go "
+                               "together), so the messages between the processes, whose work shares the "
+                               "model's cores, do not grow with the number of streams (2-core CPU replica, 16 "
+                               "streams: a chunk per token halved the throughput). None: no such bound.")
 
 
 class HTTPSettings(_Strict):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import pickle
 import threading
 import time
 import uuid
@@ -40,7 +41,8 @@ class LLMServer:
     def __init__(self, engine_config: dict, num_threads: int, router_name: str | None = None,
                  router_config: dict | None = None, capacity: int | None = None,
                  model_name: str = "semline", parallel_config: dict | None = None,
-                 tool_call_parser: str = "auto", stream_interval_ms: float = 0.0) -> None:
+                 tool_call_parser: str = "auto", stream_interval_ms: float = 0.0,
+                 stream_chunks_per_s: float | None = None) -> None:
         # First: Serve calls __del__ even when the engine fails to start.
         self._stop, self.router = threading.Event(), None
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
@@ -49,6 +51,8 @@ class LLMServer:
                                   executor=RayExecutor(ParallelConfig.from_dict(parallel_config)))
         self.capacity = capacity or self.engine.engine.config.max_num_seqs
         self.stream_interval_s = stream_interval_ms / 1000
+        self.stream_chunks_per_s = stream_chunks_per_s
+        self.num_streams = 0  # streams open now (generate() calls that stream)
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
         self.router_stats: dict = {}
@@ -87,7 +91,8 @@ class LLMServer:
         Every output names this replica (served_by); so does the announcement (instead of None).
         lora: (name, folder) of the LoRA adapter that serves it, loaded here on first use.
         interval: outputs within this many seconds of the last one go as one (merged; the
-        first and the last never wait); None: the replica's stream_interval_ms."""
+        first and the last never wait); None: the replica's stream_interval_ms, longer while
+        many streams are open (chunk_interval)."""
         if lora is not None:
             await self.load_lora(*lora)
         # Outputs cross processes: each carries what is new, the last the totals too.
@@ -96,10 +101,12 @@ class LLMServer:
                                           lora[0] if lora is not None else None)
         tracker = self.metrics.request_tracker(priority)
         started, first = time.monotonic(), True
+        counted = interval is None
+        self.num_streams += counted
         try:
             if announce:
                 yield self.replica_id
-            async for output in stream.coalesced(self.stream_interval_s if interval is None else interval):
+            async for output in stream.coalesced(self.chunk_interval if interval is None else interval):
                 tracker.observe(output)
                 if first and output.delta_token_ids and priority == 0:  # realtime TTFT, for the autoscaler
                     self._ttfts.append((time.monotonic(), time.monotonic() - started))
@@ -107,9 +114,26 @@ class LLMServer:
                 output.served_by = self.replica_id
                 yield output
         finally:
+            self.num_streams -= counted
             # Serve cancels this generator when the caller goes away; close the engine's
             # stream now (not at garbage collection) so the request is aborted at once.
             await stream.aclose()
+
+    async def stream(self, *args, **kwargs) -> AsyncIterator[str | bytes]:
+        """generate() for a caller in another process (the ingress, through a Serve handle):
+        each output pickled here by the C pickler, which Ray then moves as plain bytes (its
+        own cloudpickle of a RequestOutput was a visible share of a busy replica's CPU); read
+        them with read_output. The announcement (the replica id) stays a string."""
+        async for output in self.generate(*args, **kwargs):
+            yield output if isinstance(output, str) else pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def chunk_interval(self) -> float:
+        """How long an open stream waits after a chunk before it sends its next: the
+        configured stream_interval_ms, or, while many streams are open, long enough that all of
+        them together send at most stream_chunks_per_s chunks a second."""
+        if not self.stream_chunks_per_s:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self.num_streams / self.stream_chunks_per_s)
 
     async def complete(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
@@ -238,3 +262,8 @@ def _replica_id() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # noqa: BLE001 - not running under Serve
         return uuid.uuid4().hex
+
+
+def read_output(item: str | bytes | RequestOutput) -> str | RequestOutput:
+    """An item of LLMServer.stream as it was before pickling (generate()'s items pass as they are)."""
+    return pickle.loads(item) if isinstance(item, bytes) else item

@@ -39,7 +39,7 @@ LOAD_BOUND = 1.25
 LOAD_SLACK = 2
 PICK_TTL_S = 10.0
 # LLM server methods whose first arguments are (prompt, messages, ...).
-GENERATE_METHODS = ("generate", "complete")
+GENERATE_METHODS = ("generate", "stream", "complete")
 
 
 def rank_by_free_kv(stats: list[dict]) -> list[int]:

@@ -19,7 +19,7 @@ import ctypes.util
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -81,6 +81,21 @@ class _Stream:
             pass
 
 
+def _next_send(now: float, interval: float) -> float:
+    """When a coalesced stream that sent at `now` may send again: the multiple of `interval`
+    nearest to now + interval (half an interval to one and a half later, one on average), so
+    streams with the same interval send at the same moments and their consumers wake once
+    for all of them, not once each."""
+    if interval <= 0 or not math.isfinite(interval):
+        return now + interval
+    return math.ceil((now + interval / 2) / interval) * interval
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class OutputStream:
     """One accepted request's outputs, as an async iterator; the last has `finished=True`.
     Closing it before then (aclose, or leaving an `async for` through generate) aborts the
@@ -111,14 +126,15 @@ class OutputStream:
         self._finished = item.finished
         return item
 
-    async def coalesced(self, interval: float) -> AsyncIterator[RequestOutput]:
+    async def coalesced(self, interval: float | Callable[[], float]) -> AsyncIterator[RequestOutput]:
         """The outputs, those that come less than `interval` seconds after the last one handed
         out merged into one (merge_outputs), so a consumer that pays per item (a Serve stream:
         a message through the ingress and the proxy for each) takes fewer of them when tokens
         come faster than that. The first output is never held back; nor is the last, once it
         has come. 0: what is already waiting when the consumer asks goes as one (a consumer
-        that keeps up gets each output alone)."""
+        that keeps up gets each output alone). A callable is asked again after each item."""
         loop = asyncio.get_running_loop()
+        next_interval = interval if callable(interval) else lambda: interval
         due = -math.inf  # when the next output may go (math.inf: only with the last)
         async for first in self:
             batch = [first]
@@ -134,7 +150,7 @@ class OutputStream:
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
                 batch.append(self._take(item))
-            due = loop.time() + interval
+            due = _next_send(loop.time(), next_interval())
             yield merge_outputs(batch)
 
     async def aclose(self) -> None:
@@ -350,10 +366,18 @@ class AsyncEngine:
                 if stream:
                     stream.put(RuntimeError(f"engine step failed: {exc!r}"))
             return
+        # One wake-up of each caller's loop per step, whatever the number of its streams.
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put(RequestFailedError(output.error) if output.finish_reason == "error" else output)
+            item = RequestFailedError(output.error) if output.finish_reason == "error" else output
+            deliveries.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in deliveries.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass

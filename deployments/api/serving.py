@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.admission import LANE_PRIORITY, REALTIME_LANE, DeadlineError, KeyLimitError, QueueFullError
 from cluster.router import get_or_create_router
 from deployments.config import SemlineConfig
+from deployments.llm_server import read_output
 from deployments.api import protocol
 from deployments.api.protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, EmbeddingRequest, ExperimentWeightsRequest,
@@ -622,7 +623,7 @@ class OpenAIServing:
         priority = LANE_PRIORITY[lane]
         try:
             if plan.body.stream:
-                streams = [self._call("generate", c, priority, plan, stream=True) for c in plan.choices]
+                streams = [self._call("stream", c, priority, plan, stream=True) for c in plan.choices]
                 replicas = await self._accepted(streams)
                 plan.replicas = [r for r in replicas if isinstance(r, str)]
                 if plan.responses is not None:
@@ -817,7 +818,8 @@ class OpenAIServing:
         yield sse_event("response.in_progress", next(sequence), response=header)
         text_state, message_id, text, final = _StreamText(plan.parser, plan.filters), None, "", None
         try:
-            async for out in stream:
+            async for item in stream:
+                out = read_output(item)
                 delta, _ = text_state.feed(out)
                 if text_state.blocked and not out.finished:  # a filter ended the output here
                     final, plan.blocked = out, True
@@ -878,8 +880,8 @@ class OpenAIServing:
 
         async def pump(index, stream):
             try:
-                async for out in stream:
-                    await queue.put((index, out))
+                async for item in stream:
+                    await queue.put((index, read_output(item)))
             except asyncio.CancelledError:
                 stream.cancel()  # reaches the LLM server, whose engine aborts the request
                 raise
