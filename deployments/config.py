@@ -84,6 +84,11 @@ class HTTPSettings(_Strict):
                                 "a body sent without Content-Length is cut off as soon as it passes the limit).")
     max_output_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for (400 above). "
                                    "Prompt length is limited by the engine's max_prompt_tokens / max_model_len.")
+    request_timeout_s: float = Field(600, gt=0, description="Longest a realtime request may take from arrival to "
+                                     "its last token (waiting for admission included): past it the request is "
+                                     "aborted (its KV blocks freed) and the client gets 504 request_timeout, or, "
+                                     "once a stream has started, an error event. A request's x-semline-timeout-ms "
+                                     "header may ask for less.")
     response_ttl_s: float = Field(3600, gt=0, description="How long a /v1/responses answer is kept for "
                                   "previous_response_id (in the ingress replica that answered it).")
     max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once "

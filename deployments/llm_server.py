@@ -27,7 +27,8 @@ import torch
 from cluster.executors import ParallelConfig, RayExecutor
 from cluster.router import get_or_create_router
 from deployments.ops.metrics import ServerMetrics
-from engine import AsyncEngine, EngineConfig, RequestOutput, SamplingParams
+from engine import AsyncEngine, EngineConfig, RequestError, RequestOutput, SamplingParams
+from engine.loader import encode_text
 from deployments.api.chat import render_chat, resolve_parser_name
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class LLMServer:
         self.num_streams = 0  # streams open now (generate() calls that stream)
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
+        self.max_token_bytes = max_token_bytes(self.engine.tokenizer)
         self.router_stats: dict = {}
         # LoRA adapters: those of the configuration, and those loaded at run time (name -> folder).
         self.static_loras = dict(self.engine.engine.config.lora_modules or {})
@@ -74,12 +76,28 @@ class LLMServer:
         return {"max_model_len": core.max_model_len, "vocab_size": core.runner.args.vocab_size,
                 "hidden_size": core.runner.args.hidden_size, "tool_call_parser": self.tool_call_parser}
 
-    def render(self, prompt: str | list[int] | None, messages: list[dict] | None,
-               tools: list[dict] | None = None) -> str | list[int]:
-        """The prompt of a request: as given, or its chat messages (and tools) rendered."""
-        if messages is None:
-            return prompt
-        return render_chat(self.engine.tokenizer, messages, tools, self.tool_call_parser)
+    def prompt_ids(self, prompt: str | list[int] | None, messages: list[dict] | None,
+                   tools: list[dict] | None = None) -> list[int]:
+        """A request's prompt token ids (its text tokenized, or its chat messages and tools
+        rendered), checked against the engine's limits (RequestError). Run off the event loop
+        and the engine's thread (generate does): tokenizing 1 MiB of text takes ~0.8 s here,
+        which would stall every stream of the replica. A text so long that its bytes alone
+        make more tokens than the engine accepts is refused before it is tokenized."""
+        core = self.engine.engine
+        texts = [prompt] if isinstance(prompt, str) else [m.get("content") for m in messages or ()]
+        num_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts if isinstance(t, str))
+        at_least = -(-num_bytes // self.max_token_bytes)
+        if at_least > core.max_prompt_tokens:
+            raise RequestError(f"the prompt has at least {at_least} tokens; this server accepts at most "
+                               f"{core.max_prompt_tokens}")
+        if messages is not None:
+            ids = render_chat(self.engine.tokenizer, messages, tools, self.tool_call_parser)
+        elif isinstance(prompt, str):
+            ids = encode_text(self.engine.tokenizer, prompt)
+        else:
+            ids = list(prompt)
+        core.check_prompt(ids)
+        return ids
 
     async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
@@ -97,8 +115,8 @@ class LLMServer:
             await self.load_lora(*lora)
         # Outputs cross processes: each carries what is new, the last the totals too.
         params = params.model_copy(update={"output_kind": "delta"})
-        stream = await self.engine.submit(self.render(prompt, messages, tools), params, request_id, priority,
-                                          lora[0] if lora is not None else None)
+        ids = await asyncio.to_thread(self.prompt_ids, prompt, messages, tools)
+        stream = await self.engine.submit(ids, params, request_id, priority, lora[0] if lora is not None else None)
         tracker = self.metrics.request_tracker(priority)
         started, first = time.monotonic(), True
         counted = interval is None
@@ -172,17 +190,21 @@ class LLMServer:
     async def tokenize(self, prompt: str | None, messages: list[dict] | None, tools: list[dict] | None,
                        add_special_tokens: bool, with_strings: bool = False) -> tuple[list[int], list[str] | None]:
         """(token ids, and each token's text when asked) of a prompt, or of chat messages
-        rendered as a chat completion renders them."""
+        rendered as a chat completion renders them (off the event loop, as generate's)."""
         tokenizer = self.engine.tokenizer
-        if messages is not None:
-            ids = render_chat(tokenizer, messages, tools, self.tool_call_parser)
-        else:
-            ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return ids, tokenizer.convert_ids_to_tokens(ids) if with_strings else None
+
+        def run() -> tuple[list[int], list[str] | None]:
+            if messages is not None:
+                ids = render_chat(tokenizer, messages, tools, self.tool_call_parser)
+            else:
+                ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return ids, tokenizer.convert_ids_to_tokens(ids) if with_strings else None
+
+        return await asyncio.to_thread(run)
 
     async def embed(self, text: str | list[int]) -> tuple[list[float], int]:
         """(the embedding, the number of tokens) of a text or of token ids."""
-        ids = self.engine.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else text
+        ids = await asyncio.to_thread(self.prompt_ids, text, None)
         return await self.engine.embed(ids), len(ids)
 
     async def detokenize(self, token_ids: list[int]) -> str:
@@ -267,3 +289,17 @@ def _replica_id() -> str:
 def read_output(item: str | bytes | RequestOutput) -> str | RequestOutput:
     """An item of LLMServer.stream as it was before pickling (generate()'s items pass as they are)."""
     return pickle.loads(item) if isinstance(item, bytes) else item
+
+
+def max_token_bytes(tokenizer) -> int:
+    """The most bytes of text one token stands for. A token's vocabulary string takes at least
+    as many UTF-8 bytes as the text it decodes to (byte-level BPE writes a byte as one or two
+    bytes' worth of character, SentencePiece a space as 3), so the tokens are decoded longest
+    string first until no longer string is left that could beat the best found."""
+    strings = sorted(tokenizer.get_vocab(), key=lambda t: len(t.encode("utf-8", "surrogatepass")), reverse=True)
+    best = 1
+    for token in strings:
+        if len(token.encode("utf-8", "surrogatepass")) <= best:
+            break
+        best = max(best, len(tokenizer.convert_tokens_to_string([token]).encode("utf-8", "surrogatepass")))
+    return best

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.loader import encode_text
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -117,7 +118,7 @@ def apply_chat_template(tokenizer, messages: list[Message], add_generation_promp
         if isinstance(exc, ValueError):
             raise
         raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_text(tokenizer, text)
 
 
 class _Progress:

@@ -18,7 +18,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
-from engine.loader import load_hf_config, load_tokenizer, resolve_model_dir
+from engine.loader import encode_text, load_hf_config, load_tokenizer, resolve_model_dir
 from engine.lora import LoRAAdapter, LoRAManager
 from engine.metrics import EnergyMeter, EngineStats, account_step
 from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
@@ -168,10 +168,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+            text, token_ids = prompt, encode_text(self.tokenizer, prompt)
         else:
             text, token_ids = None, list(prompt)
-        self._check_prompt(token_ids)
+        self.check_prompt(token_ids)
         vocab = self.runner.args.vocab_size
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
@@ -194,7 +194,15 @@ class LLMEngine:
         self._refresh_gauges()
         return request
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt accepted (the config's max_prompt_tokens, and room for one token)."""
+        limit = self.max_model_len - 1
+        return limit if self.config.max_prompt_tokens is None else min(limit, self.config.max_prompt_tokens)
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """RequestError if these prompt token ids cannot be served. Reads only settings, so it
+        may run off the engine's thread (the LLM server checks a prompt before it submits it)."""
         if not token_ids:
             raise RequestError("the prompt is empty")
         limit = self.config.max_prompt_tokens
@@ -222,7 +230,7 @@ class LLMEngine:
         tokens through the paged KV cache, as decoding and chunked prefill run them.
         For quality checks (perplexity); call it from the thread that owns the engine."""
         self._check_open()
-        self._check_prompt(token_ids)
+        self.check_prompt(token_ids)
         request = Request(f"score-{next(self._id_counter)}", None, token_ids, SamplingParams(max_tokens=1))
         if not self.block_manager.allocate_slots(request, len(token_ids)):
             raise RequestError("not enough free KV blocks to score this text now")
@@ -246,7 +254,7 @@ class LLMEngine:
         the text alone through the paged KV cache in chunks of the step's token budget, so it
         is the same whatever else is served. Call it from the thread that owns the engine."""
         self._check_open()
-        self._check_prompt(token_ids)
+        self.check_prompt(token_ids)
         if not hasattr(self.runner, "embed"):
             raise RequestError("embeddings need the in-process executor (no tensor or pipeline split)")
         request = Request(f"embed-{next(self._id_counter)}", None, token_ids, SamplingParams(max_tokens=1))

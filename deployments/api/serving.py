@@ -65,6 +65,8 @@ IGNORED_FIELDS_HEADER = "x-semline-ignored-fields"
 REPLICA_HEADER = "x-semline-replica"
 # A request's time-to-first-token deadline, in milliseconds (or the body's ttft_deadline_ms).
 DEADLINE_HEADER = "x-semline-deadline-ms"
+# A request's own end-to-end timeout, in milliseconds (at most http.request_timeout_s).
+TIMEOUT_HEADER = "x-semline-timeout-ms"
 # The experiment arm that answered, and whether the answer came from the result cache.
 ARM_HEADER = "x-semline-arm"
 CACHE_HEADER = "x-semline-cache"
@@ -406,9 +408,24 @@ class OpenAIServing:
 
     async def _http(self, url: str, request: Request):
         """A realtime request; fields the API does not know are named in a response header."""
+        expires_at = self._expiry(request)
         plan = await self.plan(url, await _json_body(request), REALTIME_LANE, _deadline_header(request))
-        plan.key = _key_id(request)
-        return _with_headers(await self._run(plan, REALTIME_LANE), plan)
+        plan.key, plan.expires_at = _key_id(request), expires_at
+        return _with_headers(await self._run_until(plan, REALTIME_LANE), plan)
+
+    def _expiry(self, request: Request | None) -> float:
+        """When (time.monotonic()) a realtime request that arrives now must be done."""
+        timeout_s = self.config.http.request_timeout_s
+        header = _positive_ms_header(request, TIMEOUT_HEADER) if request is not None else None
+        return time.monotonic() + (timeout_s if header is None else min(timeout_s, header / 1000))
+
+    async def _run_until(self, plan: "_Plan", lane: str):
+        """_run within the plan's expiry: admission and a whole non-streamed answer; a stream
+        checks it between chunks (_until)."""
+        try:
+            return await asyncio.wait_for(self._run(plan, lane), max(0.0, plan.expires_at - time.monotonic()))
+        except TimeoutError as exc:  # _run was cancelled: its calls aborted, its ticket released
+            raise _timeout_error() from exc
 
     async def respond(self, url: str, data, lane: str, key: str | None = None):
         """Validate one request for `url` and run it in `lane`: a response dict, or an SSE
@@ -424,10 +441,11 @@ class OpenAIServing:
         return await self._run(plan, lane)
 
     async def responses(self, request: Request):
+        expires_at = self._expiry(request)
         data = await _json_body(request)
         plan = await self._responses_plan(data, REALTIME_LANE, _deadline_header(request))
-        plan.key = _key_id(request)
-        return _with_headers(await self._run(plan, REALTIME_LANE), plan)
+        plan.key, plan.expires_at = _key_id(request), expires_at
+        return _with_headers(await self._run_until(plan, REALTIME_LANE), plan)
 
     async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "_Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
@@ -818,7 +836,7 @@ class OpenAIServing:
         yield sse_event("response.in_progress", next(sequence), response=header)
         text_state, message_id, text, final = _StreamText(plan.parser, plan.filters), None, "", None
         try:
-            async for item in stream:
+            async for item in _until(stream, plan.expires_at):
                 out = read_output(item)
                 delta, _ = text_state.feed(out)
                 if text_state.blocked and not out.finished:  # a filter ended the output here
@@ -880,12 +898,13 @@ class OpenAIServing:
 
         async def pump(index, stream):
             try:
-                async for item in stream:
+                async for item in _until(stream, plan.expires_at):
                     await queue.put((index, read_output(item)))
             except asyncio.CancelledError:
                 stream.cancel()  # reaches the LLM server, whose engine aborts the request
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the client below
+                stream.cancel()  # a timeout: the request must not run on for nobody
                 await queue.put((index, exc))
             await queue.put((index, None))
 
@@ -1094,16 +1113,42 @@ def _key_id(request: Request) -> str | None:
 
 def _deadline_header(request: Request) -> float | None:
     """The request's time-to-first-token deadline in milliseconds (x-semline-deadline-ms)."""
-    value = request.headers.get(DEADLINE_HEADER)
+    return _positive_ms_header(request, DEADLINE_HEADER)
+
+
+def _positive_ms_header(request: Request, name: str) -> float | None:
+    value = request.headers.get(name)
     if value is None:
         return None
     try:
-        deadline = float(value)
+        milliseconds = float(value)
     except ValueError:
-        deadline = float("nan")
-    if not 0 < deadline < 1e9:
-        raise APIError(400, f"{DEADLINE_HEADER} must be a positive number of milliseconds", param=DEADLINE_HEADER)
-    return deadline
+        milliseconds = float("nan")
+    if not 0 < milliseconds < 1e9:
+        raise APIError(400, f"{name} must be a positive number of milliseconds", param=name)
+    return milliseconds
+
+
+def _timeout_error() -> APIError:
+    return APIError(504, "the request did not finish within its time limit (http.request_timeout_s, or its "
+                    f"{TIMEOUT_HEADER} header); it was stopped", "server_error", code="request_timeout")
+
+
+async def _until(stream, expires_at: float | None) -> AsyncIterator:
+    """The items of a stream until `expires_at` (time.monotonic()); then APIError 504 (the
+    caller's cancellation of the stream aborts the request)."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            if expires_at is None:
+                item = await anext(iterator)
+            else:
+                item = await asyncio.wait_for(anext(iterator), max(0.0, expires_at - time.monotonic()))
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise _timeout_error() from exc
+        yield item
 
 
 @dataclass
@@ -1240,6 +1285,7 @@ class _Plan:
     responses: "_ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
     priority: int = 0  # within its lane at the router: lower first
     deadline_s: float | None = None  # its first token is due within this many seconds
+    expires_at: float | None = None  # time.monotonic() by which it must be done (realtime); None: no limit
     key: str | None = None  # an id of the API key it came with (per-key limits)
     url: str = ""  # the route it came to
     target: Target | None = None  # the model (or experiment arm) that answers it

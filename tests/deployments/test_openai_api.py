@@ -184,3 +184,36 @@ def test_overload_gets_429_with_retry_after_and_the_rest_complete(serve_app):
     assert ray.get(router.stats.remote())["inflight"] == 0
     assert serve.get_deployment_handle("LLMServer", app_name="semline").stats.remote().result()[
         "num_running"] == 0
+
+
+def test_a_request_past_its_time_limit_is_stopped_and_frees_its_blocks(serve_app):
+    """A request that cannot finish within its time limit (here its own x-semline-timeout-ms,
+    below the server's http.request_timeout_s) is answered 504 request_timeout, or, streamed,
+    ends with that error event instead of [DONE]; either way it leaves the engine."""
+    import time
+
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name="semline")
+    headers = {"Authorization": f"Bearer {API_KEY}", "x-semline-timeout-ms": "1500"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": 3000, "ignore_eos": True}
+    start = time.monotonic()
+    reply = httpx.post(f"{serve_app}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert reply.status_code == 504 and reply.json()["error"]["code"] == "request_timeout", reply.text
+    assert time.monotonic() - start < 10
+    with httpx.stream("POST", f"{serve_app}/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert len(events) > 2 and '"request_timeout"' in events[-1], events[-3:]
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        stats = handle.stats.remote().result()
+        if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    bad = httpx.post(f"{serve_app}/v1/chat/completions", json=body, timeout=60,
+                     headers={**headers, "x-semline-timeout-ms": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-semline-timeout-ms"
