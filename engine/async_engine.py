@@ -92,8 +92,8 @@ def _next_send(now: float, interval: float) -> float:
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
 class OutputStream:

@@ -984,8 +984,10 @@ class OpenAIIngress(OpenAIServing):
     def _answered(self, plan: "_Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
         super()._answered(plan, response_id, outputs, text)
         choice = plan.choices[0]
-        self.feedback.record_response(response_id, plan.target.model, plan.target.experiment, plan.target.arm,
-                                      choice.messages if choice.messages is not None else choice.prompt, text)
+        write = self.feedback.record_response(response_id, plan.target.model, plan.target.experiment,
+                                              plan.target.arm, choice.messages if choice.messages is not None
+                                              else choice.prompt, text)
+        asyncio.get_running_loop().run_in_executor(None, write)  # the file and its lock: off the event loop
 
     # --- feedback, adapters, experiments ----------------------------------------------
 

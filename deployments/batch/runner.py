@@ -7,8 +7,8 @@ as the realtime lane, in the router's batch lane (so realtime work is always
 admitted first), with at most `batch.max_concurrency` lines waiting or running
 at once across all batches.
 
-Exactly once: a finished line is appended (fsynced) to the batch's results log
-before it counts as done; after a restart the runner reopens every batch that
+Exactly once: a finished line is appended to the batch's results log (fsynced
+within 50 ms, off the event loop) before it counts as done; after a restart the runner reopens every batch that
 was not finished, skips the lines the log already holds and runs the rest. The
 output and error files are built from the log, in input order, one record per
 line.
@@ -360,8 +360,10 @@ class BatchRunner:
 
     async def _run_lines(self, job: Job) -> None:
         batch = job.batch
-        lines = parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"])
-        results = self.store.read_results(batch["id"])
+        # Off the event loop: an input file may be 64 MiB of JSON lines.
+        lines = await asyncio.to_thread(lambda: parse_input(self.store.file_content(batch["input_file_id"]),
+                                                            batch["endpoint"]))
+        results = await asyncio.to_thread(self.store.read_results, batch["id"])
         done = {tuple(r["key"]) for r in results}
         _count(batch, results)
         batch["request_counts"]["total"] = len(lines)
@@ -409,7 +411,7 @@ class BatchRunner:
 
     def _record(self, job: Job, log, line: InputLine, response: tuple[int, dict] | None,
                 error: dict | None) -> None:
-        """Append one line's result (fsynced) and count it."""
+        """Append one line's result and count it."""
         record = result_record(line.custom_id, response, error)
         kind = record_kind(record)
         log.append({"key": list(line.key), "line": line.line_no, "kind": kind, "record": record})

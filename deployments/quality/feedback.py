@@ -20,11 +20,13 @@ restarts.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -66,13 +68,15 @@ class FeedbackStore:
             self._responses.popitem(last=False)
 
     def record_response(self, response_id: str, model: str, experiment: str | None, arm: str | None,
-                        prompt=None, output: str | None = None) -> None:
+                        prompt=None, output: str | None = None) -> Callable[[], None]:
+        """Remember an answer for rating (at once, in memory); returns the file append that
+        lets other ingress replicas find it too, for the caller to run off its event loop."""
         record = {"id": response_id, "created": time.time(), "model": model, "experiment": experiment, "arm": arm}
         if self.store_outputs:
             record.update(prompt=prompt, output=output)
         with self._lock:
             self._remember(record)
-        _append(self.responses_file, record, sync=False)
+        return functools.partial(_append, self.responses_file, record, False)
 
     def response(self, response_id: str) -> dict | None:
         with self._lock:
