@@ -48,10 +48,12 @@ TEXT = (ROOT / "tests" / "data" / "public_domain.txt").read_text().split()
 
 
 def messages(i: int, prompt_words: int) -> list[dict]:
-    """A distinct ~160-token conversation per request (words from a public-domain text)."""
+    """A distinct ~160-token conversation per request number (words from a public-domain text,
+    after the number: each run numbers its requests apart, so no run finds its prompts in a
+    prefix cache beyond the shared system prompt)."""
     start = (i * 37) % max(1, len(TEXT) - prompt_words)
     return [{"role": "system", "content": "You are a helpful assistant. Answer at length."},
-            {"role": "user", "content": "Summarise this passage: " + " ".join(TEXT[start:start + prompt_words])}]
+            {"role": "user", "content": f"[{i}] Summarise this passage: " + " ".join(TEXT[start:start + prompt_words])}]
 
 
 def num_requests(concurrency: int) -> int:
@@ -65,6 +67,7 @@ def summarize(results: list[dict], wall: float) -> dict:
     return {
         "requests": len(results),
         "errors": sum(1 for r in results if r["error"]),
+        "error_messages": sorted({r["error"] for r in results if r["error"]})[:3],
         "output_tokens": tokens,
         "seconds": round(wall, 2),
         "output_tokens_per_s": round(tokens / wall, 1),
@@ -80,9 +83,14 @@ def _round(value, scale: float = 1.0):
     return None if value is None else round(value * scale, 4)
 
 
+_RUNS = iter(range(1, 1 << 30))
+
+
 async def closed_loop(concurrency: int, total: int, send) -> dict:
-    """`concurrency` clients sending `total` requests between them, each the next when its last ended."""
-    counter = iter(range(total))
+    """`concurrency` clients sending `total` requests between them, each the next when its last ended
+    (request numbers of their own: see messages)."""
+    first = next(_RUNS) * 1000
+    counter = iter(range(first, first + total))
     results: list[dict] = []
 
     async def client():

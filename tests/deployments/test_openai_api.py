@@ -217,3 +217,20 @@ def test_a_request_past_its_time_limit_is_stopped_and_frees_its_blocks(serve_app
     bad = httpx.post(f"{serve_app}/v1/chat/completions", json=body, timeout=60,
                      headers={**headers, "x-semline-timeout-ms": "soon"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-semline-timeout-ms"
+
+
+def test_streamed_completions_with_n_and_logprobs_match_unstreamed(client):
+    """n = 2 sampled choices with a seed and logprobs: each streamed choice's chunks join up to
+    the unstreamed choice, token for token (the logprobs' tokens) and logprob for logprob."""
+    kwargs = dict(model=MODEL, prompt="List some rivers:", max_tokens=24, temperature=0.8, seed=11, n=2,
+                  logprobs=1)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        tokens = [t for c in mine if c.logprobs for t in c.logprobs.tokens]
+        logprobs = [lp for c in mine if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert tokens == choice.logprobs.tokens and len(tokens) == 24
+        assert logprobs == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+        assert mine[-1].finish_reason == choice.finish_reason == "length"
