@@ -110,6 +110,17 @@ async def warm_up(send, args) -> None:
     await closed_loop(top, top, send)
 
 
+def note_chunk(result: dict, start: float, last: float | None) -> float:
+    """A content chunk arrived: the first is the TTFT, each later one a gap since the last.
+    Returns its time."""
+    now = time.perf_counter()
+    if last is None:
+        result["ttft"] = now - start
+    else:
+        result["gaps"].append(now - last)
+    return now
+
+
 # --- HTTP servers (semline serve, llama-server): one OpenAI chat client ---------------------
 
 
@@ -137,12 +148,7 @@ async def http_request(http: httpx.AsyncClient, i: int, stream: bool, args) -> d
                 if chunk.get("usage"):
                     result["tokens"] = chunk["usage"]["completion_tokens"]
                 if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                    now = time.perf_counter()
-                    if last is None:
-                        result["ttft"] = now - start
-                    else:
-                        result["gaps"].append(now - last)
-                    last = now
+                    last = note_chunk(result, start, last)
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         result["error"] = repr(exc)
     return result
@@ -247,12 +253,7 @@ def run_engine(args) -> dict:
         result = {"ttft": None, "gaps": [], "tokens": 0, "error": None}
         async for out in engine.generate(prompt, params):
             if stream and out.delta_text:
-                now = time.perf_counter()
-                if last is None:
-                    result["ttft"] = now - start
-                else:
-                    result["gaps"].append(now - last)
-                last = now
+                last = note_chunk(result, start, last)
             if out.finished:
                 result["tokens"] = len(out.token_ids)
         if not stream:

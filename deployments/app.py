@@ -2,14 +2,10 @@
 
     OpenAIIngress (HTTP) ──► router actor (tickets) ──► LLMServer replicas (engines)
     BatchRunner (batch jobs) ─┘
-
-(No `from __future__ import annotations` here: FastAPI must see the real `Request`
-type on the route methods that Serve wraps.)
 """
 
+from __future__ import annotations
 
-from fastapi import Request
-from fastapi.responses import Response
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -18,7 +14,8 @@ from deployments.batch.runner import BatchRunner
 from deployments.config import SemlineConfig
 from deployments.llm_server import LLMServer
 from deployments.routing import POLICIES
-from deployments.api.serving import OpenAIIngress, build_fastapi
+from deployments.api.http_app import build_fastapi
+from deployments.api.ingress import OpenAIIngress
 
 ROUTING_STATS_PERIOD_S = 1.0
 QUIET = {"enable_access_log": False}  # no log line per request and per internal call
@@ -71,104 +68,8 @@ def build_app(config: SemlineConfig | dict | None = None):
         config = SemlineConfig.model_validate(config or {})
     app = build_fastapi(config)
 
-    @serve.ingress(app)
-    class SemlineIngress(OpenAIIngress):
-        @app.get("/health")
-        async def get_health(self):
-            return await self.health()
-
-        @app.get("/live")
-        async def get_live(self):
-            return await self.live()
-
-        @app.get("/v1/models")
-        async def get_models(self):
-            return await self.models()
-
-        @app.post("/v1/completions")
-        async def post_completions(self, request: Request):
-            return await self.completions(request)
-
-        @app.post("/v1/chat/completions")
-        async def post_chat_completions(self, request: Request):
-            return await self.chat_completions(request)
-
-        @app.post("/v1/responses")
-        async def post_responses(self, request: Request):
-            return await self.responses(request)
-
-        @app.post("/v1/embeddings")
-        async def post_embeddings(self, request: Request):
-            return await self.embeddings(request)
-
-        @app.post("/tokenize")
-        async def post_tokenize(self, request: Request):
-            return await self.tokenize(request)
-
-        @app.post("/detokenize")
-        async def post_detokenize(self, request: Request):
-            return await self.detokenize(request)
-
-        @app.post("/v1/feedback")
-        async def post_feedback_route(self, request: Request):
-            return await self.post_feedback(request)
-
-        @app.get("/v1/feedback")
-        async def get_feedback_route(self, since: float = 0.0):
-            return await self.get_feedback(since)
-
-        @app.post("/v1/load_lora_adapter")
-        async def post_load_lora_adapter(self, request: Request):
-            return await self.load_lora_adapter(request)
-
-        @app.post("/v1/unload_lora_adapter")
-        async def post_unload_lora_adapter(self, request: Request):
-            return await self.unload_lora_adapter(request)
-
-        @app.get("/v1/experiments")
-        async def get_experiments(self):
-            return await self.experiments()
-
-        @app.post("/v1/experiments/{name}")
-        async def post_experiment_weights(self, name: str, request: Request):
-            return await self.set_experiment_weights(name, request)
-
-        @app.post("/v1/files")
-        async def post_files(self, request: Request):
-            return await self.upload_file(request)
-
-        @app.get("/v1/files")
-        async def get_files(self):
-            return await self._call_batch("list_files")
-
-        @app.get("/v1/files/{file_id}")
-        async def get_file(self, file_id: str):
-            return await self._call_batch("get_file", file_id)
-
-        @app.delete("/v1/files/{file_id}")
-        async def delete_file(self, file_id: str):
-            return await self._call_batch("delete_file", file_id)
-
-        @app.get("/v1/files/{file_id}/content")
-        async def get_file_content(self, file_id: str):
-            data = await self._call_batch("file_content", file_id)
-            return Response(data, media_type="application/jsonl")
-
-        @app.post("/v1/batches")
-        async def post_batches(self, request: Request):
-            return await self.create_batch(request)
-
-        @app.get("/v1/batches")
-        async def get_batches(self, after: str | None = None, limit: int = 20):
-            return await self._call_batch("list_batches", after, max(1, min(limit, 100)))
-
-        @app.get("/v1/batches/{batch_id}")
-        async def get_batch(self, batch_id: str):
-            return await self._call_batch("get_batch", batch_id)
-
-        @app.post("/v1/batches/{batch_id}/cancel")
-        async def post_batch_cancel(self, batch_id: str):
-            return await self._call_batch("cancel_batch", batch_id)
+    # The routes are the table's (deployments/api/routes.py), registered by build_fastapi.
+    ingress_class = serve.ingress(app)(OpenAIIngress)
 
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
@@ -180,7 +81,7 @@ def build_app(config: SemlineConfig | dict | None = None):
     ingress_options = {"num_cpus": 0}
     if config.http.node_resource:
         ingress_options["resources"] = {config.http.node_resource: 1}
-    ingress = serve.deployment(SemlineIngress, name="OpenAIIngress", ray_actor_options=ingress_options,
+    ingress = serve.deployment(ingress_class, name="OpenAIIngress", ray_actor_options=ingress_options,
                                max_ongoing_requests=4096, logging_config=QUIET)
     return ingress.bind(llm, batch, config)
 

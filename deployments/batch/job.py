@@ -29,7 +29,9 @@ import numpy as np
 
 from deployments.batch.runner import answer_line, parse_input, record_kind, result_record
 from deployments.config import SemlineConfig
-from deployments.api.serving import ENDPOINTS, APIError, OpenAIServing
+from deployments.api.admission import Unlimited
+from deployments.api.errors import APIError
+from deployments.api.serving import ENDPOINTS, OpenAIServing
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +44,8 @@ class LocalServing(OpenAIServing):
     """OpenAIServing over an in-process LLM server: no router, no Serve handle.
     The actor pool is the admission control: each actor runs the lines it is given."""
 
-    def _connect_router(self):
-        return None
-
-    async def _admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s=None, key=None) -> int:
-        return 0
-
-    def _release(self, ticket: int) -> None:
-        pass
+    def _admission(self, router) -> Unlimited:
+        return Unlimited()
 
     def _call(self, method: str, choice, priority: int, plan, stream: bool = False):
         call = getattr(self.llm, method)(choice.prompt, choice.messages, choice.params, priority, uuid.uuid4().hex,

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from deployments.batch.store import BatchStore, NotFound, derived_file_id
 from deployments.config import SemlineConfig
 from cluster.admission import BATCH_LANE
-from deployments.api.serving import ENDPOINTS, APIError, OpenAIServing
+from deployments.api.errors import APIError
+from deployments.api.serving import ENDPOINTS, OpenAIServing
 from deployments.api.protocol import window_seconds
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.batch.runner import parse_input
 from deployments.batch.store import BatchStore, NotFound
-from deployments.api.serving import APIError
+from deployments.api.errors import APIError
 
 
 def test_torn_last_log_line_is_cut_and_appends_continue(tmp_path):

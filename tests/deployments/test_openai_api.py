@@ -142,13 +142,20 @@ def test_client_disconnect_frees_kv_blocks(serve_app):
             time.sleep(0.1)
         assert stats["num_running"] == 1, (stats, lines)
     # The connection is closed: the request must leave the engine and free its blocks.
-    deadline = time.time() + 20
+    _assert_engine_empties(handle)
+
+
+def _assert_engine_empties(handle, timeout_s: float = 20) -> None:
+    """The LLM server's engine runs nothing and holds no KV block, within `timeout_s`."""
+    import time
+
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         stats = handle.stats.remote().result()
         if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
             break
         time.sleep(0.2)
-    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0, stats
 
 
 def test_overload_gets_429_with_retry_after_and_the_rest_complete(serve_app):
@@ -207,13 +214,7 @@ def test_a_request_past_its_time_limit_is_stopped_and_frees_its_blocks(serve_app
         assert resp.status_code == 200
         events = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert len(events) > 2 and '"request_timeout"' in events[-1], events[-3:]
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        stats = handle.stats.remote().result()
-        if stats["num_running"] == 0 and stats["kv_cache_usage"] == 0:
-            break
-        time.sleep(0.2)
-    assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
+    _assert_engine_empties(handle)
     bad = httpx.post(f"{serve_app}/v1/chat/completions", json=body, timeout=60,
                      headers={**headers, "x-semline-timeout-ms": "soon"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-semline-timeout-ms"

@@ -66,11 +66,11 @@ def test_callers_that_give_up_at_any_moment_leave_no_seat_taken(serve_app):
     rng = random.Random(0)
 
     async def caller():
-        ticket = await serving._admit(rng.choice(["realtime", "batch"]))
+        ticket = await serving.admission.admit(rng.choice(["realtime", "batch"]))
         try:
             await asyncio.sleep(rng.uniform(0, 0.01))
         finally:
-            serving._release(ticket)
+            serving.admission.release(ticket)
 
     async def main():
         for _ in range(30):
@@ -104,10 +104,10 @@ def test_tickets_lost_or_left_by_a_killed_holder_are_reclaimed(serve_app):
             self.serving = OpenAIServing(None, SemlineConfig(router={"holder_sync_s": 0.3}), router)
 
         async def take(self, n: int) -> list[int]:
-            return [await self.serving._admit("batch") for _ in range(n)]
+            return [await self.serving.admission.admit("batch") for _ in range(n)]
 
         def lose(self, ticket: int) -> None:
-            self.serving._held.pop(ticket, None)  # as if the grant never reached it
+            self.serving.admission.held.pop(ticket, None)  # as if the grant never reached it
 
     holder = Holder.remote(router)
     tickets = ray.get(holder.take.remote(3))

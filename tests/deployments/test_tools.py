@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from deployments.api.chat import render_chat
-from deployments.api.serving import _StreamText
+from deployments.api.formatting import StreamText
 from deployments.api.tools import PARSERS, get_parser, held_back, parser_for_template
 from engine import RequestOutput, SamplingParams
 from engine.structured_output import StructuredOutput
@@ -69,11 +69,11 @@ def _out(delta: str, finished: bool = False) -> RequestOutput:
 
 
 def test_streamed_text_holds_back_a_tool_call_and_releases_what_is_not_one():
-    stream = _StreamText(get_parser("hermes"))
+    stream = StreamText(get_parser("hermes"))
     sent = [stream.feed(_out(d))[0] for d in ("Let me ", "check <tool", "_call>\n{\"name\": \"add\", ")]
     text, calls = stream.feed(_out('"arguments": {"a": 1, "b": 2}}\n</tool_call>', finished=True))
     assert "".join(sent) + text == "Let me check " and calls[0].name == "add"
-    plain = _StreamText(get_parser("hermes"))
+    plain = StreamText(get_parser("hermes"))
     pieces = [plain.feed(_out("a <to"))[0], plain.feed(_out("ast> b", finished=True))[0]]
     assert pieces == ["a ", "<toast> b"]
 

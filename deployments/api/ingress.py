@@ -1,0 +1,156 @@
+"""The HTTP ingress of `semline serve`: the realtime lane's routes (OpenAIServing) and the
+routes around them: users' feedback on answers, LoRA adapters and experiment weights loaded
+at run time, and the batch lane's files and batches (handed to the BatchRunner)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from deployments.api.errors import APIError, to_api_error
+from deployments.api.plan import Plan, json_body, key_id
+from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsRequest, FeedbackRequest,
+                                      LoadLoRARequest, UnloadLoRARequest)
+from deployments.api.serving import OpenAIServing
+from deployments.config import SemlineConfig
+from deployments.quality.feedback import FeedbackStore, UnknownResponseError
+from engine import RequestOutput
+
+
+class OpenAIIngress(OpenAIServing):
+    """The HTTP routes' logic: the realtime lane runs here, the batch lane's calls go to the
+    BatchRunner deployment (`batch`, a DeploymentHandle)."""
+
+    def __init__(self, llm, batch, config: SemlineConfig, router=None) -> None:
+        super().__init__(llm, config, router)
+        self.batch = batch
+        feedback = config.quality.feedback
+        self.feedback = FeedbackStore(feedback.storage_dir, feedback.store_outputs, feedback.retention_s,
+                                      feedback.max_responses)
+        self.quality_metrics.feedback(self.feedback.summary())  # the ratings before a restart count too
+
+    def _answered(self, plan: "Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
+        super()._answered(plan, response_id, outputs, text)
+        choice = plan.choices[0]
+        write = self.feedback.record_response(response_id, plan.target.model, plan.target.experiment,
+                                              plan.target.arm, choice.messages if choice.messages is not None
+                                              else choice.prompt, text)
+        asyncio.get_running_loop().run_in_executor(None, write)  # the file and its lock: off the event loop
+
+    # --- feedback, adapters, experiments ----------------------------------------------
+
+    async def post_feedback(self, request: Request) -> dict:
+        body = self._validate_plain(FeedbackRequest, await json_body(request))
+        try:
+            record = await asyncio.to_thread(self.feedback.add, body.response_id, body.numeric_score(), body.label,
+                                             body.comment)
+        except UnknownResponseError as exc:
+            raise APIError(404, str(exc), param="response_id", code="response_not_found") from exc
+        self.quality_metrics.feedback(await asyncio.to_thread(self.feedback.summary))
+        return {"object": "feedback", **record}
+
+    async def get_feedback(self, since: float = 0.0):
+        records = await asyncio.to_thread(lambda: list(self.feedback.export(since)))
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        return Response(body, media_type="application/x-ndjson")
+
+    async def load_lora_adapter(self, request: Request) -> dict:
+        body = self._validate_plain(LoadLoRARequest, await json_body(request))
+        if not self.catalog.lora_enabled:
+            raise APIError(400, "this deployment serves no LoRA adapters: start it with engine.enable_lora")
+        await self._refresh_catalog()
+        if self.catalog.knows(body.lora_name):
+            raise APIError(400, f"a model named {body.lora_name!r} is already served", param="lora_name")
+        # One LLM server reads it now (a bad folder is refused here); the others on first use.
+        await self._server_call("load_lora", body.lora_name, body.lora_path)
+        await self.admission.call("set_adapter", body.lora_name, body.lora_path)
+        await self._refresh_catalog()
+        return {"object": "lora_adapter", "id": body.lora_name, "root": body.lora_path, "parent": self.catalog.base,
+                "status": "loaded"}
+
+    async def unload_lora_adapter(self, request: Request) -> dict:
+        body = self._validate_plain(UnloadLoRARequest, await json_body(request))
+        await self._refresh_catalog()
+        if body.lora_name not in self.catalog.dynamic:
+            reason = "it is listed in the configuration" if body.lora_name in self.catalog.static else "none is loaded"
+            raise APIError(404, f"cannot unload LoRA adapter {body.lora_name!r}: {reason}", param="lora_name",
+                           code="model_not_found")
+        await self.admission.call("set_adapter", body.lora_name, None)
+        await self._refresh_catalog()
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
+
+    async def experiments(self) -> dict:
+        await self._refresh_catalog()
+        return {"object": "list", "data": [c for c in self.catalog.cards() if "experiment" in c]}
+
+    async def set_experiment_weights(self, name: str, request: Request) -> dict:
+        body = self._validate_plain(ExperimentWeightsRequest, await json_body(request))
+        await self._refresh_catalog()
+        current = self.catalog.weights.get(name)
+        if current is None:
+            raise APIError(404, f"no experiment named {name!r}", code="experiment_not_found")
+        if set(body.weights) != set(current):
+            raise APIError(400, f"weights must name each arm of {name!r}: {sorted(current)}", param="weights")
+        if sum(body.weights.values()) <= 0:
+            raise APIError(400, "some arm needs a weight above 0", param="weights")
+        await self.admission.call("set_weights", name, body.weights)
+        await self._refresh_catalog()
+        return next(c for c in self.catalog.cards() if c["id"] == name)
+
+    async def upload_file(self, request: Request) -> dict:
+        try:
+            form = await request.form(max_files=1, max_fields=8, max_part_size=self.config.batch.max_file_bytes)
+        except Exception as exc:  # noqa: BLE001 - starlette raises several kinds for bad multipart bodies
+            raise APIError(400, f"expected a multipart/form-data body with 'file' and 'purpose': {exc}") from exc
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "missing the 'file' part", param="file")
+        if not isinstance(purpose, str):
+            raise APIError(400, "missing the 'purpose' field", param="purpose")
+        data = await upload.read()
+        return await self._call_batch("create_file", data, upload.filename or "upload.jsonl", purpose)
+
+    async def create_batch(self, request: Request) -> dict:
+        data = await json_body(request)
+        try:
+            body = BatchCreateRequest.model_validate(data)
+        except ValidationError as exc:
+            raise to_api_error(exc) from exc
+        return await self._call_batch("create_batch", body.input_file_id, body.endpoint, body.completion_window,
+                                      body.metadata, key_id(request))
+
+    async def list_files(self) -> dict:
+        return await self._call_batch("list_files")
+
+    async def get_file(self, file_id: str) -> dict:
+        return await self._call_batch("get_file", file_id)
+
+    async def delete_file(self, file_id: str) -> dict:
+        return await self._call_batch("delete_file", file_id)
+
+    async def file_content(self, file_id: str) -> Response:
+        return Response(await self._call_batch("file_content", file_id), media_type="application/jsonl")
+
+    async def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
+        return await self._call_batch("list_batches", after, max(1, min(limit, 100)))
+
+    async def get_batch(self, batch_id: str) -> dict:
+        return await self._call_batch("get_batch", batch_id)
+
+    async def cancel_batch(self, batch_id: str) -> dict:
+        return await self._call_batch("cancel_batch", batch_id)
+
+    async def _call_batch(self, method: str, *args):
+        try:
+            result = await self.batch.call.remote(method, *args)
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        if isinstance(result, APIError):  # a client error, returned rather than raised
+            raise result
+        return result
+
+

@@ -1,0 +1,76 @@
+"""Every HTTP route of the ingress, declared once: method, path, the handler that answers it,
+whether the API key check and body limits cover it, and what the OpenAPI schema says of its
+body and answers. The application (http_app.build_fastapi) registers the handlers, the guard
+and the published schema from this table alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from deployments.api import protocol
+from deployments.api.ingress import OpenAIIngress as Ingress
+from deployments.api.protocol import (BatchCreateRequest, ChatCompletionRequest, CompletionRequest,
+                                      DetokenizeRequest, EmbeddingRequest, ExperimentWeightsRequest,
+                                      FeedbackRequest, LoadLoRARequest, ResponsesRequest, TokenizeRequest,
+                                      UnloadLoRARequest)
+
+# The multipart upload of /v1/files, as OpenAI publishes it.
+UPLOAD_SCHEMA = {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str  # "get", "post" or "delete"
+    path: str
+    handler: Callable  # an ingress method; its parameters are the route's (path, query, the Request)
+    # 200 answer: a pydantic model, or a media type; streamed events' model, if it streams.
+    answer: type[BaseModel] | str
+    events: type[BaseModel] | None = None
+    # The request body the handler reads by hand (so malformed JSON, bodies that are not UTF-8
+    # and the batch lane share one validation path), published as if FastAPI had parsed it.
+    body: type[BaseModel] | dict | None = None
+    # Covered by the API key check and the body limits (probes are not).
+    api: bool = True
+
+
+ROUTES = (
+    Route("get", "/health", Ingress.health, protocol.Health, api=False),
+    Route("get", "/live", Ingress.live, protocol.Health, api=False),
+    Route("get", "/v1/models", Ingress.models, protocol.ModelList),
+    Route("post", "/v1/completions", Ingress.completions, protocol.Completion, protocol.Completion,
+          CompletionRequest),
+    Route("post", "/v1/chat/completions", Ingress.chat_completions, protocol.ChatCompletion,
+          protocol.ChatCompletionChunk, ChatCompletionRequest),
+    Route("post", "/v1/responses", Ingress.responses, protocol.ResponseObject, protocol.ResponseEvent,
+          ResponsesRequest),
+    Route("post", "/v1/embeddings", Ingress.embeddings, protocol.EmbeddingList, body=EmbeddingRequest),
+    Route("post", "/tokenize", Ingress.tokenize, protocol.Tokenized, body=TokenizeRequest),
+    Route("post", "/detokenize", Ingress.detokenize, protocol.Detokenized, body=DetokenizeRequest),
+    Route("post", "/v1/feedback", Ingress.post_feedback, protocol.FeedbackObject, body=FeedbackRequest),
+    Route("get", "/v1/feedback", Ingress.get_feedback, "application/x-ndjson"),
+    Route("post", "/v1/load_lora_adapter", Ingress.load_lora_adapter, protocol.LoRAAdapterStatus,
+          body=LoadLoRARequest),
+    Route("post", "/v1/unload_lora_adapter", Ingress.unload_lora_adapter, protocol.LoRAAdapterStatus,
+          body=UnloadLoRARequest),
+    Route("get", "/v1/experiments", Ingress.experiments, protocol.ModelList),
+    Route("post", "/v1/experiments/{name}", Ingress.set_experiment_weights, protocol.ModelCard,
+          body=ExperimentWeightsRequest),
+    Route("post", "/v1/files", Ingress.upload_file, protocol.FileObject, body=UPLOAD_SCHEMA),
+    Route("get", "/v1/files", Ingress.list_files, protocol.FileList),
+    Route("get", "/v1/files/{file_id}", Ingress.get_file, protocol.FileObject),
+    Route("delete", "/v1/files/{file_id}", Ingress.delete_file, protocol.FileDeleted),
+    Route("get", "/v1/files/{file_id}/content", Ingress.file_content, "application/jsonl"),
+    Route("post", "/v1/batches", Ingress.create_batch, protocol.Batch, body=BatchCreateRequest),
+    Route("get", "/v1/batches", Ingress.list_batches, protocol.BatchList),
+    Route("get", "/v1/batches/{batch_id}", Ingress.get_batch, protocol.Batch),
+    Route("post", "/v1/batches/{batch_id}/cancel", Ingress.cancel_batch, protocol.Batch),
+)
+
+# Paths outside /v1 that the API key, body limits and OpenAI-style errors cover too (vLLM's).
+EXTRA_API_PATHS = frozenset(r.path for r in ROUTES if r.api and not r.path.startswith("/v1/"))
