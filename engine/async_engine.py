@@ -75,10 +75,7 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        _hand_over(self.loop, [(self.queue, item)])
 
 
 def _next_send(now: float, interval: float) -> float:
@@ -89,6 +86,14 @@ def _next_send(now: float, interval: float) -> float:
     if interval <= 0 or not math.isfinite(interval):
         return now + interval
     return math.ceil((now + interval / 2) / interval) * interval
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Put (queue, item) pairs on queues of `loop` from the engine's thread, with one wake-up."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening
+        pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -377,7 +382,4 @@ class AsyncEngine:
             item = RequestFailedError(output.error) if output.finish_reason == "error" else output
             deliveries.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, items in deliveries.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
+            _hand_over(loop, items)

@@ -79,7 +79,6 @@ class RequestTracker:
     def __init__(self, metrics: ServerMetrics, lane: str) -> None:
         self.metrics, self.tags = metrics, {**metrics.tags, "lane": lane}
         self.last_token_time: float | None = None
-        self.num_tokens = 0
 
     def observe(self, output: RequestOutput) -> None:
         now, new = time.time(), len(output.delta_token_ids)
@@ -89,7 +88,6 @@ class RequestTracker:
                 for _ in range(new):
                     self.metrics.itl.observe(gap, self.tags)
             self.last_token_time = now
-            self.num_tokens += new
         if output.finished:
             self.finish(output)
 
