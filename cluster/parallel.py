@@ -67,7 +67,7 @@ from cluster.executors import ParallelConfig, worker_bundle
 from engine.config import ConfigError, EngineConfig
 from engine.executor import ExecutorError
 from engine.loader import load_hf_config
-from engine.model_runner import ModelRunner, StepPlan, num_logits, plan_step
+from engine.model_runner import ModelRunner, StepPlan, plan_step
 from engine.models import build_model, model_args
 from engine.parallel import SharedMemoryAllReduce, TensorParallel
 
@@ -461,7 +461,7 @@ class ParallelRunner:
         plan.lora_updates, self._lora_updates = self._lora_updates, {}
         row = 0
         for chunk in chunks:  # logits rows in chunk order, as plan_step lays them out
-            rows = range(row, row + num_logits(chunk))
+            rows = range(row, row + chunk.num_logits)
             if chunk.samples_token and not chunk.all_logits and chunk.request.sampling_params.reads_only_argmax:
                 plan.argmax_rows += rows
             row = rows.stop

@@ -102,8 +102,9 @@ class BlockManager:
     def match_prefix(self, request: Request) -> int:
         """Give a request with no blocks yet the cached blocks its tokens start with (a
         preempted request's outputs count too); returns how many tokens they hold. The
-        last token is always left to compute: its logits give the next token."""
-        if not self.enable_prefix_caching or request.block_table:
+        last token is always left to compute: its logits give the next token. A request that
+        wants its prompt's logprobs takes nothing: every position's logits must be computed."""
+        if not self.enable_prefix_caching or request.block_table or request.needs_prompt_logprobs:
             return 0
         hashes = self._prompt_hashes(request)
         for h in hashes:

@@ -25,7 +25,7 @@ from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
+from engine.sampler import Sampler, position_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.speculative import propose
@@ -184,6 +184,8 @@ class LLMEngine:
             grammar = self.compile_grammar(params.structured_output)
         request = Request(request_id, text, token_ids, params, priority, arrival_time)
         request.lora = handle
+        if params.prompt_logprobs is not None:
+            self.output_processor.start_prompt_logprobs(request)
         if grammar is not None:
             request.grammar = self._grammars.matcher(grammar)
         if params.seed is not None:
@@ -351,6 +353,8 @@ class LLMEngine:
         for chunk in batch.chunks:
             chunk.request.in_flight = False
         sampling = [c for c in batch.chunks if c.samples_token]
+        if any(c.all_logits for c in batch.chunks):
+            logits = self._take_prompt_logprobs(batch.chunks, logits)
         tokens = self._sample(logits, sampling)
         # Overlapping batches: each is charged from its launch or the previous landing, whichever
         # is later, so the busy time and energy add up to the wall clock, not more.
@@ -385,6 +389,39 @@ class LLMEngine:
                 self._forget(request)
         self._refresh_gauges()
         return outputs
+
+    def _take_prompt_logprobs(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> torch.Tensor:
+        """Prompt logprobs from the rows of the chunks that returned every position's logits;
+        returns the rows that sample, laid out as _sample reads them."""
+        keep, row = [], 0
+        for chunk in chunks:
+            n = chunk.num_logits
+            if chunk.all_logits:
+                request = chunk.request
+                if not request.is_finished:
+                    try:
+                        self._prompt_logprobs(request, logits[row:row + n])
+                    except Exception as exc:  # noqa: BLE001 - this request fails, not its step
+                        self._fail(request, "computing its prompt logprobs", exc)
+                if chunk.samples_token:
+                    keep += range(row + n - 1 - chunk.num_spec_tokens, row + n)
+            else:
+                keep += range(row, row + n)
+            row += n
+        return logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+
+    def _prompt_logprobs(self, request: Request, rows: torch.Tensor) -> None:
+        """Row i of `rows` is the logits at position num_computed_tokens + i, which predict the
+        token after it: the logprobs of the prompt tokens not yet reported (a preempted
+        request computes its prompt again: positions it already reported are skipped)."""
+        start, prompt = request.num_computed_tokens, request.prompt_token_ids
+        first = len(request.prompt_logprobs) - 1 - start  # the first row not yet reported
+        last = min(len(prompt) - 1 - start, rows.shape[0])  # the rows that predict prompt tokens
+        if first >= last:
+            return
+        targets = prompt[start + first + 1:start + last + 1]
+        found = position_logprobs(rows[first:last], targets, request.sampling_params.prompt_logprobs)
+        self.output_processor.add_prompt_logprobs(request, targets, found)
 
     def _rebuild_executor(self, exc: ExecutorError) -> None:
         """A worker of the executor failed: every running request goes back to the queue to be

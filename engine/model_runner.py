@@ -105,21 +105,11 @@ class StepPlan:
         self.logits_indices += range(len(self.input_ids) - num_logits, len(self.input_ids))
 
 
-def num_logits(chunk: ScheduledChunk) -> int:
-    """Logits rows a chunk gets: all its tokens (scoring), or the last position and those
-    that verify proposals, or none."""
-    if chunk.all_logits:
-        return chunk.num_new_tokens
-    if chunk.samples_token:
-        return 1 + chunk.num_spec_tokens
-    return 0
-
-
 def plan_step(chunks: list[ScheduledChunk], block_size: int) -> StepPlan:
     plan = StepPlan()
     for chunk in chunks:
         start = chunk.request.num_computed_tokens
-        plan.add(chunk.request, start, start + chunk.num_new_tokens, num_logits(chunk), block_size)
+        plan.add(chunk.request, start, start + chunk.num_new_tokens, chunk.num_logits, block_size)
     return plan
 
 

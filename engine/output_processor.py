@@ -57,6 +57,19 @@ class OutputProcessor:
             top_logprobs=[(i, decode([i]), lp) for i, lp in zip(logprobs.top_ids, logprobs.top_logprobs)],
         )
 
+    def start_prompt_logprobs(self, request: Request) -> None:
+        """The prompt's first token: nothing predicts it, so it has no logprob."""
+        first = request.prompt_token_ids[0]
+        request.prompt_logprobs = [TokenLogprob(first, self.tokenizer.decode([first]), None)]
+
+    def add_prompt_logprobs(self, request: Request, targets: list[int], found) -> None:
+        """Append the logprobs of prompt tokens `targets` (sampler.PositionLogprobs `found`)."""
+        decode = self.tokenizer.decode
+        for n, token_id in enumerate(targets):
+            request.prompt_logprobs.append(TokenLogprob(
+                token_id=token_id, token=decode([token_id]), logprob=found.logprobs[n], rank=found.ranks[n],
+                top_logprobs=[(i, decode([i]), lp) for i, lp in zip(found.top_ids[n], found.top_logprobs[n])]))
+
     def make_output(self, request: Request) -> RequestOutput | None:
         """The output owed to the request's caller now (None: its kind wants none yet)."""
         finished = request.is_finished
@@ -85,6 +98,8 @@ class OutputProcessor:
             metrics=request.metrics,
             error=request.error,
         )
+        if finished or kind == "cumulative" or num_sent == 0:
+            output.prompt_logprobs = request.prompt_logprobs
         if finished or kind == "cumulative":
             output.prompt, output.prompt_token_ids = request.prompt, request.prompt_token_ids
             output.text = detok.text if finished else detok.text[: detok.num_emitted]

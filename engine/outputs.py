@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TokenLogprob:
-    """One generated token's log-probability and the most likely alternatives."""
+    """One token's log-probability and the most likely alternatives at its position."""
 
     token_id: int
     token: str
-    logprob: float
+    # None: the prompt's first token, which nothing before it predicts.
+    logprob: float | None
     # [(token_id, token text, logprob)] of the top-n tokens, most likely first.
     top_logprobs: list[tuple[int, str, float]] = field(default_factory=list)
+    # 1 + how many tokens were more likely (prompt logprobs; None where not computed).
+    rank: int | None = None
 
 
 @dataclass
@@ -100,6 +103,9 @@ class RequestOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
+    # SamplingParams.prompt_logprobs: one per prompt token (the first's logprob None). In the
+    # final output, in every cumulative one, and in a delta stream's first output.
+    prompt_logprobs: list[TokenLogprob] | None = None
     # The stop string or token id that ended the request, if any.
     stop_reason: str | int | None = None
     metrics: RequestMetrics | None = None
@@ -116,7 +122,9 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
     if len(outputs) == 1:
         return last
     deltas = [o.delta_logprobs for o in outputs if o.delta_logprobs]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
     return dataclasses.replace(
         last, delta_text="".join(o.delta_text for o in outputs),
         delta_token_ids=[t for o in outputs for t in o.delta_token_ids],
-        delta_logprobs=[lp for d in deltas for lp in d] if deltas else last.delta_logprobs)
+        delta_logprobs=[lp for d in deltas for lp in d] if deltas else last.delta_logprobs,
+        prompt_logprobs=prompt_logprobs)

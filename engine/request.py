@@ -61,6 +61,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []
+        # SamplingParams.prompt_logprobs: filled position by position as the prompt is computed.
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         # Output tokens already reported in a RequestOutput (for deltas).
         self.num_output_tokens_sent = 0
         # Tokens whose K/V are in the cache.
@@ -108,6 +110,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet: every position's logits are
+        needed, and none of the prompt may come from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output (+ proposed tokens past the end), without

@@ -27,6 +27,30 @@ class SampledLogprobs:
 
 
 @dataclass
+class PositionLogprobs:
+    """Prompt logprobs of consecutive positions: each given token's logprob and rank, and the
+    top-n alternatives at each position."""
+
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def position_logprobs(logits: torch.Tensor, targets: list[int], num_top: int) -> PositionLogprobs:
+    """logits [N, V]: row i the model's prediction of targets[i] (log-softmax in fp32)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, index)
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    top_values, top_ids = [[] for _ in targets], [[] for _ in targets]
+    if num_top > 0:
+        values, ids = logprobs.topk(num_top, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    return PositionLogprobs(chosen.squeeze(1).tolist(), ranks.tolist(), top_ids, top_values)
+
+
+@dataclass
 class SamplerOutput:
     # One sampled token id per input row.
     token_ids: list[int]

@@ -39,6 +39,10 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Return the sampled token's logprob and this many top ones."
     )
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob given the tokens before it "
+        "(the first has none) and this many top alternatives. Computed over the whole prompt, never taken from "
+        "the prefix cache.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     logit_bias: dict[int, float] | None = Field(
         None, description="Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).")

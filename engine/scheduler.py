@@ -18,6 +18,10 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
 
+# A chunk that returns every position's logits (prompt logprobs) holds [tokens, vocabulary]
+# floats: with chunked prefill it computes at most this many tokens a step.
+MAX_ALL_LOGITS_TOKENS = 256
+
 
 @dataclass
 class ScheduledChunk:
@@ -32,6 +36,16 @@ class ScheduledChunk:
     num_spec_tokens: int = 0
     # Logits for every position of the chunk (scoring a text), not just the sampling ones.
     all_logits: bool = False
+
+    @property
+    def num_logits(self) -> int:
+        """Logits rows the chunk gets: all its tokens (scoring, prompt logprobs), or the last
+        position and those that verify proposals, or none."""
+        if self.all_logits:
+            return self.num_new_tokens
+        if self.samples_token:
+            return 1 + self.num_spec_tokens
+        return 0
 
 
 @dataclass
@@ -106,6 +120,8 @@ class Scheduler:
         prompt block `request` needs: it then waits for those blocks to land in the prefix
         cache (one computation instead of two racing for the step's tokens). A worse-priority
         owner (a batch prefill, held back) is not waited for."""
+        if request.needs_prompt_logprobs:
+            return False  # computes its whole prompt whatever the cache holds
         owner = self.block_manager.computing_next(request)
         if owner is None or owner.priority > request.priority or owner.status != RequestStatus.RUNNING:
             return False
@@ -280,6 +296,8 @@ class Scheduler:
         if remaining == 1 and request.spec_token_ids:  # a decode with proposals to verify
             del request.spec_token_ids[max(0, budget - 1):]
             return min(budget, 1 + len(request.spec_token_ids))
+        if self.enable_chunked_prefill and request.needs_prompt_logprobs:
+            budget = min(budget, MAX_ALL_LOGITS_TOKENS)
         if remaining <= budget:
             return remaining
         # Without chunked prefill a prompt runs whole or waits for a step with room.
@@ -289,4 +307,4 @@ class Scheduler:
     def _add_chunk(out: SchedulerOutput, request: Request, num_new: int) -> None:
         end = request.num_computed_tokens + num_new
         out.chunks.append(ScheduledChunk(request, num_new, end >= request.num_tokens,
-                                         max(0, end - request.num_tokens)))
+                                         max(0, end - request.num_tokens), request.needs_prompt_logprobs))

@@ -75,6 +75,20 @@ def test_preemption_under_small_cache_gives_same_tokens(make_llm, mixed_prompts,
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_preempted_prompts_report_each_prompt_logprob_once(llm, make_llm, mixed_prompts):
+    """A request preempted while (or after) computing its prompt computes it again: the prompt
+    logprobs it already has are not reported twice, and they are those of an unpreempted run."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
+    small = make_llm(num_kv_blocks=64, max_num_batched_tokens=256)
+    outs = small.generate(mixed_prompts, params)
+    assert small.engine.stats.num_preemptions > 0, "the cache was meant to be too small"
+    for out, ref in zip(outs, llm.generate(mixed_prompts, params)):
+        assert [e.token_id for e in out.prompt_logprobs] == list(out.prompt_token_ids)
+        assert [e.token_id for e in ref.prompt_logprobs] == list(ref.prompt_token_ids)
+        for a, b in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert abs(a.logprob - b.logprob) < 1e-4
+
+
 def test_lower_priority_is_preempted_first(make_llm, tokenizer):
     small = make_llm(num_kv_blocks=12, max_num_batched_tokens=256)
     engine = small.engine

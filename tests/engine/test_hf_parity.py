@@ -105,3 +105,43 @@ def test_logprobs_match_hf(llm, hf_model, prompts):
         assert abs(entry.logprob - float(hf_lp[token])) < 1e-3
         assert [t for t, _, _ in entry.top_logprobs] == hf_lp.topk(3).indices.tolist()
         context.append(token)
+
+
+def _hf_prompt_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
+    """[len(ids) - 1, V]: HF's log-distribution over each prompt token after the first."""
+    with torch.inference_mode():
+        logits = hf_model(torch.tensor([ids], device=hf_model.device)).logits[0, :-1].float().cpu()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def test_prompt_logprobs_match_hf_across_chunks_and_after_a_cache_hit(llm, hf_model, prompts):
+    """Every prompt token's logprob (the first has none) and top alternatives agree with HF's
+    forward over the whole prompt: a long prompt computed in several chunks, batched with a
+    plain request, and again once its blocks sit in the prefix cache (which it must not use,
+    and must leave intact for the plain requests after it)."""
+    long, short = prompts["long"], prompts["short"]
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    asking = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=3, logprobs=1)
+    [before] = llm.generate([long], plain)  # the long prompt's blocks are now cached
+    outs = llm.generate([long, short, long], [asking, plain, asking])
+    [after] = llm.generate([long], plain)
+    assert after.metrics.num_cached_tokens > 0 and after.token_ids == before.token_ids
+    assert outs[1].prompt_logprobs is None
+    expected = _hf_prompt_logprobs(hf_model, long)
+    for out in (outs[0], outs[2]):
+        assert out.metrics.num_cached_tokens == 0
+        got = out.prompt_logprobs
+        assert len(got) == len(long) and got[0].logprob is None and got[0].token_id == long[0]
+        values = torch.tensor([entry.logprob for entry in got[1:]])
+        want = expected.gather(1, torch.tensor(long[1:])[:, None]).squeeze(1)
+        assert (values - want).abs().max() < 1e-4
+        top = expected.topk(3, dim=-1)
+        for i, entry in enumerate(got[1:]):
+            assert entry.token_id == long[i + 1]
+            assert entry.rank == int((expected[i] > expected[i, long[i + 1]]).sum()) + 1
+            ours = [t for t, _, _ in entry.top_logprobs]
+            # Order may differ only where HF's alternatives tie within float32 noise.
+            if ours != top.indices[i].tolist():
+                assert torch.allclose(expected[i, ours], top.values[i], atol=1e-4), i
+        # The sampled tokens are those of a request without prompt logprobs.
+        assert out.token_ids == before.token_ids[:2]
