@@ -62,6 +62,9 @@ def to_api_error(exc: BaseException) -> APIError:
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(getattr(cause, "param", None), str):  # a check across fields that names one
+            loc.append(cause.param)
         param = ".".join(loc) or None
         return APIError(400, f"invalid parameter {param}: {first.get('msg', 'invalid value')}", param=param)
     if isinstance(exc, ValueError):  # the engine's RequestError (prompt too long, ...) is one

@@ -88,17 +88,24 @@ def choice(index: int, out: RequestOutput, plan: "Plan") -> dict:
             message["tool_calls"] = [call.to_openai() for call in calls]
         return {"index": index, "message": message, "logprobs": chat_logprobs(out.logprobs),
                 "finish_reason": "content_filter" if stopped else finish_reason(out, bool(calls))}
-    echo = plan.choices[index].echo or ""
+    choice_plan = plan.choices[index]
+    echo = choice_plan.echo or ""
     text, stopped = filter_text(plan, out.text)
-    return {"index": index, "text": echo + text, "logprobs": completion_logprobs(out.logprobs),
-            "finish_reason": "content_filter" if stopped else finish_reason(out)}
+    logprobs = out.logprobs
+    if choice_plan.echo is not None and logprobs is not None:  # echo: the prompt's logprobs first
+        logprobs = (out.prompt_logprobs or []) + logprobs
+    result = {"index": index, "text": echo + text, "logprobs": completion_logprobs(logprobs),
+              "finish_reason": "content_filter" if stopped else finish_reason(out)}
+    if plan.body.prompt_logprobs is not None:
+        result["prompt_logprobs"] = vllm_prompt_logprobs(out.prompt_logprobs)
+    return result
 
 
-def stream_choice(index: int, content, finish_reason, logprobs, plan: "Plan") -> dict:
+def stream_choice(index: int, content, finish_reason, logprobs, plan: "Plan", offset: int = 0) -> dict:
     if plan.chunk_name == "chat.completion.chunk":
         return {"index": index, "delta": content, "logprobs": chat_logprobs(logprobs),
                 "finish_reason": finish_reason}
-    return {"index": index, "text": content, "logprobs": completion_logprobs(logprobs),
+    return {"index": index, "text": content, "logprobs": completion_logprobs(logprobs, offset),
             "finish_reason": finish_reason}
 
 
@@ -111,13 +118,34 @@ def chat_logprobs(logprobs) -> dict | None:
         for lp in logprobs]}
 
 
-def completion_logprobs(logprobs) -> dict | None:
+def completion_logprobs(logprobs, offset: int = 0) -> dict | None:
+    """The legacy completions shape; `offset`: where the first token's text starts in the
+    choice's text. A prompt's first token (echo) has no logprob and no alternatives: null."""
     if logprobs is None:
         return None
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
     return {"tokens": [lp.token for lp in logprobs],
             "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{t: v for _, t, v in lp.top_logprobs} for lp in logprobs],
-            "text_offset": []}
+            "top_logprobs": [None if lp.logprob is None else {t: v for _, t, v in lp.top_logprobs}
+                             for lp in logprobs],
+            "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(entries) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and its top alternatives."""
+    if entries is None:
+        return None
+    result = [None]
+    for entry in entries[1:]:
+        position = {str(token_id): {"logprob": value, "rank": rank, "decoded_token": token}
+                    for rank, (token_id, token, value) in enumerate(entry.top_logprobs, start=1)}
+        position[str(entry.token_id)] = {"logprob": entry.logprob, "rank": entry.rank, "decoded_token": entry.token}
+        result.append(position)
+    return result
 
 
 def text_part(text: str) -> dict:

@@ -5,6 +5,7 @@ headers say of it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -19,7 +20,7 @@ from deployments.api.protocol import ResponsesRequest
 from deployments.api.tools import ToolParser
 from deployments.quality.catalog import Target
 from deployments.quality.filters import FilterChain
-from engine import SamplingParams
+from engine import RequestOutput, SamplingParams
 
 
 # Names the request fields this version ignored (it does not know them).
@@ -134,6 +135,17 @@ class Choice:
     messages: list[dict] | None
     params: SamplingParams
     echo: str | None = None  # completions' echo: the prompt's text, put before the output
+    # Completions' echo with max_tokens 0: the engine samples one token, which is dropped.
+    echo_only: bool = False
+
+    def received(self, out: RequestOutput) -> RequestOutput:
+        """An output as the client is answered with it (echo only: no generated token)."""
+        if not self.echo_only:
+            return out
+        reason = "length" if out.finish_reason in ("stop", "length") else out.finish_reason
+        return dataclasses.replace(
+            out, text="", token_ids=[], delta_text="", delta_token_ids=[], delta_logprobs=None,
+            logprobs=[] if out.logprobs is not None else None, finish_reason=reason, stop_reason=None)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from engine import SamplingParams
+from engine.sampling_params import MAX_LOGPROBS as MAX_PROMPT_LOGPROBS
 from engine.structured_output import StructuredOutput
 
 MAX_N = 16
@@ -32,6 +33,14 @@ UNSUPPORTED_FIELDS = {
     "web_search_options": "web search is not supported",
     "suffix": "suffix (insertion) is not supported",
 }
+
+
+class ParamError(ValueError):
+    """A request-level check that knows which parameter is wrong (the error body's `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class _Open(BaseModel):
@@ -91,7 +100,7 @@ class ResponseFormat(_Open):
     @model_validator(mode="after")
     def _schema_given(self):
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format of type json_schema needs a json_schema")
+            raise ParamError("json_schema", "response_format of type json_schema needs a json_schema")
         return self
 
 
@@ -125,6 +134,8 @@ class _Common(_Open):
     service_tier: str | None = None
     response_format: ResponseFormat | None = None
     # Extensions beyond OpenAI's API (vLLM uses the same names).
+    # Each prompt token's logprob and this many alternatives, in vLLM's shape (not with stream).
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_PROMPT_LOGPROBS)
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -139,6 +150,12 @@ class _Common(_Open):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _check_prompt_logprobs(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParamError("prompt_logprobs", "prompt_logprobs are not returned with stream: true")
+        return self
 
     def ignored_fields(self) -> list[str]:
         """The request's fields this version does not know, top level and nested (dotted)."""
@@ -169,12 +186,12 @@ class _Common(_Open):
                 fields["json_schema"] = _json_object(fields["json_schema"], name)
             given.append((name, StructuredOutput(**fields)))
         if len(given) > 1:
-            raise ValueError(f"{given[0][0]} and {given[1][0]} both constrain the output; send one")
+            raise ParamError(given[1][0], f"{given[0][0]} and {given[1][0]} both constrain the output; send one")
         return given[0][1] if given else None
 
     def sampling_params(self, max_tokens: int, num_logprobs: int | None, index: int,
                         structured_output: StructuredOutput | None = None,
-                        skip_special_tokens: bool = True) -> SamplingParams:
+                        skip_special_tokens: bool = True, prompt_logprobs: int | None = None) -> SamplingParams:
         seed = None if self.seed is None else self.seed + index
         bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         return SamplingParams(
@@ -183,6 +200,7 @@ class _Common(_Open):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=num_logprobs,
             logit_bias=bias, structured_output=structured_output, skip_special_tokens=skip_special_tokens,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -193,18 +211,21 @@ class CompletionRequest(_Common):
     # A text, token ids, or a batch of either (each prompt gets n choices, indexed in order).
     prompt: str | TokenIds | Annotated[list[str], Field(min_length=1)] | Annotated[
         list[TokenIds], Field(min_length=1)] = Field(..., description="Text, token ids, or a list of either.")
+    # 0 only with echo: the prompt's text (and its logprobs) without generating (evaluation).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
+    # With logprobs: every prompt token's logprob too (the first is null), before the output's.
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self):
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported")
+            raise ParamError("best_of", "best_of other than n is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ParamError("max_tokens", "max_tokens 0 generates nothing; it is allowed only with echo")
         if len(self.prompts()) * self.n > MAX_CHOICES:
-            raise ValueError(f"prompts x n is at most {MAX_CHOICES} choices per request")
+            raise ParamError("n", f"prompts x n is at most {MAX_CHOICES} choices per request")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -242,9 +263,9 @@ class ChatMessage(_Open):
     @model_validator(mode="after")
     def _by_role(self):
         if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
+            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id it answers")
+            raise ParamError("tool_call_id", "a tool message needs the tool_call_id it answers")
         return self
 
     def template_message(self) -> dict:
@@ -271,10 +292,10 @@ class ChatCompletionRequest(_Common):
     def _check_tools(self):
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice other than none/auto needs tools")
+            raise ParamError("tool_choice", "tool_choice other than none/auto needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {
                 t.function.name for t in self.tools}:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+            raise ParamError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among the tools")
         return self
 
     def active_tools(self) -> list[dict] | None:
@@ -329,7 +350,7 @@ class TokenizeRequest(_Open):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send exactly one of prompt and messages")
+            raise ParamError("prompt", "send exactly one of prompt and messages")
         return self
 
 
@@ -515,9 +536,22 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # null for an echoed prompt's first token (nothing predicts it)
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry for one token id at one prompt position."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# Per prompt token: null (the first), or the token's own entry and its top alternatives by id.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -525,6 +559,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -570,6 +605,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ToolCallFunctionDelta(BaseModel):

@@ -282,15 +282,21 @@ class OpenAIServing:
             skip_special = not (parser is not None and parser.start_is_special)
             messages = [m.template_message() for m in body.messages]
             choices = [Choice(None, messages, body.sampling_params(max_tokens, num_logprobs, i, structured,
-                                                                    skip_special))
+                                                                    skip_special, body.prompt_logprobs))
                        for i in range(body.n)]
             return Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
-        max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_MAX_TOKENS, limit)
+        # echo with logprobs: the prompt's logprobs come first (as many alternatives as asked).
+        prompt_logprobs = body.prompt_logprobs
+        if body.echo and body.logprobs is not None:
+            prompt_logprobs = max(body.logprobs, prompt_logprobs or 0)
         choices = []
         for prompt in body.prompts():
             echo = (prompt if isinstance(prompt, str) else await self._server_call("detokenize", prompt)) \
                 if body.echo else None
-            choices += [Choice(prompt, None, body.sampling_params(max_tokens, body.logprobs, i, structured), echo)
+            choices += [Choice(prompt, None, body.sampling_params(max(1, max_tokens), body.logprobs, i, structured,
+                                                                  prompt_logprobs=prompt_logprobs),
+                               echo, echo_only=max_tokens == 0)
                         for i in range(body.n)]
         return Plan(body, choices, "text_completion", "text_completion", ignored)
 
@@ -412,7 +418,7 @@ class OpenAIServing:
         calls = []
         try:
             calls = [self._call("complete", c, priority, plan) for c in plan.choices]
-            outputs = await asyncio.gather(*calls)
+            outputs = [c.received(out) for c, out in zip(plan.choices, await asyncio.gather(*calls))]
         except asyncio.CancelledError:
             for call in calls:
                 call.cancel()  # reaches the LLM server, whose engine aborts the request
@@ -430,6 +436,8 @@ class OpenAIServing:
         else:
             choices = [fmt.choice(i, out, plan) for i, out in enumerate(outputs)]
             result = fmt.envelope(plan.object_name, plan.body.model, choices, fmt.usage(outputs, fmt.per_prompt(plan)))
+            if "message" in choices[0] and plan.body.prompt_logprobs is not None:  # vLLM: once, for the prompt
+                result["prompt_logprobs"] = fmt.vllm_prompt_logprobs(outputs[0].prompt_logprobs)
             first = choices[0]
             text = first["message"]["content"] if "message" in first else first["text"]
         self._answered(plan, result["id"], outputs, text or "")
@@ -523,7 +531,7 @@ class OpenAIServing:
         async def pump(index, stream):
             try:
                 async for item in until(stream, plan.expires_at):
-                    await queue.put((index, read_output(item)))
+                    await queue.put((index, plan.choices[index].received(read_output(item))))
             except asyncio.CancelledError:
                 stream.cancel()  # reaches the LLM server, whose engine aborts the request
                 raise
@@ -535,13 +543,17 @@ class OpenAIServing:
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
         texts = [fmt.StreamText(plan.parser, plan.filters) for _ in streams]
+        # Completions: where each choice's next token starts in its text (logprobs' text_offset);
+        # an echo with logprobs waits for the prompt's logprobs (in the first output).
+        offsets = [len(c.echo or "") for c in plan.choices]
+        echo_later = {i for i, c in enumerate(plan.choices) if c.echo is not None and c.params.logprobs is not None}
         try:
             for i, choice in enumerate(plan.choices):
                 if chat:
                     delta = {"role": "assistant", "content": ""}
                     yield fmt.data(fmt.envelope(object_name, body.model, [fmt.stream_choice(i, delta, None, None, plan)],
                                           None, response_id))
-                elif choice.echo:
+                elif choice.echo and i not in echo_later:
                     yield fmt.data(fmt.envelope(object_name, body.model, [fmt.stream_choice(i, choice.echo, None, None, plan)],
                                           None, response_id))
             ended: set[int] = set()  # streams that ended (or that a filter ended)
@@ -555,6 +567,10 @@ class OpenAIServing:
                     return
                 if index in finals:  # ended by a filter: what is still on its way is dropped
                     continue
+                if index in echo_later:
+                    echo_later.discard(index)
+                    echoed = fmt.stream_choice(index, plan.choices[index].echo, None, item.prompt_logprobs or [], plan)
+                    yield fmt.data(fmt.envelope(object_name, body.model, [echoed], None, response_id))
                 text, calls = texts[index].feed(item)
                 blocked = texts[index].blocked
                 if item.finished or blocked:
@@ -577,7 +593,8 @@ class OpenAIServing:
                     content = delta
                 else:
                     content = text
-                choice = fmt.stream_choice(index, content, reason, logprobs, plan)
+                choice = fmt.stream_choice(index, content, reason, logprobs, plan, offsets[index])
+                offsets[index] += sum(len(lp.token) for lp in logprobs or ())
                 yield fmt.data(fmt.envelope(object_name, body.model, [choice], None, response_id))
             outputs = [finals[i] for i in sorted(finals)]
             for state in texts:

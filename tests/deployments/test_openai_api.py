@@ -235,3 +235,52 @@ def test_streamed_completions_with_n_and_logprobs_match_unstreamed(client):
         assert tokens == choice.logprobs.tokens and len(tokens) == 24
         assert logprobs == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
         assert mine[-1].finish_reason == choice.finish_reason == "length"
+
+
+def test_echo_with_logprobs_gives_the_prompts_logprobs(client, llm, tokenizer):
+    """What evaluation harnesses send (lm-eval's local-completions: token ids, echo, logprobs 1,
+    max_tokens 1 or 0): every prompt token's logprob (the first null), then the output's; the
+    same as the engine's own prompt logprobs, streamed or not; vLLM's prompt_logprobs too."""
+    from engine import SamplingParams
+
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+    [ref] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, logprobs=1))
+    expected = [e.logprob for e in ref.prompt_logprobs]
+    text = tokenizer.decode(prompt)
+    one = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    lp = one.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(prompt) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(lp.token_logprobs[1:len(prompt)], expected[1:]))
+    assert lp.tokens[:len(prompt)] == [e.token for e in ref.prompt_logprobs]
+    assert all(len(top) >= 1 and max(top.values()) >= value - 1e-6
+               for top, value in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert one.choices[0].text == text + tokenizer.decode(ref.token_ids)
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    zero = client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    assert zero.choices[0].text == text and zero.choices[0].finish_reason == "length"
+    assert zero.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(prompt)]
+    assert zero.usage.completion_tokens == 0 and zero.usage.prompt_tokens == len(prompt)
+    chunks = [c.choices[0] for c in client.completions.create(
+        model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0, stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == one.choices[0].text
+    streamed = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == lp.text_offset
+    vllm = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                     extra_body={"prompt_logprobs": 2}).choices[0].model_extra["prompt_logprobs"]
+    assert vllm[0] is None and len(vllm) == len(prompt)
+    for position, token_id, value in zip(vllm[1:], prompt[1:], expected[1:]):
+        assert abs(position[str(token_id)]["logprob"] - value) < 1e-4 and len(position) in (2, 3)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 3
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 0}, "max_tokens"),  # only with echo
+    ({"stream": True, "extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs"),
+])
+def test_prompt_logprob_errors_name_the_parameter(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hi", **kwargs)
+    assert info.value.body["param"] == param
