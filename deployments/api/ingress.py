@@ -17,6 +17,7 @@ from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsReque
                                       LoadLoRARequest, UnloadLoRARequest)
 from deployments.api.serving import OpenAIServing
 from deployments.config import SemlineConfig
+from deployments.ops.exposition import CONTENT_TYPE, MetricsExposition
 from deployments.quality.feedback import FeedbackStore, UnknownResponseError
 from engine import RequestOutput
 
@@ -32,6 +33,11 @@ class OpenAIIngress(OpenAIServing):
         self.feedback = FeedbackStore(feedback.storage_dir, feedback.store_outputs, feedback.retention_s,
                                       feedback.max_responses)
         self.quality_metrics.feedback(self.feedback.summary())  # the ratings before a restart count too
+        self.exposition = MetricsExposition()
+
+    async def metrics(self) -> Response:
+        """Prometheus text: the replicas' figures summed, under vLLM's names and semline's."""
+        return Response(await self.exposition.text(), media_type=CONTENT_TYPE)
 
     def _answered(self, plan: "Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
         super()._answered(plan, response_id, outputs, text)

@@ -42,6 +42,8 @@ class Route:
 ROUTES = (
     Route("get", "/health", Ingress.health, protocol.Health, api=False),
     Route("get", "/live", Ingress.live, protocol.Health, api=False),
+    # Prometheus scrapes it without a key, as vLLM's.
+    Route("get", "/metrics", Ingress.metrics, "text/plain", api=False),
     Route("get", "/v1/models", Ingress.models, protocol.ModelList),
     Route("post", "/v1/completions", Ingress.completions, protocol.Completion, protocol.Completion,
           CompletionRequest),

@@ -125,7 +125,8 @@ PROMETHEUS = Path(__file__).parents[2] / ".tools" / "prometheus" / "usr" / "bin"
 
 @pytest.fixture(scope="session")
 def prometheus(serve_app, metrics_port, tmp_path_factory):
-    """A real Prometheus on loopback scraping the Ray cluster's metrics port every second."""
+    """A real Prometheus on loopback scraping the Ray cluster's metrics port and the
+    application's /metrics every second."""
     import subprocess
     import time
 
@@ -136,9 +137,12 @@ def prometheus(serve_app, metrics_port, tmp_path_factory):
                     "dpkg-deb -x); or install it with apt-get install prometheus and link it there")
     folder = tmp_path_factory.mktemp("prometheus")
     port = _free_port()
+    app_target = serve_app.removeprefix("http://")
     (folder / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}},\n"
+        # The application's own /metrics (vLLM's names), as a vLLM user's Prometheus scrapes it.
+        f"  {{job_name: semline, metrics_path: /metrics, static_configs: [{{targets: ['{app_target}']}}]}}]\n")
     proc = subprocess.Popen([str(PROMETHEUS), f"--config.file={folder / 'prometheus.yml'}",
                              f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

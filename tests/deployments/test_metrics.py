@@ -73,3 +73,53 @@ def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus
     assert not missing, f"no data in Prometheus for {missing}"
     ttft_count = 'sum(ray_semline_time_to_first_token_seconds_count{lane="realtime"})'
     assert _value(prometheus, ttft_count) >= len(usages)
+
+
+# What vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json in
+# vLLM's repository) asks Prometheus, with its $model_name variable set; each must return data.
+VLLM_DASHBOARD_QUERIES = [
+    'histogram_quantile(0.99, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket{model_name="$m"}[1m])))',
+    'rate(vllm:e2e_request_latency_seconds_sum{model_name="$m"}[1m])'
+    ' / rate(vllm:e2e_request_latency_seconds_count{model_name="$m"}[1m])',
+    'rate(vllm:prompt_tokens_total{model_name="$m"}[1m])',
+    'rate(vllm:generation_tokens_total{model_name="$m"}[1m])',
+    'histogram_quantile(0.9, sum by(le) (rate(vllm:inter_token_latency_seconds_bucket{model_name="$m"}[1m])))',
+    'vllm:num_requests_running{model_name="$m"}',
+    'vllm:num_requests_waiting{model_name="$m"}',
+    'histogram_quantile(0.99, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket{model_name="$m"}[1m])))',
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$m"}[1m]))',
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$m"}[1m]))',
+    'sum by(finished_reason) (increase(vllm:request_success_total{model_name="$m"}[1m]))',
+    'vllm:kv_cache_usage_perc{model_name="$m"}',
+    'rate(vllm:request_queue_time_seconds_sum{model_name="$m"}[1m])',
+    'rate(vllm:prefix_cache_hits_total{model_name="$m"}[1m]) / rate(vllm:prefix_cache_queries_total{model_name="$m"}[1m])',
+]
+
+
+def test_http_metrics_use_vllms_names_and_its_dashboard_has_data(client, prometheus, serve_app):
+    """GET /metrics on the HTTP port (no key, as vLLM's): the replicas' figures under vLLM's names
+    and labels, equal to semline's own series summed; scraped by the real Prometheus, every
+    query of vLLM's Grafana dashboard returns data; semline's own figures are beside them."""
+    for i in range(3):  # traffic within the queries' 1-minute windows, the same prompt twice (cache hits)
+        client.completions.create(model=MODEL, prompt="A prefix long enough to fill one cached block of "
+                                  "sixteen tokens, and then some more words.", max_tokens=4 + i, temperature=0)
+    text = httpx.get(f"{serve_app}/metrics", timeout=30).text
+    assert f'vllm:num_requests_running{{model_name="{MODEL}"}}' in text
+    assert "semline_flops_total" in text and "semline_router_queue_depth" in text and "ray_" not in text
+    assert 'lane="' not in "".join(line for line in text.splitlines() if line.startswith("vllm:"))
+    total = f'sum(vllm:generation_tokens_total{{model_name="{MODEL}"}})'
+    ours = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
+    deadline = time.time() + 60
+    while time.time() < deadline and (_value(prometheus, total) != _value(prometheus, ours) or not _query(
+            prometheus, total)):
+        time.sleep(1)
+    assert _value(prometheus, total) == _value(prometheus, ours) > 0
+    empty = []
+    for promql in VLLM_DASHBOARD_QUERIES:
+        promql = promql.replace("$m", MODEL)
+        deadline = time.time() + 30
+        while not _query(prometheus, promql) and time.time() < deadline:
+            time.sleep(1)
+        if not _query(prometheus, promql):
+            empty.append(promql)
+    assert not empty, f"no data for {empty}"

@@ -15,6 +15,6 @@ def test_the_application_serves_exactly_the_declared_routes():
                     for method in route.methods)
     declared = sorted((route.method, route.path) for route in ROUTES)
     assert served == declared and len(set(declared)) == len(declared)
-    # The API key check and body limits cover every route but the probes.
-    assert {route.path for route in ROUTES if not is_api_path(route.path)} == {"/health", "/live"}
+    # The API key check and body limits cover every route but the probes and Prometheus' scrape.
+    assert {route.path for route in ROUTES if not is_api_path(route.path)} == {"/health", "/live", "/metrics"}
     assert all(is_api_path(route.path) == route.api for route in ROUTES)
