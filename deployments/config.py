@@ -279,6 +279,9 @@ class SemlineConfig(_Strict):
     """Everything `semline serve` needs."""
 
     model_name: str = Field("SmolLM2-135M-Instruct", description="Model id clients use in requests.")
+    served_model_names: list[str] = Field(default_factory=list, description="More names clients may use for "
+                                          "the base model (vLLM's --served-model-name after the first); metrics "
+                                          "and answers name it model_name.")
     engine: dict[str, Any] = Field(default_factory=dict, description="EngineConfig fields (see engine/config.py).")
     parallel: dict[str, Any] = Field(default_factory=dict, description="How the Ray workers of a split model are "
                                      "placed and watched: ParallelConfig fields (see cluster/executors.py).")
@@ -308,9 +311,10 @@ class SemlineConfig(_Strict):
     @model_validator(mode="after")
     def _model_names(self):
         adapters = set((self.engine.get("lora_modules") or {}))
-        names = [self.model_name, *adapters, *(e.name for e in self.experiments)]
+        names = [self.model_name, *self.served_model_names, *adapters, *(e.name for e in self.experiments)]
         if len(set(names)) != len(names):
-            raise ValueError("the model name, the LoRA adapters' and the experiments' names must all differ")
+            raise ValueError("the model name, its other served names, the LoRA adapters' and the experiments' "
+                             "names must all differ")
         return self
 
     @field_validator("parallel")

@@ -74,7 +74,8 @@ class LLMServer:
     async def model_info(self) -> dict:
         core = self.engine.engine
         return {"max_model_len": core.max_model_len, "vocab_size": core.runner.args.vocab_size,
-                "hidden_size": core.runner.args.hidden_size, "tool_call_parser": self.tool_call_parser}
+                "hidden_size": core.runner.args.hidden_size, "tool_call_parser": self.tool_call_parser,
+                "generation_defaults": dict(core.generation_defaults)}
 
     def prompt_ids(self, prompt: str | list[int] | None, messages: list[dict] | None,
                    tools: list[dict] | None = None) -> list[int]:

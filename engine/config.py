@@ -125,6 +125,11 @@ class EngineConfig:
     max_loras: int = 4
     max_cpu_loras: int | None = None
     max_lora_rank: int = 64
+    # The model folder's generation_config.json (vLLM's --generation-config): "auto" reads it
+    # from the model's folder, a path reads it from that folder, "none" ignores it. Its
+    # sampling settings (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)
+    # are the defaults of requests that do not set them; its eos_token_id ends outputs too.
+    generation_config: str = "auto"
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.

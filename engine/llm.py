@@ -56,7 +56,8 @@ class LLM:
             prompts = [prompts]
         # Only each request's end is read here: no intermediate outputs are built.
         params = [p.model_copy(update={"output_kind": "final_only"})
-                  for p in _per_prompt(sampling_params or SamplingParams(), len(prompts), "sampling_params")]
+                  for p in _per_prompt(sampling_params or self.engine.default_sampling_params(), len(prompts),
+                                       "sampling_params")]
         priorities = _per_prompt(priority, len(prompts), "priority")
         loras = _per_prompt(lora, len(prompts), "lora")
         request_ids = [

@@ -18,7 +18,8 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
-from engine.loader import encode_text, load_hf_config, load_tokenizer, resolve_model_dir
+from engine.loader import (encode_text, load_generation_config, load_hf_config, load_tokenizer,
+                           resolve_model_dir)
 from engine.lora import LoRAAdapter, LoRAManager
 from engine.metrics import EnergyMeter, EngineStats, account_step
 from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
@@ -63,6 +64,8 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model, config.resolve_cache_dir())
         self.hf_config = load_hf_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        # The model's own sampling defaults (generation_config.json) and its extra EOS ids.
+        self.generation_defaults, generation_eos = load_generation_config(config.generation_config, self.model_dir)
         self.model_name = config.model or "SmolLM2-135M-Instruct"
         max_len = config.max_model_len or min(self.hf_config.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
         if max_len > self.hf_config.max_position_embeddings:
@@ -91,7 +94,7 @@ class LLMEngine:
                 self.add_lora(name, path)
         self.scheduler = Scheduler(config, self.block_manager, self.loras)
         self.sampler = Sampler(config.seed, self.runner.device)  # where the logits are
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = self._eos_token_ids() | set(generation_eos)
         self.energy_meter = EnergyMeter(self.device, config.power_watts)
         self.stats = EngineStats(num_free_blocks=self.block_manager.num_free_blocks)
         self.requests: dict[str, Request] = {}
@@ -126,6 +129,10 @@ class LLMEngine:
     @property
     def num_parameters(self) -> int:
         return self.runner.args.num_parameters
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's own defaults (generation_config.json) applied."""
+        return SamplingParams(**self.generation_defaults)
 
     # --- requests -----------------------------------------------------------
 
@@ -163,7 +170,7 @@ class LLMEngine:
         grammar: the request's structured output compiled by compile_grammar (else compiled here).
         lora: the name of a LoRA adapter to serve it with (LoRAError if none is loaded so named)."""
         self._check_open()
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         request_id = request_id if request_id is not None else f"req-{next(self._id_counter)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")

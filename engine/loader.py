@@ -183,6 +183,34 @@ def load_hf_config(model_dir: Path):
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
 
 
+# generation_config.json's sampling settings and the SamplingParams field each sets.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def load_generation_config(source: str, model_dir: Path) -> tuple[dict, list[int]]:
+    """(sampling defaults as SamplingParams fields, extra EOS token ids) from a folder's
+    generation_config.json: `source` "auto" (the model's folder), a folder, or "none". Only
+    the settings the file changes from transformers' defaults count (as in vLLM)."""
+    if source == "none":
+        return {}, []
+    folder = model_dir if source == "auto" else Path(source).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        if source != "auto":
+            raise ModelLoadError(f"generation_config: no generation_config.json in {folder}")
+        return {}, []
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {folder / 'generation_config.json'}: {exc}") from exc
+    changed = config.to_diff_dict()
+    defaults = {field: changed[key] for key, field in GENERATION_DEFAULTS.items() if changed.get(key) is not None}
+    eos = config.eos_token_id
+    return defaults, ([eos] if isinstance(eos, int) else list(eos or []))
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

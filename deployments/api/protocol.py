@@ -191,12 +191,20 @@ class _Common(_Open):
 
     def sampling_params(self, max_tokens: int, num_logprobs: int | None, index: int,
                         structured_output: StructuredOutput | None = None,
-                        skip_special_tokens: bool = True, prompt_logprobs: int | None = None) -> SamplingParams:
+                        skip_special_tokens: bool = True, prompt_logprobs: int | None = None,
+                        defaults: dict | None = None) -> SamplingParams:
+        """defaults: the model's own sampling settings (generation_config.json), used for the
+        fields this request does not set."""
         seed = None if self.seed is None else self.seed + index
         bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        given, defaults = self.model_fields_set, defaults or {}
+
+        def pick(name: str):
+            return getattr(self, name) if name in given or name not in defaults else defaults[name]
+
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+            min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=num_logprobs,
             logit_bias=bias, structured_output=structured_output, skip_special_tokens=skip_special_tokens,
@@ -497,6 +505,7 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str | None = None  # the base model, or the adapter's folder
     parent: str | None = None  # a LoRA adapter's base model
+    max_model_len: int | None = None  # tokens of context (prompt and output), as vLLM's cards say
 
 
 class ModelList(BaseModel):

@@ -53,7 +53,10 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, lis
     conversation = list(history) + input_messages(body.input)
     messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + conversation
     chat = {"model": body.model, "messages": messages, "stream": body.stream,
-            "temperature": body.temperature, "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls}
+            "parallel_tool_calls": body.parallel_tool_calls}
+    for name in ("temperature", "top_p"):  # only those the request set: the model's defaults otherwise
+        if name in body.model_fields_set:
+            chat[name] = getattr(body, name)
     if body.max_output_tokens is not None:
         chat["max_tokens"] = body.max_output_tokens
     if body.user is not None:

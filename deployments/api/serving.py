@@ -96,7 +96,11 @@ class OpenAIServing:
 
     async def models(self) -> dict:
         await self._refresh_catalog()
-        return {"object": "list", "data": self.catalog.cards()}
+        try:
+            max_model_len = (await self._model_info())["max_model_len"]
+        except APIError:  # no LLM server replica yet: the cards without it
+            max_model_len = None
+        return {"object": "list", "data": [{**card, "max_model_len": max_model_len} for card in self.catalog.cards()]}
 
     async def completions(self, request: Request):
         return await self._http("/v1/completions", request)
@@ -257,12 +261,14 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(400, str(exc), param="response_format") from exc
         ignored = body.ignored_fields()
+        defaults = (await self._model_info()).get("generation_defaults") or {}
+        default_max_tokens = min(defaults.get("max_tokens", DEFAULT_MAX_TOKENS), limit)
         for name in ignored:
             if name not in _LOGGED_IGNORED and len(_LOGGED_IGNORED) < 1024:
                 _LOGGED_IGNORED.add(name)
                 logger.warning("ignoring the request field %r, which this version does not know", name)
         if isinstance(body, ChatCompletionRequest):
-            max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
+            max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
             num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
             tools, parser = body.active_tools(), None
             if tools:
@@ -282,10 +288,10 @@ class OpenAIServing:
             skip_special = not (parser is not None and parser.start_is_special)
             messages = [m.template_message() for m in body.messages]
             choices = [Choice(None, messages, body.sampling_params(max_tokens, num_logprobs, i, structured,
-                                                                    skip_special, body.prompt_logprobs))
+                                                                    skip_special, body.prompt_logprobs, defaults))
                        for i in range(body.n)]
             return Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(DEFAULT_MAX_TOKENS, limit)
+        max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
         # echo with logprobs: the prompt's logprobs come first (as many alternatives as asked).
         prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:
@@ -295,7 +301,7 @@ class OpenAIServing:
             echo = (prompt if isinstance(prompt, str) else await self._server_call("detokenize", prompt)) \
                 if body.echo else None
             choices += [Choice(prompt, None, body.sampling_params(max(1, max_tokens), body.logprobs, i, structured,
-                                                                  prompt_logprobs=prompt_logprobs),
+                                                                  prompt_logprobs=prompt_logprobs, defaults=defaults),
                                echo, echo_only=max_tokens == 0)
                         for i in range(body.n)]
         return Plan(body, choices, "text_completion", "text_completion", ignored)

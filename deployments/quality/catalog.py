@@ -38,6 +38,7 @@ class Target:
 class ModelCatalog:
     def __init__(self, config) -> None:
         self.base = config.model_name
+        self.aliases = frozenset(config.served_model_names)  # other names of the base model
         self.lora_enabled = bool(config.engine.get("enable_lora") or config.engine.get("lora_modules"))
         self.static: dict[str, str] = dict(config.engine.get("lora_modules") or {})
         self.dynamic: dict[str, str] = {}
@@ -64,12 +65,14 @@ class ModelCatalog:
         return self.static.get(name) or self.dynamic.get(name)
 
     def knows(self, name: str) -> bool:
-        return name == self.base or self.adapter_path(name) is not None or name in self.experiments
+        return (name == self.base or name in self.aliases or self.adapter_path(name) is not None
+                or name in self.experiments)
 
     def cards(self) -> list[dict]:
-        """/v1/models: the base, its adapters (parent: the base) and the experiments."""
-        cards = [{"id": self.base, "object": "model", "created": 0, "owned_by": "semline", "root": self.base,
-                  "parent": None}]
+        """/v1/models: the base (and its other served names), its adapters (parent: the base)
+        and the experiments."""
+        cards = [{"id": name, "object": "model", "created": 0, "owned_by": "semline", "root": self.base,
+                  "parent": None} for name in (self.base, *sorted(self.aliases))]
         for name, path in {**self.static, **self.dynamic}.items():
             cards.append({"id": name, "object": "model", "created": 0, "owned_by": "semline", "root": path,
                           "parent": self.base})
@@ -82,7 +85,7 @@ class ModelCatalog:
 
     def resolve(self, name: str, sticky: str | None) -> Target:
         """The target of a request for `name`; `sticky`: its user (or API key id), if any."""
-        if name == self.base:
+        if name == self.base or name in self.aliases:
             return Target(self.base)
         path = self.adapter_path(name)
         if path is not None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 MODEL = "SmolLM2-135M-Instruct"
+# Another served name of the base model (vLLM's --served-model-name after the first).
+ALIAS = "smol"
 API_KEY = "test-key-123"
 # Limits of the session's application (test_hardening.py checks they hold).
 MAX_PROMPT_TOKENS = 4096
@@ -56,6 +58,7 @@ def app_config(storage_dir, adapter_dir, tmp_path_factory):
 
     return SemlineConfig(
         api_key=API_KEY,
+        served_model_names=[ALIAS],
         engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
                 "lora_modules": {ADAPTER: str(adapter_dir)}, "max_lora_rank": 16},
         experiments=[{"name": EXPERIMENT, "arms": [{"name": "control", "model": MODEL, "weight": 70},

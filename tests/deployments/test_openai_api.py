@@ -12,11 +12,28 @@ from tests.deployments.conftest import API_KEY, MAX_PROMPT_TOKENS, MODEL
 
 
 def test_list_models(client):
-    from tests.deployments.conftest import ADAPTER, EXPERIMENT, FILTERED
+    from tests.deployments.conftest import ADAPTER, ALIAS, EXPERIMENT, FILTERED
 
     models = client.models.list().data
-    assert [m.id for m in models] == [MODEL, ADAPTER, EXPERIMENT, FILTERED]  # base, adapters, experiments
-    assert models[1].model_extra["parent"] == MODEL
+    # base (and its other served name), adapters, experiments
+    assert [m.id for m in models] == [MODEL, ALIAS, ADAPTER, EXPERIMENT, FILTERED]
+    assert models[2].model_extra["parent"] == MODEL
+    [context] = {m.model_extra["max_model_len"] for m in models}  # one engine: its context (KV cache-bound here)
+    assert isinstance(context, int) and MAX_PROMPT_TOKENS < context <= 8192
+    kwargs = dict(prompt="Hello", max_tokens=3, temperature=0)
+    assert client.completions.create(model=ALIAS, **kwargs).choices[0].text == \
+        client.completions.create(model=MODEL, **kwargs).choices[0].text
+
+
+def test_the_models_sampling_defaults_apply_to_the_fields_a_request_leaves_out():
+    from deployments.api.protocol import ChatCompletionRequest
+
+    defaults = {"temperature": 0.3, "top_k": 5, "top_p": 0.8}
+    body = ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0})
+    params = body.sampling_params(16, None, 0, defaults=defaults)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (1.0, 5, 0.8, 0.0)
+    assert body.sampling_params(16, None, 0).top_k == 0  # no defaults: OpenAI's
 
 
 def test_chat_completion(client):

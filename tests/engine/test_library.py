@@ -143,3 +143,33 @@ def test_progress_bar_on_a_terminal_only(llm):
     piped = io.StringIO()  # not a terminal (a log file, a pipe): no bar
     _generate_with_stderr(llm, piped)
     assert piped.getvalue() == ""
+
+
+def test_the_model_folders_generation_config_sets_defaults_and_eos(llm, hf_dir, tmp_path):
+    """A folder's generation_config.json (vLLM's generation_config auto): its sampling settings
+    are the defaults of requests that set none, its eos_token_id ends outputs; "none" ignores it."""
+    import json
+
+    prompt = "The capital of France is"
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=False)
+    [plain] = llm.generate([prompt], greedy, use_tqdm=False)
+    cut = next(i for i, t in enumerate(plain.token_ids) if i > 0 and t not in plain.token_ids[:i])
+    stop_at = plain.token_ids[cut]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in hf_dir.iterdir():
+        if item.name != "generation_config.json":
+            (folder / item.name).symlink_to(item)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.5, "top_k": 5, "max_new_tokens": 7, "eos_token_id": [2, stop_at]}))
+    base = {"dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.1}
+    with LLM(str(folder), **base) as own:
+        assert own.engine.default_sampling_params() == SamplingParams(temperature=0.5, top_k=5, max_tokens=7)
+        [stopped] = own.generate([prompt], greedy, use_tqdm=False)
+        assert stopped.token_ids == plain.token_ids[:cut + 1] and stopped.finish_reason == "stop"
+        [defaulted] = own.generate([prompt], use_tqdm=False)
+        assert 0 < len(defaulted.token_ids) <= 7
+    with LLM(str(folder), generation_config="none", **base) as ignoring:
+        assert ignoring.engine.default_sampling_params() == SamplingParams()
+        [whole] = ignoring.generate([prompt], greedy, use_tqdm=False)
+        assert whole.token_ids == plain.token_ids
