@@ -130,6 +130,9 @@ class EngineConfig:
     # sampling settings (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)
     # are the defaults of requests that do not set them; its eos_token_id ends outputs too.
     generation_config: str = "auto"
+    # A chat template to use instead of the tokenizer's (vLLM's --chat-template): a file's path,
+    # or the Jinja template itself. None: the model's own.
+    chat_template: str | None = None
     # Seed of the engine's own generator (for requests without a seed).
     seed: int = 0
     # Torch intra-op threads; None leaves torch's default.

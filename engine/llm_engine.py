@@ -19,7 +19,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
 from engine.loader import (encode_text, load_generation_config, load_hf_config, load_tokenizer,
-                           resolve_model_dir)
+                           read_chat_template, resolve_model_dir)
 from engine.lora import LoRAAdapter, LoRAManager
 from engine.metrics import EnergyMeter, EngineStats, account_step
 from engine.executor import ExecutorError, ExecutorFactory, in_process_executor
@@ -64,6 +64,8 @@ class LLMEngine:
         self.model_dir = resolve_model_dir(config.model, config.resolve_cache_dir())
         self.hf_config = load_hf_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
+        if config.chat_template is not None:
+            self.tokenizer.chat_template = read_chat_template(config.chat_template)
         # The model's own sampling defaults (generation_config.json) and its extra EOS ids.
         self.generation_defaults, generation_eos = load_generation_config(config.generation_config, self.model_dir)
         self.model_name = config.model or "SmolLM2-135M-Instruct"

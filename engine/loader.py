@@ -211,6 +211,18 @@ def load_generation_config(source: str, model_dir: Path) -> tuple[dict, list[int
     return defaults, ([eos] if isinstance(eos, int) else list(eos or []))
 
 
+def read_chat_template(source: str) -> str:
+    """A chat template given as a file's path, or as the template itself (it has Jinja tags)."""
+    if "{%" in source or "{{" in source:
+        return source
+    path = Path(source).expanduser()
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ModelLoadError(f"chat_template: cannot read {path} ({exc.strerror}); give a file's path or the "
+                             "Jinja template itself") from exc
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 

@@ -173,3 +173,19 @@ def test_the_model_folders_generation_config_sets_defaults_and_eos(llm, hf_dir, 
         assert ignoring.engine.default_sampling_params() == SamplingParams()
         [whole] = ignoring.generate([prompt], greedy, use_tqdm=False)
         assert whole.token_ids == plain.token_ids
+
+
+def test_a_chat_template_from_the_config_replaces_the_models(make_llm, tmp_path):
+    """chat_template (vLLM's --chat-template): a file's path or the template itself."""
+    from engine.llm import apply_chat_template
+    from engine.loader import read_chat_template
+
+    template = "{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}\n{% endfor %}ANSWER:"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert read_chat_template(template) == template
+    with make_llm(chat_template=str(path), kv_cache_memory_gb=0.05) as llm:
+        ids = apply_chat_template(llm.tokenizer, [{"role": "user", "content": "Hi there"}])
+        assert llm.tokenizer.decode(ids) == "<<user>>Hi there\nANSWER:"
+    with pytest.raises(Exception, match="chat_template: cannot read"):
+        make_llm(chat_template=str(tmp_path / "missing.jinja"))
