@@ -64,25 +64,39 @@ class RouterMetrics:
             self.inflight.set(stats["inflight_by_lane"][lane], {"lane": lane})
 
 
-class ResultStore:
-    """Answers by key, bounded by count and age (given by the callers), least recently used out."""
+class BoundedStore:
+    """Values by key, bounded in count and bytes (given by the callers), each kept for at most
+    the age the reader gives; least recently used out first."""
 
     def __init__(self) -> None:
         self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.num_bytes = 0
 
     def get(self, key: str, ttl_s: float) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None or time.monotonic() - entry[0] > ttl_s:
-            self._entries.pop(key, None)
+            self.delete(key)
             return None
         self._entries.move_to_end(key)
         return entry[1]
 
-    def put(self, key: str, answer: bytes, max_entries: int) -> None:
-        self._entries[key] = (time.monotonic(), answer)
-        self._entries.move_to_end(key)
-        while len(self._entries) > max_entries:
-            self._entries.popitem(last=False)
+    def put(self, key: str, value: bytes, max_entries: int, max_bytes: int | None = None) -> bool:
+        """False (nothing kept) when the value alone is over max_bytes."""
+        self.delete(key)
+        if max_bytes is not None and len(value) > max_bytes:
+            return False
+        self._entries[key] = (time.monotonic(), value)
+        self.num_bytes += len(value)
+        while len(self._entries) > max_entries or (max_bytes is not None and self.num_bytes > max_bytes):
+            _, (_, old) = self._entries.popitem(last=False)
+            self.num_bytes -= len(old)
+        return True
+
+    def delete(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.num_bytes -= len(entry[1])
+        return entry is not None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,7 +113,9 @@ class Router:
         # adapters loaded at run time (name -> folder) and experiments' changed weights.
         self.catalog: dict = {"adapters": {}, "weights": {}}
         # Answers of deterministic requests, shared by both lanes (deployments/quality/result_cache.py).
-        self.results = ResultStore()
+        self.results = BoundedStore()
+        # Stored /v1/responses answers (deployments/api/responses.py), for every ingress replica.
+        self.responses = BoundedStore()
         if _reconstructed():
             # Restarted by Ray after a crash: the holders still hold the tickets of the router
             # that died. Admit nothing until they have reported them (sync adopts them).
@@ -173,8 +189,17 @@ class Router:
     async def cache_get(self, key: str, ttl_s: float) -> bytes | None:
         return self.results.get(key, ttl_s)
 
-    async def cache_put(self, key: str, answer: bytes, max_entries: int) -> None:
-        self.results.put(key, answer, max_entries)
+    async def cache_put(self, key: str, answer: bytes, max_entries: int, max_bytes: int | None = None) -> None:
+        self.results.put(key, answer, max_entries, max_bytes)
+
+    async def response_get(self, response_id: str, ttl_s: float) -> bytes | None:
+        return self.responses.get(response_id, ttl_s)
+
+    async def response_put(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
+        return self.responses.put(response_id, record, max_entries, max_bytes)
+
+    async def response_delete(self, response_id: str) -> bool:
+        return self.responses.delete(response_id)
 
     async def deregister(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)

@@ -89,10 +89,12 @@ class HTTPSettings(_Strict):
                                      "aborted (its KV blocks freed) and the client gets 504 request_timeout, or, "
                                      "once a stream has started, an error event. A request's x-semline-timeout-ms "
                                      "header may ask for less.")
-    response_ttl_s: float = Field(3600, gt=0, description="How long a /v1/responses answer is kept for "
-                                  "previous_response_id (in the ingress replica that answered it).")
+    response_ttl_s: float = Field(3600, gt=0, description="How long a stored /v1/responses answer is kept "
+                                  "(GET /v1/responses/{id}, previous_response_id); every ingress replica sees it.")
     max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once "
-                                      "(the oldest go first).")
+                                      "(the least recently used go first).")
+    max_stored_response_bytes: int = Field(64 * 2**20, ge=1, description="Bytes of stored /v1/responses answers "
+                                           "kept at once (with their input and conversation).")
     node_resource: str | None = Field(None, description="A custom Ray resource the HTTP ingress requires: "
                                       "pins it to the node that runs Serve's proxy (the head).")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
@@ -237,6 +239,7 @@ class ResultCacheSettings(_Strict):
     enabled: bool = Field(False, description="Answer repeated deterministic requests (greedy or seeded, not "
                           "streamed) from a cache, in both lanes (x-semline-cache: hit).")
     max_entries: int = Field(4096, ge=1, description="Answers kept (least recently used out).")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes of answers kept (least recently used out).")
     models: list[str] | None = Field(None, description="The public model names whose answers are cached; "
                                      "None = all.")
     ttl_s: float = Field(600, gt=0, description="How long an answer is kept.")

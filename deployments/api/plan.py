@@ -178,3 +178,4 @@ class ResponsesContext:
     body: ResponsesRequest
     response_id: str
     conversation: list[dict]  # the input, kept with the output for previous_response_id
+    input_items: list[dict]  # the input as GET /v1/responses/{id}/input_items lists it

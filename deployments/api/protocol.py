@@ -699,6 +699,22 @@ class ResponseObject(BaseModel):
     usage: dict | None
 
 
+class ResponseItemList(BaseModel):
+    """GET /v1/responses/{id}/input_items: the input of a stored response, as items."""
+
+    object: Literal["list"]
+    data: list[dict]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ResponseDeleted(BaseModel):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
 class ResponseEvent(BaseModel):
     """One `data:` event of a streamed response (its `event:` line names the same type)."""
 

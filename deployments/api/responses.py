@@ -4,8 +4,9 @@ A Responses request is translated into a chat completion request (instructions a
 system message, the previous response's conversation, input items as messages, flat
 function tools nested, `text.format` as `response_format`), planned and run as one;
 its output is translated back into a Response object, or into the Responses stream's
-typed events. Responses are kept for `previous_response_id` for a bounded time and
-number (in the process that answered them).
+typed events. Stored responses (GET/DELETE /v1/responses/{id}, its input items,
+`previous_response_id`) are kept by the router actor for every ingress replica, for a
+bounded time, number and size.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
 
+from cluster.router import BoundedStore
 from deployments.api.protocol import ResponsesRequest
 
 
@@ -27,25 +28,41 @@ class ResponsesError(ValueError):
 
 
 class ResponseStore:
-    """Conversations of past responses, for previous_response_id: at most `max_entries`,
-    each for `ttl_s` seconds."""
+    """Stored responses (store: true): the Response, its input items and the conversation after
+    it (for previous_response_id). Kept by the router actor, so every ingress replica sees the
+    same ones (in this process where there is no router: the Ray Data batch job), bounded in
+    count and bytes, each for `ttl_s` seconds."""
 
-    def __init__(self, max_entries: int = 4096, ttl_s: float = 3600.0) -> None:
-        self.max_entries, self.ttl_s = max_entries, ttl_s
-        self._entries: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
+    def __init__(self, admission, max_entries: int = 4096, ttl_s: float = 3600.0,
+                 max_bytes: int = 64 * 2**20) -> None:
+        self.admission, self.max_entries, self.ttl_s, self.max_bytes = admission, max_entries, ttl_s, max_bytes
+        self._local = BoundedStore() if admission.router is None else None
 
-    def put(self, response_id: str, conversation: list[dict]) -> None:
-        self._entries[response_id] = (time.monotonic() + self.ttl_s, conversation)
-        self._entries.move_to_end(response_id)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    async def put(self, response: dict, input_items: list[dict], conversation: list[dict]) -> bool:
+        record = json.dumps({"response": response, "input_items": input_items, "conversation": conversation},
+                            ensure_ascii=False).encode()
+        if self._local is not None:
+            return self._local.put(response["id"], record, self.max_entries, self.max_bytes)
+        return await self.admission.call("response_put", response["id"], record, self.max_entries, self.max_bytes)
 
-    def get(self, response_id: str) -> list[dict] | None:
-        entry = self._entries.get(response_id)
-        if entry is None or entry[0] < time.monotonic():
-            self._entries.pop(response_id, None)
-            return None
-        return entry[1]
+    async def get(self, response_id: str) -> dict | None:
+        if self._local is not None:
+            record = self._local.get(response_id, self.ttl_s)
+        else:
+            record = await self.admission.call("response_get", response_id, self.ttl_s)
+        return None if record is None else json.loads(record)
+
+    async def delete(self, response_id: str) -> bool:
+        if self._local is not None:
+            return self._local.delete(response_id)
+        return await self.admission.call("response_delete", response_id)
+
+
+def input_items(value: str | list[dict]) -> list[dict]:
+    """A request's input as the Responses API lists it back: items with ids."""
+    if isinstance(value, str):
+        value = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
+    return [{"id": item.get("id") or f"msg_{uuid.uuid4().hex}", **item} for item in value]
 
 
 def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, list[dict]]:

@@ -28,8 +28,8 @@ from deployments.api.plan import (TIMEOUT_HEADER, Choice, Headers, Plan, Respons
 from deployments.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                       ResponsesRequest, TokenizeRequest)
 from deployments.api.responses import (ResponsesError, ResponseStore, chat_request, conversation_after,
-                                       function_call_item, message_item, output_items, response_header,
-                                       response_object, sse_event)
+                                       function_call_item, input_items, message_item, output_items,
+                                       response_header, response_object, sse_event)
 from deployments.api.tools import get_parser
 from deployments.config import SemlineConfig
 from deployments.llm_server import read_output
@@ -63,7 +63,9 @@ class OpenAIServing:
         self.config = config
         self.admission = self._admission(router)
         self._model_info_cache: dict | None = None
-        self.response_store = ResponseStore(config.http.max_stored_responses, config.http.response_ttl_s)
+        http = config.http
+        self.response_store = ResponseStore(self.admission, http.max_stored_responses, http.response_ttl_s,
+                                            http.max_stored_response_bytes)
         # Which model answers a name (base, adapter, experiment arm), filters, result cache.
         self.catalog = ModelCatalog(config)
         FilterChain(config.quality.filters)  # a classifier that cannot be imported fails the start, not a request
@@ -149,13 +151,38 @@ class OpenAIServing:
         plan.key, plan.expires_at = key_id(request), expires_at
         return with_headers(await self._run_until(plan, REALTIME_LANE), plan)
 
+    async def get_response(self, response_id: str) -> dict:
+        return (await self._stored_response(response_id))["response"]
+
+    async def response_input_items(self, response_id: str) -> dict:
+        items = (await self._stored_response(response_id))["input_items"]
+        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                "last_id": items[-1]["id"] if items else None, "has_more": False}
+
+    async def delete_response(self, response_id: str) -> dict:
+        if not await self.response_store.delete(response_id):
+            raise self._no_response(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    async def _stored_response(self, response_id: str) -> dict:
+        stored = await self.response_store.get(response_id)
+        if stored is None:
+            raise self._no_response(response_id)
+        return stored
+
+    @staticmethod
+    def _no_response(response_id: str) -> APIError:
+        return APIError(404, f"response {response_id!r} was not found (responses are kept when stored, for a "
+                        "limited time)", param="response_id", code="response_not_found")
+
     async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "Plan":
         """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
         await self._know_model(data)
         body = self._validate_plain(ResponsesRequest, data)
         history: list[dict] = []
         if body.previous_response_id is not None:
-            history = self.response_store.get(body.previous_response_id)
+            stored = await self.response_store.get(body.previous_response_id)
+            history = stored["conversation"] if stored is not None else None
             if history is None:
                 raise APIError(404, f"previous response {body.previous_response_id!r} was not found (responses are "
                                "kept for a limited time)", param="previous_response_id", code="response_not_found")
@@ -166,7 +193,7 @@ class OpenAIServing:
         plan = await self.plan("/v1/chat/completions", chat, lane, deadline_ms)
         if plan.body.n != 1:
             raise APIError(400, "a response has one answer", param="n")
-        plan.responses = ResponsesContext(body, f"resp_{uuid.uuid4().hex}", conversation)
+        plan.responses = ResponsesContext(body, f"resp_{uuid.uuid4().hex}", conversation, input_items(body.input))
         plan.ignored = body.ignored_fields()
         return plan
 
@@ -362,7 +389,8 @@ class OpenAIServing:
             raise
         result = await self._complete(plan, priority, ticket)
         if key is not None and all(c["finish_reason"] in ("stop", "length") for c in result["choices"]):
-            self.admission.call("cache_put", key, json.dumps(result).encode(), settings.max_entries)
+            self.admission.call("cache_put", key, json.dumps(result).encode(), settings.max_entries,
+                                settings.max_bytes)
         return result
 
     def _filters_for(self, model: str) -> FilterChain | None:
@@ -436,7 +464,7 @@ class OpenAIServing:
         self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"])
         plan.replicas = [out.served_by for out in outputs if out.served_by]
         if plan.responses is not None:
-            result = self._finish_response(plan, outputs[0], fmt.usage(outputs))
+            result = await self._finish_response(plan, outputs[0], fmt.usage(outputs))
             text = "".join(c["text"] for item in result["output"] if item["type"] == "message"
                            for c in item["content"])
         else:
@@ -449,8 +477,10 @@ class OpenAIServing:
         self._answered(plan, result["id"], outputs, text or "")
         return result
 
-    def _finish_response(self, plan: "Plan", out: RequestOutput, usage: dict, items: list[dict] | None = None) -> dict:
-        """The Response for a finished output, kept for previous_response_id when store is on."""
+    async def _finish_response(self, plan: "Plan", out: RequestOutput, usage: dict,
+                               items: list[dict] | None = None) -> dict:
+        """The Response for a finished output, stored (GET /v1/responses/{id}, previous_response_id)
+        when store is on."""
         ctx = plan.responses
         reason = out.finish_reason
         if items is None:
@@ -462,7 +492,7 @@ class OpenAIServing:
             reason = "content_filter"
         response = response_object(ctx.body, ctx.response_id, reason, items, usage)
         if ctx.body.store:
-            self.response_store.put(ctx.response_id, conversation_after(ctx.conversation, items))
+            await self.response_store.put(response, ctx.input_items, conversation_after(ctx.conversation, items))
         return response
 
     async def _response_events(self, stream, plan: "Plan", ticket: int) -> AsyncIterator[str]:
@@ -522,7 +552,7 @@ class OpenAIServing:
             yield sse_event("response.output_item.done", next(sequence), output_index=index, item=item)
             items.append(item)
         self.admission.spent(plan.key, fmt.usage([final])["total_tokens"])
-        response = self._finish_response(plan, final, fmt.usage([final]), items)
+        response = await self._finish_response(plan, final, fmt.usage([final]), items)
         self._answered(plan, ctx.response_id, [final], text)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         yield sse_event(kind, next(sequence), response=response)

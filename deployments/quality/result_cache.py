@@ -7,7 +7,7 @@ folder), the route and every field of the body that can change the answer (not
 `user`, `metadata` or `store`). Streamed requests are not cached. The answer is kept
 as the bytes sent, so a hit is byte-identical to the answer computed (its id and
 `created` included). Bounded by entries and by age (`quality.result_cache`); the answers
-are kept by the router actor (cluster/router.py: ResultStore), so the realtime and the
+are kept by the router actor (cluster/router.py: BoundedStore), so the realtime and the
 batch lane answer from one cache.
 """
 

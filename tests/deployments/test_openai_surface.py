@@ -246,6 +246,36 @@ def test_responses_api_text_conversation_and_stream(client):
     assert deltas == events[-1].response.output_text == first.output_text
 
 
+def test_stored_responses_are_retrieved_listed_and_deleted_from_any_ingress(client, serve_app):
+    """GET /v1/responses/{id} (streamed ones too), its input_items, DELETE, through the openai
+    client; a response with store: false is not kept. The store is the router actor's, which
+    every ingress replica reads and writes."""
+    import json
+
+    import ray
+
+    made = client.responses.create(model=MODEL, input="Name a color.", max_output_tokens=6, temperature=0)
+    streamed = list(client.responses.create(model=MODEL, input=[{"role": "user", "content": "Name a fruit."}],
+                                            max_output_tokens=6, temperature=0, stream=True))[-1].response
+    again = client.responses.retrieve(made.id)
+    assert again.id == made.id and again.output_text == made.output_text and again.usage == made.usage
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    items = client.responses.input_items.list(made.id).data
+    assert [(i.role, i.content[0].text) for i in items] == [("user", "Name a color.")]
+    unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+    router = ray.get_actor("semline-router")  # what every ingress replica reads and writes
+    assert json.loads(ray.get(router.response_get.remote(made.id, 3600)))["response"]["id"] == made.id
+    assert client.responses.delete(made.id) is None  # the SDK returns nothing for a deletion
+    assert ray.get(router.response_get.remote(made.id, 3600)) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(made.id)
+
+
 def test_responses_api_function_tools_and_structured_text(client):
     tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
             "parameters": WEATHER["function"]["parameters"]}
