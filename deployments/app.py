@@ -74,7 +74,8 @@ def build_app(config: SemlineConfig | dict | None = None):
     router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
         config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name, config.parallel,
-        config.http.tool_call_parser, config.server.stream_interval_ms, config.server.stream_chunks_per_s)
+        config.http.tool_call_parser, config.server.stream_interval_ms, config.server.stream_chunks_per_s,
+        config.http.reasoning_parser)
     batch = serve.deployment(BatchRunner, name="BatchRunner", num_replicas=1,
                              ray_actor_options=batch_runner_actor_options(config),
                              max_ongoing_requests=1024, logging_config=QUIET).bind(llm, config)

@@ -100,6 +100,14 @@ class HTTPSettings(_Strict):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How the model writes tool calls: auto picks the chat template's own format "
                             "(Mistral's [TOOL_CALLS], Llama 3's JSON), else hermes (<tool_call> JSON).")
+    reasoning_parser: Literal["auto", "none", "deepseek_r1", "qwen3"] = Field(
+        "auto", description="How a reasoning model's <think>...</think> is returned apart from the answer "
+                            "(message.reasoning_content / reasoning, a Responses reasoning item): auto picks the "
+                            "chat template's style (qwen3 when it takes enable_thinking, else deepseek_r1) or "
+                            "none when the template never thinks.")
+    reasoning_budget: int | None = Field(None, ge=0, description="Most tokens a reasoning model thinks "
+                                         "before </think> is forced (llama.cpp's --reasoning-budget); a "
+                                         "request's thinking_budget may set its own. None: no limit.")
 
 
 class RouterSettings(_Strict):

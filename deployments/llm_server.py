@@ -30,6 +30,7 @@ from deployments.ops.metrics import ServerMetrics
 from engine import AsyncEngine, EngineConfig, RequestError, RequestOutput, SamplingParams
 from engine.loader import encode_text
 from deployments.api.chat import render_chat, resolve_parser_name
+from deployments.api.reasoning import resolve_reasoning_parser, thinking_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class LLMServer:
                  router_config: dict | None = None, capacity: int | None = None,
                  model_name: str = "semline", parallel_config: dict | None = None,
                  tool_call_parser: str = "auto", stream_interval_ms: float = 0.0,
-                 stream_chunks_per_s: float | None = None) -> None:
+                 stream_chunks_per_s: float | None = None, reasoning_parser: str = "auto") -> None:
         # First: Serve calls __del__ even when the engine fails to start.
         self._stop, self.router = threading.Event(), None
         # Ray sets OMP_NUM_THREADS=1 in replicas: use the CPUs this replica was given.
@@ -56,6 +57,7 @@ class LLMServer:
         self.num_streams = 0  # streams open now (generate() calls that stream)
         self.replica_id = _replica_id()
         self.tool_call_parser = resolve_parser_name(self.engine.tokenizer, tool_call_parser)
+        self.reasoning_parser = resolve_reasoning_parser(self.engine.tokenizer, reasoning_parser)
         self.max_token_bytes = max_token_bytes(self.engine.tokenizer)
         self.router_stats: dict = {}
         # LoRA adapters: those of the configuration, and those loaded at run time (name -> folder).
@@ -75,10 +77,11 @@ class LLMServer:
         core = self.engine.engine
         return {"max_model_len": core.max_model_len, "vocab_size": core.runner.args.vocab_size,
                 "hidden_size": core.runner.args.hidden_size, "tool_call_parser": self.tool_call_parser,
-                "generation_defaults": dict(core.generation_defaults)}
+                "generation_defaults": dict(core.generation_defaults), "reasoning_parser": self.reasoning_parser,
+                "thinking_tokens": thinking_tokens(self.engine.tokenizer, self.reasoning_parser)}
 
     def prompt_ids(self, prompt: str | list[int] | None, messages: list[dict] | None,
-                   tools: list[dict] | None = None) -> list[int]:
+                   tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """A request's prompt token ids (its text tokenized, or its chat messages and tools
         rendered), checked against the engine's limits (RequestError). Run off the event loop
         and the engine's thread (generate does): tokenizing 1 MiB of text takes ~0.8 s here,
@@ -92,7 +95,7 @@ class LLMServer:
             raise RequestError(f"the prompt has at least {at_least} tokens; this server accepts at most "
                                f"{core.max_prompt_tokens}")
         if messages is not None:
-            ids = render_chat(self.engine.tokenizer, messages, tools, self.tool_call_parser)
+            ids = render_chat(self.engine.tokenizer, messages, tools, self.tool_call_parser, template_kwargs)
         elif isinstance(prompt, str):
             ids = encode_text(self.engine.tokenizer, prompt)
         else:
@@ -102,13 +105,14 @@ class LLMServer:
 
     async def generate(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
-                       announce: bool = False, lora: tuple[str, str] | None = None, interval: float | None = None
-                       ) -> AsyncIterator[RequestOutput | None]:
+                       announce: bool = False, lora: tuple[str, str] | None = None, interval: float | None = None,
+                       template_kwargs: dict | None = None) -> AsyncIterator[RequestOutput | None]:
         """Stream one request's outputs; cancelling the stream aborts it in the engine.
         announce: first yield None once the engine has accepted the request (its validation
         error is raised before that), so a caller can answer 4xx before it starts a stream.
         Every output names this replica (served_by); so does the announcement (instead of None).
         lora: (name, folder) of the LoRA adapter that serves it, loaded here on first use.
+        template_kwargs: more variables for the chat template (chat_template_kwargs).
         interval: outputs within this many seconds of the last one go as one (merged; the
         first and the last never wait); None: the replica's stream_interval_ms, longer while
         many streams are open (chunk_interval)."""
@@ -116,7 +120,7 @@ class LLMServer:
             await self.load_lora(*lora)
         # Outputs cross processes: each carries what is new, the last the totals too.
         params = params.model_copy(update={"output_kind": "delta"})
-        ids = await asyncio.to_thread(self.prompt_ids, prompt, messages, tools)
+        ids = await asyncio.to_thread(self.prompt_ids, prompt, messages, tools, template_kwargs)
         stream = await self.engine.submit(ids, params, request_id, priority, lora[0] if lora is not None else None)
         tracker = self.metrics.request_tracker(priority)
         started, first = time.monotonic(), True
@@ -156,14 +160,15 @@ class LLMServer:
 
     async def complete(self, prompt: str | list[int] | None, messages: list[dict] | None,
                        params: SamplingParams, priority: int, request_id: str, tools: list[dict] | None = None,
-                       announce: bool = False, lora: tuple[str, str] | None = None) -> RequestOutput:
+                       announce: bool = False, lora: tuple[str, str] | None = None,
+                       template_kwargs: dict | None = None) -> RequestOutput:
         """The final output only: no per-token messages for callers that do not stream
         (the batch lane, non-streamed requests). Cancelling the call aborts the request."""
         final = None
         # Only the end is wanted: everything after the first token (which the realtime TTFT
         # figure needs) is merged into it.
         async for output in self.generate(prompt, messages, params, priority, request_id, tools, lora=lora,
-                                          interval=math.inf):
+                                          interval=math.inf, template_kwargs=template_kwargs):
             final = output
         return final
 

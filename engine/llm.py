@@ -107,11 +107,12 @@ class LLM:
 
 
 def apply_chat_template(tokenizer, messages: list[Message], add_generation_prompt: bool = True,
-                        tools: list[dict] | None = None) -> list[int]:
-    """Prompt token ids of a conversation (tools passed to templates that take them)."""
+                        tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+    """Prompt token ids of a conversation (tools passed to templates that take them;
+    template_kwargs: more variables for the template, e.g. enable_thinking)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
-    kwargs = {"tools": tools} if tools else {}
+    kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **kwargs)

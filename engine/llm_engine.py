@@ -195,6 +195,10 @@ class LLMEngine:
         request.lora = handle
         if params.prompt_logprobs is not None:
             self.output_processor.start_prompt_logprobs(request)
+        if params.thinking_budget is not None and params.thinking_start is None:
+            request.thinking_from = 0  # the output starts inside the thinking
+            if params.thinking_budget == 0:
+                request.forced_token_ids = list(params.thinking_end)
         if grammar is not None:
             request.grammar = self._grammars.matcher(grammar)
         if params.seed is not None:
@@ -570,11 +574,35 @@ class LLMEngine:
     def _take_text(self, request: Request, token_id: int) -> None:
         """The text of a request's newest token: a stop string, or the length limit, ends it."""
         stop_string = self.output_processor.take_text(request, token_id)
+        if request.sampling_params.thinking_budget is not None and not request.thinking_done:
+            self._watch_thinking(request)
         if stop_string is not None:
             request.stop_reason = stop_string
             self._finish(request, RequestStatus.FINISHED_STOPPED)
         elif self.output_processor.at_length_limit(request):
             self._finish(request, RequestStatus.FINISHED_LENGTH)
+
+    def _watch_thinking(self, request: Request) -> None:
+        """SamplingParams.thinking_budget, on the output's text after each new token (a tag may
+        be written in other tokens than thinking_start/thinking_end): whether the thinking has
+        opened and closed; once the budget is spent, the closing tokens to force."""
+        if request.forced_token_ids:
+            return  # closing it now
+        params, text = request.sampling_params, self.output_processor.text(request)
+        if request.thinking_tags is None:
+            decode = self.tokenizer.decode
+            request.thinking_tags = (decode(params.thinking_start or []), decode(params.thinking_end))
+        opening, closing = request.thinking_tags
+        if request.thinking_from is None:  # an output that thinks begins with thinking_start
+            if text.startswith(opening):
+                request.thinking_from = request.num_output_tokens
+            elif not opening.startswith(text):
+                request.thinking_done = True  # it answers without thinking
+            return
+        if text.find(closing, max(0, len(text) - len(closing) - 256)) >= 0:  # the newest text
+            request.thinking_done = True
+        elif request.num_output_tokens - request.thinking_from >= params.thinking_budget:
+            request.forced_token_ids = list(params.thinking_end)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.is_finished:

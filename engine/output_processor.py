@@ -42,6 +42,10 @@ class OutputProcessor:
         (the text is cut there), if any."""
         return self._detokenizers[request.request_id].add_token(token_id)
 
+    def text(self, request: Request) -> str:
+        """The request's output text so far."""
+        return self._detokenizers[request.request_id].text
+
     def flush_text(self, request: Request) -> str | None:
         """At the end: the text still waiting for the rest of a character; the stop string
         it completes, if any."""

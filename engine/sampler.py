@@ -77,13 +77,18 @@ class Sampler:
         rows_with_penalties = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
         rows_with_bias = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
         constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
-        if rows_with_penalties or rows_with_bias or constrained:
+        forced = [i for i, r in enumerate(requests) if r.forced_token_ids]
+        if rows_with_penalties or rows_with_bias or constrained or forced:
             logits = logits.clone()  # the caller's logits stay the model's
             _apply_penalties(logits, rows_with_penalties, requests)
             _apply_bias(logits, rows_with_bias, requests)
             if constrained:  # one batched mask for every constrained row
                 matchers = [requests[i].grammar for i in constrained]
                 matchers[0].backend.mask(logits, constrained, matchers)
+            for row in forced:  # a thinking budget spent: the closing tokens, one a step
+                token = requests[row].forced_token_ids.pop(0)
+                logits[row] = float("-inf")
+                logits[row, token] = 0.0
         token_ids = argmax(logits)  # greedy rows: one argmax over the batch
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.is_greedy]
         if random_rows:

@@ -43,6 +43,13 @@ class SamplingParams(BaseModel):
         None, ge=0, le=MAX_LOGPROBS, description="Return each prompt token's logprob given the tokens before it "
         "(the first has none) and this many top alternatives. Computed over the whole prompt, never taken from "
         "the prefix cache.")
+    thinking_budget: int | None = Field(
+        None, ge=0, description="Most tokens a reasoning model may think (after thinking_start, or from the "
+        "output's start when that is None): then the thinking_end tokens are forced and it answers.")
+    thinking_start: list[int] | None = Field(None, description="Token ids an output that thinks begins with "
+                                             "(Qwen3's <think>; one that does not begin so answers at once); "
+                                             "None: the output starts inside the thinking (DeepSeek-R1).")
+    thinking_end: list[int] = Field(default_factory=list, description="Token ids that close the thinking.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     logit_bias: dict[int, float] | None = Field(
         None, description="Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).")
@@ -88,6 +95,12 @@ class SamplingParams(BaseModel):
         if any(t < 0 for t in value):
             raise ValueError("stop_token_ids must be non-negative")
         return value
+
+    @model_validator(mode="after")
+    def _check_thinking(self):
+        if self.thinking_budget is not None and not self.thinking_end:
+            raise ValueError("thinking_budget needs thinking_end (the token ids that close the thinking)")
+        return self
 
     @model_validator(mode="after")
     def _check_seed(self):

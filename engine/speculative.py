@@ -93,7 +93,8 @@ def propose(running: list, config, max_model_len: int, drafting: bool) -> None:
         request.spec_token_ids = []
         params = request.sampling_params
         if (request.num_tokens - request.num_computed_tokens != 1 or params.needs_penalties
-                or params.logprobs is not None or request.grammar is not None):
+                or params.logprobs is not None or request.grammar is not None
+                or params.thinking_budget is not None):
             continue
         # Room left: the step's own token counts too.
         k = min(config.num_speculative_tokens, params.max_tokens - request.num_output_tokens - 1,

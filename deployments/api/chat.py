@@ -23,12 +23,16 @@ def takes_tools(tokenizer) -> bool:
     return "tools" in (getattr(tokenizer, "chat_template", None) or "")
 
 
-def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, parser_name: str) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], tools: list[dict] | None, parser_name: str,
+                template_kwargs: dict | None = None) -> list[int]:
     """Prompt token ids of a conversation (OpenAI message dicts: content a string or None,
-    assistant `tool_calls` with JSON-string arguments, `tool` messages) ready for the answer."""
+    assistant `tool_calls` with JSON-string arguments, `tool` messages) ready for the answer.
+    template_kwargs: more variables for the template (e.g. Qwen3's enable_thinking)."""
     if takes_tools(tokenizer):
-        return apply_chat_template(tokenizer, [_native(m) for m in messages], tools=tools or None)
-    return apply_chat_template(tokenizer, _inline(messages, tools, get_parser(parser_name)))
+        return apply_chat_template(tokenizer, [_native(m) for m in messages], tools=tools or None,
+                                   template_kwargs=template_kwargs)
+    return apply_chat_template(tokenizer, _inline(messages, tools, get_parser(parser_name)),
+                               template_kwargs=template_kwargs)
 
 
 def _native(message: dict) -> dict:

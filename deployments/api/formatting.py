@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from deployments.api.plan import Plan
+from deployments.api.reasoning import split_reasoning
 from deployments.api.tools import ToolParser, held_back
 from deployments.quality.filters import FilterChain, StreamFilter
 from engine import RequestOutput
@@ -81,9 +82,12 @@ def add_hits(plan: "Plan", state: "StreamText") -> None:
 
 def choice(index: int, out: RequestOutput, plan: "Plan") -> dict:
     if plan.object_name == "chat.completion":
-        content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
+        reasoning, answer = split_reasoning(plan.reasoning, out.text) if plan.reasoning else (None, out.text)
+        content, calls = plan.parser.parse(answer) if plan.parser else (answer, [])
         filtered, stopped = filter_text(plan, content or "")
         message = {"role": "assistant", "content": filtered if content is not None or stopped else None}
+        if reasoning is not None:  # vLLM's, SGLang's and llama.cpp's name, and vLLM's newer one
+            message["reasoning_content"] = message["reasoning"] = reasoning
         if calls and not stopped:
             message["tool_calls"] = [call.to_openai() for call in calls]
         return {"index": index, "message": message, "logprobs": chat_logprobs(out.logprobs),

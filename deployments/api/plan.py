@@ -159,6 +159,8 @@ class Plan:
     ignored: list[str] = field(default_factory=list)
     tools: list[dict] | None = None  # offered to the model (rendered by the LLM server)
     parser: ToolParser | None = None  # reads tool calls out of the answers
+    reasoning: str | None = None  # the reasoning parser's style (deployments/api/reasoning.py); None: none
+    template_kwargs: dict | None = None  # chat_template_kwargs, for the LLM server's rendering
     responses: "ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
     priority: int = 0  # within its lane at the router: lower first
     deadline_s: float | None = None  # its first token is due within this many seconds

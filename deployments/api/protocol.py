@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -287,14 +287,32 @@ class ChatMessage(_Open):
         return message
 
 
+# Variables a chat template is rendered with that a request may not set itself.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                      "continue_final_message", "tokenize", "return_dict", "chat_template",
+                                      "tokenizer", "bos_token", "eos_token"})
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    # vLLM's: more variables for the chat template (e.g. {"enable_thinking": false} for Qwen3).
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
+    # A reasoning model's most tokens of thinking, then </think> is forced (http.reasoning_budget).
+    thinking_budget: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, value):
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(value or ()))
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (the request's own fields do)")
+        return value or None
 
     @model_validator(mode="after")
     def _check_tools(self):
@@ -598,6 +616,9 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
     tool_calls: list[ToolCall] | None = None
+    # A reasoning model's thinking (http.reasoning_parser), under both of vLLM's names.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -635,6 +656,8 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -65,6 +65,13 @@ def input_items(value: str | list[dict]) -> list[dict]:
     return [{"id": item.get("id") or f"msg_{uuid.uuid4().hex}", **item} for item in value]
 
 
+# Chat completion fields beyond OpenAI's that a Responses request may carry too (vLLM's and
+# semline's extensions): passed on as they are.
+CHAT_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "seed", "ignore_eos", "structured_outputs",
+                   "guided_json", "guided_regex", "guided_choice", "guided_grammar", "chat_template_kwargs",
+                   "thinking_budget", "priority", "ttft_deadline_ms")
+
+
 def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, list[dict]]:
     """(the chat completion request body, the conversation to keep for the next response)."""
     conversation = list(history) + input_messages(body.input)
@@ -78,6 +85,8 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, lis
         chat["max_tokens"] = body.max_output_tokens
     if body.user is not None:
         chat["user"] = body.user
+    extra = body.model_extra or {}
+    chat.update({name: extra[name] for name in CHAT_EXTENSIONS if name in extra})
     if body.tools:
         chat["tools"] = [_nested_tool(tool, i) for i, tool in enumerate(body.tools)]
     if body.tool_choice is not None:
@@ -144,6 +153,12 @@ def response_header(body: ResponsesRequest, response_id: str, status: str) -> di
             "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
             "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}},
             "metadata": body.metadata or {}, "store": body.store, "user": body.user, "usage": None}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict:
+    """A reasoning model's thinking, as the Responses API's reasoning output item."""
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else []}
 
 
 def message_item(item_id: str, text: str, status: str) -> dict:

@@ -8,6 +8,7 @@ in one place (deployments/api/errors.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -27,9 +28,11 @@ from deployments.api.plan import (TIMEOUT_HEADER, Choice, Headers, Plan, Respons
                                   key_id, positive_ms_header, timeout_error, until, with_headers)
 from deployments.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                       ResponsesRequest, TokenizeRequest)
-from deployments.api.responses import (ResponsesError, ResponseStore, chat_request, conversation_after,
-                                       function_call_item, input_items, message_item, output_items,
-                                       response_header, response_object, sse_event)
+from deployments.api.reasoning import ReasoningSplitter, split_reasoning
+from deployments.api.responses import (CHAT_EXTENSIONS, ResponsesError, ResponseStore, chat_request,
+                                       conversation_after, function_call_item, input_items, message_item,
+                                       output_items, reasoning_item, response_header, response_object,
+                                       sse_event)
 from deployments.api.tools import get_parser
 from deployments.config import SemlineConfig
 from deployments.llm_server import read_output
@@ -194,7 +197,7 @@ class OpenAIServing:
         if plan.body.n != 1:
             raise APIError(400, "a response has one answer", param="n")
         plan.responses = ResponsesContext(body, f"resp_{uuid.uuid4().hex}", conversation, input_items(body.input))
-        plan.ignored = body.ignored_fields()
+        plan.ignored = [name for name in body.ignored_fields() if name not in CHAT_EXTENSIONS]
         return plan
 
     async def embeddings(self, request: Request):
@@ -317,7 +320,19 @@ class OpenAIServing:
             choices = [Choice(None, messages, body.sampling_params(max_tokens, num_logprobs, i, structured,
                                                                     skip_special, body.prompt_logprobs, defaults))
                        for i in range(body.n)]
-            return Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
+            plan = Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
+            info = await self._model_info()
+            plan.reasoning, plan.template_kwargs = info.get("reasoning_parser"), body.chat_template_kwargs
+            budget = body.thinking_budget if body.thinking_budget is not None else self.config.http.reasoning_budget
+            if budget is not None and plan.reasoning is None and body.thinking_budget is not None:
+                raise APIError(400, "thinking_budget: this model does not think (no reasoning parser)",
+                               param="thinking_budget")
+            if budget is not None and plan.reasoning is not None:
+                ids = info["thinking_tokens"]
+                thinking = {"thinking_budget": budget, "thinking_start": ids["start"], "thinking_end": ids["end"]}
+                for choice in choices:
+                    choice.params = choice.params.model_copy(update=thinking)
+            return plan
         max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
         # echo with logprobs: the prompt's logprobs come first (as many alternatives as asked).
         prompt_logprobs = body.prompt_logprobs
@@ -446,7 +461,7 @@ class OpenAIServing:
         handle = self.llm.options(stream=True) if stream else self.llm
         return getattr(handle, method).remote(choice.prompt, choice.messages, choice.params, priority,
                                               uuid.uuid4().hex, tools=plan.tools, announce=stream,
-                                              lora=plan.target.lora)
+                                              lora=plan.target.lora, template_kwargs=plan.template_kwargs)
 
     async def _complete(self, plan: "Plan", priority: int, ticket: int) -> dict:
         calls = []
@@ -484,10 +499,12 @@ class OpenAIServing:
         ctx = plan.responses
         reason = out.finish_reason
         if items is None:
-            content, calls = plan.parser.parse(out.text) if plan.parser else (out.text, [])
+            reasoning, answer = split_reasoning(plan.reasoning, out.text) if plan.reasoning else (None, out.text)
+            content, calls = plan.parser.parse(answer) if plan.parser else (answer, [])
             content, stopped = fmt.filter_text(plan, content or "")
             reason = "content_filter" if stopped else reason
-            items = output_items(content, calls)
+            items = ([reasoning_item(f"rs_{uuid.uuid4().hex}", reasoning)] if reasoning else []) \
+                + output_items(content, calls)
         elif plan.blocked:
             reason = "content_filter"
         response = response_object(ctx.body, ctx.response_id, reason, items, usage)
@@ -503,22 +520,51 @@ class OpenAIServing:
         yield sse_event("response.created", next(sequence), response=header)
         yield sse_event("response.in_progress", next(sequence), response=header)
         text_state, message_id, text, final = fmt.StreamText(plan.parser, plan.filters), None, "", None
+        # A reasoning model's thinking: its own output item (index 0), before the message's.
+        thinking = ReasoningSplitter(plan.reasoning) if plan.reasoning else None
+        reasoning = {"id": None, "text": "", "open": False}
+        index = 0  # the message's output index
+
+        def close_reasoning() -> list[str]:
+            if not reasoning["open"]:
+                return []
+            reasoning["open"] = False
+            rid, thought = reasoning["id"], reasoning["text"]
+            return [sse_event("response.reasoning_text.done", next(sequence), item_id=rid, output_index=0,
+                              content_index=0, text=thought),
+                    sse_event("response.output_item.done", next(sequence), output_index=0,
+                              item=reasoning_item(rid, thought))]
+
         try:
             async for item in until(stream, plan.expires_at):
                 out = read_output(item)
+                if thinking is not None:
+                    thought, answer = thinking.feed(out.delta_text, out.finished)
+                    out = dataclasses.replace(out, delta_text=answer)
+                    if thought:
+                        if reasoning["id"] is None:
+                            reasoning.update(id=f"rs_{uuid.uuid4().hex}", open=True)
+                            index = 1
+                            yield sse_event("response.output_item.added", next(sequence), output_index=0,
+                                            item=reasoning_item(reasoning["id"], "", "in_progress"))
+                        reasoning["text"] += thought
+                        yield sse_event("response.reasoning_text.delta", next(sequence), item_id=reasoning["id"],
+                                        output_index=0, content_index=0, delta=thought)
                 delta, _ = text_state.feed(out)
                 if text_state.blocked and not out.finished:  # a filter ended the output here
                     final, plan.blocked = out, True
                 if delta:
+                    for event in close_reasoning():
+                        yield event
                     if message_id is None:
                         message_id = f"msg_{uuid.uuid4().hex}"
-                        yield sse_event("response.output_item.added", next(sequence), output_index=0,
+                        yield sse_event("response.output_item.added", next(sequence), output_index=index,
                                         item=message_item(message_id, "", "in_progress"))
                         yield sse_event("response.content_part.added", next(sequence), item_id=message_id,
-                                        output_index=0, content_index=0, part=fmt.text_part(""))
+                                        output_index=index, content_index=0, part=fmt.text_part(""))
                     text += delta
                     yield sse_event("response.output_text.delta", next(sequence), item_id=message_id,
-                                    output_index=0, content_index=0, delta=delta)
+                                    output_index=index, content_index=0, delta=delta)
                 if plan.blocked:
                     break
                 if out.finished:
@@ -532,14 +578,16 @@ class OpenAIServing:
                 stream.cancel()  # a client that left (or a filter that ended it): the request is aborted
             self.admission.release(ticket)
         fmt.add_hits(plan, text_state)
-        items = []
+        for event in close_reasoning():
+            yield event
+        items = [reasoning_item(reasoning["id"], reasoning["text"])] if reasoning["id"] is not None else []
         if message_id is not None:
             item = message_item(message_id, text, "completed")
-            yield sse_event("response.output_text.done", next(sequence), item_id=message_id, output_index=0,
+            yield sse_event("response.output_text.done", next(sequence), item_id=message_id, output_index=index,
                             content_index=0, text=text)
-            yield sse_event("response.content_part.done", next(sequence), item_id=message_id, output_index=0,
+            yield sse_event("response.content_part.done", next(sequence), item_id=message_id, output_index=index,
                             content_index=0, part=fmt.text_part(text))
-            yield sse_event("response.output_item.done", next(sequence), output_index=0, item=item)
+            yield sse_event("response.output_item.done", next(sequence), output_index=index, item=item)
             items.append(item)
         for call in text_state.calls:
             item, index = function_call_item(call), len(items)
@@ -579,6 +627,8 @@ class OpenAIServing:
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         finals: dict[int, RequestOutput] = {}
         texts = [fmt.StreamText(plan.parser, plan.filters) for _ in streams]
+        # Chat with a reasoning model: each choice's thinking goes apart, before its answer.
+        thinking = [ReasoningSplitter(plan.reasoning) for _ in streams] if chat and plan.reasoning else None
         # Completions: where each choice's next token starts in its text (logprobs' text_offset);
         # an echo with logprobs waits for the prompt's logprobs (in the first output).
         offsets = [len(c.echo or "") for c in plan.choices]
@@ -607,6 +657,10 @@ class OpenAIServing:
                     echo_later.discard(index)
                     echoed = fmt.stream_choice(index, plan.choices[index].echo, None, item.prompt_logprobs or [], plan)
                     yield fmt.data(fmt.envelope(object_name, body.model, [echoed], None, response_id))
+                reasoning = ""
+                if thinking is not None:
+                    reasoning, answer = thinking[index].feed(item.delta_text, item.finished)
+                    item = dataclasses.replace(item, delta_text=answer)
                 text, calls = texts[index].feed(item)
                 blocked = texts[index].blocked
                 if item.finished or blocked:
@@ -615,7 +669,7 @@ class OpenAIServing:
                     tasks[index].cancel()  # the rest is not wanted: abort it in the engine
                     ended.add(index)
                 logprobs = item.delta_logprobs if item.delta_logprobs else None
-                if not (text or calls or logprobs or item.finished or blocked):
+                if not (text or calls or logprobs or reasoning or item.finished or blocked):
                     continue
                 reason = None
                 if blocked:
@@ -623,7 +677,9 @@ class OpenAIServing:
                 elif item.finished:
                     reason = fmt.finish_reason(item, bool(texts[index].calls))
                 if chat:
-                    delta = {"content": text} if text or not calls else {}
+                    delta = {"content": text} if text or not (calls or reasoning) else {}
+                    if reasoning:
+                        delta["reasoning_content"] = delta["reasoning"] = reasoning
                     if calls:
                         delta["tool_calls"] = [{"index": k, **call.to_openai()} for k, call in enumerate(calls)]
                     content = delta

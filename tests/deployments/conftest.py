@@ -52,14 +52,34 @@ def adapter_dir(tmp_path_factory):
     return folder
 
 
+# Appended to the embedded model's chat template: Qwen3's switch (enable_thinking false: an
+# empty thinking block opens the answer), so chat_template_kwargs reach a template that reads
+# them and the reasoning parser's `auto` finds the qwen3 style.
+THINKING_SWITCH = ("{%- if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+                   "{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+
+
 @pytest.fixture(scope="session")
-def app_config(storage_dir, adapter_dir, tmp_path_factory):
+def chat_template(tmp_path_factory):
+    """The embedded model's chat template with Qwen3's thinking switch, as a file."""
+    from engine.config import EngineConfig
+    from engine.loader import load_tokenizer, resolve_model_dir
+
+    folder = resolve_model_dir(None, EngineConfig().resolve_cache_dir())
+    path = tmp_path_factory.mktemp("template") / "chat_template.jinja"
+    path.write_text(load_tokenizer(folder).chat_template + THINKING_SWITCH)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
     from deployments.config import SemlineConfig
 
     return SemlineConfig(
         api_key=API_KEY,
         served_model_names=[ALIAS],
         engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                "chat_template": chat_template,
                 "lora_modules": {ADAPTER: str(adapter_dir)}, "max_lora_rank": 16},
         experiments=[{"name": EXPERIMENT, "arms": [{"name": "control", "model": MODEL, "weight": 70},
                                                    {"name": "treatment", "model": ADAPTER, "weight": 30}]},

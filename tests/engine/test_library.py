@@ -142,7 +142,8 @@ def test_progress_bar_on_a_terminal_only(llm):
         os.close(main)
     piped = io.StringIO()  # not a terminal (a log file, a pipe): no bar
     _generate_with_stderr(llm, piped)
-    assert piped.getvalue() == ""
+    # (Ray's driver forwards its actors' log lines to stderr when a cluster of the session runs)
+    assert [line for line in piped.getvalue().splitlines() if "pid=" not in line] == []
 
 
 def test_the_model_folders_generation_config_sets_defaults_and_eos(llm, hf_dir, tmp_path):

@@ -249,3 +249,26 @@ def test_text_worked_out_after_the_next_launch_changes_nothing_but_when(llm, mak
         assert [lp.token_id for lp in got.logprobs or []] == [lp.token_id for lp in want.logprobs or []]
         assert deltas[request_id] == got.text
     assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
+def test_a_thinking_budget_forces_the_closing_tokens(llm, tokenizer):
+    """thinking_budget: after that many tokens of thinking the closing tokens are forced (one a
+    step), then the model goes on freely; an opening sequence the output begins with starts the
+    count, and an output that does not begin with it is left alone."""
+    end = tokenizer.encode("</think>", add_special_tokens=False)
+    prompt = tokenizer.encode("Count: one, two, three,", add_special_tokens=False)
+    base = dict(temperature=0, max_tokens=20, ignore_eos=True)
+    [free] = llm.generate([prompt], SamplingParams(**base), use_tqdm=False)
+    [cut] = llm.generate([prompt], SamplingParams(**base, thinking_budget=5, thinking_end=end), use_tqdm=False)
+    assert cut.token_ids[:5] == free.token_ids[:5] and cut.token_ids[5:5 + len(end)] == end
+    assert len(cut.token_ids) == 20 and cut.text.count("</think>") == 1
+    [none] = llm.generate([prompt], SamplingParams(**base, thinking_budget=0, thinking_end=end), use_tqdm=False)
+    assert none.token_ids[:len(end)] == end
+    opening = free.token_ids[:2]  # the output opens its "thinking" with the free run's first two tokens
+    [opened] = llm.generate([prompt], SamplingParams(**base, thinking_budget=3, thinking_start=opening,
+                                                     thinking_end=end), use_tqdm=False)
+    assert opened.token_ids[:5] == free.token_ids[:5] and opened.token_ids[5:5 + len(end)] == end
+    never = [t for t in range(200, 400) if t != free.token_ids[0]][:1]  # an opening it does not begin with
+    [answered] = llm.generate([prompt], SamplingParams(**base, thinking_budget=1, thinking_start=never,
+                                                       thinking_end=end), use_tqdm=False)
+    assert answered.token_ids == free.token_ids
