@@ -255,9 +255,7 @@ class LLMEngine:
                 end = min(start + chunk_size, len(token_ids) - 1)
                 chunk = ScheduledChunk(request, end - start, samples_token=False, all_logits=True)
                 logits = self.runner.execute(self.runner.prepare([chunk]))
-                targets = torch.tensor(token_ids[start + 1:end + 1], device=logits.device)
-                rows = torch.log_softmax(logits.float(), dim=-1)
-                logprobs += rows.gather(1, targets[:, None]).squeeze(1).tolist()
+                logprobs += position_logprobs(logits, token_ids[start + 1:end + 1], 0).logprobs
                 request.num_computed_tokens = end
         finally:
             self.block_manager.free(request)

@@ -80,10 +80,17 @@ def add_hits(plan: "Plan", state: "StreamText") -> None:
         plan.filter_hits.update(state.filter.hits)
 
 
+def parse_answer(plan: "Plan", text: str) -> tuple[str | None, str | None, list]:
+    """A finished chat answer's parts: (the thinking, or None; the content, None when it is only
+    tool calls; the tool calls)."""
+    reasoning, answer = split_reasoning(plan.reasoning, text) if plan.reasoning else (None, text)
+    content, calls = plan.parser.parse(answer) if plan.parser else (answer, [])
+    return reasoning, content, calls
+
+
 def choice(index: int, out: RequestOutput, plan: "Plan") -> dict:
     if plan.object_name == "chat.completion":
-        reasoning, answer = split_reasoning(plan.reasoning, out.text) if plan.reasoning else (None, out.text)
-        content, calls = plan.parser.parse(answer) if plan.parser else (answer, [])
+        reasoning, content, calls = parse_answer(plan, out.text)
         filtered, stopped = filter_text(plan, content or "")
         message = {"role": "assistant", "content": filtered if content is not None or stopped else None}
         if reasoning is not None:  # vLLM's, SGLang's and llama.cpp's name, and vLLM's newer one

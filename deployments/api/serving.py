@@ -28,7 +28,7 @@ from deployments.api.plan import (TIMEOUT_HEADER, Choice, Headers, Plan, Respons
                                   key_id, positive_ms_header, timeout_error, until, with_headers)
 from deployments.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                       ResponsesRequest, TokenizeRequest)
-from deployments.api.reasoning import ReasoningSplitter, split_reasoning
+from deployments.api.reasoning import ReasoningSplitter
 from deployments.api.responses import (CHAT_EXTENSIONS, ResponsesError, ResponseStore, chat_request,
                                        conversation_after, function_call_item, input_items, message_item,
                                        output_items, reasoning_item, response_header, response_object,
@@ -499,8 +499,7 @@ class OpenAIServing:
         ctx = plan.responses
         reason = out.finish_reason
         if items is None:
-            reasoning, answer = split_reasoning(plan.reasoning, out.text) if plan.reasoning else (None, out.text)
-            content, calls = plan.parser.parse(answer) if plan.parser else (answer, [])
+            reasoning, content, calls = fmt.parse_answer(plan, out.text)
             content, stopped = fmt.filter_text(plan, content or "")
             reason = "content_filter" if stopped else reason
             items = ([reasoning_item(f"rs_{uuid.uuid4().hex}", reasoning)] if reasoning else []) \
