@@ -5,7 +5,7 @@ application: no 5xx, no hang (every call has a timeout), every rejection has an
 OpenAI-style error body, every answer (and every event of a stream) matches the
 response the schema publishes for its route and status, and the application
 still answers afterwards. Generated
-completions are capped (max_tokens <= 8, n <= 2) to keep the run bounded on a CPU;
+completions are capped (max_tokens <= 3, n <= 2) to keep the run bounded on a CPU;
 everything else the schema allows is fuzzed as generated.
 """
 
@@ -28,14 +28,14 @@ def _bounded(case):
     """Keep generated work small: the model answers each valid completion on 2 CPU cores."""
     body = getattr(case, "body", None)
     if isinstance(body, dict) and case.path in ("/v1/completions", "/v1/chat/completions"):
-        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
-            body["max_tokens"] = 8
-        if isinstance(body.get("max_completion_tokens"), int) and body["max_completion_tokens"] > 8:
-            body["max_completion_tokens"] = 8
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:
+            body["max_tokens"] = 3
+        if isinstance(body.get("max_completion_tokens"), int) and body["max_completion_tokens"] > 3:
+            body["max_completion_tokens"] = 3
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = 8
+            body["max_tokens"] = 3
         # Rules across fields that the schema cannot state: prompt_logprobs not with stream (as in
         # vLLM); a tool message answers a call (tool_call_id), only assistants carry tool_calls.
         if body.get("stream") is True:
