@@ -62,7 +62,7 @@ def input_items(value: str | list[dict]) -> list[dict]:
     """A request's input as the Responses API lists it back: items with ids."""
     if isinstance(value, str):
         value = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
-    return [{"id": item.get("id") or f"msg_{uuid.uuid4().hex}", **item} for item in value]
+    return [{**item, "id": item.get("id") or f"msg_{uuid.uuid4().hex}"} for item in value]
 
 
 # Chat completion fields beyond OpenAI's that a Responses request may carry too (vLLM's and

@@ -291,7 +291,8 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(400, str(exc), param="response_format") from exc
         ignored = body.ignored_fields()
-        defaults = (await self._model_info()).get("generation_defaults") or {}
+        info = await self._model_info()
+        defaults = info.get("generation_defaults") or {}
         default_max_tokens = min(defaults.get("max_tokens", DEFAULT_MAX_TOKENS), limit)
         for name in ignored:
             if name not in _LOGGED_IGNORED and len(_LOGGED_IGNORED) < 1024:
@@ -321,7 +322,6 @@ class OpenAIServing:
                                                                     skip_special, body.prompt_logprobs, defaults))
                        for i in range(body.n)]
             plan = Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
-            info = await self._model_info()
             plan.reasoning, plan.template_kwargs = info.get("reasoning_parser"), body.chat_template_kwargs
             budget = body.thinking_budget if body.thinking_budget is not None else self.config.http.reasoning_budget
             if budget is not None and plan.reasoning is None and body.thinking_budget is not None:
