@@ -109,13 +109,17 @@ class LLM:
 def apply_chat_template(tokenizer, messages: list[Message], add_generation_prompt: bool = True,
                         tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     """Prompt token ids of a conversation (tools passed to templates that take them;
-    template_kwargs: more variables for the template, e.g. enable_thinking)."""
+    template_kwargs: more variables for the template, e.g. enable_thinking, and the prompt's end:
+    add_generation_prompt, continue_final_message, which override the arguments)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template")
     kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
+    # A serving layer's options for the prompt's end travel with the template's variables.
+    add_generation_prompt = kwargs.pop("add_generation_prompt", add_generation_prompt)
+    continue_final_message = kwargs.pop("continue_final_message", False)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **kwargs)
+                                             continue_final_message=continue_final_message, **kwargs)
     except Exception as exc:  # noqa: BLE001 - jinja's errors (a template's raise_exception) are the request's
         if isinstance(exc, ValueError):
             raise

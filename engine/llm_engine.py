@@ -30,6 +30,7 @@ from engine.sampler import Sampler, position_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.speculative import propose
+from engine import thinking
 from engine.structured_output import GrammarBackend, StructuredOutput
 
 
@@ -195,10 +196,8 @@ class LLMEngine:
         request.lora = handle
         if params.prompt_logprobs is not None:
             self.output_processor.start_prompt_logprobs(request)
-        if params.thinking_budget is not None and params.thinking_start is None:
-            request.thinking_from = 0  # the output starts inside the thinking
-            if params.thinking_budget == 0:
-                request.forced_token_ids = list(params.thinking_end)
+        if params.thinking_end:
+            thinking.start_following(request, token_ids, self.tokenizer.decode)
         if grammar is not None:
             request.grammar = self._grammars.matcher(grammar)
         if params.seed is not None:
@@ -553,8 +552,10 @@ class LLMEngine:
             request.metrics.first_token_time = now
         if logprobs is not None:
             request.output_logprobs.append(self.output_processor.token_logprob(token_id, logprobs))
-        if request.grammar is not None:
-            request.grammar.accept(token_id)  # GrammarError: this request fails alone
+        thought = bool(params.thinking_end) and not request.thinking_done and thinking.on_token(request)
+        if request.grammar is not None:  # a grammar reads the answer, after any thinking
+            if not thought:
+                request.grammar.accept(token_id)  # GrammarError: this request fails alone
             if request.grammar.is_terminated:  # the grammar took a stop token: nothing may follow
                 request.stop_reason = token_id if token_id in params.stop_token_ids else None
                 self._finish(request, RequestStatus.FINISHED_STOPPED)
@@ -572,35 +573,11 @@ class LLMEngine:
     def _take_text(self, request: Request, token_id: int) -> None:
         """The text of a request's newest token: a stop string, or the length limit, ends it."""
         stop_string = self.output_processor.take_text(request, token_id)
-        if request.sampling_params.thinking_budget is not None and not request.thinking_done:
-            self._watch_thinking(request)
         if stop_string is not None:
             request.stop_reason = stop_string
             self._finish(request, RequestStatus.FINISHED_STOPPED)
         elif self.output_processor.at_length_limit(request):
             self._finish(request, RequestStatus.FINISHED_LENGTH)
-
-    def _watch_thinking(self, request: Request) -> None:
-        """SamplingParams.thinking_budget, on the output's text after each new token (a tag may
-        be written in other tokens than thinking_start/thinking_end): whether the thinking has
-        opened and closed; once the budget is spent, the closing tokens to force."""
-        if request.forced_token_ids:
-            return  # closing it now
-        params, text = request.sampling_params, self.output_processor.text(request)
-        if request.thinking_tags is None:
-            decode = self.tokenizer.decode
-            request.thinking_tags = (decode(params.thinking_start or []), decode(params.thinking_end))
-        opening, closing = request.thinking_tags
-        if request.thinking_from is None:  # an output that thinks begins with thinking_start
-            if text.startswith(opening):
-                request.thinking_from = request.num_output_tokens
-            elif not opening.startswith(text):
-                request.thinking_done = True  # it answers without thinking
-            return
-        if text.find(closing, max(0, len(text) - len(closing) - 256)) >= 0:  # the newest text
-            request.thinking_done = True
-        elif request.num_output_tokens - request.thinking_from >= params.thinking_budget:
-            request.forced_token_ids = list(params.thinking_end)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.is_finished:

@@ -33,6 +33,8 @@ class RequestMetrics:
     num_generated_tokens: int = 0
     # Prompt tokens whose KV came from the prefix cache.
     num_cached_tokens: int = 0
+    # A reasoning model's output tokens up to and with the end of its thinking (engine/thinking.py).
+    num_reasoning_tokens: int = 0
     num_preemptions: int = 0
     # 2 x parameters x tokens computed plus attention score/value FLOPs.
     flops: float = 0.0

@@ -61,12 +61,11 @@ class Request:
         self.status = RequestStatus.WAITING
         self.output_token_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []
-        # SamplingParams.thinking_budget: where in the output the thinking began (None: not yet),
-        # whether it has ended, and the closing tokens still to force (the sampler takes them).
+        # A reasoning model's thinking (engine/thinking.py): where in the output it began (None:
+        # not yet), whether it has ended, and tokens still to force (the sampler takes them).
         self.thinking_from: int | None = None
         self.thinking_done = False
         self.forced_token_ids: list[int] = []
-        self.thinking_tags: tuple[str, str] | None = None  # the texts of thinking_start and _end
         # SamplingParams.prompt_logprobs: filled position by position as the prompt is computed.
         self.prompt_logprobs: list[TokenLogprob] | None = None
         # Output tokens already reported in a RequestOutput (for deltas).

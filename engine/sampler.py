@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import thinking
 from engine.kernels import argmax
 from engine.request import Request
 from engine.speculative import accept_greedy, accept_sampled
@@ -76,15 +77,20 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         rows_with_penalties = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
         rows_with_bias = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
-        constrained = [i for i, r in enumerate(requests) if r.grammar is not None]
+        # A grammar waits while its request thinks (engine/thinking.py).
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None and not thinking.in_thinking(r)]
         forced = [i for i, r in enumerate(requests) if r.forced_token_ids]
         if rows_with_penalties or rows_with_bias or constrained or forced:
             logits = logits.clone()  # the caller's logits stay the model's
             _apply_penalties(logits, rows_with_penalties, requests)
             _apply_bias(logits, rows_with_bias, requests)
             if constrained:  # one batched mask for every constrained row
+                openings = [(i, thinking.may_open(requests[i])) for i in constrained]
+                openings = [(i, token, logits[i, token].clone()) for i, token in openings if token is not None]
                 matchers = [requests[i].grammar for i in constrained]
                 matchers[0].backend.mask(logits, constrained, matchers)
+                for row, token, value in openings:  # besides the grammar's tokens, the thinking's opening
+                    logits[row, token] = value
             for row in forced:  # a thinking budget spent: the closing tokens, one a step
                 token = requests[row].forced_token_ids.pop(0)
                 logits[row] = float("-inf")

@@ -49,12 +49,15 @@ class SamplingParams(BaseModel):
     thinking_start: list[int] | None = Field(None, description="Token ids an output that thinks begins with "
                                              "(Qwen3's <think>; one that does not begin so answers at once); "
                                              "None: the output starts inside the thinking (DeepSeek-R1).")
-    thinking_end: list[int] = Field(default_factory=list, description="Token ids that close the thinking.")
+    thinking_end: list[int] = Field(default_factory=list, description="Token ids that close a reasoning model's "
+                                    "thinking. Given, the thinking is followed (engine/thinking.py): a "
+                                    "structured_output grammar applies after it, and its tokens are counted.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     logit_bias: dict[int, float] | None = Field(
         None, description="Added to the logits of these token ids before sampling (OpenAI: -100 bans, 100 forces).")
     structured_output: StructuredOutput | None = Field(
-        None, description="A grammar the output must match (JSON schema, JSON object, regex, choice, EBNF).")
+        None, description="A grammar the output must match (JSON schema, JSON object, regex, choice, EBNF); "
+        "with thinking_end, the answer after the thinking.")
     output_kind: Literal["cumulative", "delta", "final_only"] = Field(
         "cumulative", description="What each output carries (engine/output_processor.py): cumulative: the whole "
         "text, tokens and logprobs so far plus what is new; delta: only what is new until the last output, which "

@@ -113,8 +113,12 @@ class GrammarMatcher:
         self.backend, self.inner = backend, inner
 
     def accept(self, token_id: int) -> None:
-        if not self.inner.accept_token(token_id):
+        if not self.try_accept(token_id):
             raise GrammarError(f"token {token_id} does not continue the grammar")
+
+    def try_accept(self, token_id: int) -> bool:
+        """Take the token if the grammar allows it (else nothing changes)."""
+        return self.inner.accept_token(token_id)
 
     @property
     def is_terminated(self) -> bool:

@@ -56,8 +56,10 @@ def usage(outputs: list[RequestOutput], n: int = 1) -> dict:
     prompt = sum(o.metrics.num_prompt_tokens for o in outputs[::n])
     cached = sum(o.metrics.num_cached_tokens for o in outputs[::n])
     completion = sum(len(o.token_ids) for o in outputs)
+    reasoning = sum(o.metrics.num_reasoning_tokens for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def finish_reason(out: RequestOutput, called_tools: bool = False) -> str:

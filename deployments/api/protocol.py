@@ -299,6 +299,10 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=32)
     # A reasoning model's most tokens of thinking, then </think> is forced (http.reasoning_budget).
     thinking_budget: int | None = Field(None, ge=0)
+    # vLLM's: end the prompt with the assistant's turn opened (default), or go on writing the
+    # last message, an assistant's (e.g. an answer or a thought begun for the model).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -323,6 +327,23 @@ class ChatCompletionRequest(_Common):
                 t.function.name for t in self.tools}:
             raise ParamError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among the tools")
         return self
+
+    @model_validator(mode="after")
+    def _check_continuation(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ParamError("continue_final_message", "continue_final_message needs add_generation_prompt false "
+                             "(the last message is continued, no new turn is opened)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ParamError("continue_final_message", "continue_final_message continues the last message, which "
+                             "must be the assistant's")
+        return self
+
+    def template_options(self) -> dict | None:
+        """What the chat template is rendered with: chat_template_kwargs, and how the prompt ends."""
+        options = dict(self.chat_template_kwargs or {})
+        if not self.add_generation_prompt:
+            options.update(add_generation_prompt=False, continue_final_message=self.continue_final_message)
+        return options or None
 
     def active_tools(self) -> list[dict] | None:
         """The tools the model is offered (none with tool_choice none), as OpenAI dicts."""
@@ -554,11 +575,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int  # prompt tokens whose KV blocks came from the prefix cache
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int  # a reasoning model's thinking, its tags included
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

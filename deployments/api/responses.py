@@ -67,9 +67,10 @@ def input_items(value: str | list[dict]) -> list[dict]:
 
 # Chat completion fields beyond OpenAI's that a Responses request may carry too (vLLM's and
 # semline's extensions): passed on as they are.
-CHAT_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "seed", "ignore_eos", "structured_outputs",
-                   "guided_json", "guided_regex", "guided_choice", "guided_grammar", "chat_template_kwargs",
-                   "thinking_budget", "priority", "ttft_deadline_ms")
+CHAT_EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "seed", "ignore_eos", "logit_bias",
+                   "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                   "chat_template_kwargs", "thinking_budget", "add_generation_prompt", "continue_final_message",
+                   "priority", "ttft_deadline_ms")
 
 
 def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[dict, list[dict]]:
@@ -140,8 +141,10 @@ def response_object(body: ResponsesRequest, response_id: str, finish_reason: str
     return {**response_header(body, response_id, "incomplete" if reason else "completed"),
             "output": items, "incomplete_details": {"reason": reason} if reason else None,
             "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                      "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens_details": {"reasoning_tokens": 0}}}
+                      "total_tokens": usage["total_tokens"],
+                      "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+                      "output_tokens_details": {
+                          "reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"]}}}
 
 
 def response_header(body: ResponsesRequest, response_id: str, status: str) -> dict:

@@ -28,7 +28,7 @@ from deployments.api.plan import (TIMEOUT_HEADER, Choice, Headers, Plan, Respons
                                   key_id, positive_ms_header, timeout_error, until, with_headers)
 from deployments.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                       ResponsesRequest, TokenizeRequest)
-from deployments.api.reasoning import ReasoningSplitter
+from deployments.api.reasoning import THINK_END, THINK_START, ReasoningSplitter
 from deployments.api.responses import (CHAT_EXTENSIONS, ResponsesError, ResponseStore, chat_request,
                                        conversation_after, function_call_item, input_items, message_item,
                                        output_items, reasoning_item, response_header, response_object,
@@ -322,16 +322,8 @@ class OpenAIServing:
                                                                     skip_special, body.prompt_logprobs, defaults))
                        for i in range(body.n)]
             plan = Plan(body, choices, "chat.completion", "chat.completion.chunk", ignored, tools, parser)
-            plan.reasoning, plan.template_kwargs = info.get("reasoning_parser"), body.chat_template_kwargs
-            budget = body.thinking_budget if body.thinking_budget is not None else self.config.http.reasoning_budget
-            if budget is not None and plan.reasoning is None and body.thinking_budget is not None:
-                raise APIError(400, "thinking_budget: this model does not think (no reasoning parser)",
-                               param="thinking_budget")
-            if budget is not None and plan.reasoning is not None:
-                ids = info["thinking_tokens"]
-                thinking = {"thinking_budget": budget, "thinking_start": ids["start"], "thinking_end": ids["end"]}
-                for choice in choices:
-                    choice.params = choice.params.model_copy(update=thinking)
+            plan.template_kwargs = body.template_options()
+            self._plan_thinking(plan, body, info)
             return plan
         max_tokens = body.max_tokens if body.max_tokens is not None else default_max_tokens
         # echo with logprobs: the prompt's logprobs come first (as many alternatives as asked).
@@ -347,6 +339,28 @@ class OpenAIServing:
                                echo, echo_only=max_tokens == 0)
                         for i in range(body.n)]
         return Plan(body, choices, "text_completion", "text_completion", ignored)
+
+    def _plan_thinking(self, plan: "Plan", body: ChatCompletionRequest, info: dict) -> None:
+        """A reasoning model's thinking (deployments/api/reasoning.py, engine/thinking.py): how
+        its answer is split, and what the engine follows (the thinking's end, after which a
+        grammar applies; the budget; the reasoning tokens counted)."""
+        style = info.get("reasoning_parser")
+        if body.thinking_budget is not None and style is None:
+            raise APIError(400, "thinking_budget: this model does not think (no reasoning parser)",
+                           param="thinking_budget")
+        if style is None or (body.chat_template_kwargs or {}).get("enable_thinking") is False:
+            plan.reasoning = style  # thinking off: an output without a block is all answer
+            return
+        last = body.messages[-1]
+        if body.continue_final_message and isinstance(last.content, str) \
+                and last.content.rfind(THINK_START) > last.content.rfind(THINK_END):
+            style = "deepseek_r1"  # the model goes on with a thought begun for it: the output is thinking
+        plan.reasoning = style
+        budget = body.thinking_budget if body.thinking_budget is not None else self.config.http.reasoning_budget
+        ids = info["thinking_tokens"]
+        thinking = {"thinking_budget": budget, "thinking_start": ids["start"], "thinking_end": ids["end"]}
+        for choice in plan.choices:
+            choice.params = choice.params.model_copy(update=thinking)
 
     def validate(self, url: str, data):
         """The request body for `url`, validated; APIError (400/404) otherwise."""

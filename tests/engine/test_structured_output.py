@@ -75,3 +75,32 @@ def test_logit_bias_bans_and_forces_tokens(llm):
     assert forced == [42, 42, 42]
     with pytest.raises(RequestError, match="logit_bias"):
         llm.generate([prompt], SamplingParams(logit_bias={10**9: 1.0}))
+
+
+def test_a_grammar_applies_after_the_thinking(llm, tokenizer):
+    """With thinking_end given, the grammar waits for the thinking to end (engine/thinking.py):
+    an output that starts inside it (a prompt left mid-thought) thinks freely for its budget,
+    then answers in the grammar; one that may open it (thinking_start) may begin with the
+    opening as well as with what the grammar allows, and the thinking's tokens are counted."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    start, end = encode("<think>"), encode("</think>")
+    prompt = _chat(llm, "Describe a person as JSON.")
+    spec = StructuredOutput(json_schema=PERSON)
+    base = dict(max_tokens=90, temperature=0.0, structured_output=spec, thinking_end=end)
+    [free] = llm.generate([prompt + start], SamplingParams(max_tokens=4, temperature=0.0))
+    [inside] = llm.generate([prompt + start], SamplingParams(**base, thinking_start=start, thinking_budget=4))
+    assert inside.token_ids[:4] == free.token_ids  # thought freely, as without a grammar
+    assert inside.token_ids[4:4 + len(end)] == end and inside.metrics.num_reasoning_tokens == 4 + len(end)
+    assert inside.finish_reason == "stop", inside.text
+    jsonschema.validate(json.loads(tokenizer.decode(inside.token_ids[4 + len(end):], skip_special_tokens=True)), PERSON)
+    # It may open the thinking: a bias makes it, then the budget closes it and the grammar answers.
+    opened_params = SamplingParams(**base, thinking_start=start, thinking_budget=2, logit_bias={start[0]: 100})
+    [opened] = llm.generate([prompt], opened_params)
+    thought = len(start) + 2 + len(end)
+    assert opened.token_ids[:len(start)] == start and opened.token_ids[len(start) + 2:thought] == end
+    assert opened.metrics.num_reasoning_tokens == thought
+    jsonschema.validate(json.loads(tokenizer.decode(opened.token_ids[thought:], skip_special_tokens=True)), PERSON)
+    # Not opened: the grammar from the first token, nothing counted as thinking.
+    [direct] = llm.generate([prompt], SamplingParams(**base, thinking_start=start))
+    jsonschema.validate(json.loads(direct.text), PERSON)
+    assert direct.metrics.num_reasoning_tokens == 0
