@@ -24,6 +24,7 @@ and counted in ray_semline_router_tickets_reclaimed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import warnings
@@ -114,8 +115,10 @@ class Router:
         self.catalog: dict = {"adapters": {}, "weights": {}}
         # Answers of deterministic requests, shared by both lanes (deployments/quality/result_cache.py).
         self.results = BoundedStore()
-        # Stored /v1/responses answers (deployments/api/responses.py), for every ingress replica.
+        # Stored /v1/responses answers (deployments/api/responses.py), for every ingress replica,
+        # and the background ones still running: id -> [cancelled, what their runner waits on].
         self.responses = BoundedStore()
+        self._running: dict[str, list] = {}
         if _reconstructed():
             # Restarted by Ray after a crash: the holders still hold the tickets of the router
             # that died. Admit nothing until they have reported them (sync adopts them).
@@ -199,7 +202,56 @@ class Router:
         return self.responses.put(response_id, record, max_entries, max_bytes)
 
     async def response_delete(self, response_id: str) -> bool:
+        self._stop_running(response_id)  # a background response deleted while it runs stops
         return self.responses.delete(response_id)
+
+    async def response_start(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
+        """A background response accepted: stored as it stands (queued) until it finishes."""
+        if not self.responses.put(response_id, record, max_entries, max_bytes):
+            return False
+        self._running[response_id] = [False, asyncio.Event()]
+        return True
+
+    async def response_wait_cancel(self, response_id: str) -> bool:
+        """Called by a background response's runner: returns when it finished (False) or was
+        cancelled or deleted (True)."""
+        entry = self._running.get(response_id)
+        if entry is None:
+            return False
+        await entry[1].wait()
+        if entry[0]:
+            self._running.pop(response_id, None)  # its runner has heard
+        return entry[0]
+
+    async def response_cancel(self, response_id: str, ttl_s: float, max_entries: int, max_bytes: int) -> bytes | None:
+        """A running background response cancelled: its record, now saying so (its runner stops
+        it). Any other stored response's record as it is; None when there is none."""
+        record = self.responses.get(response_id, ttl_s)
+        if record is None or not self._stop_running(response_id):
+            return record
+        stored = json.loads(record)
+        stored["response"]["status"] = "cancelled"
+        record = json.dumps(stored, ensure_ascii=False).encode()
+        self.responses.put(response_id, record, max_entries, max_bytes)
+        return record
+
+    async def response_finish(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
+        """A background response's end (completed, incomplete or failed), unless it was cancelled
+        or deleted meanwhile (False: nothing stored)."""
+        entry = self._running.pop(response_id, None)
+        if entry is None or entry[0]:
+            return False
+        entry[1].set()
+        return self.responses.put(response_id, record, max_entries, max_bytes)
+
+    def _stop_running(self, response_id: str) -> bool:
+        """A running background response told to stop; False when none runs under that id."""
+        entry = self._running.get(response_id)
+        if entry is None or entry[0]:
+            return False
+        entry[0] = True
+        entry[1].set()
+        return True
 
     async def deregister(self, replica_id: str) -> None:
         self._replicas.pop(replica_id, None)

@@ -421,9 +421,20 @@ class ResponsesRequest(_Open):
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     store: bool = True
+    # Answered at once (queued); run on, then read with GET /v1/responses/{id}, or cancelled.
+    background: bool = False
     metadata: dict[str, str] | None = None
     text: dict | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_background(self):
+        if self.background and not self.store:
+            raise ParamError("background", "background responses are read back later: they need store true")
+        if self.background and self.stream:
+            raise ParamError("background", "a background response is not streamed: send stream false and read it "
+                             "with GET /v1/responses/{id}")
+        return self
 
     def ignored_fields(self) -> list[str]:
         return sorted(_extra_names(self, ""))
@@ -740,7 +751,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"]
     created_at: int
-    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    status: Literal["completed", "incomplete", "in_progress", "queued", "failed", "cancelled"]
     model: str
     output: list[dict]
     error: dict | None

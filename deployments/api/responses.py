@@ -39,11 +39,30 @@ class ResponseStore:
         self._local = BoundedStore() if admission.router is None else None
 
     async def put(self, response: dict, input_items: list[dict], conversation: list[dict]) -> bool:
-        record = json.dumps({"response": response, "input_items": input_items, "conversation": conversation},
-                            ensure_ascii=False).encode()
+        record = _record(response, input_items, conversation)
         if self._local is not None:
             return self._local.put(response["id"], record, self.max_entries, self.max_bytes)
+        if response.get("background"):  # kept unless it was cancelled or deleted meanwhile
+            return await self.admission.call("response_finish", response["id"], record, self.max_entries,
+                                             self.max_bytes)
         return await self.admission.call("response_put", response["id"], record, self.max_entries, self.max_bytes)
+
+    # Background responses (the realtime lane's: the router keeps them).
+
+    async def start(self, response: dict, input_items: list[dict]) -> bool:
+        """A background response accepted, stored as it stands until it ends (put)."""
+        return await self.admission.call("response_start", response["id"], _record(response, input_items, []),
+                                         self.max_entries, self.max_bytes)
+
+    async def wait_cancel(self, response_id: str) -> bool:
+        """Returns when the background response ended (False) or was cancelled or deleted (True)."""
+        return await self.admission.call("response_wait_cancel", response_id)
+
+    async def cancel(self, response_id: str) -> dict | None:
+        """Cancel a running background response: its record, saying so; another's as it is."""
+        record = await self.admission.call("response_cancel", response_id, self.ttl_s, self.max_entries,
+                                           self.max_bytes)
+        return None if record is None else json.loads(record)
 
     async def get(self, response_id: str) -> dict | None:
         if self._local is not None:
@@ -56,6 +75,11 @@ class ResponseStore:
         if self._local is not None:
             return self._local.delete(response_id)
         return await self.admission.call("response_delete", response_id)
+
+
+def _record(response: dict, input_items: list[dict], conversation: list[dict]) -> bytes:
+    return json.dumps({"response": response, "input_items": input_items, "conversation": conversation},
+                      ensure_ascii=False).encode()
 
 
 def input_items(value: str | list[dict]) -> list[dict]:
@@ -155,7 +179,8 @@ def response_header(body: ResponsesRequest, response_id: str, status: str) -> di
             "top_p": body.top_p, "parallel_tool_calls": body.parallel_tool_calls,
             "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
             "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}},
-            "metadata": body.metadata or {}, "store": body.store, "user": body.user, "usage": None}
+            "metadata": body.metadata or {}, "store": body.store, "background": body.background, "user": body.user,
+            "usage": None}
 
 
 def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict:

@@ -55,6 +55,7 @@ ROUTES = (
     Route("get", "/v1/responses/{response_id}/input_items", Ingress.response_input_items,
           protocol.ResponseItemList),
     Route("delete", "/v1/responses/{response_id}", Ingress.delete_response, protocol.ResponseDeleted),
+    Route("post", "/v1/responses/{response_id}/cancel", Ingress.cancel_response, protocol.ResponseObject),
     Route("post", "/v1/embeddings", Ingress.embeddings, protocol.EmbeddingList, body=EmbeddingRequest),
     Route("post", "/tokenize", Ingress.tokenize, protocol.Tokenized, body=TokenizeRequest),
     Route("post", "/detokenize", Ingress.detokenize, protocol.Detokenized, body=DetokenizeRequest),

@@ -74,6 +74,7 @@ class OpenAIServing:
         FilterChain(config.quality.filters)  # a classifier that cannot be imported fails the start, not a request
         self._filter_chains: dict[str, FilterChain | None] = {}
         self.quality_metrics = QualityMetrics()
+        self._background: set[asyncio.Task] = set()  # background responses running here
 
     def _admission(self, router) -> Admission:
         """How requests get their seats: the router actor's tickets."""
@@ -142,6 +143,9 @@ class OpenAIServing:
             return await self._embed(self.validate(url, data), lane, key)
         if url == "/v1/responses":
             plan = await self._responses_plan(data, lane)
+            if plan.responses.body.background:
+                raise APIError(400, "background: a batch's requests run in the background already; leave it out",
+                               param="background")
         else:
             plan = await self.plan(url, data, lane)
         plan.key = key
@@ -152,7 +156,51 @@ class OpenAIServing:
         data = await json_body(request)
         plan = await self._responses_plan(data, REALTIME_LANE, deadline_header(request))
         plan.key, plan.expires_at = key_id(request), expires_at
+        if plan.responses.body.background:
+            return with_headers(await self._start_background(plan), plan)
         return with_headers(await self._run_until(plan, REALTIME_LANE), plan)
+
+    async def _start_background(self, plan: "Plan") -> dict:
+        """A background response: stored as queued and answered at once; it runs on in this
+        replica (GET /v1/responses/{id} reads it from any), until it ends or is cancelled."""
+        ctx = plan.responses
+        header = response_header(ctx.body, ctx.response_id, "queued")
+        if not await self.response_store.start(header, ctx.input_items):
+            raise APIError(413, "the response's input is larger than the response store holds "
+                           "(http.max_stored_response_bytes)", param="input")
+        task = asyncio.create_task(self._run_background(plan, header))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return header
+
+    async def _run_background(self, plan: "Plan", header: dict) -> None:
+        ctx = plan.responses
+        run = asyncio.ensure_future(self._run_until(plan, REALTIME_LANE))
+        cancelled = asyncio.ensure_future(self.response_store.wait_cancel(ctx.response_id))
+        await asyncio.wait({run, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        if not run.done() and not cancelled.exception() and cancelled.result():
+            run.cancel()  # aborts its engine request and releases its seat
+        await asyncio.gather(run, return_exceptions=True)
+        if run.cancelled() or run.exception() is None:
+            return  # cancelled, or ended and stored (_finish_response)
+        error = to_api_error(run.exception())
+        logger.info("background response %s failed: %s", ctx.response_id, error.message)
+        failed = {**header, "status": "failed", "error": {"code": error.code or error.type, "message": error.message}}
+        try:
+            await self.response_store.put(failed, ctx.input_items, ctx.conversation)
+        except Exception as exc:  # noqa: BLE001 - the router is gone: nothing more to keep it in
+            logger.warning("background response %s: its failure could not be stored: %r", ctx.response_id, exc)
+
+    async def cancel_response(self, response_id: str) -> dict:
+        """POST /v1/responses/{id}/cancel: a background response stops (its status says
+        cancelled); one already ended is returned as it is."""
+        stored = await self.response_store.cancel(response_id)
+        if stored is None:
+            raise self._no_response(response_id)
+        if not stored["response"].get("background"):
+            raise APIError(400, "only a background response (background: true) can be cancelled",
+                           param="response_id")
+        return stored["response"]
 
     async def get_response(self, response_id: str) -> dict:
         return (await self._stored_response(response_id))["response"]

@@ -276,6 +276,45 @@ def test_stored_responses_are_retrieved_listed_and_deleted_from_any_ingress(clie
         client.responses.delete(made.id)
 
 
+def test_background_responses_run_on_and_are_cancelled(client):
+    """background: answered at once (queued), read back when done (the foreground's answer),
+    or cancelled while it runs (its status stays cancelled; the seat and the engine request go);
+    cancel on a response that is not a background one is refused, on an unknown id 404."""
+    import time
+
+    import ray
+
+    kwargs = dict(model=MODEL, input="Name a color.", max_output_tokens=6, temperature=0)
+    made = client.responses.create(**kwargs, background=True)
+    assert made.status == "queued" and made.background is True and made.output == []
+    for _ in range(600):
+        done = client.responses.retrieve(made.id)
+        if done.status not in ("queued", "in_progress"):
+            break
+        time.sleep(0.05)
+    assert done.status in ("completed", "incomplete") and done.usage.output_tokens > 0
+    assert done.output_text == client.responses.create(**kwargs).output_text
+    assert client.responses.cancel(made.id).status == done.status  # ended already: as it is
+
+    long = client.responses.create(model=MODEL, input="Count to a thousand.", max_output_tokens=256, temperature=0,
+                                   background=True, extra_body={"ignore_eos": True})
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and cancelled.id == long.id
+    router = ray.get_actor("semline-router")
+    for _ in range(100):  # its seat released (nothing else runs now)
+        if ray.get(router.stats.remote())["requests_inflight"] == 0:
+            break
+        time.sleep(0.05)
+    assert ray.get(router.stats.remote())["requests_inflight"] == 0
+    assert client.responses.retrieve(long.id).status == "cancelled"  # its runner does not overwrite it
+    with pytest.raises(openai.BadRequestError, match="only a background response"):
+        client.responses.cancel(client.responses.create(**kwargs).id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_unknown")
+    with pytest.raises(openai.BadRequestError, match="store"):
+        client.responses.create(**kwargs, background=True, store=False)
+
+
 def test_responses_api_function_tools_and_structured_text(client):
     tool = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
             "parameters": WEATHER["function"]["parameters"]}
