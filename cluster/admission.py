@@ -106,6 +106,8 @@ class AdmissionConfig:
     # the last minute.
     key_max_inflight: int | None = None
     key_tokens_per_minute: int | None = None
+    # Keys with limits of their own (a tenant's): key -> [max in flight, tokens per minute].
+    key_limits: dict[str, list] = field(default_factory=dict)
     # A router restarted after a crash admits nothing for this long, while the holders
     # report the tickets they hold (a little more than their reporting period).
     recovery_s: float = 0.0
@@ -251,7 +253,7 @@ class AdmissionController:
 
     def record_tokens(self, key: str, tokens: int) -> None:
         """A request of `key` used `tokens` (prompt and output): counted for a minute."""
-        if self.config.key_tokens_per_minute is not None and tokens > 0:
+        if self._limits(key)[1] is not None and tokens > 0:
             self._key_tokens.setdefault(key, deque()).append((time.monotonic(), tokens))
 
     def realtime_queue_wait(self, window_s: float = WAIT_WINDOW_S) -> float:
@@ -267,16 +269,24 @@ class AdmissionController:
         oldest = max((now - w.enqueued_at for w in queue if not w.granted.done()), default=0.0)
         return max(p90, oldest)
 
+    def _limits(self, key: str) -> tuple[int | None, int | None]:
+        """(sequences in flight, tokens per minute) allowed to `key`: its own, or every key's."""
+        own = self.config.key_limits.get(key)
+        if own is not None:
+            return (own[0] if own[0] is not None else self.config.key_max_inflight,
+                    own[1] if own[1] is not None else self.config.key_tokens_per_minute)
+        return self.config.key_max_inflight, self.config.key_tokens_per_minute
+
     def _check_key(self, key: str, seats: int) -> None:
-        limit = self.config.key_max_inflight
+        limit, budget = self._limits(key)
+        who = f"tenant {key[7:]!r}" if key.startswith("tenant:") else "this API key"
         if limit is not None:
             used = sum(g.seats for g in self._inflight.values() if g.key == key) + sum(
                 w.seats for queue in self._queues.values() for w in queue if w.key == key)
             if used + seats > limit:
                 self.num_key_limited += 1
-                raise KeyLimitError(f"this API key has {used} sequences in flight or queued; its limit is {limit}",
+                raise KeyLimitError(f"{who} has {used} sequences in flight or queued; its limit is {limit}",
                                     self.config.retry_after_s)
-        budget = self.config.key_tokens_per_minute
         if budget is not None:
             window, now = self._key_tokens.get(key, deque()), time.monotonic()
             while window and now - window[0][0] > TOKEN_WINDOW_S:
@@ -286,7 +296,7 @@ class AdmissionController:
             used = sum(tokens for _, tokens in window)
             if used >= budget:
                 self.num_key_limited += 1
-                raise KeyLimitError(f"this API key used {used} tokens in the last minute; its limit is {budget}",
+                raise KeyLimitError(f"{who} used {used} tokens in the last minute; its limit is {budget}",
                                     max(self.config.retry_after_s, TOKEN_WINDOW_S - (now - window[0][0])))
 
     def _check_deadline(self, waiter: _Waiter) -> None:

@@ -71,7 +71,7 @@ def build_app(config: SemlineConfig | dict | None = None):
     # The routes are the table's (deployments/api/routes.py), registered by build_fastapi.
     ingress_class = serve.ingress(app)(OpenAIIngress)
 
-    router_args = (config.router.actor_name, config.router.admission_config(), config.router.max_inflight_per_replica)
+    router_args = (config.router.actor_name, config.admission_config(), config.router.max_inflight_per_replica)
     llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
         config.engine, int(max(1, config.server.num_cpus)), *router_args, config.model_name, config.parallel,
         config.http.tool_call_parser, config.server.stream_interval_ms, config.server.stream_chunks_per_s,

@@ -223,10 +223,15 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_k8s_render(args: argparse.Namespace) -> int:
-    from deployments.ops.k8s import DEFAULT_CONFIG, K8S_DIR, render
+    from deployments.ops.k8s import DEFAULT_CONFIG, K8S_DIR, NoKeysError, render
 
-    for path in render(Path(args.config) if args.config else DEFAULT_CONFIG,
-                       Path(args.output_dir) if args.output_dir else K8S_DIR):
+    try:
+        written = render(Path(args.config) if args.config else DEFAULT_CONFIG,
+                         Path(args.output_dir) if args.output_dir else K8S_DIR)
+    except NoKeysError as exc:
+        print(f"semline k8s render: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 

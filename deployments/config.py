@@ -275,6 +275,10 @@ class KubernetesSettings(_Strict):
     name: str = Field("semline", description="Name of the RayService (and prefix of the other objects).")
     namespace: str = Field("semline", description="Namespace of every object.")
     image: str = Field("ghcr.io/semline/semline:0.1.0", description="The serving image (see Dockerfile).")
+    api_keys_secret: str | None = Field(None, description="The Secret holding the API keys, required when the "
+                                        "config has none of its own: its `api-keys` (comma-separated) become the "
+                                        "'default' inference tenant's ($SEMLINE_API_KEYS), its optional "
+                                        "`admin-keys` $SEMLINE_ADMIN_KEYS (a tenant's keys_env).")
     head_cpu: str = Field("4", description="Head pod CPU request and limit (runs the proxy, ingress, router, batch runner).")
     head_memory: str = Field("16Gi", description="Head pod memory request and limit.")
     worker_cpu: str = Field("8", description="GPU worker pod CPU request and limit.")
@@ -284,6 +288,65 @@ class KubernetesSettings(_Strict):
     batch_volume_size: str = Field("20Gi", description="Size of the volume that holds batch files and state.")
     batch_job_input: str = Field("/data/jobs/input.jsonl", description="Input of the offline batch RayJob.")
     batch_job_output: str = Field("/data/jobs/output.jsonl", description="Output of the offline batch RayJob.")
+
+
+ROLES = ("admin", "inference")
+# The tenant the legacy key settings (api_key, api_keys, api_keys_file, $SEMLINE_API_KEYS) form.
+DEFAULT_TENANT = "default"
+# Who calls a server that has no keys at all (bound to loopback: the local experience).
+OPEN_TENANT = "local"
+
+
+class TenantSettings(_Strict):
+    """One tenant of a shared deployment: its keys, what it may do and its share of the line."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The tenant's name (metrics "
+                      "label, owner of its files, batches and responses).")
+    keys: list[str] = Field(default_factory=list, description="Its API keys.")
+    keys_file: str | None = Field(None, description="A file of more of its keys, one per line ('#' comments).")
+    keys_env: str | None = Field(None, description="An environment variable holding more of its keys, "
+                                 "comma-separated.")
+    role: Literal["admin", "inference"] = Field("inference", description="admin: every route, and every tenant's "
+                                                "files, batches and responses; inference: the OpenAI routes.")
+    max_priority: int | None = Field(None, description="The most urgent request priority it may ask for (lower is "
+                                     "more urgent): a request asking for less is refused 403. None: any.")
+    max_inflight: int | None = Field(None, ge=1, description="Sequences in flight or queued at once (429 "
+                                     "key_limit above); None: router.key_max_inflight.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + output tokens in the last minute "
+                                          "(429 key_limit above); None: router.key_tokens_per_minute.")
+
+    def all_keys(self) -> list[str]:
+        keys = list(self.keys)
+        if self.keys_file:
+            keys += read_keys_file(self.keys_file)
+        if self.keys_env:
+            keys += [k.strip() for k in os.environ.get(self.keys_env, "").split(",") if k.strip()]
+        return keys
+
+    @property
+    def limit_key(self) -> str:
+        """The id its requests are counted under at the router (per-tenant limits)."""
+        return f"tenant:{self.name}"
+
+
+def tenant_of_key(key: str | None) -> str:
+    """The tenant a request's limit key (TenantSettings.limit_key, or a legacy key's id) names."""
+    return key[7:] if key and key.startswith("tenant:") else DEFAULT_TENANT
+
+
+def may_see(viewer: tuple[str, bool] | None, owner: str | None) -> bool:
+    """Whether a caller ((tenant name, is admin); None: no tenants, as in the batch job) may see
+    what `owner` created (None: made before tenants, the 'default' tenant's)."""
+    return viewer is None or viewer[1] or (owner or DEFAULT_TENANT) == viewer[0]
+
+
+def read_keys_file(path: str) -> list[str]:
+    keys = []
+    for line in Path(path).expanduser().read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            keys.append(line)
+    return keys
 
 
 class SemlineConfig(_Strict):
@@ -305,6 +368,12 @@ class SemlineConfig(_Strict):
     api_keys_file: str | None = Field(None, description="A file of accepted API keys, one per line ('#' comments), "
                                       "read when the application starts. $SEMLINE_API_KEYS (comma-separated) "
                                       "adds more.")
+    tenants: list[TenantSettings] = Field(default_factory=list, description="Who may call: each tenant's keys, "
+                                          "role and limits. The keys of api_key, api_keys, api_keys_file and "
+                                          "$SEMLINE_API_KEYS form one more, inference tenant named 'default' "
+                                          "(each of its keys with the router's per-key limits).")
+    lora_adapter_dirs: list[str] = Field(default_factory=list, description="Folders under which "
+                                         "POST /v1/load_lora_adapter may load adapters (none: it loads none).")
     experiments: list[ExperimentSettings] = Field(default_factory=list, description="A/B experiments: public "
                                                   "model names whose traffic is split between arms.")
     quality: QualitySettings = Field(default_factory=QualitySettings)
@@ -334,17 +403,47 @@ class SemlineConfig(_Strict):
         ParallelConfig.from_dict(value)
         return value
 
+    @model_validator(mode="after")
+    def _tenant_names(self):
+        names = [t.name for t in self.tenants]
+        if len(set(names)) != len(names) or {DEFAULT_TENANT, OPEN_TENANT} & set(names):
+            raise ValueError(f"tenant names must differ, and not be {DEFAULT_TENANT!r} (the legacy keys' tenant) "
+                             f"or {OPEN_TENANT!r} (callers of a server without keys)")
+        return self
+
     def accepted_api_keys(self) -> list[str]:
-        """Every key a request may carry: api_key, api_keys, the file's, $SEMLINE_API_KEYS.
-        Empty: no key needed."""
+        """The legacy keys (the 'default' tenant's): api_key, api_keys, the file's, $SEMLINE_API_KEYS."""
         keys = ([self.api_key] if self.api_key else []) + list(self.api_keys)
         if self.api_keys_file:
-            for line in Path(self.api_keys_file).expanduser().read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    keys.append(line)
+            keys += read_keys_file(self.api_keys_file)
         keys += [k.strip() for k in os.environ.get("SEMLINE_API_KEYS", "").split(",") if k.strip()]
         return list(dict.fromkeys(keys))
+
+    def tenant_keys(self) -> dict[str, TenantSettings]:
+        """Every accepted key and the tenant it belongs to (read when the application starts).
+        Empty: no key is needed (a server without keys). A key given to two tenants is an error."""
+        table: dict[str, TenantSettings] = {}
+        legacy = self.accepted_api_keys()
+        owners = [(key, TenantSettings(name=DEFAULT_TENANT)) for key in legacy]
+        owners += [(key, tenant) for tenant in self.tenants for key in tenant.all_keys()]
+        for key, tenant in owners:
+            if key in table and table[key].name != tenant.name:
+                raise ValueError(f"an API key is given to both tenant {table[key].name!r} and {tenant.name!r}")
+            table[key] = tenant
+        return table
+
+    def tenant(self, name: str) -> TenantSettings | None:
+        if name == DEFAULT_TENANT:
+            return TenantSettings(name=DEFAULT_TENANT)
+        if name == OPEN_TENANT:
+            return TenantSettings(name=OPEN_TENANT, role="admin")
+        return next((t for t in self.tenants if t.name == name), None)
+
+    def admission_config(self) -> dict:
+        """The router's admission settings, with each tenant's own limits."""
+        limits = {t.limit_key: [t.max_inflight, t.tokens_per_minute] for t in self.tenants
+                  if t.max_inflight is not None or t.tokens_per_minute is not None}
+        return {**self.router.admission_config(), "key_limits": limits}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_dict(self.engine)

@@ -28,7 +28,7 @@ class Admission:
     def __init__(self, config: SemlineConfig, holder: str, router=None) -> None:
         """holder: this process's name at the router; router: its actor (default: found or
         started by its configured name)."""
-        self.settings = config.router
+        self.settings, self.admission_config = config.router, config.admission_config()
         self.router = router or self.connect()
         self.holder = holder
         self.held: dict[int, list] = {}  # ticket -> [ticket, lane, seats, key], as the router is told
@@ -36,7 +36,7 @@ class Admission:
         self._sync_task: asyncio.Task | None = None
 
     def connect(self):
-        return get_or_create_router(self.settings.actor_name, self.settings.admission_config())
+        return get_or_create_router(self.settings.actor_name, self.admission_config)
 
     async def admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s: float | None = None,
                     key: str | None = None) -> int:

@@ -8,17 +8,24 @@ import hashlib
 import hmac
 import inspect
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from deployments.api import protocol
 from deployments.api.errors import APIError, error_response, to_api_error
 from deployments.api.routes import EXTRA_API_PATHS, ROUTES
-from deployments.config import SemlineConfig
+from deployments.config import DEFAULT_TENANT, OPEN_TENANT, SemlineConfig
+
+logger = logging.getLogger(__name__)
+
+# Addresses only this machine reaches: a server there may go without keys.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_fastapi(config: SemlineConfig) -> FastAPI:
@@ -50,18 +57,37 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
     app.add_middleware(_BodyLimit, limit_for=lambda path: (
         config.batch.max_file_bytes if path == "/v1/files" else config.http.max_body_bytes))
 
-    keys = config.accepted_api_keys()
+    tenants = config.tenant_keys()  # key -> its tenant; empty: no key needed
+    keys = list(tenants)
+    anyone = config.tenant(OPEN_TENANT)
+    if not tenants and config.http.host not in LOOPBACK:
+        logger.warning("SECURITY: semline listens on %s with no API keys: anyone who reaches it may use and "
+                       "administer it. Configure tenants (or api_key) before exposing it.", config.http.host)
+    roles = [(route.method.upper(), compile_path(route.path)[0], route.role) for route in ROUTES]
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if is_api_path(route_path(request.scope)):
+        path = route_path(request.scope)
+        if is_api_path(path):
             if keys:
                 key = _authorized(request, keys)
                 if key is None:
                     return error_response(APIError(401, "invalid or missing API key", "authentication_error",
                                                     code="invalid_api_key"))
-                # Per-key limits are kept by the router under an id of the key, never the key.
-                request.state.api_key_id = hashlib.sha256(key.encode()).hexdigest()[:16]
+                tenant = tenants[key]
+                # Limits are kept by the router per tenant, or for the legacy keys per key (under
+                # an id of the key, never the key).
+                request.state.api_key_id = hashlib.sha256(key.encode()).hexdigest()[:16] \
+                    if tenant.name == DEFAULT_TENANT else tenant.limit_key
+            else:
+                tenant = anyone
+            request.state.tenant = tenant
+            role = next((role for method, pattern, role in roles
+                         if method == request.method and pattern.match(path)), "inference")
+            if role == "admin" and tenant.role != "admin":
+                return error_response(APIError(
+                    403, f"{request.method} {path} needs an admin key; tenant {tenant.name!r} has the "
+                    f"{tenant.role} role", "permission_error", code="insufficient_role"))
             limit = (config.batch.max_file_bytes if route_path(request.scope) == "/v1/files"
                      else config.http.max_body_bytes)
             length = request.headers.get("content-length")

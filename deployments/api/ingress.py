@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
 from deployments.api.errors import APIError, to_api_error
-from deployments.api.plan import Plan, json_body, key_id
+from deployments.api.plan import Plan, json_body, key_id, viewer
 from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsRequest, FeedbackRequest,
                                       LoadLoRARequest, UnloadLoRARequest)
 from deployments.api.serving import OpenAIServing
@@ -44,7 +45,7 @@ class OpenAIIngress(OpenAIServing):
         choice = plan.choices[0]
         write = self.feedback.record_response(response_id, plan.target.model, plan.target.experiment,
                                               plan.target.arm, choice.messages if choice.messages is not None
-                                              else choice.prompt, text)
+                                              else choice.prompt, text, plan.owner)
         asyncio.get_running_loop().run_in_executor(None, write)  # the file and its lock: off the event loop
 
     # --- feedback, adapters, experiments ----------------------------------------------
@@ -53,7 +54,7 @@ class OpenAIIngress(OpenAIServing):
         body = self._validate_plain(FeedbackRequest, await json_body(request))
         try:
             record = await asyncio.to_thread(self.feedback.add, body.response_id, body.numeric_score(), body.label,
-                                             body.comment)
+                                             body.comment, viewer(request))
         except UnknownResponseError as exc:
             raise APIError(404, str(exc), param="response_id", code="response_not_found") from exc
         self.quality_metrics.feedback(await asyncio.to_thread(self.feedback.summary))
@@ -71,6 +72,9 @@ class OpenAIIngress(OpenAIServing):
         await self._refresh_catalog()
         if self.catalog.knows(body.lora_name):
             raise APIError(400, f"a model named {body.lora_name!r} is already served", param="lora_name")
+        if not _under(body.lora_path, self.config.lora_adapter_dirs):  # the same answer whether it exists or not
+            raise APIError(403, "lora_path is not under the adapter directories this server loads from "
+                           "(lora_adapter_dirs)", "permission_error", param="lora_path", code="path_not_allowed")
         # One LLM server reads it now (a bad folder is refused here); the others on first use.
         await self._server_call("load_lora", body.lora_name, body.lora_path)
         await self.admission.call("set_adapter", body.lora_name, body.lora_path)
@@ -118,7 +122,8 @@ class OpenAIIngress(OpenAIServing):
         if not isinstance(purpose, str):
             raise APIError(400, "missing the 'purpose' field", param="purpose")
         data = await upload.read()
-        return await self._call_batch("create_file", data, upload.filename or "upload.jsonl", purpose)
+        return await self._call_batch("create_file", viewer(request), data, upload.filename or "upload.jsonl",
+                                      purpose)
 
     async def create_batch(self, request: Request) -> dict:
         data = await json_body(request)
@@ -126,33 +131,37 @@ class OpenAIIngress(OpenAIServing):
             body = BatchCreateRequest.model_validate(data)
         except ValidationError as exc:
             raise to_api_error(exc) from exc
-        return await self._call_batch("create_batch", body.input_file_id, body.endpoint, body.completion_window,
-                                      body.metadata, key_id(request))
+        return await self._call_batch("create_batch", viewer(request), body.input_file_id, body.endpoint,
+                                      body.completion_window, body.metadata, key_id(request))
 
-    async def list_files(self) -> dict:
-        return await self._call_batch("list_files")
+    # Files and batches belong to the tenant that made them: the runner shows a caller (its
+    # tenant, whether admin) only theirs, or all to an admin; another's is 404.
 
-    async def get_file(self, file_id: str) -> dict:
-        return await self._call_batch("get_file", file_id)
+    async def list_files(self, request: Request) -> dict:
+        return await self._call_batch("list_files", viewer(request))
 
-    async def delete_file(self, file_id: str) -> dict:
-        return await self._call_batch("delete_file", file_id)
+    async def get_file(self, file_id: str, request: Request) -> dict:
+        return await self._call_batch("get_file", viewer(request), file_id)
 
-    async def file_content(self, file_id: str) -> Response:
-        return Response(await self._call_batch("file_content", file_id), media_type="application/jsonl")
+    async def delete_file(self, file_id: str, request: Request) -> dict:
+        return await self._call_batch("delete_file", viewer(request), file_id)
 
-    async def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
-        return await self._call_batch("list_batches", after, max(1, min(limit, 100)))
+    async def file_content(self, file_id: str, request: Request) -> Response:
+        return Response(await self._call_batch("file_content", viewer(request), file_id),
+                        media_type="application/jsonl")
 
-    async def get_batch(self, batch_id: str) -> dict:
-        return await self._call_batch("get_batch", batch_id)
+    async def list_batches(self, request: Request, after: str | None = None, limit: int = 20) -> dict:
+        return await self._call_batch("list_batches", viewer(request), after, max(1, min(limit, 100)))
 
-    async def cancel_batch(self, batch_id: str) -> dict:
-        return await self._call_batch("cancel_batch", batch_id)
+    async def get_batch(self, batch_id: str, request: Request) -> dict:
+        return await self._call_batch("get_batch", viewer(request), batch_id)
 
-    async def _call_batch(self, method: str, *args):
+    async def cancel_batch(self, batch_id: str, request: Request) -> dict:
+        return await self._call_batch("cancel_batch", viewer(request), batch_id)
+
+    async def _call_batch(self, method: str, caller: tuple[str, bool] | None, *args):
         try:
-            result = await self.batch.call.remote(method, *args)
+            result = await self.batch.call.remote(method, caller, *args)
         except Exception as exc:
             raise to_api_error(exc) from exc
         if isinstance(result, APIError):  # a client error, returned rather than raised
@@ -160,3 +169,11 @@ class OpenAIIngress(OpenAIServing):
         return result
 
 
+def _under(path: str, folders: list[str]) -> bool:
+    """`path`, links resolved, is inside one of `folders` (an adapter may load only from there)."""
+    resolved = os.path.realpath(os.path.expanduser(path))
+    for folder in folders:
+        root = os.path.realpath(os.path.expanduser(folder))
+        if resolved != root and os.path.commonpath([resolved, root]) == root:
+            return True
+    return False

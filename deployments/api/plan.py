@@ -57,6 +57,17 @@ def key_id(request: Request) -> str | None:
     return getattr(request.state, "api_key_id", None)
 
 
+def tenant_of(request: Request) -> str | None:
+    tenant = getattr(request.state, "tenant", None)
+    return None if tenant is None else tenant.name
+
+
+def viewer(request: Request) -> tuple[str, bool] | None:
+    """Who calls: (tenant name, is admin), for what belongs to a tenant (config.may_see)."""
+    tenant = getattr(request.state, "tenant", None)
+    return None if tenant is None else (tenant.name, tenant.role == "admin")
+
+
 def deadline_header(request: Request) -> float | None:
     """The request's time-to-first-token deadline in milliseconds (x-semline-deadline-ms)."""
     return positive_ms_header(request, DEADLINE_HEADER)
@@ -166,6 +177,7 @@ class Plan:
     deadline_s: float | None = None  # its first token is due within this many seconds
     expires_at: float | None = None  # time.monotonic() by which it must be done (realtime); None: no limit
     key: str | None = None  # an id of the API key it came with (per-key limits)
+    owner: str | None = None  # the tenant that sent it: its stored response and feedback are theirs
     url: str = ""  # the route it came to
     target: Target | None = None  # the model (or experiment arm) that answers it
     filters: FilterChain | None = None  # the output filters its answers go through

@@ -38,8 +38,9 @@ class ResponseStore:
         self.admission, self.max_entries, self.ttl_s, self.max_bytes = admission, max_entries, ttl_s, max_bytes
         self._local = BoundedStore() if admission.router is None else None
 
-    async def put(self, response: dict, input_items: list[dict], conversation: list[dict]) -> bool:
-        record = _record(response, input_items, conversation)
+    async def put(self, response: dict, input_items: list[dict], conversation: list[dict],
+                  owner: str | None = None) -> bool:
+        record = _record(response, input_items, conversation, owner)
         if self._local is not None:
             return self._local.put(response["id"], record, self.max_entries, self.max_bytes)
         if response.get("background"):  # kept unless it was cancelled or deleted meanwhile
@@ -49,10 +50,10 @@ class ResponseStore:
 
     # Background responses (the realtime lane's: the router keeps them).
 
-    async def start(self, response: dict, input_items: list[dict]) -> bool:
+    async def start(self, response: dict, input_items: list[dict], owner: str | None) -> bool:
         """A background response accepted, stored as it stands until it ends (put)."""
-        return await self.admission.call("response_start", response["id"], _record(response, input_items, []),
-                                         self.max_entries, self.max_bytes)
+        return await self.admission.call("response_start", response["id"],
+                                         _record(response, input_items, [], owner), self.max_entries, self.max_bytes)
 
     async def wait_cancel(self, response_id: str) -> bool:
         """Returns when the background response ended (False) or was cancelled or deleted (True)."""
@@ -77,9 +78,9 @@ class ResponseStore:
         return await self.admission.call("response_delete", response_id)
 
 
-def _record(response: dict, input_items: list[dict], conversation: list[dict]) -> bytes:
-    return json.dumps({"response": response, "input_items": input_items, "conversation": conversation},
-                      ensure_ascii=False).encode()
+def _record(response: dict, input_items: list[dict], conversation: list[dict], owner: str | None) -> bytes:
+    return json.dumps({"response": response, "input_items": input_items, "conversation": conversation,
+                       "owner": owner}, ensure_ascii=False).encode()
 
 
 def input_items(value: str | list[dict]) -> list[dict]:

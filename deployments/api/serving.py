@@ -25,7 +25,8 @@ from deployments.api.admission import Admission
 from deployments.api import protocol
 from deployments.api.errors import APIError, to_api_error
 from deployments.api.plan import (TIMEOUT_HEADER, Choice, Headers, Plan, ResponsesContext, deadline_header, json_body,
-                                  key_id, positive_ms_header, timeout_error, until, with_headers)
+                                  key_id, positive_ms_header, tenant_of, timeout_error, until, viewer,
+                                  with_headers)
 from deployments.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                                       ResponsesRequest, TokenizeRequest)
 from deployments.api.reasoning import THINK_END, THINK_START, ReasoningSplitter
@@ -34,7 +35,7 @@ from deployments.api.responses import (CHAT_EXTENSIONS, ResponsesError, Response
                                        output_items, reasoning_item, response_header, response_object,
                                        sse_event)
 from deployments.api.tools import get_parser
-from deployments.config import SemlineConfig
+from deployments.config import SemlineConfig, may_see, tenant_of_key
 from deployments.llm_server import read_output
 from deployments.ops.metrics import QualityMetrics
 from deployments.quality.catalog import ModelCatalog, Target, UnknownModelError
@@ -118,8 +119,17 @@ class OpenAIServing:
         """A realtime request; fields the API does not know are named in a response header."""
         expires_at = self._expiry(request)
         plan = await self.plan(url, await json_body(request), REALTIME_LANE, deadline_header(request))
-        plan.key, plan.expires_at = key_id(request), expires_at
+        plan.key, plan.expires_at, plan.owner = key_id(request), expires_at, tenant_of(request)
+        self._check_priority(plan)
         return with_headers(await self._run_until(plan, REALTIME_LANE), plan)
+
+    def _check_priority(self, plan: "Plan") -> None:
+        """A tenant asks for no more urgent a priority than its max_priority (403)."""
+        tenant = self.config.tenant(plan.key[7:]) if plan.key and plan.key.startswith("tenant:") else None
+        if tenant is not None and tenant.max_priority is not None and plan.priority < tenant.max_priority:
+            raise APIError(403, f"priority {plan.priority} is more urgent than tenant {tenant.name!r} may ask for "
+                           f"(its max_priority is {tenant.max_priority}; lower is more urgent)", "permission_error",
+                           param="priority", code="priority_not_allowed")
 
     def _expiry(self, request: Request | None) -> float:
         """When (time.monotonic()) a realtime request that arrives now must be done."""
@@ -142,20 +152,22 @@ class OpenAIServing:
         if url == "/v1/embeddings":
             return await self._embed(self.validate(url, data), lane, key)
         if url == "/v1/responses":
-            plan = await self._responses_plan(data, lane)
+            plan = await self._responses_plan(data, lane, caller=(tenant_of_key(key), False))
             if plan.responses.body.background:
                 raise APIError(400, "background: a batch's requests run in the background already; leave it out",
                                param="background")
         else:
             plan = await self.plan(url, data, lane)
-        plan.key = key
+        plan.key, plan.owner = key, tenant_of_key(key)
+        self._check_priority(plan)
         return await self._run(plan, lane)
 
     async def responses(self, request: Request):
         expires_at = self._expiry(request)
         data = await json_body(request)
-        plan = await self._responses_plan(data, REALTIME_LANE, deadline_header(request))
-        plan.key, plan.expires_at = key_id(request), expires_at
+        plan = await self._responses_plan(data, REALTIME_LANE, deadline_header(request), viewer(request))
+        plan.key, plan.expires_at, plan.owner = key_id(request), expires_at, tenant_of(request)
+        self._check_priority(plan)
         if plan.responses.body.background:
             return with_headers(await self._start_background(plan), plan)
         return with_headers(await self._run_until(plan, REALTIME_LANE), plan)
@@ -165,7 +177,7 @@ class OpenAIServing:
         replica (GET /v1/responses/{id} reads it from any), until it ends or is cancelled."""
         ctx = plan.responses
         header = response_header(ctx.body, ctx.response_id, "queued")
-        if not await self.response_store.start(header, ctx.input_items):
+        if not await self.response_store.start(header, ctx.input_items, plan.owner):
             raise APIError(413, "the response's input is larger than the response store holds "
                            "(http.max_stored_response_bytes)", param="input")
         task = asyncio.create_task(self._run_background(plan, header))
@@ -187,13 +199,14 @@ class OpenAIServing:
         logger.info("background response %s failed: %s", ctx.response_id, error.message)
         failed = {**header, "status": "failed", "error": {"code": error.code or error.type, "message": error.message}}
         try:
-            await self.response_store.put(failed, ctx.input_items, ctx.conversation)
+            await self.response_store.put(failed, ctx.input_items, ctx.conversation, plan.owner)
         except Exception as exc:  # noqa: BLE001 - the router is gone: nothing more to keep it in
             logger.warning("background response %s: its failure could not be stored: %r", ctx.response_id, exc)
 
-    async def cancel_response(self, response_id: str) -> dict:
+    async def cancel_response(self, response_id: str, request: Request) -> dict:
         """POST /v1/responses/{id}/cancel: a background response stops (its status says
         cancelled); one already ended is returned as it is."""
+        await self._stored_response(response_id, viewer(request))  # another tenant's: 404
         stored = await self.response_store.cancel(response_id)
         if stored is None:
             raise self._no_response(response_id)
@@ -202,22 +215,25 @@ class OpenAIServing:
                            param="response_id")
         return stored["response"]
 
-    async def get_response(self, response_id: str) -> dict:
-        return (await self._stored_response(response_id))["response"]
+    async def get_response(self, response_id: str, request: Request) -> dict:
+        return (await self._stored_response(response_id, viewer(request)))["response"]
 
-    async def response_input_items(self, response_id: str) -> dict:
-        items = (await self._stored_response(response_id))["input_items"]
+    async def response_input_items(self, response_id: str, request: Request) -> dict:
+        items = (await self._stored_response(response_id, viewer(request)))["input_items"]
         return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
                 "last_id": items[-1]["id"] if items else None, "has_more": False}
 
-    async def delete_response(self, response_id: str) -> dict:
+    async def delete_response(self, response_id: str, request: Request) -> dict:
+        await self._stored_response(response_id, viewer(request))  # another tenant's: 404
         if not await self.response_store.delete(response_id):
             raise self._no_response(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
 
-    async def _stored_response(self, response_id: str) -> dict:
+    async def _stored_response(self, response_id: str, caller: tuple[str, bool] | None) -> dict:
+        """A stored response the caller may see (its tenant's, or any for an admin); else 404,
+        which does not say whether another tenant's exists."""
         stored = await self.response_store.get(response_id)
-        if stored is None:
+        if stored is None or not may_see(caller, stored.get("owner")):
             raise self._no_response(response_id)
         return stored
 
@@ -226,14 +242,16 @@ class OpenAIServing:
         return APIError(404, f"response {response_id!r} was not found (responses are kept when stored, for a "
                         "limited time)", param="response_id", code="response_not_found")
 
-    async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None) -> "Plan":
-        """A Responses request, translated into a chat completion's plan (deployments/api/responses.py)."""
+    async def _responses_plan(self, data, lane: str, deadline_ms: float | None = None,
+                              caller: tuple[str, bool] | None = None) -> "Plan":
+        """A Responses request, translated into a chat completion's plan (deployments/api/responses.py).
+        caller: who sends it (previous_response_id must be a response they may see)."""
         await self._know_model(data)
         body = self._validate_plain(ResponsesRequest, data)
         history: list[dict] = []
         if body.previous_response_id is not None:
             stored = await self.response_store.get(body.previous_response_id)
-            history = stored["conversation"] if stored is not None else None
+            history = stored["conversation"] if stored is not None and may_see(caller, stored.get("owner")) else None
             if history is None:
                 raise APIError(404, f"previous response {body.previous_response_id!r} was not found (responses are "
                                "kept for a limited time)", param="previous_response_id", code="response_not_found")
@@ -570,7 +588,8 @@ class OpenAIServing:
             reason = "content_filter"
         response = response_object(ctx.body, ctx.response_id, reason, items, usage)
         if ctx.body.store:
-            await self.response_store.put(response, ctx.input_items, conversation_after(ctx.conversation, items))
+            await self.response_store.put(response, ctx.input_items, conversation_after(ctx.conversation, items),
+                                          plan.owner)
         return response
 
     async def _response_events(self, stream, plan: "Plan", ticket: int) -> AsyncIterator[str]:

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from deployments.batch.store import BatchStore, NotFound, derived_file_id
-from deployments.config import SemlineConfig
+from deployments.config import SemlineConfig, may_see
 from cluster.admission import BATCH_LANE
 from deployments.api.errors import APIError
 from deployments.api.serving import ENDPOINTS, OpenAIServing
@@ -180,31 +180,35 @@ class BatchRunner:
 
     # --- files ---------------------------------------------------------------------
 
-    async def create_file(self, data: bytes, filename: str, purpose: str) -> dict:
+    # Every method takes the caller first: (tenant name, is admin), or None where there are no
+    # tenants. Files and batches are their tenant's; another tenant's are 404 (config.may_see).
+
+    async def create_file(self, caller, data: bytes, filename: str, purpose: str) -> dict:
         if purpose != "batch":
             raise APIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
         if not data.strip():
             raise APIError(400, "the file is empty", param="file")
         if len(data) > self.settings.max_file_bytes:
             raise APIError(413, f"file larger than {self.settings.max_file_bytes} bytes", code="file_too_large")
-        return self.store.create_file(data, filename, purpose)
+        return self.store.create_file(data, filename, purpose, tenant=None if caller is None else caller[0])
 
-    async def get_file(self, file_id: str) -> dict:
-        return self._lookup(self.store.get_file, file_id)
+    async def get_file(self, caller, file_id: str) -> dict:
+        return self._lookup(self.store.get_file, file_id, caller)
 
-    async def file_content(self, file_id: str) -> bytes:
-        return self._lookup(self.store.file_content, file_id)
+    async def file_content(self, caller, file_id: str) -> bytes:
+        return self._lookup(self.store.file_content, file_id, caller)
 
-    async def list_files(self) -> dict:
-        return {"object": "list", "data": self.store.list_files(), "has_more": False}
+    async def list_files(self, caller) -> dict:
+        files = [f for f in self.store.list_files() if may_see(caller, self.store.tenant("file", f["id"]))]
+        return {"object": "list", "data": files, "has_more": False}
 
-    async def delete_file(self, file_id: str) -> dict:
-        self._lookup(self.store.delete_file, file_id)
+    async def delete_file(self, caller, file_id: str) -> dict:
+        self._lookup(self.store.delete_file, file_id, caller)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # --- batches -------------------------------------------------------------------
 
-    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
+    async def create_batch(self, caller, input_file_id: str, endpoint: str, completion_window: str,
                            metadata: dict | None, key: str | None = None) -> dict:
         if endpoint not in ENDPOINTS:
             raise APIError(400, f"unsupported endpoint {endpoint!r}; supported: {sorted(ENDPOINTS)}",
@@ -212,7 +216,7 @@ class BatchRunner:
         if completion_window not in self.settings.completion_windows:
             raise APIError(400, f"completion_window must be one of {self.settings.completion_windows}",
                            param="completion_window")
-        meta = self._lookup(self.store.get_file, input_file_id)
+        meta = self._lookup(self.store.get_file, input_file_id, caller)
         if meta["purpose"] != "batch":
             raise APIError(400, f"file {input_file_id} has purpose {meta['purpose']!r}, not 'batch'",
                            param="input_file_id")
@@ -237,16 +241,20 @@ class BatchRunner:
         }
         if key is not None:
             self.store.save_owner(batch["id"], key)
+        if caller is not None:
+            self.store.save_tenant("batch", batch["id"], caller[0])
         self.store.save_batch(batch)  # accepted = on disk
         self._start(batch)
         return dict(batch)
 
-    async def get_batch(self, batch_id: str) -> dict:
+    async def get_batch(self, caller, batch_id: str) -> dict:
+        batch = self._lookup(self.store.get_batch, batch_id, caller)
         job = self.jobs.get(batch_id)
-        return dict(job.batch) if job else self._lookup(self.store.get_batch, batch_id)
+        return dict(job.batch) if job else batch
 
-    async def list_batches(self, after: str | None = None, limit: int = 20) -> dict:
-        batches = [self.jobs[b["id"]].batch if b["id"] in self.jobs else b for b in self.store.list_batches()]
+    async def list_batches(self, caller, after: str | None = None, limit: int = 20) -> dict:
+        batches = [self.jobs[b["id"]].batch if b["id"] in self.jobs else b for b in self.store.list_batches()
+                   if may_see(caller, self.store.tenant("batch", b["id"]))]
         if after:
             ids = [b["id"] for b in batches]
             batches = batches[ids.index(after) + 1:] if after in ids else []
@@ -254,8 +262,8 @@ class BatchRunner:
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(batches) > limit}
 
-    async def cancel_batch(self, batch_id: str) -> dict:
-        batch = await self.get_batch(batch_id)
+    async def cancel_batch(self, caller, batch_id: str) -> dict:
+        batch = await self.get_batch(caller, batch_id)
         job = self.jobs.get(batch_id)
         if job is None or batch["status"] not in ("validating", "in_progress"):
             if batch["status"] in ("cancelling", "cancelled"):
@@ -284,8 +292,12 @@ class BatchRunner:
 
     # --- running --------------------------------------------------------------------
 
-    def _lookup(self, fn, object_id):
+    def _lookup(self, fn, object_id, caller):
+        """fn(object_id) for a file or batch the caller may see; else 404, as for none."""
+        kind = "file" if fn.__name__ in ("get_file", "file_content", "delete_file") else "batch"
         try:
+            if not may_see(caller, self.store.tenant(kind, object_id)):
+                raise NotFound(kind, object_id)
             return fn(object_id)
         except NotFound as exc:
             raise APIError(404, str(exc), param="file_id" if exc.kind == "file" else "batch_id",
@@ -444,6 +456,7 @@ class BatchRunner:
             if records:
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
                 file_id = derived_file_id(batch["id"], role)
-                self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id)
+                self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id,
+                                       tenant=self.store.tenant("batch", batch["id"]))  # the batch's tenant's
                 batch[key] = file_id
         self._set_status(job, "cancelled" if cancelled else "expired" if expired else "completed")

@@ -91,10 +91,13 @@ class BatchStore:
 
     # --- files ---------------------------------------------------------------------
 
-    def create_file(self, data: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict:
+    def create_file(self, data: bytes, filename: str, purpose: str, file_id: str | None = None,
+                    tenant: str | None = None) -> dict:
         file_id = file_id or f"file-{uuid.uuid4().hex}"
         meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                 "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        if tenant is not None:
+            self.save_tenant("file", file_id, tenant)
         atomic_write(self.files / f"{file_id}.data", data)
         atomic_write(self.files / f"{file_id}.json", json.dumps(meta).encode())
         return meta
@@ -114,6 +117,7 @@ class BatchStore:
         meta = self._file_path(file_id, ".json")
         meta.unlink()  # uncommit first, then drop the data
         self._file_path(file_id, ".data", must_exist=False).unlink(missing_ok=True)
+        self._file_path(file_id, ".tenant", must_exist=False).unlink(missing_ok=True)
         _fsync_dir(self.files)
 
     def _file_path(self, file_id: str, suffix: str, must_exist: bool = True) -> Path:
@@ -126,6 +130,18 @@ class BatchStore:
 
     def save_batch(self, batch: dict) -> None:
         atomic_write(self._batch_path(batch["id"], ".json", must_exist=False), json.dumps(batch).encode())
+
+    def save_tenant(self, kind: str, object_id: str, tenant: str) -> None:
+        """The tenant a file or batch belongs to (written before the object is committed)."""
+        path = self._file_path(object_id, ".tenant", False) if kind == "file" else \
+            self._batch_path(object_id, ".tenant", must_exist=False)
+        atomic_write(path, tenant.encode())
+
+    def tenant(self, kind: str, object_id: str) -> str | None:
+        """A file's or batch's tenant; None for one made before tenants (the 'default' tenant's)."""
+        path = self._file_path(object_id, ".tenant", False) if kind == "file" else \
+            self._batch_path(object_id, ".tenant", must_exist=False)
+        return path.read_text() if path.exists() else None
 
     def save_owner(self, batch_id: str, key: str) -> None:
         """The id of the API key that created a batch (its lines count against that key's limits)."""

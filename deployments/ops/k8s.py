@@ -88,6 +88,21 @@ def _workers(config: SemlineConfig, replicas: int) -> int:
     return max(1, math.ceil(gpus / pod_gpus(config))) if gpus else 0
 
 
+class NoKeysError(ValueError):
+    """A config for Kubernetes with no API keys: the service would be open to the network."""
+
+
+def _key_env(config: SemlineConfig) -> list[dict]:
+    """The API keys, from the Secret kubernetes.api_keys_secret, in every pod's environment
+    (an ingress replica may run on any of them)."""
+    secret = config.kubernetes.api_keys_secret
+    if secret is None:
+        return []
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
+            for name, key, optional in (("SEMLINE_API_KEYS", "api-keys", False),
+                                        ("SEMLINE_ADMIN_KEYS", "admin-keys", True))]
+
+
 def _container(config: SemlineConfig, cpu: str, memory: str, gpus: int, head: bool) -> dict:
     limits = {"cpu": cpu, "memory": memory}
     if gpus:
@@ -101,7 +116,7 @@ def _container(config: SemlineConfig, cpu: str, memory: str, gpus: int, head: bo
         "image": config.kubernetes.image,
         "imagePullPolicy": "IfNotPresent",
         "env": [{"name": "SEMLINE_CACHE", "value": "/home/ray/.cache/semline"},
-                {"name": "RAY_metrics_report_interval_ms", "value": "5000"}],
+                {"name": "RAY_metrics_report_interval_ms", "value": "5000"}, *_key_env(config)],
         "ports": ports,
         "resources": {"requests": dict(limits), "limits": limits},
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
@@ -217,6 +232,11 @@ def to_yaml(documents: dict | list[dict]) -> str:
 def render(config_path: Path = DEFAULT_CONFIG, out_dir: Path = K8S_DIR) -> list[Path]:
     """Write the RayService, the RayJob and their volume claims for the config at `config_path`."""
     config = SemlineConfig.from_yaml(config_path)
+    own_keys = config.api_key or config.api_keys or config.api_keys_file or any(t.keys or t.keys_file
+                                                                                for t in config.tenants)
+    if config.kubernetes.api_keys_secret is None and not own_keys:
+        raise NoKeysError(f"{config_path}: the service would listen without API keys; name the Secret that holds "
+                          "them (kubernetes.api_keys_secret, its key api-keys) or configure keys")
     written = []
     for name, build in ((RAYSERVICE_FILE.name, rayservice), (RAYJOB_FILE.name, rayjob),
                         (STORAGE_FILE.name, volume_claims)):

@@ -29,6 +29,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from deployments.config import may_see
+
 
 class UnknownResponseError(LookupError):
     """The rated response is not known (never served here, or past the retention)."""
@@ -68,10 +70,12 @@ class FeedbackStore:
             self._responses.popitem(last=False)
 
     def record_response(self, response_id: str, model: str, experiment: str | None, arm: str | None,
-                        prompt=None, output: str | None = None) -> Callable[[], None]:
+                        prompt=None, output: str | None = None, tenant: str | None = None) -> Callable[[], None]:
         """Remember an answer for rating (at once, in memory); returns the file append that
-        lets other ingress replicas find it too, for the caller to run off its event loop."""
-        record = {"id": response_id, "created": time.time(), "model": model, "experiment": experiment, "arm": arm}
+        lets other ingress replicas find it too, for the caller to run off its event loop.
+        tenant: whose answer it is (only they, and admins, may rate it)."""
+        record = {"id": response_id, "created": time.time(), "model": model, "experiment": experiment, "arm": arm,
+                  "tenant": tenant}
         if self.store_outputs:
             record.update(prompt=prompt, output=output)
         with self._lock:
@@ -87,14 +91,17 @@ class FeedbackStore:
                 record = None
         return record
 
-    def add(self, response_id: str, score: float, label: str | None, comment: str | None) -> dict:
+    def add(self, response_id: str, score: float, label: str | None, comment: str | None,
+            caller: tuple[str, bool] | None = None) -> dict:
+        """A rating of an answer the caller may see (config.may_see: its tenant's)."""
         response = self.response(response_id)
-        if response is None:
+        if response is None or not may_see(caller, response.get("tenant")):
             raise UnknownResponseError(f"no response {response_id!r} is known (unknown id, or older than the "
                                        "feedback retention)")
         record = {"id": f"fb-{os.urandom(8).hex()}", "created": time.time(), "response_id": response_id,
                   "model": response["model"], "experiment": response.get("experiment"), "arm": response.get("arm"),
-                  "score": float(score), "label": label, "comment": comment}
+                  "score": float(score), "label": label, "comment": comment,
+                  "tenant": None if caller is None else caller[0]}
         _append(self.feedback_file, record, sync=True)
         return record
 

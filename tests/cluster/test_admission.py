@@ -360,6 +360,28 @@ def test_per_key_limits_on_requests_in_flight_and_tokens_per_minute():
     asyncio.run(main())
 
 
+def test_a_tenants_own_limits_replace_every_keys():
+    """key_limits (a tenant's max_inflight / tokens_per_minute) apply to its key; a limit it
+    leaves unset is every key's; other keys keep every key's."""
+    from cluster.admission import KeyLimitError
+
+    async def main():
+        ctl = _controller(max_inflight=16, max_batch_size=16, key_max_inflight=2, key_tokens_per_minute=100,
+                          key_limits={"tenant:big": [6, None]})
+        held = [await ctl.acquire("realtime", key="tenant:big", seats=5)]
+        with pytest.raises(KeyLimitError, match="tenant 'big' has 5 sequences .* limit is 6"):
+            await ctl.acquire("realtime", key="tenant:big", seats=2)
+        with pytest.raises(KeyLimitError, match="this API key has 0 .* limit is 2"):
+            await ctl.acquire("realtime", key="other", seats=3)
+        ctl.record_tokens("tenant:big", 120)  # its token budget is every key's (100)
+        with pytest.raises(KeyLimitError, match="tokens"):
+            await ctl.acquire("realtime", key="tenant:big")
+        for ticket in held:
+            ctl.release(ticket)
+
+    asyncio.run(main())
+
+
 def test_a_new_router_adopts_the_tickets_holders_report_and_waits_for_them():
     """A router that replaces one that died learns the work in flight from the holders'
     reports, so it does not admit past the capacity; paused, it grants nothing meanwhile."""

@@ -13,7 +13,10 @@ import pytest
 MODEL = "SmolLM2-135M-Instruct"
 # Another served name of the base model (vLLM's --served-model-name after the first).
 ALIAS = "smol"
-API_KEY = "test-key-123"
+API_KEY = "test-key-123"  # the legacy api_key: the 'default' inference tenant's
+# Tenants of the session's application (test_tenants.py): an admin, and an inference tenant
+# that may not ask for a priority more urgent than 0.
+ADMIN_KEY, TEAM_KEY = "admin-key-456", "team-key-789"
 # Limits of the session's application (test_hardening.py checks they hold).
 MAX_PROMPT_TOKENS = 4096
 MAX_OPEN_BATCHES = 4
@@ -77,6 +80,9 @@ def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
 
     return SemlineConfig(
         api_key=API_KEY,
+        tenants=[{"name": "ops", "keys": [ADMIN_KEY], "role": "admin"},
+                 {"name": "team", "keys": [TEAM_KEY], "max_priority": 0}],
+        lora_adapter_dirs=[str(tmp_path_factory.getbasetemp())],
         served_model_names=[ALIAS],
         engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
                 "chat_template": chat_template,

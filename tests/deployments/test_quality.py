@@ -16,14 +16,15 @@ import torch
 from deployments.config import SemlineConfig
 from deployments.quality.catalog import ModelCatalog
 from deployments.quality.filters import FilterChain
-from tests.deployments.conftest import ADAPTER, API_KEY, BLOCKED_PHRASE, EXPERIMENT, FILTERED, MODEL
+from tests.deployments.conftest import ADAPTER, ADMIN_KEY, API_KEY, BLOCKED_PHRASE, EXPERIMENT, FILTERED, MODEL
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the routes that change what is served
 PROMPT = "The capital of France is"
 
 
-def _post(url: str, body: dict, **kwargs) -> httpx.Response:
-    return httpx.post(url, json=body, headers=HEADERS, timeout=120, **kwargs)
+def _post(url: str, body: dict, headers: dict = HEADERS, **kwargs) -> httpx.Response:
+    return httpx.post(url, json=body, headers=headers, timeout=120, **kwargs)
 
 
 def _complete(serve_app: str, model: str, **extra) -> httpx.Response:
@@ -85,22 +86,22 @@ def test_load_and_unload_an_adapter_at_run_time(serve_app, peft_text, tmp_path):
     folder = tmp_path / "second"
     build_adapter(hf_folder(None, EngineConfig().resolve_cache_dir()), folder, 11,
                   ["q_proj", "k_proj", "o_proj", "down_proj"], 4)
-    bad = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(tmp_path)})
+    bad = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": "broken", "lora_path": str(tmp_path)}, ADMIN)
     assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
-    clash = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": str(folder)})
+    clash = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": str(folder)}, ADMIN)
     assert clash.status_code == 400
     assert _complete(serve_app, "second").status_code == 404
-    loaded = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": "second", "lora_path": str(folder)})
+    loaded = _post(f"{serve_app}/v1/load_lora_adapter", {"lora_name": "second", "lora_path": str(folder)}, ADMIN)
     assert loaded.status_code == 200, loaded.text
     cards = {c["id"]: c for c in httpx.get(f"{serve_app}/v1/models", headers=HEADERS).json()["data"]}
     assert cards["second"]["parent"] == MODEL
     answer = _complete(serve_app, "second")
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == peft_text(folder)
-    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": "second"}).status_code == 200
+    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": "second"}, ADMIN).status_code == 200
     gone = _complete(serve_app, "second")
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
-    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": "second"}).status_code == 404
-    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": ADAPTER}).status_code == 404  # configured
+    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": "second"}, ADMIN).status_code == 404
+    assert _post(f"{serve_app}/v1/unload_lora_adapter", {"lora_name": ADAPTER}, ADMIN).status_code == 404  # configured
 
 
 def test_admin_routes_need_the_api_key(serve_app):
@@ -132,12 +133,12 @@ def test_experiment_splits_users_70_30_sticky_and_reweights_without_restart(serv
     assert again == {u: arms[u] for u in users[:24]}  # each user stays on their arm
     url = f"{serve_app}/v1/experiments/{EXPERIMENT}"
     try:
-        changed = _post(url, {"weights": {"control": 0, "treatment": 1}})
+        changed = _post(url, {"weights": {"control": 0, "treatment": 1}}, ADMIN)
         assert changed.status_code == 200, changed.text
         assert set(_arms(serve_app, users[:12]).values()) == {"treatment"}
-        assert _post(url, {"weights": {"control": 1}}).status_code == 400  # every arm, by name
+        assert _post(url, {"weights": {"control": 1}}, ADMIN).status_code == 400  # every arm, by name
     finally:
-        assert _post(url, {"weights": {"control": 70, "treatment": 30}}).status_code == 200
+        assert _post(url, {"weights": {"control": 70, "treatment": 30}}, ADMIN).status_code == 200
     assert _arms(serve_app, users[:24]) == {u: arms[u] for u in users[:24]}  # back where they were
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -287,7 +288,7 @@ def test_feedback_is_kept_exported_and_survives_an_ingress_restart(serve_app, pr
     assert down.status_code == 200, down.text
     since = up.json()["created"]
     exported = [json.loads(line) for line in httpx.get(f"{serve_app}/v1/feedback", params={"since": since},
-                                                        headers=HEADERS).text.splitlines()]
+                                                        headers=ADMIN).text.splitlines()]
     mine = {r["response_id"]: r for r in exported if r["response_id"] in ids}
     assert set(mine) == {ids[0], ids[1]}
     rated = answers[ids[1]][1]["choices"][0]["message"]["content"]

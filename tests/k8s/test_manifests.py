@@ -166,6 +166,23 @@ def test_generated_manifests_match_the_config(tmp_path):
         assert path.read_text() == (K8S / path.name).read_text(), f"run `semline k8s render`: {path.name} is stale"
 
 
+def test_render_requires_api_keys_and_every_pod_reads_them_from_the_secret(rayservice, tmp_path):
+    """A config without keys of its own must name the Secret that holds them (the service
+    listens on the cluster's network); every pod, where any ingress replica may run, reads it."""
+    config = yaml.safe_load((K8S / "semline.yaml").read_text())
+    del config["kubernetes"]["api_keys_secret"]
+    (tmp_path / "open.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(k8s.NoKeysError, match="api_keys_secret"):
+        k8s.render(tmp_path / "open.yaml", tmp_path)
+    secret = yaml.safe_load((K8S / "semline.yaml").read_text())["kubernetes"]["api_keys_secret"]
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["SEMLINE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "api-keys",
+                                                                        "optional": False}
+
+
 def test_serve_config_carries_the_local_config(rayservice):
     serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     assert serve_config_errors(serve_config) == []

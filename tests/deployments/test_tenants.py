@@ -1,0 +1,135 @@
+"""Tenants on the session's application (tests/deployments/conftest.py): the legacy api_key
+(the 'default' inference tenant), an admin tenant and an inference tenant with a priority
+limit. Every route of the route table is called without a key, with each role's key: a
+route added without a declared role fails the table itself (routes.Route)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from deployments.api.routes import ROUTES, Route
+from tests.deployments.conftest import ADMIN_KEY, API_KEY, MODEL, TEAM_KEY
+
+KEYS = {"default": API_KEY, "team": TEAM_KEY, "ops": ADMIN_KEY}
+
+
+def _call(base: str, route: Route, key: str | None) -> httpx.Response:
+    path = re.sub(r"\{[^}]+\}", "no-such-id", route.path)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.request(route.method.upper(), base + path, headers=headers, timeout=60,
+                         json={} if route.method == "post" else None)
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method.upper()} {r.path}")
+def test_every_route_answers_each_role_as_declared(serve_app, route):
+    """Public routes answer anyone; the others 401 without a key; admin routes 403 for the
+    inference tenants (the OpenAI-style body names the role) and let the admin through; the
+    inference routes let every tenant through (their answer to an empty body is theirs)."""
+    anonymous = _call(serve_app, route, None)
+    if route.role == "public":
+        assert anonymous.status_code == 200, anonymous.text
+        return
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    for tenant, key in KEYS.items():
+        answer = _call(serve_app, route, key)
+        if route.role == "admin" and tenant != "ops":
+            assert answer.status_code == 403, (tenant, answer.text)
+            error = answer.json()["error"]
+            assert error["type"] == "permission_error" and error["code"] == "insufficient_role"
+            assert f"tenant {tenant!r}" in error["message"]
+        else:
+            assert answer.status_code not in (401, 403), (tenant, answer.status_code, answer.text)
+
+
+def test_a_tenant_may_not_ask_for_a_more_urgent_priority(serve_app):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    team = {"Authorization": f"Bearer {TEAM_KEY}"}
+    refused = httpx.post(f"{serve_app}/v1/completions", headers=team, json={**body, "priority": -1}, timeout=60)
+    assert refused.status_code == 403 and refused.json()["error"]["param"] == "priority"
+    assert "max_priority is 0" in refused.json()["error"]["message"]
+    assert httpx.post(f"{serve_app}/v1/completions", headers=team, json={**body, "priority": 0},
+                      timeout=60).status_code == 200
+    legacy = {"Authorization": f"Bearer {API_KEY}"}  # no limit of its own
+    assert httpx.post(f"{serve_app}/v1/completions", headers=legacy, json={**body, "priority": -1},
+                      timeout=60).status_code == 200
+
+
+def test_adapters_load_only_from_the_configured_folders(serve_app, tmp_path_factory):
+    """Outside lora_adapter_dirs the refusal is the same whether the path exists or not."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    answers = [httpx.post(f"{serve_app}/v1/load_lora_adapter", headers=admin, timeout=60,
+                          json={"lora_name": "x", "lora_path": path}) for path in ("/etc", "/no/such/folder")]
+    assert [a.status_code for a in answers] == [403, 403]
+    assert answers[0].json() == answers[1].json() and answers[0].json()["error"]["code"] == "path_not_allowed"
+    inside = tmp_path_factory.getbasetemp() / "no-adapter-here"
+    answer = httpx.post(f"{serve_app}/v1/load_lora_adapter", headers=admin, timeout=60,
+                        json={"lora_name": "x", "lora_path": str(inside)})
+    assert answer.status_code == 400  # inside: read, and refused for what it is
+
+
+def test_a_route_must_declare_its_role():
+    with pytest.raises(ValueError, match="declare its role"):
+        Route("get", "/v1/new", ROUTES[0].handler, "", "text/plain")
+
+
+def _as(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_files_batches_responses_and_feedback_belong_to_their_tenant(serve_app):
+    """What a tenant makes, another tenant cannot see, list, use or delete (404, as for what
+    does not exist); an admin sees all of it; the maker can do everything with it."""
+    import json
+    import time
+
+    team, other, admin = _as(TEAM_KEY), _as(API_KEY), _as(ADMIN_KEY)
+    line = {"custom_id": "t1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "Hi", "max_tokens": 1}}
+    upload = httpx.post(f"{serve_app}/v1/files", headers=team, data={"purpose": "batch"}, timeout=60,
+                        files={"file": ("t.jsonl", (json.dumps(line) + "\n").encode())}).json()
+    file_url = f"{serve_app}/v1/files/{upload['id']}"
+    for path in ("", "/content"):
+        assert httpx.get(file_url + path, headers=other).status_code == 404
+        assert httpx.get(file_url + path, headers=admin).status_code == 200
+        assert httpx.get(file_url + path, headers=team).status_code == 200
+    listed = {who: [f["id"] for f in httpx.get(f"{serve_app}/v1/files", headers=h).json()["data"]]
+              for who, h in (("other", other), ("admin", admin), ("team", team))}
+    assert upload["id"] not in listed["other"] and upload["id"] in listed["admin"] and upload["id"] in listed["team"]
+    create = {"input_file_id": upload["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    assert httpx.post(f"{serve_app}/v1/batches", headers=other, json=create, timeout=60).status_code == 404
+    batch = httpx.post(f"{serve_app}/v1/batches", headers=team, json=create, timeout=60).json()
+    batch_url = f"{serve_app}/v1/batches/{batch['id']}"
+    assert httpx.get(batch_url, headers=other).status_code == 404
+    assert httpx.post(f"{batch_url}/cancel", headers=other, timeout=60).status_code == 404
+    assert batch["id"] not in [b["id"] for b in httpx.get(f"{serve_app}/v1/batches?limit=100",
+                                                          headers=other).json()["data"]]
+    assert httpx.get(batch_url, headers=admin).json()["id"] == batch["id"]
+    for _ in range(300):
+        done = httpx.get(batch_url, headers=team).json()
+        if done["status"] in ("completed", "failed", "expired", "cancelled"):
+            break
+        time.sleep(0.1)
+    assert done["status"] == "completed" and done["output_file_id"]
+    output = f"{serve_app}/v1/files/{done['output_file_id']}/content"  # the batch's output is its tenant's too
+    assert httpx.get(output, headers=other).status_code == 404 and httpx.get(output, headers=team).status_code == 200
+    assert httpx.delete(file_url, headers=other).status_code == 404
+    assert httpx.delete(file_url, headers=team).status_code == 200
+
+    made = httpx.post(f"{serve_app}/v1/responses", headers=team, timeout=60,
+                      json={"model": MODEL, "input": "Hi", "max_output_tokens": 2}).json()
+    stored = f"{serve_app}/v1/responses/{made['id']}"
+    for method, path in (("GET", ""), ("GET", "/input_items"), ("POST", "/cancel"), ("DELETE", "")):
+        assert httpx.request(method, stored + path, headers=other, timeout=60).status_code == 404, (method, path)
+    follow = httpx.post(f"{serve_app}/v1/responses", headers=other, timeout=60, json={
+        "model": MODEL, "input": "More", "max_output_tokens": 2, "previous_response_id": made["id"]})
+    assert follow.status_code == 404
+    assert httpx.get(stored, headers=admin).status_code == 200 and httpx.get(stored, headers=team).status_code == 200
+
+    answer = httpx.post(f"{serve_app}/v1/chat/completions", headers=team, timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
+    rating = {"response_id": answer["id"], "score": 1}
+    assert httpx.post(f"{serve_app}/v1/feedback", headers=other, json=rating, timeout=60).status_code == 404
+    assert httpx.post(f"{serve_app}/v1/feedback", headers=team, json=rating, timeout=60).status_code == 200
