@@ -420,6 +420,10 @@ class AdmissionController:
                 "realtime_queue_wait_s": self.realtime_queue_wait(),
                 "holders": len(self._holders)}
 
+    def waiting(self, lane: str) -> list[int]:
+        """The tickets of the lane's requests still queued (for violations_of_priority)."""
+        return [w.ticket for w in self._queues[lane] if not w.granted.done()]
+
     # --- the dispatcher -------------------------------------------------------------
 
     def _withdraw(self, waiter: _Waiter) -> None:
@@ -478,7 +482,8 @@ class AdmissionController:
     def _grant_batch(self) -> int:
         """Grant up to max_batch_size tickets within capacity (in seats), best lane first, each
         lane in arrival order (a wide request at the head waits for its seats; none behind it
-        passes it); returns how many were granted."""
+        passes it, and no lane below it takes the seats it waits for: they are held for it as
+        they free up); returns how many were granted."""
         seats, tickets = self._capacity(), self.config.max_batch_size
         for lane in LANES:
             queue = self._queues[lane]
@@ -489,7 +494,9 @@ class AdmissionController:
                     queue.pop(0)
                     continue
                 need = self._seats(waiter)
-                if need > seats or need > room:
+                if need > seats:  # held for this head: the lanes below get none of them
+                    return self.config.max_batch_size - tickets
+                if need > room:
                     break
                 queue.pop(0)
                 self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic(),
@@ -507,9 +514,10 @@ class AdmissionController:
         return self.config.max_batch_size - tickets
 
 
-def violations_of_priority(grant_log) -> list[tuple[int, int]]:
+def violations_of_priority(grant_log, waiting: list[int] = ()) -> list[tuple[int, int]]:
     """(batch ticket, realtime ticket) pairs where a batch ticket was granted while the
-    realtime request already waited (it had a ticket then and was granted later)."""
+    realtime request already waited: it had a ticket then and was granted later, or is still
+    waiting (`waiting`: the realtime tickets queued now, AdmissionController.waiting)."""
     granted_at = {(lane, ticket): i for i, (lane, ticket, _) in enumerate(grant_log)}
     violations = []
     for i, (lane, ticket, newest) in enumerate(grant_log):
@@ -518,4 +526,5 @@ def violations_of_priority(grant_log) -> list[tuple[int, int]]:
         for (other_lane, other), j in granted_at.items():
             if other_lane == "realtime" and other <= newest and j > i:
                 violations.append((ticket, other))
+        violations += [(ticket, other) for other in waiting if other <= newest]
     return violations

@@ -263,6 +263,9 @@ class Router:
     async def grant_log(self) -> list[tuple[str, int]]:
         return list(self.admission.grant_log)
 
+    async def waiting(self, lane: str) -> list[int]:
+        return self.admission.waiting(lane)
+
     def _refresh_capacity(self) -> None:
         now = time.monotonic()
         self._replicas = {r: (c, t) for r, (c, t) in self._replicas.items() if now - t < self.replica_ttl_s}

@@ -112,6 +112,38 @@ def test_priority_violations_are_detected_from_the_grant_log():
     assert violations_of_priority([("realtime", 3, 3), ("batch", 2, 3)]) == []
 
 
+def test_a_wide_realtime_request_is_not_starved_by_batch_grants():
+    """At capacity 4, with batch work in flight and more queued, a realtime request for 4
+    sequences gets the seats as they free up: no batch request behind it is granted one
+    (before, each freed seat went to the next batch line and it waited forever), and the
+    violation check sees a realtime request that is still waiting."""
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8)
+        running = [await ctl.acquire("batch") for _ in range(4)]
+        queued = [asyncio.create_task(ctl.acquire("batch")) for _ in range(5)]
+        await asyncio.sleep(0.02)
+        wide = asyncio.create_task(ctl.acquire("realtime", seats=4))
+        await asyncio.sleep(0.02)
+        for ticket in running[:3]:  # three seats free: held for the wide request's head
+            ctl.release(ticket)
+            await asyncio.sleep(0.02)
+        assert not wide.done() and not any(t.done() for t in queued)
+        assert violations_of_priority(ctl.grant_log, ctl.waiting("realtime")) == []
+        ctl.release(running[3])
+        ticket = await asyncio.wait_for(wide, 1)
+        assert ctl.stats()["inflight"] == 4 and not any(t.done() for t in queued)
+        ctl.release(ticket)
+        granted = await asyncio.wait_for(asyncio.gather(*queued[:4]), 1)  # then the batch lane, in order
+        ctl.release(granted[0])
+        await asyncio.wait_for(queued[4], 1)
+        assert violations_of_priority(ctl.grant_log) == []
+        # The check sees a waiting realtime request passed over: a batch grant after its ticket.
+        log = [("batch", 1, 1), ("batch", 3, 3)]
+        assert violations_of_priority(log, waiting=[2]) == [(3, 2)]
+
+    asyncio.run(main())
+
+
 def test_full_lane_refuses_at_once_with_retry_after():
     async def main():
         ctl = _controller(max_queued={"realtime": 1, "batch": 2}, retry_after_s=3)
