@@ -21,7 +21,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 REALTIME_LANE, BATCH_LANE = "realtime", "batch"
@@ -108,6 +108,8 @@ class AdmissionConfig:
     key_tokens_per_minute: int | None = None
     # Keys with limits of their own (a tenant's): key -> [max in flight, tokens per minute].
     key_limits: dict[str, list] = field(default_factory=dict)
+    # Fair share between keys (tenants) within a lane and priority: key -> weight (default 1).
+    key_weights: dict[str, float] = field(default_factory=dict)
     # A router restarted after a crash admits nothing for this long, while the holders
     # report the tickets they hold (a little more than their reporting period).
     recovery_s: float = 0.0
@@ -187,6 +189,11 @@ class AdmissionController:
         # (when, seconds waited) of recent realtime grants: the queue wait the autoscaler sees
         self._realtime_waits: deque[tuple[float, float]] = deque(maxlen=4096)
         self._paused_until = 0.0
+        # Weighted fair queuing between keys (virtual token counters): tokens each key was
+        # granted, over its weight; charged an estimate per seat at the grant, corrected when
+        # the request's tokens are known (record_tokens).
+        self._served: dict[str, float] = {}
+        self._tokens_per_seat = 256.0  # moving average of the tokens a seat turned out to use
 
     # --- API -------------------------------------------------------------------
 
@@ -226,6 +233,7 @@ class AdmissionController:
             self._check_deadline(waiter)
         self._ensure_dispatcher()
         self._last_ticket = waiter.ticket
+        self._level(key or "")
         bisect.insort(queue, waiter)
         if request_id is not None:
             self._waiting[request_id] = waiter
@@ -251,10 +259,15 @@ class AdmissionController:
             if request_id is not None:
                 self._waiting.pop(request_id, None)
 
-    def record_tokens(self, key: str, tokens: int) -> None:
-        """A request of `key` used `tokens` (prompt and output): counted for a minute."""
-        if self._limits(key)[1] is not None and tokens > 0:
+    def record_tokens(self, key: str | None, tokens: int, seats: int = 1) -> None:
+        """A request of `key` for `seats` sequences used `tokens` (prompt and output): counted
+        for a minute (tokens_per_minute), and its fair-share charge corrected."""
+        if key is not None and self._limits(key)[1] is not None and tokens > 0:
             self._key_tokens.setdefault(key, deque()).append((time.monotonic(), tokens))
+        bucket = key or ""
+        if bucket in self._served:
+            self._served[bucket] += (tokens - seats * self._tokens_per_seat) / self._weight(bucket)
+        self._tokens_per_seat = 0.9 * self._tokens_per_seat + 0.1 * max(1.0, tokens / max(1, seats))
 
     def realtime_queue_wait(self, window_s: float = WAIT_WINDOW_S) -> float:
         """How long realtime requests wait for admission now: the 90th percentile of the waits
@@ -420,6 +433,30 @@ class AdmissionController:
                 "realtime_queue_wait_s": self.realtime_queue_wait(),
                 "holders": len(self._holders)}
 
+    def _weight(self, bucket: str) -> float:
+        return self.config.key_weights.get(bucket, 1.0)
+
+    def _fair_head(self, queue: list[_Waiter]) -> _Waiter:
+        """The waiter granted next in a lane: among those at the head's priority (and without
+        a deadline, which go first in deadline order), the one of the key served least for
+        its weight (virtual token counters), then the one with less in flight, then the earliest."""
+        head = queue[0]
+        if head.deadline is not None or len(queue) == 1:
+            return head
+        served, running = self._served, Counter(g.key or "" for g in self._inflight.values())
+        candidates = (w for w in queue if w.priority == head.priority and w.deadline is None and not w.granted.done())
+        # Level counters (a key just come back): the one with less in flight first.
+        return min(candidates, key=lambda w: (served.get(w.key or "", 0.0), running[w.key or ""], w.ticket))
+
+    def _level(self, bucket: str) -> None:
+        """A key that had nothing queued or in flight starts level with the least served active
+        key: it neither banks the time it was idle nor waits behind another key's backlog."""
+        active = {g.key or "" for g in self._inflight.values()} | {w.key or "" for q in self._queues.values()
+                                                                   for w in q}
+        if bucket not in active and active:
+            floor = min(self._served.get(k, 0.0) for k in active)
+            self._served[bucket] = max(self._served.get(bucket, 0.0), floor)
+
     def waiting(self, lane: str) -> list[int]:
         """The tickets of the lane's requests still queued (for violations_of_priority)."""
         return [w.ticket for w in self._queues[lane] if not w.granted.done()]
@@ -489,16 +526,19 @@ class AdmissionController:
             queue = self._queues[lane]
             room = self._lane_room(lane)
             while tickets > 0 and queue:
-                waiter = queue[0]
-                if waiter.granted.done():  # cancelled while queued
+                if queue[0].granted.done():  # cancelled while queued
                     queue.pop(0)
                     continue
+                waiter = self._fair_head(queue)
                 need = self._seats(waiter)
                 if need > seats:  # held for this head: the lanes below get none of them
                     return self.config.max_batch_size - tickets
                 if need > room:
                     break
-                queue.pop(0)
+                queue.remove(waiter)
+                bucket = waiter.key or ""
+                self._served[bucket] = self._served.get(bucket, 0.0) + need * self._tokens_per_seat / self._weight(
+                    bucket)
                 self._inflight[waiter.ticket] = _Grant(lane, waiter.holder, waiter.request_id, time.monotonic(),
                                                        need, waiter.key)
                 if waiter.request_id is not None:

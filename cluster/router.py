@@ -152,8 +152,8 @@ class Router:
     async def release(self, ticket: int) -> None:
         self.admission.release(ticket)
 
-    async def record_tokens(self, key: str, tokens: int) -> None:
-        self.admission.record_tokens(key, tokens)
+    async def record_tokens(self, key: str, tokens: int, seats: int = 1) -> None:
+        self.admission.record_tokens(key, tokens, seats)
 
     async def withdraw(self, request_id: str) -> None:
         self.admission.withdraw(request_id)

@@ -308,6 +308,8 @@ class TenantSettings(_Strict):
                                  "comma-separated.")
     role: Literal["admin", "inference"] = Field("inference", description="admin: every route, and every tenant's "
                                                 "files, batches and responses; inference: the OpenAI routes.")
+    weight: float = Field(1.0, gt=0, description="Its fair share: within a lane and priority, seats go to the "
+                          "tenant granted the fewest tokens for its weight (weighted fair queuing).")
     max_priority: int | None = Field(None, description="The most urgent request priority it may ask for (lower is "
                                      "more urgent): a request asking for less is refused 403. None: any.")
     max_inflight: int | None = Field(None, ge=1, description="Sequences in flight or queued at once (429 "
@@ -443,7 +445,8 @@ class SemlineConfig(_Strict):
         """The router's admission settings, with each tenant's own limits."""
         limits = {t.limit_key: [t.max_inflight, t.tokens_per_minute] for t in self.tenants
                   if t.max_inflight is not None or t.tokens_per_minute is not None}
-        return {**self.router.admission_config(), "key_limits": limits}
+        weights = {t.limit_key: t.weight for t in self.tenants if t.weight != 1.0}
+        return {**self.router.admission_config(), "key_limits": limits, "key_weights": weights}
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_dict(self.engine)

@@ -78,10 +78,11 @@ class Admission:
             return ticket
         raise AssertionError("unreachable")
 
-    def spent(self, key: str | None, tokens: int) -> None:
-        """Count a request's tokens against its API key's per-minute limit (at the router)."""
-        if key is not None and tokens > 0 and self.settings.key_tokens_per_minute is not None:
-            self.call("record_tokens", key, tokens)
+    def spent(self, key: str | None, tokens: int, seats: int = 1) -> None:
+        """Count a request's tokens (of its `seats` sequences) at the router: against its key's
+        per-minute limit, and its fair share (weighted fair queuing between keys)."""
+        if key is not None and tokens > 0:
+            self.call("record_tokens", key, tokens, seats)
 
     def release(self, ticket: int) -> None:
         self.held.pop(ticket, None)
@@ -120,7 +121,7 @@ class Unlimited:
                     key: str | None = None) -> int:
         return 0
 
-    def spent(self, key: str | None, tokens: int) -> None:
+    def spent(self, key: str | None, tokens: int, seats: int = 1) -> None:
         pass
 
     def release(self, ticket: int) -> None:

@@ -285,7 +285,7 @@ class OpenAIServing:
             results = await asyncio.gather(*(self._server_call("embed", x) for x in inputs))
         finally:
             self.admission.release(ticket)
-        self.admission.spent(key, sum(n for _, n in results))
+        self.admission.spent(key, sum(n for _, n in results), len(inputs))
         data = [{"object": "embedding", "index": i, "embedding": fmt.encode_vector(vector, body.encoding_format)}
                 for i, (vector, _) in enumerate(results)]
         tokens = sum(n for _, n in results)
@@ -556,7 +556,7 @@ class OpenAIServing:
             raise to_api_error(exc) from exc
         finally:
             self.admission.release(ticket)
-        self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"])
+        self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"], len(plan.choices))
         plan.replicas = [out.served_by for out in outputs if out.served_by]
         if plan.responses is not None:
             result = await self._finish_response(plan, outputs[0], fmt.usage(outputs))
@@ -679,7 +679,7 @@ class OpenAIServing:
                             output_index=index, arguments=item["arguments"])
             yield sse_event("response.output_item.done", next(sequence), output_index=index, item=item)
             items.append(item)
-        self.admission.spent(plan.key, fmt.usage([final])["total_tokens"])
+        self.admission.spent(plan.key, fmt.usage([final])["total_tokens"], len(plan.choices))
         response = await self._finish_response(plan, final, fmt.usage([final]), items)
         self._answered(plan, ctx.response_id, [final], text)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
@@ -772,7 +772,8 @@ class OpenAIServing:
             for state in texts:
                 fmt.add_hits(plan, state)
             self._answered(plan, response_id, outputs, texts[0].sent_text)
-            self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"])
+            self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"],
+                                 len(plan.choices))
             if body.stream_options and body.stream_options.include_usage:
                 yield fmt.data(fmt.envelope(object_name, body.model, [], fmt.usage(outputs, fmt.per_prompt(plan)), response_id))
             yield "data: [DONE]\n\n"

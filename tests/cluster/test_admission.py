@@ -144,6 +144,51 @@ def test_a_wide_realtime_request_is_not_starved_by_batch_grants():
     asyncio.run(main())
 
 
+def test_a_light_key_goes_before_a_flooders_backlog():
+    """Within a lane and priority, seats go to the key served least (weighted fair queuing):
+    a key that floods the lane gets its share, and another key's request, sent while the
+    flood is queued, is granted at the next free seat, not after the backlog."""
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8)
+        flood = [asyncio.create_task(ctl.acquire("realtime", key="a")) for _ in range(32)]
+        await asyncio.sleep(0.02)
+        light = asyncio.create_task(ctl.acquire("realtime", key="b"))
+        await asyncio.sleep(0.02)
+        running = [t.result() for t in flood if t.done()]
+        assert len(running) == 4 and not light.done()
+        ctl.release(running[0])
+        assert await asyncio.wait_for(light, 1) is not None  # the next seat, before a's 28 queued
+        assert sum(t.done() for t in flood) == 4
+        for task in flood + [light]:
+            task.cancel()
+
+    asyncio.run(main())
+
+
+def test_weights_share_the_tokens_granted():
+    """Two keys flooding one seat with weights 3 and 1 get tokens in a 3:1 ratio."""
+    async def main():
+        ctl = _controller(max_inflight=1, max_batch_size=1, key_weights={"heavy": 3.0, "light": 1.0})
+        waiting = {key: [asyncio.create_task(ctl.acquire("batch", key=key)) for _ in range(60)]
+                   for key in ("heavy", "light")}
+        tokens = {"heavy": 0, "light": 0}
+        for _ in range(60):
+            await asyncio.sleep(0.005)  # the dispatcher grants the one seat
+            done = [(key, t) for key, tasks in waiting.items() for t in tasks if t.done()]
+            key, task = done[0]
+            waiting[key].remove(task)
+            used = 100 if key == "heavy" else 120  # a request's tokens need not be the estimate
+            tokens[key] += used
+            ctl.record_tokens(key, used, seats=1)
+            ctl.release(task.result())
+        assert 2.7 <= tokens["heavy"] / tokens["light"] <= 3.3, tokens
+        for tasks in waiting.values():
+            for task in tasks:
+                task.cancel()
+
+    asyncio.run(main())
+
+
 def test_full_lane_refuses_at_once_with_retry_after():
     async def main():
         ctl = _controller(max_queued={"realtime": 1, "batch": 2}, retry_after_s=3)
