@@ -108,8 +108,10 @@ class AdmissionConfig:
     key_tokens_per_minute: int | None = None
     # Keys with limits of their own (a tenant's): key -> [max in flight, tokens per minute].
     key_limits: dict[str, list] = field(default_factory=dict)
-    # Fair share between keys (tenants) within a lane and priority: key -> weight (default 1).
+    # Fair share between keys (tenants) within a lane and priority: key -> weight (default 1);
+    # fair_share False: arrival order (what benchmarks/tenants.py compares against).
     key_weights: dict[str, float] = field(default_factory=dict)
+    fair_share: bool = True
     # A router restarted after a crash admits nothing for this long, while the holders
     # report the tickets they hold (a little more than their reporting period).
     recovery_s: float = 0.0
@@ -529,7 +531,7 @@ class AdmissionController:
                 if queue[0].granted.done():  # cancelled while queued
                     queue.pop(0)
                     continue
-                waiter = self._fair_head(queue)
+                waiter = self._fair_head(queue) if self.config.fair_share else queue[0]
                 need = self._seats(waiter)
                 if need > seats:  # held for this head: the lanes below get none of them
                     return self.config.max_batch_size - tickets

@@ -133,6 +133,8 @@ class RouterSettings(_Strict):
                                          "once (429 key_limit above); None = no limit.")
     key_tokens_per_minute: int | None = Field(None, ge=1, description="Per API key: prompt + output tokens in the "
                                               "last minute (429 key_limit with Retry-After above); None = no limit.")
+    fair_share: bool = Field(True, description="Within a lane and priority, grant seats by weighted fair queuing "
+                             "between tenants (and keys); false: in arrival order.")
 
     @model_validator(mode="after")
     def _ttl_spans_reports(self):
@@ -153,6 +155,7 @@ class RouterSettings(_Strict):
             "recovery_s": 1.5 * self.holder_sync_s,
             "key_max_inflight": self.key_max_inflight,
             "key_tokens_per_minute": self.key_tokens_per_minute,
+            "fair_share": self.fair_share,
         }
 
 
