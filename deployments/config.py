@@ -173,6 +173,13 @@ class BatchSettings(_Strict):
                                           "the rest to its error file (code batch_expired).")
     node_resource: str | None = Field(None, description="A custom Ray resource the batch runner requires: pins it "
                                       "to the node that holds storage_dir (on Kubernetes, the head with its volume).")
+    max_storage_bytes: int = Field(16 * 2**30, ge=1024, description="Uploaded files, all tenants together (413 "
+                                   "storage_full above; a batch's own output is never refused).")
+    output_ttl_s: float = Field(30 * 86400, gt=0, description="A batch's output and error files expire this long "
+                                "after they are written, unless the batch asks otherwise (output_expires_after).")
+    retention_s: float = Field(30 * 86400, gt=0, description="A finished batch's record is deleted this long after "
+                               "it finished.")
+    reap_interval_s: float = Field(60, gt=0, description="How often expired files and old batches are deleted.")
 
 
     @field_validator("completion_windows")
@@ -319,6 +326,9 @@ class TenantSettings(_Strict):
                                      "key_limit above); None: router.key_max_inflight.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + output tokens in the last minute "
                                           "(429 key_limit above); None: router.key_tokens_per_minute.")
+    batch_storage_bytes: int | None = Field(None, ge=1, description="Bytes of its batch files (uploads and its "
+                                            "batches' outputs) it may hold; an upload past it is 413.")
+    max_batches: int | None = Field(None, ge=1, description="Its batches not yet finished (429 above).")
 
     def all_keys(self) -> list[str]:
         keys = list(self.keys)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from deployments.api.errors import APIError, to_api_error
 from deployments.api.plan import Plan, json_body, key_id, viewer
-from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsRequest, FeedbackRequest,
+from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsRequest, ExpiresAfter, FeedbackRequest,
                                       LoadLoRARequest, UnloadLoRARequest)
 from deployments.api.serving import OpenAIServing
 from deployments.config import SemlineConfig
@@ -121,9 +121,17 @@ class OpenAIIngress(OpenAIServing):
             raise APIError(400, "missing the 'file' part", param="file")
         if not isinstance(purpose, str):
             raise APIError(400, "missing the 'purpose' field", param="purpose")
+        ttl_s = None
+        if form.get("expires_after[seconds]") is not None or form.get("expires_after[anchor]") is not None:
+            try:  # OpenAI's expires_after, as its SDKs send it in the form
+                ttl_s = ExpiresAfter(anchor=form.get("expires_after[anchor]") or "created_at",
+                                     seconds=form.get("expires_after[seconds]")).seconds
+            except ValidationError as exc:
+                raise APIError(400, f"expires_after: {exc.errors()[0]['msg']} (anchor created_at, seconds 1 to "
+                               "2592000)", param="expires_after") from exc
         data = await upload.read()
         return await self._call_batch("create_file", viewer(request), data, upload.filename or "upload.jsonl",
-                                      purpose)
+                                      purpose, ttl_s)
 
     async def create_batch(self, request: Request) -> dict:
         data = await json_body(request)
@@ -131,8 +139,9 @@ class OpenAIIngress(OpenAIServing):
             body = BatchCreateRequest.model_validate(data)
         except ValidationError as exc:
             raise to_api_error(exc) from exc
+        output_ttl_s = body.output_expires_after.seconds if body.output_expires_after is not None else None
         return await self._call_batch("create_batch", viewer(request), body.input_file_id, body.endpoint,
-                                      body.completion_window, body.metadata, key_id(request))
+                                      body.completion_window, body.metadata, key_id(request), output_ttl_s)
 
     # Files and batches belong to the tenant that made them: the runner shows a caller (its
     # tenant, whether admin) only theirs, or all to an admin; another's is 404.

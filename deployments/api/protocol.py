@@ -477,12 +477,21 @@ def window_seconds(window: str) -> float | None:
     return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiry of a file: `seconds` after its creation."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"] = "created_at"
+    seconds: int = Field(..., ge=1, le=2592000)
+
+
 class BatchCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input_file_id: str
     endpoint: Literal["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
     completion_window: Annotated[str, StringConstraints(max_length=16)] = "24h"  # batch.completion_windows
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None  # its output and error files' (batch.output_ttl_s)
 
 
 class FeedbackRequest(BaseModel):
@@ -788,6 +797,7 @@ class FileObject(BaseModel):
     object: Literal["file"]
     bytes: int
     created_at: int
+    expires_at: int | None = None  # deleted then (expires_after; a batch's outputs: batch.output_ttl_s)
     filename: str
     purpose: str
     status: str

@@ -167,6 +167,7 @@ class BatchRunner:
             if batch["status"] in OPEN_STATUSES:
                 logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
                 self._start(batch)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop(), context=contextvars.Context())
 
     async def call(self, method: str, *args):
         """The ingress's entry point: a client error (APIError) comes back as the value, not
@@ -183,14 +184,33 @@ class BatchRunner:
     # Every method takes the caller first: (tenant name, is admin), or None where there are no
     # tenants. Files and batches are their tenant's; another tenant's are 404 (config.may_see).
 
-    async def create_file(self, caller, data: bytes, filename: str, purpose: str) -> dict:
+    async def create_file(self, caller, data: bytes, filename: str, purpose: str, ttl_s: float | None = None) -> dict:
         if purpose != "batch":
             raise APIError(400, f"purpose must be 'batch', got {purpose!r}", param="purpose")
         if not data.strip():
             raise APIError(400, "the file is empty", param="file")
         if len(data) > self.settings.max_file_bytes:
             raise APIError(413, f"file larger than {self.settings.max_file_bytes} bytes", code="file_too_large")
-        return self.store.create_file(data, filename, purpose, tenant=None if caller is None else caller[0])
+        self._check_storage(caller, len(data))
+        return self.store.create_file(data, filename, purpose, tenant=None if caller is None else caller[0],
+                                      ttl_s=ttl_s)
+
+    def _check_storage(self, caller, size: int) -> None:
+        """Room for `size` more bytes of files: in the whole store, and in the caller's tenant's
+        bound (413 for the caller; what others hold is never touched)."""
+        files = self.store.list_files()
+        held = sum(f["bytes"] for f in files)
+        if held + size > self.settings.max_storage_bytes:
+            raise APIError(413, f"the batch file store holds {held} bytes; this file would pass its bound "
+                           f"({self.settings.max_storage_bytes}): delete files, or wait for some to expire",
+                           code="storage_full")
+        tenant = self.config.tenant(caller[0]) if caller is not None else None
+        bound = tenant.batch_storage_bytes if tenant is not None else None
+        if bound is not None:
+            mine = sum(f["bytes"] for f in files if self.store.tenant("file", f["id"]) == tenant.name)
+            if mine + size > bound:
+                raise APIError(413, f"tenant {tenant.name!r} holds {mine} bytes of batch files; this file would "
+                               f"pass its bound ({bound}): delete files first", code="tenant_storage_full")
 
     async def get_file(self, caller, file_id: str) -> dict:
         return self._lookup(self.store.get_file, file_id, caller)
@@ -209,7 +229,7 @@ class BatchRunner:
     # --- batches -------------------------------------------------------------------
 
     async def create_batch(self, caller, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict | None, key: str | None = None) -> dict:
+                           metadata: dict | None, key: str | None = None, output_ttl_s: float | None = None) -> dict:
         if endpoint not in ENDPOINTS:
             raise APIError(400, f"unsupported endpoint {endpoint!r}; supported: {sorted(ENDPOINTS)}",
                            param="endpoint")
@@ -221,6 +241,14 @@ class BatchRunner:
             raise APIError(400, f"file {input_file_id} has purpose {meta['purpose']!r}, not 'batch'",
                            param="input_file_id")
         open_batches = sum(1 for job in self.jobs.values() if job.batch["status"] in OPEN_STATUSES)
+        tenant = self.config.tenant(caller[0]) if caller is not None else None
+        if tenant is not None and tenant.max_batches is not None:
+            mine = sum(1 for job in self.jobs.values() if job.batch["status"] in OPEN_STATUSES
+                       and self.store.tenant("batch", job.batch["id"]) == tenant.name)
+            if mine >= tenant.max_batches:
+                raise APIError(429, f"tenant {tenant.name!r} has {mine} batches open (its limit is "
+                               f"{tenant.max_batches}); retry when one finishes", "rate_limit_error",
+                               code="too_many_batches", headers={"Retry-After": "30"})
         if open_batches >= self.settings.max_open_batches:
             raise APIError(429, f"{open_batches} batches are open (limit {self.settings.max_open_batches}); "
                                 "retry when one finishes", "rate_limit_error", code="too_many_batches",
@@ -238,6 +266,8 @@ class BatchRunner:
             "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
             "cancelled_at": None, "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             "metadata": metadata,
+            "output_expires_after": None if output_ttl_s is None else {"anchor": "created_at",
+                                                                       "seconds": int(output_ttl_s)},
         }
         if key is not None:
             self.store.save_owner(batch["id"], key)
@@ -289,6 +319,46 @@ class BatchRunner:
         for job in self.jobs.values():
             if job.task is not None and job.task.done() and job.batch["status"] in OPEN_STATUSES:
                 raise RuntimeError(f"batch {job.batch['id']} stopped in status {job.batch['status']}")
+
+    # --- expiry -------------------------------------------------------------------
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reap_interval_s)
+            try:
+                await self.reap()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                logger.exception("deleting expired batch files failed")
+
+    async def reap(self, now: float | None = None) -> tuple[int, int]:
+        """Delete the files past their expires_at (not an open batch's input) and the batches
+        finished more than batch.retention_s ago (the disk work in a thread); returns how many
+        files and batches were deleted."""
+        now = time.time() if now is None else now
+        in_use = {job.batch["input_file_id"] for job in self.jobs.values() if job.batch["status"] in OPEN_STATUSES}
+        files, batches = await asyncio.to_thread(self._delete_expired, now, in_use)
+        for batch_id in batches:
+            self.jobs.pop(batch_id, None)
+        return files, len(batches)
+
+    def _delete_expired(self, now: float, in_use: set[str]) -> tuple[int, list[str]]:
+        files, batches = 0, []
+        for meta in self.store.list_files():
+            if meta.get("expires_at") is not None and meta["expires_at"] <= now and meta["id"] not in in_use:
+                try:
+                    self.store.delete_file(meta["id"])
+                    files += 1
+                except NotFound:  # deleted meanwhile
+                    pass
+        for batch in self.store.list_batches():
+            ended = max((batch.get(f) or 0) for f in ("completed_at", "failed_at", "expired_at", "cancelled_at"))
+            if batch["status"] not in OPEN_STATUSES and ended and ended + self.settings.retention_s <= now:
+                try:
+                    self.store.delete_batch(batch["id"])
+                    batches.append(batch["id"])
+                except NotFound:
+                    pass
+        return files, batches
 
     # --- running --------------------------------------------------------------------
 
@@ -456,7 +526,9 @@ class BatchRunner:
             if records:
                 data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
                 file_id = derived_file_id(batch["id"], role)
+                expiry = batch.get("output_expires_after")
                 self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id,
-                                       tenant=self.store.tenant("batch", batch["id"]))  # the batch's tenant's
+                                       tenant=self.store.tenant("batch", batch["id"]),  # the batch's tenant's
+                                       ttl_s=expiry["seconds"] if expiry else self.settings.output_ttl_s)
                 batch[key] = file_id
         self._set_status(job, "cancelled" if cancelled else "expired" if expired else "completed")

@@ -92,9 +92,12 @@ class BatchStore:
     # --- files ---------------------------------------------------------------------
 
     def create_file(self, data: bytes, filename: str, purpose: str, file_id: str | None = None,
-                    tenant: str | None = None) -> dict:
+                    tenant: str | None = None, ttl_s: float | None = None) -> dict:
+        """ttl_s: the file expires (is deleted by the runner's reaper) this long after now."""
         file_id = file_id or f"file-{uuid.uuid4().hex}"
-        meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+        now = int(time.time())
+        meta = {"id": file_id, "object": "file", "bytes": len(data), "created_at": now,
+                "expires_at": None if ttl_s is None else now + int(ttl_s),
                 "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
         if tenant is not None:
             self.save_tenant("file", file_id, tenant)
@@ -157,6 +160,14 @@ class BatchStore:
     def list_batches(self) -> list[dict]:
         batches = [json.loads(p.read_text()) for p in self.batches.glob("batch_*.json")]
         return sorted(batches, key=lambda b: (b["created_at"], b["id"]), reverse=True)
+
+    def delete_batch(self, batch_id: str) -> None:
+        """A finished batch's record, owner, tenant, lease and results log (its output and
+        error files are files, which expire by themselves)."""
+        self._batch_path(batch_id, ".json").unlink()  # uncommit first
+        for suffix in (".owner", ".tenant", ".lease", ".log"):
+            self._batch_path(batch_id, suffix, must_exist=False).unlink(missing_ok=True)
+        _fsync_dir(self.batches)
 
     def _batch_path(self, batch_id: str, suffix: str, must_exist: bool = True) -> Path:
         return _checked_path("batch", BATCH_ID, self.batches, batch_id, suffix, must_exist)

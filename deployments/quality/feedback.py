@@ -62,6 +62,7 @@ class FeedbackStore:
                 os.replace(tmp, self.responses_file)
         for record in kept:
             self._remember(record)
+        self._read_to = _size(self.responses_file)  # what other replicas append after this is read on a miss
 
     def _remember(self, record: dict) -> None:
         self._responses[record["id"]] = record
@@ -83,13 +84,36 @@ class FeedbackStore:
         return functools.partial(_append, self.responses_file, record, False)
 
     def response(self, response_id: str) -> dict | None:
+        """An answer kept for rating: from memory, where the lines other ingress replicas
+        appended to the shared file since the last look are read first (only those: an unknown
+        id costs no scan of the file)."""
         with self._lock:
             record = self._responses.get(response_id)
-        if record is None:  # served by another ingress replica: look in the shared file
-            record = next((r for r in _read(self.responses_file) if r.get("id") == response_id), None)
-            if record is not None and record.get("created", 0) < time.time() - self.retention_s:
-                record = None
+            if record is None:
+                self._catch_up()
+                record = self._responses.get(response_id)
+        if record is not None and record.get("created", 0) < time.time() - self.retention_s:
+            record = None
         return record
+
+    def _catch_up(self) -> None:
+        size = _size(self.responses_file)
+        if size < self._read_to:  # rewritten by a replica that started (its retention): read it again
+            self._read_to = 0
+        if size == self._read_to:
+            return
+        with open(self.responses_file, "rb") as f:
+            f.seek(self._read_to)
+            data = f.read(size - self._read_to)
+        complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash mid-write
+            if record.get("id") not in self._responses:
+                self._remember(record)
+        self._read_to += len(complete)
 
     def add(self, response_id: str, score: float, label: str | None, comment: str | None,
             caller: tuple[str, bool] | None = None) -> dict:
@@ -164,6 +188,13 @@ def _append(path: Path, record: dict, sync: bool) -> None:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _read(path: Path):

@@ -17,6 +17,7 @@ API_KEY = "test-key-123"  # the legacy api_key: the 'default' inference tenant's
 # Tenants of the session's application (test_tenants.py): an admin, and an inference tenant
 # that may not ask for a priority more urgent than 0.
 ADMIN_KEY, TEAM_KEY = "admin-key-456", "team-key-789"
+TEAM_STORAGE = 16 * 1024  # bytes of batch files the team tenant may hold
 # Limits of the session's application (test_hardening.py checks they hold).
 MAX_PROMPT_TOKENS = 4096
 MAX_OPEN_BATCHES = 4
@@ -81,7 +82,7 @@ def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
     return SemlineConfig(
         api_key=API_KEY,
         tenants=[{"name": "ops", "keys": [ADMIN_KEY], "role": "admin"},
-                 {"name": "team", "keys": [TEAM_KEY], "max_priority": 0}],
+                 {"name": "team", "keys": [TEAM_KEY], "max_priority": 0, "batch_storage_bytes": TEAM_STORAGE}],
         lora_adapter_dirs=[str(tmp_path_factory.getbasetemp())],
         served_model_names=[ALIAS],
         engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25, "max_prompt_tokens": MAX_PROMPT_TOKENS,
@@ -99,7 +100,8 @@ def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
         # Small enough that the overload test can fill the realtime queue.
         router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},
         batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024, "max_open_batches": MAX_OPEN_BATCHES,
-               "completion_windows": ["24h", "4s"]},  # 4s: the expiry test
+               "completion_windows": ["24h", "4s"],  # 4s: the expiry test
+               "reap_interval_s": 0.5},  # expired files go within a second
     )
 
 

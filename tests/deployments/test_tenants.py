@@ -133,3 +133,82 @@ def test_files_batches_responses_and_feedback_belong_to_their_tenant(serve_app):
     rating = {"response_id": answer["id"], "score": 1}
     assert httpx.post(f"{serve_app}/v1/feedback", headers=other, json=rating, timeout=60).status_code == 404
     assert httpx.post(f"{serve_app}/v1/feedback", headers=team, json=rating, timeout=60).status_code == 200
+
+
+def test_a_tenants_storage_bound_refuses_its_upload_not_anothers(serve_app):
+    from tests.deployments.conftest import TEAM_STORAGE
+
+    team, other = _as(TEAM_KEY), _as(API_KEY)
+    line = b'{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {}}\n'
+    big = line * (TEAM_STORAGE // len(line) // 2 + 1)  # just over half the bound
+    first = httpx.post(f"{serve_app}/v1/files", headers=team, data={"purpose": "batch"}, timeout=60,
+                       files={"file": ("a.jsonl", big)})
+    assert first.status_code == 200, first.text
+    second = httpx.post(f"{serve_app}/v1/files", headers=team, data={"purpose": "batch"}, timeout=60,
+                        files={"file": ("b.jsonl", big)})
+    assert second.status_code == 413 and second.json()["error"]["code"] == "tenant_storage_full", second.text
+    assert "'team'" in second.json()["error"]["message"]
+    theirs = httpx.post(f"{serve_app}/v1/files", headers=other, data={"purpose": "batch"}, timeout=60,
+                        files={"file": ("c.jsonl", big)})
+    assert theirs.status_code == 200  # another tenant's upload still succeeds
+    for key, upload in ((TEAM_KEY, first), (API_KEY, theirs)):
+        assert httpx.delete(f"{serve_app}/v1/files/{upload.json()['id']}", headers=_as(key)).status_code == 200
+
+
+def test_files_expire_on_schedule(serve_app, client):
+    """expires_after (OpenAI's, as its SDK sends it): the file says when, and is gone then."""
+    import time
+
+    kept = client.files.create(file=("k.jsonl", b'{"a": 1}\n'), purpose="batch")
+    made = client.files.create(file=("e.jsonl", b'{"a": 1}\n'), purpose="batch",
+                               expires_after={"anchor": "created_at", "seconds": 1})
+    assert made.expires_at == made.created_at + 1 and kept.expires_at is None
+    deadline = time.time() + 10
+    while time.time() < deadline and made.id in [f.id for f in client.files.list()]:
+        time.sleep(0.2)
+    assert made.id not in [f.id for f in client.files.list()]
+    assert client.files.retrieve(kept.id).id == kept.id
+    client.files.delete(kept.id)
+    bad = httpx.post(f"{serve_app}/v1/files", headers=_as(API_KEY), timeout=60,
+                     data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "0"},
+                     files={"file": ("x.jsonl", b'{"a": 1}\n')})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "expires_after"
+
+
+def test_feedback_finds_another_replicas_answers_without_scanning(tmp_path):
+    """Two ingress replicas' stores on one folder: an answer one recorded is found by the other
+    (it reads only what was appended since its last look), and an unknown id is answered from
+    memory after that look."""
+    from deployments.quality.feedback import FeedbackStore
+
+    first, second = (FeedbackStore(str(tmp_path), True, 3600, 100) for _ in range(2))
+    first.record_response("chatcmpl-1", MODEL, None, None, "hi", "hello", "team")()
+    assert second.response("chatcmpl-1")["tenant"] == "team"
+    read_to = second._read_to
+    assert second.response("chatcmpl-unknown") is None and second._read_to == read_to
+    first.record_response("chatcmpl-2", MODEL, None, None, "hi", "hey", "team")()
+    assert second.response("chatcmpl-2")["output"] == "hey" and second._read_to > read_to
+    with pytest.raises(LookupError):
+        second.add("chatcmpl-2", 1.0, None, None, caller=("other", False))
+    assert second.add("chatcmpl-2", 1.0, None, None, caller=("team", False))["tenant"] == "team"
+
+
+def test_a_batchs_outputs_expire_as_it_asked(client):
+    import json
+    import time
+
+    line = {"custom_id": "o1", "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "Hi", "max_tokens": 1}}
+    upload = client.files.create(file=("o.jsonl", (json.dumps(line) + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 2})
+    deadline = time.time() + 60
+    while time.time() < deadline and client.batches.retrieve(batch.id).status != "completed":
+        time.sleep(0.2)
+    output = client.batches.retrieve(batch.id).output_file_id
+    meta = client.files.retrieve(output)
+    assert meta.expires_at is not None and meta.expires_at - meta.created_at == 2
+    while time.time() < deadline and output in [f.id for f in client.files.list()]:
+        time.sleep(0.2)
+    assert output not in [f.id for f in client.files.list()]
+    client.files.delete(upload.id)
