@@ -178,6 +178,7 @@ class Plan:
     expires_at: float | None = None  # time.monotonic() by which it must be done (realtime); None: no limit
     key: str | None = None  # an id of the API key it came with (per-key limits)
     owner: str | None = None  # the tenant that sent it: its stored response and feedback are theirs
+    lane: str = "realtime"  # the lane it runs in
     url: str = ""  # the route it came to
     target: Target | None = None  # the model (or experiment arm) that answers it
     filters: FilterChain | None = None  # the output filters its answers go through

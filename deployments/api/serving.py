@@ -457,7 +457,7 @@ class OpenAIServing:
     async def _run(self, plan: "Plan", lane: str):
         """Admit through the router, then stream the choices or wait for their final outputs.
         A deterministic request already answered is answered from the result cache."""
-        plan.target = self._resolve(plan)
+        plan.target, plan.lane = self._resolve(plan), lane
         plan.filters = self._filters_for(plan.body.model)
         key, settings = None, self.config.quality.result_cache
         if settings.enabled and self.admission.router is not None and plan.responses is None and cacheable(plan) \
@@ -499,7 +499,7 @@ class OpenAIServing:
 
     def _answered(self, plan: "Plan", response_id: str, outputs: list[RequestOutput], text: str) -> None:
         """Count an answer for its model and arm (and, in the HTTP ingress, keep it for feedback)."""
-        self.quality_metrics.answered(plan.target, outputs)
+        self.quality_metrics.answered(plan.target, outputs, plan.owner, plan.lane)
         if plan.filter_hits:
             self.quality_metrics.filtered(plan.target, plan.filter_hits)
 

@@ -125,17 +125,34 @@ class QualityMetrics:
         self.feedback_count = Gauge("semline_feedback_count", "Ratings received.", arm)
         self.filter_hits = Counter("semline_filter_hits", "Output filter matches.", arm + ("filter",))
         self.cache = Counter("semline_result_cache_requests", "Result cache lookups.", arm + ("result",))
+        # Per tenant (names from the config: bounded) and lane.
+        tenant = ("tenant", "lane")
+        self.tenant_requests = Counter("semline_tenant_requests", "Requests answered, per tenant and lane.", tenant)
+        self.tenant_tokens = Counter("semline_tenant_tokens", "Prompt and generated tokens per tenant and lane.",
+                                     tenant + ("kind",))
+        self.tenant_ttft = Histogram("semline_tenant_time_to_first_token_seconds", "Time to first token per "
+                                     "tenant and lane (admission wait included).", LATENCY_BUCKETS, tenant)
 
     @staticmethod
     def tags(target) -> dict:
         return {"model_name": target.model, "experiment": target.experiment or NO_ARM, "arm": target.arm or NO_ARM}
 
-    def answered(self, target, outputs: list[RequestOutput]) -> None:
+    def answered(self, target, outputs: list[RequestOutput], tenant: str | None = None, lane: str = "realtime") -> None:
         tags = self.tags(target)
         self.requests.inc(1, tags)
         tokens = sum(len(o.token_ids) for o in outputs)
         if tokens:
             self.tokens.inc(tokens, tags)
+        if tenant is not None:
+            who = {"tenant": tenant, "lane": lane}
+            self.tenant_requests.inc(1, who)
+            prompt = sum(o.metrics.num_prompt_tokens for o in outputs if o.metrics is not None)
+            for kind, count in (("prompt", prompt), ("generation", tokens)):
+                if count:
+                    self.tenant_tokens.inc(count, {**who, "kind": kind})
+            first = outputs[0].metrics if outputs else None
+            if first is not None and first.time_to_first_token is not None:
+                self.tenant_ttft.observe(first.time_to_first_token, who)
         for out in outputs[:1]:
             m = out.metrics
             if m.time_to_first_token is not None:

@@ -212,3 +212,20 @@ def test_a_batchs_outputs_expire_as_it_asked(client):
         time.sleep(0.2)
     assert output not in [f.id for f in client.files.list()]
     client.files.delete(upload.id)
+
+
+def test_requests_are_counted_per_tenant(serve_app):
+    """semline_tenant_* on /metrics, labelled with the tenant (names from the config) and lane."""
+    import time
+
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    for key in (TEAM_KEY, ADMIN_KEY):
+        assert httpx.post(f"{serve_app}/v1/completions", headers=_as(key), json=body, timeout=60).status_code == 200
+    deadline, seen = time.time() + 30, set()
+    while time.time() < deadline and not {"team", "ops"} <= seen:
+        text = httpx.get(f"{serve_app}/metrics", timeout=30).text
+        seen = set(re.findall(r'semline_tenant_requests_total\{[^}]*tenant="([^"]+)"', text))
+        time.sleep(1)
+    assert {"team", "ops"} <= seen, seen
+    assert re.search(r'semline_tenant_tokens_total\{[^}]*kind="generation"[^}]*\} [1-9]', text) or re.search(
+        r'semline_tenant_tokens_total\{[^}]*\} [1-9]', text)
