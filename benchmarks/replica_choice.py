@@ -20,7 +20,7 @@ Targets (issue 19): prefix affinity lowers mean TTFT of the shared-prefix reques
 in any 10-second window. Writes benchmarks/results/cluster.json with the CPU flags and
 the commit.
 
-    .venv/bin/python benchmarks/cluster.py [--rate 2] [--duration 40] [--max-tokens 16]
+    .venv/bin/python benchmarks/replica_choice.py [--rate 2] [--duration 40] [--max-tokens 16]
 """
 
 from __future__ import annotations
@@ -31,29 +31,13 @@ import json
 import random
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-# This file's name would shadow the `cluster` package: its folder leaves the import path,
-# the repository's root takes its place, and common.py is loaded by its path.
-_HERE = Path(__file__).resolve().parent
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-
-def _machine_info() -> dict:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_common", _HERE / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.machine_info()
-
-
-from engine.metrics import percentile  # noqa: E402
+from common import machine_info  # benchmarks/common.py
+from engine.metrics import percentile
 
 RESULTS = Path(__file__).parent / "results"
 MODEL = "SmolLM2-135M-Instruct"
@@ -211,7 +195,7 @@ def main() -> None:
     results["setup"] = {"rate": args.rate, "duration_s": args.duration, "max_tokens": args.max_tokens,
                         "primed": not args.no_prime,
                         "shared_prefixes": args.prefixes, "kv_cache_gb_per_replica": args.kv_gb,
-                        "replicas": 2, "cpus_per_replica": 1, **_machine_info()}
+                        "replicas": 2, "cpus_per_replica": 1, **machine_info()}
     Path(args.output).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")
 
