@@ -7,7 +7,8 @@ router, not the engine, is where requests wait). Phases, one run:
 2. flood, arrival order (router.fair_share false, the behaviour before weighted fair
    queuing): tenant A keeps --flood requests of --flood-tokens tokens in flight while B
    sends one at a time: B's TTFT p50 (it waits behind A's backlog);
-3. flood, fair share (the default): the same;
+3. flood, fair share (the default) with --headroom seats beyond the capacity for a tenant
+   with nothing in flight (router.light_headroom): the same;
 4. weights 3:1: both tenants keep --flood requests in flight for --duration seconds; the
    output tokens each got (finished requests' usage) and their ratio (target: within
    10 % of 3).
@@ -44,7 +45,7 @@ def config(args, fair: bool, weights: tuple[float, float], phase: str):
         tenants=[{"name": "a", "keys": [KEYS["a"]], "weight": weights[0]},
                  {"name": "b", "keys": [KEYS["b"]], "weight": weights[1]}],
         router={"actor_name": f"semline-router-{phase}", "max_inflight_per_replica": args.seats,
-                "max_queued_realtime": 4096, "fair_share": fair})
+                "max_queued_realtime": 4096, "fair_share": fair, "light_headroom": args.headroom if fair else 0})
 
 
 def deploy(cfg) -> None:
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--light-tokens", type=int, default=16)
     parser.add_argument("--light-duration", type=float, default=30)
     parser.add_argument("--duration", type=float, default=60, help="seconds of the 3:1 saturation")
+    parser.add_argument("--headroom", type=int, default=1, help="router.light_headroom with fair share (the "
+                        "engine's max_num_seqs leaves room above --seats)")
     args = parser.parse_args()
     started = time.time()
     url = start_local_app(config(args, True, (1, 1), "start"))

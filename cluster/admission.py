@@ -112,6 +112,9 @@ class AdmissionConfig:
     # fair_share False: arrival order (what benchmarks/tenants.py compares against).
     key_weights: dict[str, float] = field(default_factory=dict)
     fair_share: bool = True
+    # Seats beyond max_inflight a realtime request may take when its key has nothing in flight
+    # (a light tenant does not wait for a flooder's request to end; the engine must have room).
+    light_headroom: int = 0
     # A router restarted after a crash admits nothing for this long, while the holders
     # report the tickets they hold (a little more than their reporting period).
     recovery_s: float = 0.0
@@ -483,7 +486,7 @@ class AdmissionController:
             self._wakeup.clear()
             if time.monotonic() < self._paused_until:
                 await asyncio.sleep(self._paused_until - time.monotonic())
-            while self._capacity() > 0 and self._next_lane() is not None:
+            while (self._capacity() > 0 or self.config.light_headroom) and self._next_lane() is not None:
                 await self._gather(self._next_lane())
                 if not self._grant_batch():  # the heads need more seats than are free: wait for releases
                     break
@@ -508,7 +511,17 @@ class AdmissionController:
         return max(1, cap - above) - self._lane_inflight(lane)
 
     def _next_lane(self) -> str | None:
-        return next((lane for lane in LANES if self._queues[lane] and self._lane_room(lane) > 0), None)
+        return next((lane for lane in LANES if self._queues[lane] and (
+            self._lane_room(lane) > 0 or (lane == REALTIME_LANE and self.config.light_headroom))), None)
+
+    def _headroom(self, waiter: _Waiter, seats: int) -> int:
+        """Seats beyond the capacity this realtime waiter may take: light_headroom, less what is
+        already taken beyond it, when its key has nothing in flight."""
+        if not self.config.light_headroom or waiter.lane != REALTIME_LANE:
+            return 0
+        if any(g.key == waiter.key for g in self._inflight.values()):
+            return 0
+        return max(0, self.config.light_headroom - max(0, -seats))
 
     async def _gather(self, lane: str) -> None:
         """Let a batch gather for up to the lane's wait, unless it is already full."""
@@ -533,9 +546,10 @@ class AdmissionController:
                     continue
                 waiter = self._fair_head(queue) if self.config.fair_share else queue[0]
                 need = self._seats(waiter)
-                if need > seats:  # held for this head: the lanes below get none of them
+                extra = self._headroom(waiter, seats)
+                if need > seats + extra:  # held for this head: the lanes below get none of them
                     return self.config.max_batch_size - tickets
-                if need > room:
+                if need > room + extra:
                     break
                 queue.remove(waiter)
                 bucket = waiter.key or ""

@@ -135,6 +135,10 @@ class RouterSettings(_Strict):
                                               "last minute (429 key_limit with Retry-After above); None = no limit.")
     fair_share: bool = Field(True, description="Within a lane and priority, grant seats by weighted fair queuing "
                              "between tenants (and keys); false: in arrival order.")
+    light_headroom: int = Field(0, ge=0, description="Seats beyond the capacity a realtime request may take at once "
+                                "when its tenant (key) has nothing in flight, so it does not wait for another's "
+                                "requests to end; set max_inflight_per_replica that much below the engine's "
+                                "max_num_seqs so the engine has room for them.")
 
     @model_validator(mode="after")
     def _ttl_spans_reports(self):
@@ -156,6 +160,7 @@ class RouterSettings(_Strict):
             "key_max_inflight": self.key_max_inflight,
             "key_tokens_per_minute": self.key_tokens_per_minute,
             "fair_share": self.fair_share,
+            "light_headroom": self.light_headroom,
         }
 
 

@@ -165,6 +165,27 @@ def test_a_light_key_goes_before_a_flooders_backlog():
     asyncio.run(main())
 
 
+def test_light_headroom_lets_an_idle_key_in_at_once():
+    """light_headroom: a realtime request of a key with nothing in flight takes a seat beyond
+    the capacity at once (the flooder's requests still wait for theirs); one at a time."""
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8, light_headroom=1)
+        flood = [asyncio.create_task(ctl.acquire("realtime", key="a")) for _ in range(12)]
+        await asyncio.sleep(0.02)
+        assert sum(t.done() for t in flood) == 4
+        light = await asyncio.wait_for(ctl.acquire("realtime", key="b"), 1)  # no seat freed
+        second = asyncio.create_task(ctl.acquire("realtime", key="c"))
+        await asyncio.sleep(0.02)
+        assert not second.done() and sum(t.done() for t in flood) == 4  # the headroom is taken
+        ctl.release(light)
+        assert await asyncio.wait_for(second, 1) is not None
+        assert sum(t.done() for t in flood) == 4
+        for task in flood:
+            task.cancel()
+
+    asyncio.run(main())
+
+
 def test_weights_share_the_tokens_granted():
     """Two keys flooding one seat with weights 3 and 1 get tokens in a 3:1 ratio."""
     async def main():
