@@ -713,6 +713,7 @@ class OpenAIServing:
         # an echo with logprobs waits for the prompt's logprobs (in the first output).
         offsets = [len(c.echo or "") for c in plan.choices]
         echo_later = {i for i, c in enumerate(plan.choices) if c.echo is not None and c.params.logprobs is not None}
+        released = False
         try:
             for i, choice in enumerate(plan.choices):
                 if chat:
@@ -768,6 +769,10 @@ class OpenAIServing:
                 choice = fmt.stream_choice(index, content, reason, logprobs, plan, offsets[index])
                 offsets[index] += sum(len(lp.token) for lp in logprobs or ())
                 yield fmt.data(fmt.envelope(object_name, body.model, [choice], None, response_id))
+            # Every sequence ended: the seats go back before the last chunks, so a client that
+            # sends its next request on [DONE] finds them free (not still on their way).
+            released = True
+            self.admission.release(ticket)
             outputs = [finals[i] for i in sorted(finals)]
             for state in texts:
                 fmt.add_hits(plan, state)
@@ -780,4 +785,5 @@ class OpenAIServing:
         finally:
             for task in tasks:
                 task.cancel()  # a client that left: cancelling the streams aborts the requests
-            self.admission.release(ticket)
+            if not released:
+                self.admission.release(ticket)
