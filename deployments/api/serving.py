@@ -125,7 +125,7 @@ class OpenAIServing:
 
     def _check_priority(self, plan: "Plan") -> None:
         """A tenant asks for no more urgent a priority than its max_priority (403)."""
-        tenant = self.config.tenant(plan.key[7:]) if plan.key and plan.key.startswith("tenant:") else None
+        tenant = self.config.tenant(tenant_of_key(plan.key))
         if tenant is not None and tenant.max_priority is not None and plan.priority < tenant.max_priority:
             raise APIError(403, f"priority {plan.priority} is more urgent than tenant {tenant.name!r} may ask for "
                            f"(its max_priority is {tenant.max_priority}; lower is more urgent)", "permission_error",
