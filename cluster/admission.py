@@ -454,12 +454,15 @@ class AdmissionController:
         return min(candidates, key=lambda w: (served.get(w.key or "", 0.0), running[w.key or ""], w.ticket))
 
     def _level(self, bucket: str) -> None:
-        """A key that had nothing queued or in flight starts level with the least served active
-        key: it neither banks the time it was idle nor waits behind another key's backlog."""
+        """A key that had nothing queued or in flight starts one request's tokens (the average
+        a seat used) below the least served active key: it banks none of the time it was idle,
+        and its request goes before another key's backlog. (Level with it, a key that sends one
+        request at a time came back each time a little above the flooder, whose grants are
+        charged in advance, and waited for the flooder's next grant.)"""
         active = {g.key or "" for g in self._inflight.values()} | {w.key or "" for q in self._queues.values()
                                                                    for w in q}
         if bucket not in active and active:
-            floor = min(self._served.get(k, 0.0) for k in active)
+            floor = min(self._served.get(k, 0.0) for k in active) - self._tokens_per_seat / self._weight(bucket)
             self._served[bucket] = max(self._served.get(bucket, 0.0), floor)
 
     def waiting(self, lane: str) -> list[int]:
@@ -523,6 +526,14 @@ class AdmissionController:
             return 0
         return max(0, self.config.light_headroom - max(0, -seats))
 
+    def _light_waiter(self, queue: list[_Waiter], seats: int) -> _Waiter | None:
+        """The first waiter of the queue whose key has nothing in flight and that fits in the
+        light headroom (with `seats` free), or None."""
+        if not self.config.light_headroom:
+            return None
+        return next((w for w in queue if not w.granted.done() and self._seats(w) <= seats + self._headroom(w, seats)),
+                    None)
+
     async def _gather(self, lane: str) -> None:
         """Let a batch gather for up to the lane's wait, unless it is already full."""
         wait_s = self.config.batch_wait_ms[lane] / 1000
@@ -547,8 +558,13 @@ class AdmissionController:
                 waiter = self._fair_head(queue) if self.config.fair_share else queue[0]
                 need = self._seats(waiter)
                 extra = self._headroom(waiter, seats)
-                if need > seats + extra:  # held for this head: the lanes below get none of them
-                    return self.config.max_batch_size - tickets
+                if need > seats + extra:
+                    # Held for this head: the lanes below get none of them. Seats beyond the
+                    # capacity are another matter: a light key's request takes one whoever's turn it is.
+                    waiter = self._light_waiter(queue, seats)
+                    if waiter is None:
+                        return self.config.max_batch_size - tickets
+                    need, extra = self._seats(waiter), self._headroom(waiter, seats)
                 if need > room + extra:
                     break
                 queue.remove(waiter)

@@ -165,6 +165,33 @@ def test_a_light_key_goes_before_a_flooders_backlog():
     asyncio.run(main())
 
 
+def test_a_key_sending_one_request_at_a_time_goes_first_each_time():
+    """A light key that sends its next request when the last one ends goes before the
+    flooder's backlog every time, not only the first: at the next free seat, and at once with
+    light_headroom (whoever's turn it is among the full capacity's seats)."""
+    async def main(headroom: int):
+        ctl = _controller(max_inflight=4, max_batch_size=8, light_headroom=headroom)
+        flood = [asyncio.create_task(ctl.acquire("realtime", key="a")) for _ in range(32)]
+        await asyncio.sleep(0.02)
+        for i in range(4):
+            light = asyncio.create_task(ctl.acquire("realtime", key="b"))
+            await asyncio.sleep(0.02)
+            if not headroom:
+                assert not light.done()
+                ctl.release(next(t.result() for t in flood if t.done() and t.result() in ctl._inflight))
+                await asyncio.sleep(0.02)
+            assert light.done(), f"b's request {i} waits behind a's backlog"
+            ctl.record_tokens("b", 50)  # a short answer: far less than the flood's requests
+            ctl.release(light.result())
+            await asyncio.sleep(0.02)
+            assert sum(t.done() for t in flood) == 4 + (0 if headroom else i + 1)  # a: the seats b gave back
+        for task in flood:
+            task.cancel()
+
+    asyncio.run(main(0))
+    asyncio.run(main(1))
+
+
 def test_light_headroom_lets_an_idle_key_in_at_once():
     """light_headroom: a realtime request of a key with nothing in flight takes a seat beyond
     the capacity at once (the flooder's requests still wait for theirs); one at a time."""
