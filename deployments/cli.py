@@ -164,11 +164,14 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from deployments.batch.job import ECHO_PREFIX
+    from deployments.batch.job import ECHO_PREFIX, tenant_share
+    from deployments.config import SemlineConfig
 
     path = Path(args.file)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
+    if args.tenant is not None:  # refused here, before a job is submitted
+        tenant_share(SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig(), args.tenant, 1)
     client = JobSubmissionClient(args.address)
     with tempfile.TemporaryDirectory(prefix="semline-job-") as workdir:
         # The job's working directory travels with it: the input (and config) need no shared storage.
@@ -178,7 +181,7 @@ def _cmd_job_submit(args: argparse.Namespace) -> int:
         if args.config:
             shutil.copy(args.config, Path(workdir) / "semline.yaml")
             command += ["--config", "semline.yaml"]
-        for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)):
+        for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus), ("--tenant", args.tenant)):
             if value is not None:
                 command += [flag, str(value)]
         job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env={"working_dir": workdir},
@@ -291,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     jsub.add_argument("--batch-size", type=int, default=64, help="lines per engine call")
     jsub.add_argument("--num-cpus", type=float, default=None, help="CPUs per engine actor (default: config)")
     jsub.add_argument("--num-gpus", type=float, default=None, help="GPUs per engine actor (default: config)")
+    jsub.add_argument("--tenant", default=None, help="the config's tenant the job runs for (its priority range, "
+                      "limits and metrics)")
     jsub.add_argument("--no-wait", action="store_true", help="print the job id and return")
     jsub.set_defaults(func=_cmd_job_submit)
     k8s = sub.add_parser("k8s", help="Kubernetes manifests")

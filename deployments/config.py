@@ -326,7 +326,8 @@ class TenantSettings(_Strict):
     weight: float = Field(1.0, gt=0, description="Its fair share: within a lane and priority, seats go to the "
                           "tenant granted the fewest tokens for its weight (weighted fair queuing).")
     max_priority: int | None = Field(None, description="The most urgent request priority it may ask for (lower is "
-                                     "more urgent): a request asking for less is refused 403. None: any.")
+                                     "more urgent): a request asking for less is refused 403; one asking for none gets "
+                                     "max(0, max_priority). None: any.")
     max_inflight: int | None = Field(None, ge=1, description="Sequences in flight or queued at once (429 "
                                      "key_limit above); None: router.key_max_inflight.")
     tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + output tokens in the last minute "

@@ -10,8 +10,10 @@ found or started again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
+import time
 import uuid
 
 import ray
@@ -111,18 +113,62 @@ class Admission:
             await asyncio.sleep(self.settings.holder_sync_s)
 
 
-class Unlimited:
-    """Admission where the caller has already limited the work (the Ray Data batch job: each
-    actor runs the lines it is given): every request is admitted at once, nothing is counted."""
+class LocalLimits:
+    """Admission inside one process, where the caller has already limited the work (the Ray Data
+    batch job: each actor runs the lines it is given): a tenant's limits, or this actor's share
+    of them, are waited for, never refused (an offline job has no client to retry).
+
+    max_inflight: sequences at once; tokens_per_minute: prompt and generated tokens counted in
+    the last minute (spent). None: no limit."""
 
     router = None
 
+    def __init__(self, max_inflight: int | None = None, tokens_per_minute: int | None = None) -> None:
+        self.max_inflight, self.tokens_per_minute = max_inflight, tokens_per_minute
+        self.inflight = 0
+        self.tickets: dict[int, int] = {}  # ticket -> seats
+        self.spent_log: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, tokens)
+        self._next = 0
+        self._changed: asyncio.Condition | None = None
+
+    def _room(self, seats: int) -> bool:
+        if self.max_inflight is not None and self.inflight and self.inflight + seats > self.max_inflight:
+            return False  # a request wider than the limit still runs, alone
+        return self.tokens_per_minute is None or self.spent_last_minute() < self.tokens_per_minute
+
+    def spent_last_minute(self) -> int:
+        horizon = time.monotonic() - 60.0
+        while self.spent_log and self.spent_log[0][0] < horizon:
+            self.spent_log.popleft()
+        return sum(tokens for _, tokens in self.spent_log)
+
     async def admit(self, lane: str, seats: int = 1, priority: int = 0, deadline_s: float | None = None,
                     key: str | None = None) -> int:
-        return 0
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            while not self._room(seats):
+                wait = None
+                if self.tokens_per_minute is not None and self.spent_log:  # the oldest tokens age out
+                    wait = max(0.01, self.spent_log[0][0] + 60.0 - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._changed.wait(), wait)
+                except TimeoutError:
+                    pass
+            self._next += 1
+            self.tickets[self._next] = seats
+            self.inflight += seats
+            return self._next
 
     def spent(self, key: str | None, tokens: int, seats: int = 1) -> None:
-        pass
+        if tokens > 0 and self.tokens_per_minute is not None:
+            self.spent_log.append((time.monotonic(), tokens))
 
     def release(self, ticket: int) -> None:
-        pass
+        self.inflight -= self.tickets.pop(ticket, 0)
+        if self._changed is not None:
+            asyncio.get_running_loop().create_task(self._notify())  # released by a request of this loop
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()

@@ -173,7 +173,7 @@ class Plan:
     reasoning: str | None = None  # the reasoning parser's style (deployments/api/reasoning.py); None: none
     template_kwargs: dict | None = None  # chat_template_kwargs, for the LLM server's rendering
     responses: "ResponsesContext | None" = None  # a /v1/responses request, answered as a Response
-    priority: int = 0  # within its lane at the router: lower first
+    priority: int | None = None  # within its lane at the router: lower first (None: not asked)
     deadline_s: float | None = None  # its first token is due within this many seconds
     expires_at: float | None = None  # time.monotonic() by which it must be done (realtime); None: no limit
     key: str | None = None  # an id of the API key it came with (per-key limits)

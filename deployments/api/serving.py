@@ -124,9 +124,13 @@ class OpenAIServing:
         return with_headers(await self._run_until(plan, REALTIME_LANE), plan)
 
     def _check_priority(self, plan: "Plan") -> None:
-        """A tenant asks for no more urgent a priority than its max_priority (403)."""
+        """A tenant asks for no more urgent a priority than its max_priority (403); a request
+        that asks for none gets the default, 0, or its tenant's max_priority where that is later."""
         tenant = self.config.tenant(tenant_of_key(plan.key))
-        if tenant is not None and tenant.max_priority is not None and plan.priority < tenant.max_priority:
+        floor = tenant.max_priority if tenant is not None else None
+        if plan.priority is None:
+            plan.priority = 0 if floor is None else max(0, floor)
+        elif floor is not None and plan.priority < floor:
             raise APIError(403, f"priority {plan.priority} is more urgent than tenant {tenant.name!r} may ask for "
                            f"(its max_priority is {tenant.max_priority}; lower is more urgent)", "permission_error",
                            param="priority", code="priority_not_allowed")
@@ -338,7 +342,7 @@ class OpenAIServing:
         body = self.validate(url, data)
         plan = await self._plan(body, lane)
         plan.url = url
-        plan.priority = body.priority
+        plan.priority = body.priority if "priority" in body.model_fields_set else None
         deadline_ms = body.ttft_deadline_ms if body.ttft_deadline_ms is not None else deadline_ms
         plan.deadline_s = None if deadline_ms is None else deadline_ms / 1000
         return plan

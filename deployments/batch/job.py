@@ -29,7 +29,7 @@ import numpy as np
 
 from deployments.batch.runner import answer_line, parse_input, record_kind, result_record
 from deployments.config import SemlineConfig
-from deployments.api.admission import Unlimited
+from deployments.api.admission import LocalLimits
 from deployments.api.errors import APIError
 from deployments.api.serving import ENDPOINTS, OpenAIServing
 
@@ -42,10 +42,15 @@ ECHO_PREFIX = "@@semline-result@@ "
 
 class LocalServing(OpenAIServing):
     """OpenAIServing over an in-process LLM server: no router, no Serve handle.
-    The actor pool is the admission control: each actor runs the lines it is given."""
+    The actor pool is the admission control: each actor runs the lines it is given, within its
+    share of the tenant's limits (limits: (max_inflight, tokens_per_minute) for this actor)."""
 
-    def _admission(self, router) -> Unlimited:
-        return Unlimited()
+    def __init__(self, llm, config: SemlineConfig, limits: tuple[int | None, int | None] = (None, None)) -> None:
+        self.limits = limits
+        super().__init__(llm, config)
+
+    def _admission(self, router) -> LocalLimits:
+        return LocalLimits(*self.limits)
 
     def _call(self, method: str, choice, priority: int, plan, stream: bool = False):
         call = getattr(self.llm, method)(choice.prompt, choice.messages, choice.params, priority, uuid.uuid4().hex,
@@ -63,16 +68,17 @@ class EngineWorker:
     """One engine replica in the actor pool: answers a batch of lines concurrently
     (the engine's continuous batching runs them together)."""
 
-    def __init__(self, config: dict, endpoint: str, num_threads: int) -> None:
+    def __init__(self, config: dict, endpoint: str, num_threads: int, key: str | None = None,
+                 limits: tuple[int | None, int | None] = (None, None)) -> None:
         from deployments.llm_server import LLMServer
 
         self.config = SemlineConfig.model_validate(config)
-        self.endpoint = endpoint
+        self.endpoint, self.key = endpoint, key
         self.loop = asyncio.new_event_loop()
         server = LLMServer(self.config.engine, num_threads, model_name=self.config.model_name,
                            parallel_config=self.config.parallel,
                            tool_call_parser=self.config.http.tool_call_parser)
-        self.serving = LocalServing(server, self.config)
+        self.serving = LocalServing(server, self.config, limits)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         bodies = [json.loads(b) for b in batch["body"]]
@@ -86,7 +92,7 @@ class EngineWorker:
 
     async def _answer(self, body: dict) -> tuple[int, dict]:
         try:
-            return await answer_line(self.serving, self.endpoint, body)
+            return await answer_line(self.serving, self.endpoint, body, self.key)
         except APIError as exc:  # nothing to retry against offline: the error is the answer
             return exc.status, exc.body()
 
@@ -112,11 +118,27 @@ def _first_url(data: bytes) -> str:
     return "/v1/chat/completions"
 
 
+def tenant_share(config: SemlineConfig, name: str | None, actors: int) -> tuple[str | None, tuple]:
+    """The job's tenant: the key its lines are counted under (its priority range, the tenant
+    metrics, its ownership) and each actor's share of its limits (max_inflight,
+    tokens_per_minute). No tenant: the 'default' tenant's, unlimited. ValueError: not in the config."""
+    if name is None:
+        return None, (None, None)
+    tenant = config.tenant(name)
+    if tenant is None:
+        known = ", ".join(t.name for t in config.tenants) or "none"
+        raise ValueError(f"tenant {name!r} is not in the config (its tenants: {known})")
+    share = [None if limit is None else max(1, -(-limit // actors))
+             for limit in (tenant.max_inflight, tenant.tokens_per_minute)]
+    return tenant.limit_key, tuple(share)
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Run the job; returns a summary {total, completed, failed, output, errors}."""
+    """Run the job; returns a summary {total, completed, failed, output, errors, tenant}."""
     import ray
 
     config = SemlineConfig.from_yaml(args.config) if args.config else SemlineConfig()
+    key, limits = tenant_share(config, args.tenant, args.num_replicas)
     with _open(args.input, "r") as f:
         data = f.read()
     endpoint = args.endpoint or _first_url(data)
@@ -136,7 +158,8 @@ def run(args: argparse.Namespace) -> dict:
         dataset = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // args.batch_size)).map_batches(
             EngineWorker,
             fn_constructor_kwargs={"config": config.model_dump(mode="json", exclude={"kubernetes"}),
-                                   "endpoint": endpoint, "num_threads": int(max(1, num_cpus))},
+                                   "endpoint": endpoint, "num_threads": int(max(1, num_cpus)),
+                                   "key": key, "limits": limits},
             compute=ray.data.ActorPoolStrategy(size=args.num_replicas),
             batch_size=args.batch_size, num_cpus=num_cpus, num_gpus=num_gpus)
         start, last = time.monotonic(), 0.0
@@ -159,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
             for record in part:
                 print(ECHO_PREFIX + json.dumps({"file": name, "record": record}, ensure_ascii=False))
     summary = {"total": len(lines), "completed": len(outputs), "failed": len(errors),
-               "output": args.output, "errors": errors_path}
+               "output": args.output, "errors": errors_path, "tenant": args.tenant}
     print("summary: " + json.dumps(summary), flush=True)
     return summary
 
@@ -179,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="lines per map_batches call")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per engine actor (default: config)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per engine actor (default: config)")
+    parser.add_argument("--tenant", default=None, help="the config's tenant the job runs for: its priority "
+                        "range, its share of max_inflight and tokens_per_minute split over the actors, "
+                        "its metrics label (default: none, unlimited)")
     parser.add_argument("--address", default=None, help="Ray address (default: the job's cluster, or a new one)")
     parser.add_argument("--echo-results", action="store_true",
                         help=f"also print every record to stdout, prefixed {ECHO_PREFIX.strip()!r}")

@@ -28,13 +28,18 @@ def test_job_submit_answers_every_line_once(jobs_address, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(lines) + "\n")
     output = tmp_path / "out.jsonl"
+    config = tmp_path / "semline.yaml"  # the job runs for a tenant of the config
+    config.write_text("tenants:\n  - {name: nightly, keys: [k], max_priority: 3}\n")
+    submit = [sys.executable, "-m", "deployments.cli", "job", "submit", str(source), "--address", jobs_address,
+              "--output", str(output), "--num-cpus", "1", "--batch-size", "4", "--config", str(config)]
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "deployments.cli", "job", "submit", str(source), "--address", jobs_address,
-         "--output", str(output), "--num-cpus", "1", "--batch-size", "4"],
-        capture_output=True, text=True, timeout=300)
+    unknown = subprocess.run(submit + ["--tenant", "nobody"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "tenant 'nobody' is not in the config" in unknown.stderr
+    assert not output.exists()  # refused before a job was submitted
+    proc = subprocess.run(submit + ["--tenant", "nightly"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "succeeded" in proc.stderr and "progress:" in proc.stderr  # the job's log was followed
+    assert '"tenant": "nightly"' in proc.stderr
 
     outputs = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["custom_id"] for r in outputs) == sorted(good)  # each exactly once
@@ -71,15 +76,30 @@ def test_job_serving_answers_embeddings_and_responses_lines(tmp_path):
     (LocalServing over an in-process LLM server), as the batch lane does."""
     import asyncio
 
-    from deployments.batch.job import LocalServing
+    from deployments.batch.job import LocalServing, tenant_share
     from deployments.batch.runner import answer_line
     from deployments.config import SemlineConfig
     from deployments.llm_server import LLMServer
 
-    config = SemlineConfig(engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.1})
+    config = SemlineConfig(engine={"device": "cpu", "dtype": "float32", "kv_cache_memory_gb": 0.1},
+                           tenants=[{"name": "nightly", "keys": ["k"], "max_priority": 5, "max_inflight": 2}])
+    key, limits = tenant_share(config, "nightly", 2)
+    assert key == "tenant:nightly" and limits == (1, None)  # each of 2 actors: half its max_inflight
     server = LLMServer(config.engine, 1, model_name=config.model_name)
-    serving = LocalServing(server, config)
+    serving = LocalServing(server, config, limits)
     try:
+        # The job's tenant: its priority range holds (403 as over HTTP), its share of seats too.
+        line = {"model": config.model_name, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+        status, body = asyncio.run(answer_line(serving, "/v1/completions", {**line, "priority": 0}, key))
+        assert status == 403 and body["error"]["code"] == "priority_not_allowed"
+
+        async def two_lines():
+            return await asyncio.gather(*(answer_line(serving, "/v1/completions", {**line, "priority": 7}, key)
+                                          for _ in range(2)))
+
+        answers = asyncio.run(two_lines())
+        assert [status for status, _ in answers] == [200, 200]
+        assert serving.admission.inflight == 0 and not serving.admission.tickets  # every seat given back
         status, body = asyncio.run(answer_line(serving, "/v1/embeddings",
                                                {"model": config.model_name, "input": ["a cat", "a dog"]}))
         assert status == 200 and [d["index"] for d in body["data"]] == [0, 1] and len(body["data"][0]["embedding"]) == 576
@@ -88,3 +108,31 @@ def test_job_serving_answers_embeddings_and_responses_lines(tmp_path):
         assert status == 200 and body["object"] == "response" and body["output"][0]["content"][0]["text"]
     finally:
         server.engine.shutdown()
+
+
+def test_a_jobs_local_limits_wait_for_seats_and_tokens():
+    """The job's actors hold their tenant's share: a second sequence waits for the first's seat,
+    a request wider than the limit runs alone, and spent tokens hold the next until they age out."""
+    import asyncio
+    import time
+
+    from deployments.api.admission import LocalLimits
+
+    async def scenario():
+        limits = LocalLimits(max_inflight=1, tokens_per_minute=100)
+        first = await limits.admit("batch")
+        second = asyncio.ensure_future(limits.admit("batch"))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # its seat is taken
+        limits.release(first)
+        limits.release(await asyncio.wait_for(second, 1))
+        wide = await asyncio.wait_for(limits.admit("batch", seats=4), 1)  # alone, it may exceed the limit
+        limits.release(wide)
+        limits.spent("tenant:x", 100)
+        limits.spent_log[0] = (time.monotonic() - 59.8, 100)  # spent 59.8 s ago: ages out in 0.2 s
+        start = time.monotonic()
+        limits.release(await asyncio.wait_for(limits.admit("batch"), 2))
+        assert 0.1 < time.monotonic() - start < 1.5
+        assert limits.inflight == 0
+
+    asyncio.run(scenario())
