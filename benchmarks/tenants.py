@@ -10,8 +10,8 @@ router, not the engine, is where requests wait). Phases, one run:
 3. flood, fair share (the default) with --headroom seats beyond the capacity for a tenant
    with nothing in flight (router.light_headroom): the same;
 4. weights 3:1: both tenants keep --flood requests in flight for --duration seconds; the
-   output tokens each got (finished requests' usage) and their ratio (target: within
-   10 % of 3).
+   output tokens streamed to each within that time (each chunk's usage so far) and their
+   ratio (target: within 10 % of 3).
 Targets: B's TTFT p50 under the flood <= 2x alone; tokens within 10 % of 3:1. The load
 client is one asyncio process. Each phase is its own application (Serve redeploys it in
 place, with a router of its own). Writes benchmarks/results/tenants.json with the CPU
@@ -56,9 +56,12 @@ def deploy(cfg) -> None:
     serve.run(build_app(cfg), name="semline", route_prefix="/")
 
 
-async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int) -> dict:
-    body = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": max_tokens,
-            "ignore_eos": True, "temperature": 0, "messages": [{"role": "user", "content": f"Tell me a story, {i}."}]}
+async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int, until: float | None = None) -> dict:
+    """One streamed chat request. tokens: its output tokens received before `until` (every
+    chunk carries the usage so far: stream_options.continuous_usage_stats), all of them if None."""
+    body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "messages": [{"role": "user", "content": f"Tell me a story, {i}."}]}
     start, ttft, tokens = time.perf_counter(), None, 0
     async with http.stream("POST", "/v1/chat/completions", json=body,
                            headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as resp:
@@ -68,17 +71,17 @@ async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int)
             chunk = json.loads(line[6:])
             if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - start
-            if chunk.get("usage"):
+            if chunk.get("usage") and (until is None or time.perf_counter() <= until):
                 tokens = chunk["usage"]["completion_tokens"]
     return {"status": resp.status_code, "ttft": ttft, "tokens": tokens, "done_at": time.perf_counter()}
 
 
 async def keep_in_flight(http, tenant: str, count: int, max_tokens: int, stop: float, results: list) -> None:
-    """`count` requests of `tenant` always in flight until `stop`."""
+    """`count` requests of `tenant` always in flight until `stop` (their tokens counted until then)."""
     async def one(c: int) -> None:
         i = 0
         while time.perf_counter() < stop:
-            results.append(await request(http, tenant, c * 100_000 + i, max_tokens))
+            results.append(await request(http, tenant, c * 100_000 + i, max_tokens, stop))
             i += 1
     await asyncio.gather(*(one(c) for c in range(count)))
 
@@ -125,8 +128,8 @@ async def run(args, url: str) -> dict:
         stop = start + args.duration
         await asyncio.gather(*(keep_in_flight(http, t, args.flood, args.flood_tokens, stop, results[t])
                                for t in ("a", "b")))
-        # Tokens of the requests that finished within the saturated minute.
-        tokens = {t: sum(r["tokens"] for r in rs if r["done_at"] <= stop) for t, rs in results.items()}
+        # Output tokens streamed to each tenant within the saturated minute (unfinished requests' too).
+        tokens = {t: sum(r["tokens"] for r in rs) for t, rs in results.items()}
         result["weights_3_to_1"] = {"duration_s": args.duration, "tokens": tokens,
                                     "ratio": round(tokens["a"] / max(1, tokens["b"]), 3)}
     return result

@@ -62,6 +62,25 @@ def usage(outputs: list[RequestOutput], n: int = 1) -> dict:
             "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
+class RunningUsage:
+    """The usage of a stream so far, for stream_options.continuous_usage_stats: each choice's
+    prompt (from its outputs' metrics) and the tokens it has streamed."""
+
+    def __init__(self, choices: int, n: int) -> None:
+        self.n = n
+        self.prompt = [0] * choices
+        self.completion = [0] * choices
+
+    def add(self, index: int, output: RequestOutput) -> None:
+        self.completion[index] += len(output.delta_token_ids)
+        if output.metrics is not None:
+            self.prompt[index] = output.metrics.num_prompt_tokens
+
+    def usage(self) -> dict:
+        prompt, completion = sum(self.prompt[::self.n]), sum(self.completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def finish_reason(out: RequestOutput, called_tools: bool = False) -> str:
     if out.finish_reason == "length":
         return "length"

@@ -52,6 +52,8 @@ class _Open(BaseModel):
 
 class StreamOptions(_Open):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (prompt tokens, completion tokens to that chunk).
+    continuous_usage_stats: bool = False
 
 
 class FunctionDefinition(_Open):

@@ -717,6 +717,9 @@ class OpenAIServing:
         # an echo with logprobs waits for the prompt's logprobs (in the first output).
         offsets = [len(c.echo or "") for c in plan.choices]
         echo_later = {i for i, c in enumerate(plan.choices) if c.echo is not None and c.params.logprobs is not None}
+        options = body.stream_options
+        running = fmt.RunningUsage(len(streams), fmt.per_prompt(plan)) if options and options.continuous_usage_stats \
+            else None
         released = False
         try:
             for i, choice in enumerate(plan.choices):
@@ -747,6 +750,8 @@ class OpenAIServing:
                     reasoning, answer = thinking[index].feed(item.delta_text, item.finished)
                     item = dataclasses.replace(item, delta_text=answer)
                 text, calls = texts[index].feed(item)
+                if running is not None:
+                    running.add(index, item)
                 blocked = texts[index].blocked
                 if item.finished or blocked:
                     finals[index] = item
@@ -772,7 +777,7 @@ class OpenAIServing:
                     content = text
                 choice = fmt.stream_choice(index, content, reason, logprobs, plan, offsets[index])
                 offsets[index] += sum(len(lp.token) for lp in logprobs or ())
-                yield fmt.data(fmt.envelope(object_name, body.model, [choice], None, response_id))
+                yield fmt.data(fmt.envelope(object_name, body.model, [choice], running and running.usage(), response_id))
             # Every sequence ended: the seats go back before the last chunks, so a client that
             # sends its next request on [DONE] finds them free (not still on their way).
             released = True
@@ -783,7 +788,7 @@ class OpenAIServing:
             self._answered(plan, response_id, outputs, texts[0].sent_text)
             self.admission.spent(plan.key, fmt.usage(outputs, fmt.per_prompt(plan))["total_tokens"],
                                  len(plan.choices))
-            if body.stream_options and body.stream_options.include_usage:
+            if options and options.include_usage:
                 yield fmt.data(fmt.envelope(object_name, body.model, [], fmt.usage(outputs, fmt.per_prompt(plan)), response_id))
             yield "data: [DONE]\n\n"
         finally:

@@ -99,6 +99,21 @@ def test_streamed_completion(client):
     assert "".join(pieces)
 
 
+def test_continuous_usage_stats_count_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far, which
+    grows with the tokens streamed and ends at the final usage (n=2: both choices' tokens)."""
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="The sea is", max_tokens=12, temperature=0.8, seed=3, n=2, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    running = [c.usage for c in chunks if c.choices]
+    assert running and all(u is not None for u in running)
+    completion = [u.completion_tokens for u in running]
+    assert completion == sorted(completion) and completion[0] >= 1 and completion[-1] == 24
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens == 24
+    assert {u.prompt_tokens for u in running} == {final.prompt_tokens} and final.prompt_tokens > 0
+
+
 @pytest.mark.parametrize("kwargs, status, param", [
     ({"model": "no-such-model"}, 404, "model"),
     ({"temperature": 5}, 400, "temperature"),
