@@ -135,10 +135,18 @@ class RouterSettings(_Strict):
                                               "last minute (429 key_limit with Retry-After above); None = no limit.")
     fair_share: bool = Field(True, description="Within a lane and priority, grant seats by weighted fair queuing "
                              "between tenants (and keys); false: in arrival order.")
-    light_headroom: int = Field(0, ge=0, description="Seats beyond the capacity a realtime request may take at once "
-                                "when its tenant (key) has nothing in flight, so it does not wait for another's "
-                                "requests to end; set max_inflight_per_replica that much below the engine's "
-                                "max_num_seqs so the engine has room for them.")
+    light_headroom: int | None = Field(None, ge=0, description="Seats beyond the capacity a realtime request may "
+                                       "take at once when its tenant (key) has nothing in flight, so it does not "
+                                       "wait for another's requests to end; set max_inflight_per_replica that much "
+                                       "below the engine's max_num_seqs so the engine has room for them. None: 1 "
+                                       "where max_inflight_per_replica is None (each replica then admits "
+                                       "max_num_seqs - 1), else 0.")
+
+    def headroom(self) -> int:
+        """light_headroom, resolved."""
+        if self.light_headroom is not None:
+            return self.light_headroom
+        return 1 if self.max_inflight_per_replica is None else 0
 
     @model_validator(mode="after")
     def _ttl_spans_reports(self):
@@ -160,7 +168,7 @@ class RouterSettings(_Strict):
             "key_max_inflight": self.key_max_inflight,
             "key_tokens_per_minute": self.key_tokens_per_minute,
             "fair_share": self.fair_share,
-            "light_headroom": self.light_headroom,
+            "light_headroom": self.headroom(),
         }
 
 

@@ -51,7 +51,10 @@ class LLMServer:
         torch.set_num_threads(max(1, num_threads))
         self.engine = AsyncEngine(EngineConfig.from_dict({**engine_config, "num_threads": max(1, num_threads)}),
                                   executor=RayExecutor(ParallelConfig.from_dict(parallel_config)))
-        self.capacity = capacity or self.engine.engine.config.max_num_seqs
+        # None: the engine's max_num_seqs, less the router's headroom for light tenants (their seats
+        # beyond the capacity must find room in the engine).
+        self.capacity = capacity or max(1, self.engine.engine.config.max_num_seqs
+                                        - (router_config or {}).get("light_headroom", 0))
         self.stream_interval_s = stream_interval_ms / 1000
         self.stream_chunks_per_s = stream_chunks_per_s
         self.num_streams = 0  # streams open now (generate() calls that stream)

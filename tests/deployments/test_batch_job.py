@@ -85,7 +85,8 @@ def test_job_serving_answers_embeddings_and_responses_lines(tmp_path):
                            tenants=[{"name": "nightly", "keys": ["k"], "max_priority": 5, "max_inflight": 2}])
     key, limits = tenant_share(config, "nightly", 2)
     assert key == "tenant:nightly" and limits == (1, None)  # each of 2 actors: half its max_inflight
-    server = LLMServer(config.engine, 1, model_name=config.model_name)
+    server = LLMServer(config.engine, 1, model_name=config.model_name, router_config={"light_headroom": 1})
+    assert server.capacity == server.engine.engine.config.max_num_seqs - 1  # the router's headroom has room
     serving = LocalServing(server, config, limits)
     try:
         # The job's tenant: its priority range holds (403 as over HTTP), its share of seats too.

@@ -24,6 +24,16 @@ def test_unknown_keys_are_named(tmp_path):
         SemlineConfig.from_yaml(path)
 
 
+def test_light_headroom_defaults_to_the_engines_last_seat():
+    """By default a light tenant's request has a seat beyond the capacity (the replicas admit
+    max_num_seqs - 1); where the capacity is set by hand, so is the headroom."""
+    from deployments.config import RouterSettings, SemlineConfig
+
+    assert RouterSettings().headroom() == 1 and SemlineConfig().admission_config()["light_headroom"] == 1
+    assert RouterSettings(max_inflight_per_replica=8).headroom() == 0
+    assert RouterSettings(max_inflight_per_replica=8, light_headroom=2).headroom() == 2
+
+
 def test_autoscaling_becomes_serve_options():
     fixed = llm_server_options(SemlineConfig())
     assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
