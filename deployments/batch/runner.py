@@ -163,6 +163,7 @@ class BatchRunner:
         self.serving = OpenAIServing(llm, config)
         self.slots = asyncio.Semaphore(self.settings.max_concurrency)
         self.jobs: dict[str, Job] = {}
+        self._storage_lock = asyncio.Lock()
         for batch in self.store.list_batches():
             if batch["status"] in OPEN_STATUSES:
                 logger.info("resuming batch %s (%s)", batch["id"], batch["status"])
@@ -191,9 +192,10 @@ class BatchRunner:
             raise APIError(400, "the file is empty", param="file")
         if len(data) > self.settings.max_file_bytes:
             raise APIError(413, f"file larger than {self.settings.max_file_bytes} bytes", code="file_too_large")
-        self._check_storage(caller, len(data))
-        return self.store.create_file(data, filename, purpose, tenant=None if caller is None else caller[0],
-                                      ttl_s=ttl_s)
+        async with self._storage_lock:  # the bound is checked and the file written as one step
+            await asyncio.to_thread(self._check_storage, caller, len(data))
+            return await asyncio.to_thread(self.store.create_file, data, filename, purpose,
+                                           tenant=None if caller is None else caller[0], ttl_s=ttl_s)
 
     def _check_storage(self, caller, size: int) -> None:
         """Room for `size` more bytes of files: in the whole store, and in the caller's tenant's
@@ -212,18 +214,21 @@ class BatchRunner:
                 raise APIError(413, f"tenant {tenant.name!r} holds {mine} bytes of batch files; this file would "
                                f"pass its bound ({bound}): delete files first", code="tenant_storage_full")
 
+    # The store reads and writes files (fsynced): in a thread, never on the replica's event loop.
+
     async def get_file(self, caller, file_id: str) -> dict:
-        return self._lookup(self.store.get_file, file_id, caller)
+        return await asyncio.to_thread(self._lookup, self.store.get_file, file_id, caller)
 
     async def file_content(self, caller, file_id: str) -> bytes:
-        return self._lookup(self.store.file_content, file_id, caller)
+        return await asyncio.to_thread(self._lookup, self.store.file_content, file_id, caller)
 
     async def list_files(self, caller) -> dict:
-        files = [f for f in self.store.list_files() if may_see(caller, self.store.tenant("file", f["id"]))]
+        files = await asyncio.to_thread(lambda: [f for f in self.store.list_files()
+                                                 if may_see(caller, self.store.tenant("file", f["id"]))])
         return {"object": "list", "data": files, "has_more": False}
 
     async def delete_file(self, caller, file_id: str) -> dict:
-        self._lookup(self.store.delete_file, file_id, caller)
+        await asyncio.to_thread(self._lookup, self.store.delete_file, file_id, caller)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # --- batches -------------------------------------------------------------------
@@ -236,7 +241,7 @@ class BatchRunner:
         if completion_window not in self.settings.completion_windows:
             raise APIError(400, f"completion_window must be one of {self.settings.completion_windows}",
                            param="completion_window")
-        meta = self._lookup(self.store.get_file, input_file_id, caller)
+        meta = await asyncio.to_thread(self._lookup, self.store.get_file, input_file_id, caller)
         if meta["purpose"] != "batch":
             raise APIError(400, f"file {input_file_id} has purpose {meta['purpose']!r}, not 'batch'",
                            param="input_file_id")
@@ -253,7 +258,7 @@ class BatchRunner:
             raise APIError(429, f"{open_batches} batches are open (limit {self.settings.max_open_batches}); "
                                 "retry when one finishes", "rate_limit_error", code="too_many_batches",
                            headers={"Retry-After": "30"})
-        lines = parse_input(self.store.file_content(input_file_id), endpoint)
+        lines = await asyncio.to_thread(lambda: parse_input(self.store.file_content(input_file_id), endpoint))
         if len(lines) > self.settings.max_requests_per_batch:
             raise APIError(400, f"the file has {len(lines)} requests; the limit is "
                                 f"{self.settings.max_requests_per_batch}", param="input_file_id")
@@ -269,22 +274,26 @@ class BatchRunner:
             "output_expires_after": None if output_ttl_s is None else {"anchor": "created_at",
                                                                        "seconds": int(output_ttl_s)},
         }
-        if key is not None:
-            self.store.save_owner(batch["id"], key)
-        if caller is not None:
-            self.store.save_tenant("batch", batch["id"], caller[0])
-        self.store.save_batch(batch)  # accepted = on disk
+        def save() -> None:
+            if key is not None:
+                self.store.save_owner(batch["id"], key)
+            if caller is not None:
+                self.store.save_tenant("batch", batch["id"], caller[0])
+            self.store.save_batch(batch)  # accepted = on disk
+
+        await asyncio.to_thread(save)
         self._start(batch)
         return dict(batch)
 
     async def get_batch(self, caller, batch_id: str) -> dict:
-        batch = self._lookup(self.store.get_batch, batch_id, caller)
+        batch = await asyncio.to_thread(self._lookup, self.store.get_batch, batch_id, caller)
         job = self.jobs.get(batch_id)
         return dict(job.batch) if job else batch
 
     async def list_batches(self, caller, after: str | None = None, limit: int = 20) -> dict:
-        batches = [self.jobs[b["id"]].batch if b["id"] in self.jobs else b for b in self.store.list_batches()
-                   if may_see(caller, self.store.tenant("batch", b["id"]))]
+        stored = await asyncio.to_thread(lambda: [b for b in self.store.list_batches()
+                                                  if may_see(caller, self.store.tenant("batch", b["id"]))])
+        batches = [self.jobs[b["id"]].batch if b["id"] in self.jobs else b for b in stored]
         if after:
             ids = [b["id"] for b in batches]
             batches = batches[ids.index(after) + 1:] if after in ids else []
@@ -505,14 +514,18 @@ class BatchRunner:
     async def _finalize(self, job: Job) -> None:
         batch = job.batch
         cancelled = job.cancelled or batch["status"] == "cancelling"
-        results = _unique(sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"]))
+        if batch["status"] != "cancelling":
+            self._set_status(job, "finalizing")  # from here on, a cancel returns the batch as it is
+
+        def read() -> tuple[list[dict], list]:  # off the event loop: the whole input and results
+            return (_unique(sorted(self.store.read_results(batch["id"]), key=lambda r: r["line"])),
+                    parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"]))
+
+        results, lines = await asyncio.to_thread(read)
         done = {tuple(r["key"]) for r in results}
-        lines = parse_input(self.store.file_content(batch["input_file_id"]), batch["endpoint"])
         undone = [line for line in lines if line.key not in done]
         # Lines left when the window ended (here, or before a restart): the batch expired.
         expired = bool(not cancelled and undone and (job.expired or time.time() >= (batch.get("expires_at") or 1e18)))
-        if batch["status"] != "cancelling":
-            self._set_status(job, "finalizing")
         outputs = [r["record"] for r in results if r["kind"] == "output"]
         errors = [r["record"] for r in results if r["kind"] == "error"]
         if expired:  # the lines not done: in the error file, as OpenAI reports them
@@ -524,11 +537,15 @@ class BatchRunner:
             batch["request_counts"]["failed"] += len(undone)
         for role, records, key in (("output", outputs, "output_file_id"), ("error", errors, "error_file_id")):
             if records:
-                data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
                 file_id = derived_file_id(batch["id"], role)
                 expiry = batch.get("output_expires_after")
-                self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id,
-                                       tenant=self.store.tenant("batch", batch["id"]),  # the batch's tenant's
-                                       ttl_s=expiry["seconds"] if expiry else self.settings.output_ttl_s)
+
+                def write(records=records, role=role, file_id=file_id, expiry=expiry) -> None:
+                    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+                    self.store.create_file(data, f"{batch['id']}_{role}.jsonl", f"batch_{role}", file_id=file_id,
+                                           tenant=self.store.tenant("batch", batch["id"]),  # the batch's tenant's
+                                           ttl_s=expiry["seconds"] if expiry else self.settings.output_ttl_s)
+
+                await asyncio.to_thread(write)
                 batch[key] = file_id
         self._set_status(job, "cancelled" if cancelled else "expired" if expired else "completed")
