@@ -154,10 +154,11 @@ def client(serve_app):
 PROMETHEUS = Path(__file__).parents[2] / ".tools" / "prometheus" / "usr" / "bin" / "prometheus"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prometheus(serve_app, metrics_port, tmp_path_factory):
     """A real Prometheus on loopback scraping the Ray cluster's metrics port and the
-    application's /metrics every second."""
+    application's /metrics every second. Per module: its scrapes took an eighth of a core,
+    which the rest of the suite needs (it starts in ~2 s)."""
     import subprocess
     import time
 
