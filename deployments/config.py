@@ -284,6 +284,8 @@ class FeedbackSettings(_Strict):
     retention_s: float = Field(7 * 86400, gt=0, description="How long a response (and its prompt and output) "
                                "is kept for rating.")
     max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory.")
+    max_log_bytes: int = Field(256 * 2**20, ge=4096, description="Bytes of the responses log (responses.jsonl); "
+                               "past it, the oldest answers are dropped down to half of it (no longer ratable).")
 
 
 class QualitySettings(_Strict):

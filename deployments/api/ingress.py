@@ -32,7 +32,7 @@ class OpenAIIngress(OpenAIServing):
         self.batch = batch
         feedback = config.quality.feedback
         self.feedback = FeedbackStore(feedback.storage_dir, feedback.store_outputs, feedback.retention_s,
-                                      feedback.max_responses)
+                                      feedback.max_responses, feedback.max_log_bytes)
         self.quality_metrics.feedback(self.feedback.summary())  # the ratings before a restart count too
         self.exposition = MetricsExposition()
 

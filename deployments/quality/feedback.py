@@ -5,8 +5,10 @@ replica, like the batch lane's files):
 
 - `responses.jsonl`: one line per answer served: its id, model, experiment and arm, and
   (only when `store_outputs` is on) its prompt and output. Lines older than
-  `retention_s` are dropped when the ingress starts, and at most `max_responses` are
-  kept in memory to join feedback with.
+  `retention_s` are dropped when the ingress starts and every retention_s / 24 after; when
+  the file passes `max_log_bytes` the oldest go too, down to half of it (an answer dropped
+  can no longer be rated: 404, as past the retention). At most `max_responses` are kept in
+  memory to join feedback with.
 - `feedback.jsonl`: one line per rating (fsynced before the rating is acknowledged): the
   response's id, model, experiment and arm, the score (a number; thumbs up = 1, down = 0),
   an optional label and comment.
@@ -37,10 +39,12 @@ class UnknownResponseError(LookupError):
 
 
 class FeedbackStore:
-    def __init__(self, storage_dir: str, store_outputs: bool, retention_s: float, max_responses: int) -> None:
+    def __init__(self, storage_dir: str, store_outputs: bool, retention_s: float, max_responses: int,
+                 max_log_bytes: int = 256 * 2**20) -> None:
         self.dir = Path(storage_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store_outputs, self.retention_s, self.max_responses = store_outputs, retention_s, max_responses
+        self.max_log_bytes = max_log_bytes
         self.responses_file, self.feedback_file = self.dir / "responses.jsonl", self.dir / "feedback.jsonl"
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
@@ -50,19 +54,41 @@ class FeedbackStore:
         self._load_responses()
 
     def _load_responses(self) -> None:
-        """Keep the responses within the retention; the file is rewritten without the others
-        (their prompts and outputs must not outlive it)."""
+        for record in self._compact():
+            self._remember(record)
+        # What other replicas append after this is read on a miss (from the start of a file
+        # that a compaction replaced).
+        self._read_to, self._inode = _size(self.responses_file), _inode(self.responses_file)
+
+    def _compact(self) -> list[dict]:
+        """Keep the responses within the retention, and the newest within half of max_log_bytes
+        when the file has passed it; the file is rewritten without the others (their prompts and
+        outputs must not outlive it). Returns what is kept."""
         horizon = time.time() - self.retention_s
         with _locked(self.dir):
-            records = list(_read(self.responses_file))
-            kept = [r for r in records if r.get("created", 0) >= horizon]
-            if len(kept) < len(records):
+            lines = list(_read_lines(self.responses_file))
+            kept, size = [], 0
+            over = sum(len(line) for line, _ in lines) > self.max_log_bytes
+            for line, record in reversed(lines):  # newest first
+                size += len(line)
+                if record.get("created", 0) < horizon or (over and size > self.max_log_bytes // 2):
+                    break
+                kept.append((line, record))
+            kept.reverse()
+            if len(kept) < len(lines):
                 tmp = self.responses_file.with_suffix(".tmp")
-                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+                tmp.write_bytes(b"".join(line for line, _ in kept))
                 os.replace(tmp, self.responses_file)
-        for record in kept:
-            self._remember(record)
-        self._read_to = _size(self.responses_file)  # what other replicas append after this is read on a miss
+        self._compacted_at = time.monotonic()
+        return [record for _, record in kept]
+
+    def _bounded_append(self, record: dict) -> None:
+        """Append an answer's line; compact the file when it has passed its bound or the
+        retention's period (runs where the append runs: off the event loop)."""
+        _append(self.responses_file, record, False)
+        if (_size(self.responses_file) > self.max_log_bytes
+                or time.monotonic() - self._compacted_at > self.retention_s / 24):
+            self._compact()
 
     def _remember(self, record: dict) -> None:
         self._responses[record["id"]] = record
@@ -81,7 +107,7 @@ class FeedbackStore:
             record.update(prompt=prompt, output=output)
         with self._lock:
             self._remember(record)
-        return functools.partial(_append, self.responses_file, record, False)
+        return functools.partial(self._bounded_append, record)
 
     def response(self, response_id: str) -> dict | None:
         """An answer kept for rating: from memory, where the lines other ingress replicas
@@ -97,9 +123,9 @@ class FeedbackStore:
         return record
 
     def _catch_up(self) -> None:
-        size = _size(self.responses_file)
-        if size < self._read_to:  # rewritten by a replica that started (its retention): read it again
-            self._read_to = 0
+        size, inode = _size(self.responses_file), _inode(self.responses_file)
+        if inode != self._inode or size < self._read_to:  # rewritten (a compaction): read it again
+            self._read_to, self._inode = 0, inode
         if size == self._read_to:
             return
         with open(self.responses_file, "rb") as f:
@@ -190,11 +216,33 @@ def _append(path: Path, record: dict, sync: bool) -> None:
             os.close(fd)
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _read_lines(path: Path):
+    """(line as bytes, its record) for each whole, readable line."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    continue  # still being written (or cut by a crash)
+                try:
+                    yield line, json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+    except FileNotFoundError:
+        return
 
 
 def _read(path: Path):

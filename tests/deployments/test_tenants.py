@@ -5,6 +5,8 @@ route added without a declared role fails the table itself (routes.Route)."""
 
 from __future__ import annotations
 
+import json
+
 import re
 
 import httpx
@@ -191,6 +193,30 @@ def test_feedback_finds_another_replicas_answers_without_scanning(tmp_path):
     with pytest.raises(LookupError):
         second.add("chatcmpl-2", 1.0, None, None, caller=("other", False))
     assert second.add("chatcmpl-2", 1.0, None, None, caller=("team", False))["tenant"] == "team"
+
+
+def test_the_feedback_log_keeps_to_its_bound_and_its_retention(tmp_path):
+    """Past max_log_bytes the responses log drops its oldest answers down to half the bound
+    (they can no longer be rated); answers past the retention leave the file on the next
+    append after its period; another replica reads the rewritten file afresh."""
+    import time
+
+    from deployments.quality.feedback import FeedbackStore
+
+    first, second = (FeedbackStore(str(tmp_path / "bound"), True, 3600, 10, max_log_bytes=8192) for _ in range(2))
+    for i in range(60):
+        first.record_response(f"chatcmpl-{i}", MODEL, None, None, "hi", "x" * 200, "team")()
+        assert first.responses_file.stat().st_size <= 8192
+    assert second.response("chatcmpl-59")["output"] == "x" * 200  # the newest, after the rewrites
+    assert second.response("chatcmpl-0") is None  # dropped from the file (and never in memory here)
+    kept = [json.loads(line)["id"] for line in first.responses_file.read_text().splitlines()]
+    assert kept == [f"chatcmpl-{i}" for i in range(60 - len(kept), 60)] and 10 <= len(kept) < 40
+
+    old = FeedbackStore(str(tmp_path / "retention"), True, 0.5, 100)
+    old.record_response("chatcmpl-old", MODEL, None, None, "hi", "secret", "team")()
+    time.sleep(0.6)
+    old.record_response("chatcmpl-new", MODEL, None, None, "hi", "fresh", "team")()
+    assert "secret" not in old.responses_file.read_text() and "fresh" in old.responses_file.read_text()
 
 
 def test_a_batchs_outputs_expire_as_it_asked(client):
