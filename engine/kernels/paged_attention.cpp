@@ -1310,21 +1310,24 @@ class DecodeStack {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)", pybind11::arg("q"),
+  // The kernels touch no Python object: each runs without the GIL, so the process's other
+  // threads (a server's event loop streaming answers, a tokenizer thread) go on meanwhile.
+  using nogil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("paged_decode_attention", &paged_decode_attention, "Paged decode attention (CPU)", nogil(), pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("context_lens"), pybind11::arg("scale"), pybind11::arg("starts") = pybind11::none(),
         pybind11::arg("softcap") = 0.0);
-  m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)");
-  m.def("argmax_rows", &argmax_rows, "Each row's argmax, as torch.argmax(dim=-1) (float32, CPU)");
-  m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)");
+  m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)", nogil());
+  m.def("argmax_rows", &argmax_rows, "Each row's argmax, as torch.argmax(dim=-1) (float32, CPU)", nogil());
+  m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)", nogil());
 
   m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");
   m.def("q4_pack", &q4_pack, "Pack 4-bit weights (q, scales, minimums) for q4_linear");
   m.def("q8_pack", &q8_pack, "Pack int8 weights [N, K] for q8_linear");
-  m.def("q8_linear", &q8_linear, "x @ (W * scales[:, None])^T for q8_pack'ed int8 weights (CPU)",
+  m.def("q8_linear", &q8_linear, "x @ (W * scales[:, None])^T for q8_pack'ed int8 weights (CPU)", nogil(),
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);
-  m.def("q4_linear", &q4_linear, "x @ W^T for q4_pack'ed 4-bit weights (CPU)", pybind11::arg("x"),
+  m.def("q4_linear", &q4_linear, "x @ W^T for q4_pack'ed 4-bit weights (CPU)", nogil(), pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);
   pybind11::class_<LinearSpec>(m, "LinearSpec")
@@ -1334,10 +1337,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }),
            pybind11::arg("kind"), pybind11::arg("weight"), pybind11::arg("scales") = pybind11::none(),
            pybind11::arg("bias") = pybind11::none(), pybind11::arg("group_size") = 0)
-      .def("__call__", &LinearSpec::operator(), pybind11::arg("x"), pybind11::arg("padded_rows"));
+      .def("__call__", &LinearSpec::operator(), nogil(), pybind11::arg("x"), pybind11::arg("padded_rows"));
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<double>())
       .def("add_layer", &DecodeStack::add_layer)
       .def_property_readonly("num_layers", &DecodeStack::num_layers)
-      .def("forward", &DecodeStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("forward", &DecodeStack::forward, nogil());
 }
