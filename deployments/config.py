@@ -286,6 +286,8 @@ class FeedbackSettings(_Strict):
     max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory.")
     max_log_bytes: int = Field(256 * 2**20, ge=4096, description="Bytes of the responses log (responses.jsonl); "
                                "past it, the oldest answers are dropped down to half of it (no longer ratable).")
+    max_ratings_per_response: int = Field(16, ge=1, description="Ratings one answer may have (429 rating_limit "
+                                          "above), so the ratings log grows with the answers, not with the posts.")
 
 
 class QualitySettings(_Strict):

@@ -19,7 +19,7 @@ from deployments.api.protocol import (BatchCreateRequest, ExperimentWeightsReque
 from deployments.api.serving import OpenAIServing
 from deployments.config import SemlineConfig
 from deployments.ops.exposition import CONTENT_TYPE, MetricsExposition
-from deployments.quality.feedback import FeedbackStore, UnknownResponseError
+from deployments.quality.feedback import FeedbackStore, RatingLimitError, UnknownResponseError
 from engine import RequestOutput
 
 
@@ -32,7 +32,7 @@ class OpenAIIngress(OpenAIServing):
         self.batch = batch
         feedback = config.quality.feedback
         self.feedback = FeedbackStore(feedback.storage_dir, feedback.store_outputs, feedback.retention_s,
-                                      feedback.max_responses, feedback.max_log_bytes)
+                                      feedback.max_responses, feedback.max_log_bytes, feedback.max_ratings_per_response)
         self.quality_metrics.feedback(self.feedback.summary())  # the ratings before a restart count too
         self.exposition = MetricsExposition()
 
@@ -57,6 +57,8 @@ class OpenAIIngress(OpenAIServing):
                                              body.comment, viewer(request))
         except UnknownResponseError as exc:
             raise APIError(404, str(exc), param="response_id", code="response_not_found") from exc
+        except RatingLimitError as exc:
+            raise APIError(429, str(exc), "rate_limit_error", param="response_id", code="rating_limit") from exc
         self.quality_metrics.feedback(await asyncio.to_thread(self.feedback.summary))
         return {"object": "feedback", **record}
 

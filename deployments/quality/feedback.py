@@ -38,13 +38,19 @@ class UnknownResponseError(LookupError):
     """The rated response is not known (never served here, or past the retention)."""
 
 
+class RatingLimitError(Exception):
+    """The response has as many ratings as one response may have."""
+
+
 class FeedbackStore:
     def __init__(self, storage_dir: str, store_outputs: bool, retention_s: float, max_responses: int,
-                 max_log_bytes: int = 256 * 2**20) -> None:
+                 max_log_bytes: int = 256 * 2**20, max_ratings_per_response: int = 16) -> None:
         self.dir = Path(storage_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.store_outputs, self.retention_s, self.max_responses = store_outputs, retention_s, max_responses
-        self.max_log_bytes = max_log_bytes
+        self.max_log_bytes, self.max_ratings = max_log_bytes, max_ratings_per_response
+        self._ratings: dict[str, int] = {}  # ratings per response id, read with the summary
+        self._adding = threading.Lock()  # a rating's count check and its append, one at a time here
         self.responses_file, self.feedback_file = self.dir / "responses.jsonl", self.dir / "feedback.jsonl"
         self._lock = threading.Lock()
         self._responses: OrderedDict[str, dict] = OrderedDict()
@@ -152,7 +158,13 @@ class FeedbackStore:
                   "model": response["model"], "experiment": response.get("experiment"), "arm": response.get("arm"),
                   "score": float(score), "label": label, "comment": comment,
                   "tenant": None if caller is None else caller[0]}
-        _append(self.feedback_file, record, sync=True)
+        with self._adding:  # (other replicas' ratings count once their lines are read: a bound per replica)
+            self.summary()  # the ratings every replica appended so far
+            if self._ratings.get(response_id, 0) >= self.max_ratings:
+                raise RatingLimitError(f"response {response_id!r} has {self.max_ratings} ratings, as many as one "
+                                       "response may have (quality.feedback.max_ratings_per_response)")
+            _append(self.feedback_file, record, sync=True)
+            self.summary()
         return record
 
     def export(self, since: float = 0.0):
@@ -186,6 +198,7 @@ class FeedbackStore:
                 key = (record["model"], record.get("experiment") or "", record.get("arm") or "")
                 total, count = self._totals.get(key, (0.0, 0))
                 self._totals[key] = (total + record["score"], count + 1)
+                self._ratings[record["response_id"]] = self._ratings.get(record["response_id"], 0) + 1
             return dict(self._totals)
 
 

@@ -195,10 +195,11 @@ def test_feedback_finds_another_replicas_answers_without_scanning(tmp_path):
     assert second.add("chatcmpl-2", 1.0, None, None, caller=("team", False))["tenant"] == "team"
 
 
-def test_the_feedback_log_keeps_to_its_bound_and_its_retention(tmp_path):
+def test_the_feedback_logs_keep_to_their_bounds_and_the_retention(tmp_path):
     """Past max_log_bytes the responses log drops its oldest answers down to half the bound
-    (they can no longer be rated); answers past the retention leave the file on the next
-    append after its period; another replica reads the rewritten file afresh."""
+    (they can no longer be rated); another replica reads the rewritten file afresh; an answer
+    takes at most max_ratings_per_response ratings, whichever replica they go to; answers past
+    the retention leave the file on the next append after its period."""
     import time
 
     from deployments.quality.feedback import FeedbackStore
@@ -211,6 +212,19 @@ def test_the_feedback_log_keeps_to_its_bound_and_its_retention(tmp_path):
     assert second.response("chatcmpl-0") is None  # dropped from the file (and never in memory here)
     kept = [json.loads(line)["id"] for line in first.responses_file.read_text().splitlines()]
     assert kept == [f"chatcmpl-{i}" for i in range(60 - len(kept), 60)] and 10 <= len(kept) < 40
+
+    # Ratings: at most max_ratings_per_response per answer, counted across replicas.
+    from deployments.quality.feedback import RatingLimitError
+
+    rated, other = (FeedbackStore(str(tmp_path / "ratings"), False, 3600, 10, max_ratings_per_response=2)
+                    for _ in range(2))
+    rated.record_response("chatcmpl-r", MODEL, None, None, tenant="team")()
+    rated.add("chatcmpl-r", 1.0, None, None, caller=("team", False))
+    other.add("chatcmpl-r", 0.0, None, None, caller=("team", False))
+    for store in (rated, other):
+        with pytest.raises(RatingLimitError):
+            store.add("chatcmpl-r", 1.0, None, None, caller=("team", False))
+    assert len(rated.feedback_file.read_text().splitlines()) == 2
 
     old = FeedbackStore(str(tmp_path / "retention"), True, 0.5, 100)
     old.record_response("chatcmpl-old", MODEL, None, None, "hi", "secret", "team")()
