@@ -6,10 +6,10 @@ file, a small folder with the model's config, tokenizer and an index of the file
 every load then memory-maps the file and dequantizes only the tensors (or tensor-parallel
 slices) a runner needs, one at a time, into the runner's dtype.
 
-With `quantization: auto` on the CPU, the linear layers whose tensors are Q4_1 are never
-dequantized: a Q4_1 block is 32 weights q (0..15) with a float16 scale d and minimum m,
-w = q * d + m, which is exactly the int4 kernel's group form, so they become
-`CpuInt4Linear`s holding the file's weights to the bit. A Q8_0 embedding (and the head
+With `quantization: auto` on the CPU, the linear layers whose tensors are Q4_1 or Q4_0 are
+never dequantized: a Q4_1 block is 32 weights q (0..15) with a float16 scale d and minimum
+m, w = q * d + m, which is exactly the int4 kernel's group form (a Q4_0 block has no m:
+w = (q - 8) * d, the same form with m = -8 d), so they become `CpuInt4Linear`s. A Q8_0 embedding (and the head
 tied to it) is stored int8, 8-bit as the file holds it.
 
 Llama-architecture files store q and k with their rows permuted for llama.cpp's rotary
@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "gguf_tensors.json"
 Q4_1_BLOCK = 32
 _Q4_1_BYTES = 20  # float16 d, float16 m, 16 bytes of nibbles
-_Q4_1, _Q8_0 = 3, 8  # GGMLQuantizationType values
+_Q4_0_BYTES = 18  # float16 d, 16 bytes of nibbles
+_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8  # GGMLQuantizationType values
+_Q4 = (_Q4_0, _Q4_1)  # the types kept 4-bit
 
 
 def index_gguf(gguf_path: Path, hf_config) -> dict:
@@ -60,13 +62,19 @@ def index_gguf(gguf_path: Path, hf_config) -> dict:
     }
 
 
-def read_q4_1(data: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_1 blocks of a [rows, cols] tensor -> (q int32 [rows, cols], scales, minimums
-    [rows, cols / 32]). In a block, byte j holds weight j (low nibble) and j + 16 (high)."""
-    blocks = np.ascontiguousarray(data).reshape(rows, cols // Q4_1_BLOCK, _Q4_1_BYTES)
+def read_q4(data: np.ndarray, rows: int, cols: int, kind: int = _Q4_1) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Q4_1 (or Q4_0) blocks of a [rows, cols] tensor -> (q int32 [rows, cols], scales,
+    minimums [rows, cols / 32]); a Q4_0 block's minimum is -8 d. In a block, byte j holds
+    weight j (low nibble) and j + 16 (high)."""
+    size = _Q4_1_BYTES if kind == _Q4_1 else _Q4_0_BYTES
+    blocks = np.ascontiguousarray(data).reshape(rows, cols // Q4_1_BLOCK, size)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., 4:]
+    if kind == _Q4_1:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8 * d  # exact: a power of two times a float16
+    nibbles = blocks[..., size - 16:]
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(rows, cols).astype(np.int32)
     return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
 
@@ -103,14 +111,14 @@ class GGUFCheckpoint:
         rows = math.prod(entry["shape"][1:])
         return entry, data.reshape(rows, -1)
 
-    def q4_1(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(q, scales, minimums) of a checkpoint tensor the file holds as Q4_1, else None."""
+    def q4(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(q, scales, minimums) of a checkpoint tensor the file holds as Q4_1 or Q4_0, else None."""
         name = self.by_hf_name.get(hf_name)
-        if name is None or self.tensors[name]["type"] != _Q4_1:
+        if name is None or self.tensors[name]["type"] not in _Q4:
             return None
         entry, data = self._raw(name)
         cols, rows = entry["shape"][:2]
-        q, d, m = read_q4_1(data, rows, cols)
+        q, d, m = read_q4(data, rows, cols, entry["type"])
         if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = self.config["num_attention_heads"]
             if ".k_proj." in hf_name:
@@ -129,9 +137,9 @@ class GGUFCheckpoint:
         name = self.by_hf_name[hf_name]
         entry, data = self._raw(name)
         shape = entry["shape"][::-1]
-        if entry["type"] == _Q4_1:  # ~10x gguf's numpy dequantizer, and the same floats
+        if entry["type"] in _Q4:  # ~10x gguf's numpy dequantizer, and the same floats
             rows, cols = math.prod(shape[:-1]), shape[-1]
-            q, d, m = read_q4_1(data, rows, cols)
+            q, d, m = read_q4(data, rows, cols, entry["type"])
             weights = (q.view(rows, -1, Q4_1_BLOCK) * d[..., None] + m[..., None]).view(shape).numpy()
         else:
             weights = gguf.dequantize(np.asarray(data), gguf.GGMLQuantizationType(entry["type"])).reshape(shape)
@@ -167,14 +175,14 @@ class GGUFCheckpoint:
 
 def int4_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
     """Our parameter names of the linear layers whose every checkpoint part the file holds as
-    Q4_1 (whole tensors: tensor-parallel slices stay on the float path)."""
+    Q4_1 or Q4_0 (whole tensors: tensor-parallel slices stay on the float path)."""
     modules = dict(model.named_modules())
     kept = set()
     for ours, parts in model.weight_map().items():
         module_name, _, kind = ours.rpartition(".")
         if kind != "weight" or not isinstance(modules.get(module_name), nn.Linear) or isinstance(parts[0], list):
             continue
-        if all(isinstance(p, str) and checkpoint.tensor_type(p) == _Q4_1 for p in parts):
+        if all(isinstance(p, str) and checkpoint.tensor_type(p) in _Q4 for p in parts):
             kept.add(ours)
     return kept
 
@@ -187,7 +195,7 @@ def keep_gguf_precision(model: nn.Module, checkpoint: GGUFCheckpoint, kept: set[
     modules = dict(model.named_modules())
     for ours in sorted(kept):
         module_name = ours.rpartition(".")[0]
-        found = [checkpoint.q4_1(p) for p in weight_map[ours]]
+        found = [checkpoint.q4(p) for p in weight_map[ours]]
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
         parent, _, child = module_name.rpartition(".")
         setattr(modules[parent] if parent else model, child, CpuInt4Linear(q, d, m, modules[module_name].bias))

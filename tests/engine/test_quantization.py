@@ -169,7 +169,7 @@ def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, h
     assert torch.equal(parts[cols], folder[name][:, 512:1024].bfloat16())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):
-        q, d, m = checkpoint.q4_1(name)
+        q, d, m = checkpoint.q4(name)
         rows, cols = q.shape
         assert torch.equal((q.view(rows, -1, 32) * d[..., None] + m[..., None]).view(rows, cols), folder[name])
 
@@ -190,3 +190,35 @@ def test_auto_keeps_the_gguf_4bit_and_scores_like_its_float_weights(make_llm, te
 def test_unknown_quantization_is_refused():
     with pytest.raises(ConfigError, match="quantization"):
         EngineConfig(quantization="int3")
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_blocks_read_in_place_give_ggufs_own_weights(tmp_path, kind):
+    """A Q4_0 or Q4_1 tensor of a GGUF file, read block by block into the int4 kernel's form
+    (q, d, m; a Q4_0 block's m is -8 d), gives exactly the floats gguf's own dequantizer does;
+    so does the engine's fast dequantization of the same blocks."""
+    import gguf
+    import numpy as np
+    import transformers
+
+    from engine.gguf_weights import GGUFCheckpoint
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    weight = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    path = tmp_path / "one.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen3")
+    writer.add_tensor("blk.0.ffn_down.weight", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(str(path)).tensors[0]
+    index = {"arch": "qwen3", "tensors": {tensor.name: {
+        "hf_name": "model.layers.0.mlp.down_proj.weight", "type": int(tensor.tensor_type),
+        "shape": [int(n) for n in tensor.shape], "offset": int(tensor.data_offset), "bytes": int(tensor.n_bytes)}}}
+    checkpoint = GGUFCheckpoint(path, index, transformers.Qwen3Config(num_hidden_layers=1))
+    want = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data), qtype).reshape(48, 96).copy())
+    q, d, m = checkpoint.q4("model.layers.0.mlp.down_proj.weight")
+    assert q.shape == (48, 96) and int(q.min()) >= 0 and int(q.max()) <= 15
+    assert torch.equal((q.view(48, -1, 32) * d[..., None] + m[..., None]).view(48, 96), want)
+    assert torch.equal(checkpoint.dequantize("model.layers.0.mlp.down_proj.weight"), want)
