@@ -13,7 +13,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -42,6 +42,10 @@ def build_fastapi(config: SemlineConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError):
+        return error_response(to_api_error(exc))
+
+    @app.exception_handler(ValidationError)
+    async def _model_error(_: Request, exc: ValidationError):  # a model built from the request while planning
         return error_response(to_api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)

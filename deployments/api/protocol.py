@@ -6,7 +6,8 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from engine import SamplingParams
 from engine.sampling_params import MAX_LOGPROBS as MAX_PROMPT_LOGPROBS
@@ -124,7 +125,7 @@ class _Common(_Open):
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM's (seed + choice fits 64 bits)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
@@ -204,14 +205,19 @@ class _Common(_Open):
         def pick(name: str):
             return getattr(self, name) if name in given or name not in defaults else defaults[name]
 
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
-            min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=num_logprobs,
-            logit_bias=bias, structured_output=structured_output, skip_special_tokens=skip_special_tokens,
-            prompt_logprobs=prompt_logprobs,
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+                min_p=pick("min_p"), repetition_penalty=pick("repetition_penalty"),
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                seed=seed, stop=self.stop, ignore_eos=self.ignore_eos, logprobs=num_logprobs,
+                logit_bias=bias, structured_output=structured_output, skip_special_tokens=skip_special_tokens,
+                prompt_logprobs=prompt_logprobs,
+            )
+        except ValidationError as exc:  # a combination the engine refuses: the request's fault (400), not a 500
+            error = exc.errors()[0]
+            param = ".".join(str(part) for part in error["loc"]) or "body"
+            raise ParamError(param, f"{param}: {error['msg']}") from None
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]

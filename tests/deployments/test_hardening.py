@@ -57,6 +57,7 @@ def test_every_data_route_needs_the_key_and_leaks_nothing(serve_app, stored_ids)
     (_chat(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
     (_chat(temperature="hot"), "temperature"),
     (_chat(functions=[{"name": "f"}]), "functions"),  # known to OpenAI, not served (unknown ones are ignored)
+    (_chat(seed=603421643269015261413376), "seed"),  # beyond 64 bits: was a 500 (found by test_fuzz)
 ])
 def test_invalid_parameters_get_400_naming_the_parameter(serve_app, body, param):
     resp = httpx.post(f"{serve_app}/v1/chat/completions", json=body, headers=AUTH, timeout=60)
