@@ -124,20 +124,42 @@ def jobs_address(serve_app, dashboard_port):
 @pytest.fixture(scope="session")
 def serve_app(app_config, metrics_port, dashboard_port):
     """The real application (ingress + LLM server) on a free loopback port, with an API key."""
+    import time
+
+    import httpx
     import ray
     from ray import serve
     from ray.serve.schema import LoggingConfig
 
     from deployments.app import build_app
 
-    port = app_config.http.port
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the port within ~1 s
     # Ray jobs run their entrypoint's `python` from PATH: this environment's, as in the serving image.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              logging_level="ERROR", _metrics_export_port=metrics_port)
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                logging_config=LoggingConfig(enable_access_log=False))
+    # The HTTP port is picked now, after Ray's processes took theirs, and picked again if another
+    # process took it before the proxy bound it (a fresh clone's run lost every Serve test so).
+    for _ in range(3):
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    logging_config=LoggingConfig(enable_access_log=False))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                # Serve's proxy answers (503 until it has a route table): it holds the port.
+                if httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=2).status_code in (200, 503):
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            serve.shutdown()
+            continue
+        break
+    else:
+        pytest.fail("Serve's proxy could not bind a loopback port in 3 tries")
+    app_config.http.port = port
     serve.run(build_app(app_config), name="semline", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
