@@ -77,7 +77,9 @@ class RunningUsage:
             self.prompt[index] = output.metrics.num_prompt_tokens
 
     def usage(self) -> dict:
-        prompt, completion = sum(self.prompt[::self.n]), sum(self.completion)
+        # Each prompt once: known from whichever of its n choices has sent output so far.
+        prompt = sum(max(self.prompt[i:i + self.n]) for i in range(0, len(self.prompt), self.n))
+        completion = sum(self.completion)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

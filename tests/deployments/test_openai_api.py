@@ -99,6 +99,22 @@ def test_streamed_completion(client):
     assert "".join(pieces)
 
 
+def test_running_usage_counts_each_prompt_once_whichever_choice_speaks_first():
+    from deployments.api.formatting import RunningUsage
+    from engine.outputs import RequestMetrics, RequestOutput
+
+    def out(tokens: list[int]) -> RequestOutput:
+        metrics = RequestMetrics(arrival_time=0.0)
+        metrics.num_prompt_tokens = 7
+        return RequestOutput("r", None, [], "", [], False, None, delta_token_ids=tokens, metrics=metrics)
+
+    running = RunningUsage(choices=2, n=2)
+    running.add(1, out([5, 6]))  # the second choice's tokens come first
+    assert running.usage() == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    running.add(0, out([4]))
+    assert running.usage() == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
 def test_continuous_usage_stats_count_every_chunk(client):
     """vLLM's stream_options.continuous_usage_stats: each chunk carries the usage so far, which
     grows with the tokens streamed and ends at the final usage (n=2: both choices' tokens)."""
