@@ -528,8 +528,8 @@ class AdmissionController:
 
     def _light_waiter(self, queue: list[_Waiter], seats: int) -> _Waiter | None:
         """The first waiter of the queue whose key has nothing in flight and that fits in the
-        light headroom (with `seats` free), or None."""
-        if not self.config.light_headroom:
+        light headroom, or None. Only when no seat is free: free seats are held for the head."""
+        if seats > 0:
             return None
         return next((w for w in queue if not w.granted.done() and self._seats(w) <= seats + self._headroom(w, seats)),
                     None)

@@ -192,6 +192,27 @@ def test_a_key_sending_one_request_at_a_time_goes_first_each_time():
     asyncio.run(main(1))
 
 
+def test_the_light_headroom_never_takes_seats_held_for_a_wide_head():
+    """Seats that free up while a wide realtime request waits are held for it, even from a
+    light key: the headroom is only for seats beyond the capacity, taken when none is free."""
+    async def main():
+        ctl = _controller(max_inflight=4, max_batch_size=8, light_headroom=1)
+        # Key w has a sequence in flight (no headroom for it) and asks for four more.
+        running = [await ctl.acquire("realtime", key="a") for _ in range(3)] + [await ctl.acquire("realtime", key="w")]
+        wide = asyncio.create_task(ctl.acquire("realtime", seats=4, key="w", priority=-1))
+        await asyncio.sleep(0.02)
+        for ticket in running[:3]:  # three seats free: held for the wide request
+            ctl.release(ticket)
+        light = asyncio.create_task(ctl.acquire("realtime", key="b"))
+        await asyncio.sleep(0.02)
+        assert not wide.done() and not light.done() and ctl.stats()["inflight"] == 1
+        ctl.release(running[3])
+        await asyncio.wait_for(wide, 1)  # all four seats: then the light key's beyond them
+        assert await asyncio.wait_for(light, 1) is not None and ctl.stats()["inflight"] == 5
+
+    asyncio.run(main())
+
+
 def test_light_headroom_lets_an_idle_key_in_at_once():
     """light_headroom: a realtime request of a key with nothing in flight takes a seat beyond
     the capacity at once (the flooder's requests still wait for theirs); one at a time."""
