@@ -125,11 +125,14 @@ class LocalLimits:
 
     def __init__(self, max_inflight: int | None = None, tokens_per_minute: int | None = None) -> None:
         self.max_inflight, self.tokens_per_minute = max_inflight, tokens_per_minute
-        self.inflight = 0
         self.tickets: dict[int, int] = {}  # ticket -> seats
         self.spent_log: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic, tokens)
         self._next = 0
         self._changed: asyncio.Condition | None = None
+
+    @property
+    def inflight(self) -> int:
+        return sum(self.tickets.values())
 
     def _room(self, seats: int) -> bool:
         if self.max_inflight is not None and self.inflight and self.inflight + seats > self.max_inflight:
@@ -157,7 +160,6 @@ class LocalLimits:
                     pass
             self._next += 1
             self.tickets[self._next] = seats
-            self.inflight += seats
             return self._next
 
     def spent(self, key: str | None, tokens: int, seats: int = 1) -> None:
@@ -165,7 +167,7 @@ class LocalLimits:
             self.spent_log.append((time.monotonic(), tokens))
 
     def release(self, ticket: int) -> None:
-        self.inflight -= self.tickets.pop(ticket, 0)
+        self.tickets.pop(ticket, None)
         if self._changed is not None:
             asyncio.get_running_loop().create_task(self._notify())  # released by a request of this loop
 

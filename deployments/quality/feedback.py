@@ -163,8 +163,7 @@ class FeedbackStore:
             if self._ratings.get(response_id, 0) >= self.max_ratings:
                 raise RatingLimitError(f"response {response_id!r} has {self.max_ratings} ratings, as many as one "
                                        "response may have (quality.feedback.max_ratings_per_response)")
-            _append(self.feedback_file, record, sync=True)
-            self.summary()
+            _append(self.feedback_file, record, sync=True)  # counted by the next summary()
         return record
 
     def export(self, since: float = 0.0):
