@@ -18,7 +18,7 @@ from engine import huge_pages
 from engine.attention import (AttentionMetadata, DecodeBatch, build_decode_batch, build_decode_groups,
                               make_prefill_chunk, windowed)
 from engine.config import ConfigError, EngineConfig
-from engine.gguf_weights import GGUFCheckpoint, int4_weights, keep_gguf_precision
+from engine.gguf_weights import GGUFCheckpoint, keep_gguf_precision, packed_weights
 from engine.kernels.decode_stack import DecodeStack
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
@@ -135,11 +135,11 @@ class ModelRunner:
         model = model.to(dtype=dtype).to_empty(device=device)
         model.set_rotary(hf_config, max_model_len, device)
         # A GGUF file's weights come from the file itself; under `auto` on the CPU its 4-bit
-        # layers are never dequantized (their float weights are skipped, then replaced).
+        # and 8-bit layers are never dequantized (their float weights are skipped, then replaced).
         source = gguf_source(config)
         checkpoint = GGUFCheckpoint.open(source, model_dir, hf_config) if source is not None else None
         keep_4bit = checkpoint is not None and config.quantization == "auto" and device.type == "cpu"
-        skip = frozenset(int4_weights(model, checkpoint)) if keep_4bit else frozenset()
+        skip = frozenset(packed_weights(model, checkpoint)) if keep_4bit else frozenset()
         parts = model.weight_parts(skip)
         model.load_weights(checkpoint.read(parts, dtype) if checkpoint is not None
                            else load_weights(model_dir, parts, dtype), skip)
@@ -151,7 +151,7 @@ class ModelRunner:
             quantize_model(model, device, dtype, config.quantization)
         else:
             if keep_4bit:
-                keep_gguf_precision(model, checkpoint, skip)  # its Q4_1 layers stay 4-bit
+                keep_gguf_precision(model, checkpoint, skip)  # its quantized layers stay packed
             if onednn:
                 prepack_linears(model, onednn_dtypes())
         if device.type == "cpu" and config.cpu_huge_pages:  # before anything holds the weights

@@ -149,13 +149,20 @@ class CpuW8A8Linear(nn.Module):
     activations quantized to int8 per group of 32 as for 4-bit weights, integer dot products
     (AVX512-VNNI, AVX2): 1.6x PyTorch's weight-only int8 kernel at one decode row, 2x at 8-32.
     The weights are held packed only; an embedding tied to this head reads its rows from
-    them (tie_int8_embedding)."""
+    them (tie_int8_embedding).
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    Scales per output row (`scales`, int8 quantized at load), or per group of 32 or 16 inputs
+    with optional minimums per group of 32 (`group_scales` [N, K/32 or K/16], `mins` [N, K/32]:
+    GGUF's Q8_0, Q5_0/Q5_1/Q5_K and Q6_K blocks, w = q * scale + min), held in the pack."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype,
+                 group_scales: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> None:
         super().__init__()
         self.kernel = _cpu_kernel()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q8_packed", self.kernel.q8_pack(q.contiguous()))
+        self.register_buffer("q8_packed", self.kernel.q8_pack(q.contiguous(), group_scales, mins))
+        if group_scales is not None:
+            scales = torch.ones(self.out_features)
         self.register_buffer("scales", scales.float().contiguous())
         self.bias = None if bias is None else bias.detach().to(dtype).clone()
         self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
@@ -169,6 +176,51 @@ class CpuW8A8Linear(nn.Module):
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         y = self.kernel.q8_linear(x2, self.q8_packed, self.scales, bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+
+def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a packed layer's weight matrix ([len(ids), K] float32, as its kernel
+    reads them): a CpuW8A8Linear of any record format or a CpuInt4Linear on semline's kernel."""
+    if isinstance(module, CpuInt4Linear):
+        packed = module.q4_packed  # [N/16, K/32, 320]: 4 steps x 16 rows x 4 bytes, then d[16], m[16]
+        blocks, groups = packed.shape[:2]
+        raw = packed[ids // 16]  # [n, G, 320]
+        rows = ids % 16
+        at = torch.arange(len(ids))
+        nibbles = raw[..., :256].view(len(ids), groups, 4, 16, 4)[at, :, :, rows]  # [n, G, 4 steps, 4]
+        q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=3).reshape(len(ids), groups, 32)  # k = 8 s + 4 h + i
+        halves = raw[..., 256:].contiguous().view(torch.float16).view(len(ids), groups, 2, 16)[at, :, :, rows]
+        return (q.float() * halves[..., 0, None].float() + halves[..., 1, None].float()).reshape(len(ids), -1)
+    packed = module.q8_packed  # [N/16, K/32, 512 + 32 f]: 8 steps x 16 rows x 4 bytes, then float16 fields
+    blocks, groups, record = packed.shape
+    raw = packed[ids // 16]
+    rows, at = ids % 16, torch.arange(len(ids))
+    q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
+    fields = (record - 512) // 32
+    if fields == 0:
+        return q.reshape(len(ids), -1) * module.scales[ids, None]
+    f16 = raw[..., 512:].contiguous().view(torch.float16).view(len(ids), groups, fields, 16)[at, :, :, rows].float()
+    if fields == 1:
+        w = q * f16[..., 0, None]
+    else:
+        w = (q.view(len(ids), groups, 2, 16) * f16[..., :2, None]).view(len(ids), groups, 32)
+        if fields == 3:
+            w = w + f16[..., 2, None]
+    return w.reshape(len(ids), -1)
+
+
+class PackedEmbedding(nn.Module):
+    """A token embedding that reads its rows from the output head tied to it (a packed
+    layer of semline's kernels), so the matrix is held once, at the file's precision."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head = [head]  # not a submodule: the head is the model's own
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return packed_rows(self.head[0], flat).to(self.dtype).view(*ids.shape, -1)
 
 
 def int8_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, device: torch.device,

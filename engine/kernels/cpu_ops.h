@@ -18,8 +18,10 @@ std::vector<std::string> q4_paths();
 torch::Tensor q4_pack(torch::Tensor q, torch::Tensor scales, torch::Tensor mins);
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
-// 8-bit weights (one scale per output row) times the same int8-quantized activations.
-torch::Tensor q8_pack(torch::Tensor q);
+// 8-bit weights times the same int8-quantized activations: one scale per output row (scales
+// given to q8_linear), or float16 scales per group or half group and minimums per group in the
+// pack (GGUF's Q8_0, Q5_*, Q6_K blocks; q8_linear then takes row scales of 1).
+torch::Tensor q8_pack(torch::Tensor q, c10::optional<torch::Tensor> scales, c10::optional<torch::Tensor> mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
 

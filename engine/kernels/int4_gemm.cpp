@@ -383,59 +383,103 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
   return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, q4_kernels());
 }
 
-// --- 8-bit weights (per output row scale) times the same int8 activations ------------------
+// --- 8-bit weights times the same int8 activations -----------------------------------------
 //
 // Packed like the 4-bit layout, one byte a weight: per (16-row block, group of 32) 512 bytes,
-// step s (0..7) holding per row its weights k0 .. k0+3, k0 = 32 g + 4 s. The row scales stay a
-// float tensor. VNNI multiplies unsigned by signed bytes, so the activations go in offset by
-// 128 (xq + 128 = xq ^ 0x80) and 128 * sum(w) comes off, sum(w) itself one more vpdpbusd
-// chain per block and group shared by every activation row; AVX2 takes |w| and moves w's sign
-// onto the activation (vpsignb), as llama.cpp does, so no pair sum saturates.
+// step s (0..7) holding per row its weights k0 .. k0+3, k0 = 32 g + 4 s. Four record formats,
+// told apart by the record's size:
+//   512 (kPerRow): one float scale per output row, a float tensor beside the pack (int8 at load);
+//   544 (kGroupScale): then 16 float16 scales d, one per row for the group (GGUF Q8_0, Q5_0);
+//   576 (kHalfScales): then 16 float16 scales for inputs 0-15 and 16 for inputs 16-31 (Q6_K);
+//   608 (kHalvesMin): those and 16 float16 minimums m per row and group, w = q * d + m
+//        (Q5_1, Q5_K, and a layer whose parts mix them).
+// The group formats take a row scale of 1 (the kernels multiply by what they are given).
+// VNNI multiplies unsigned by signed bytes, so the activations go in offset by 128
+// (xq + 128 = xq ^ 0x80) and 128 * sum(w) comes off, sum(w) itself one more vpdpbusd chain per
+// block and half group shared by every activation row; AVX2 takes |w| and moves w's sign onto
+// the activation (vpsignb), as llama.cpp does, so no pair sum saturates.
 
 namespace {
 
 constexpr int64_t kRecord8 = 512;
+enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3 };
+constexpr int64_t record8_bytes(int format) { return kRecord8 + 32 * format; }
+constexpr bool has_halves(int format) { return format >= kHalfScales; }
 
+int format8_of(int64_t record) {
+  for (int f = kPerRow; f <= kHalvesMin; ++f)
+    if (record == record8_bytes(f)) return f;
+  return -1;
+}
+
+template <int F>
 void block8_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                    float* acc) {
-  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
+  constexpr int64_t record = record8_bytes(F);
   const int64_t groups = k / kGroup;
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* out = acc + (r - row_begin) * kRows;
     for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      const int8_t* rec = block + g * kRecord8;
+      const int8_t* rec = reinterpret_cast<const int8_t*>(bytes + g * record);
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(bytes + g * record + kRecord8);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const float scale = xq.scale[r * groups + g];
       for (int64_t j = 0; j < kRows; ++j) {
-        int32_t dot = 0;
+        int32_t dot[2] = {0, 0};  // inputs 0-15, 16-31
         for (int64_t s = 0; s < 8; ++s)
-          for (int64_t b = 0; b < 4; ++b) dot += static_cast<int32_t>(rec[s * 64 + j * 4 + b]) * xs[4 * s + b];
-        out[j] += xq.scale[r * groups + g] * static_cast<float>(dot);
+          for (int64_t b = 0; b < 4; ++b) dot[s / 4] += static_cast<int32_t>(rec[s * 64 + j * 4 + b]) * xs[4 * s + b];
+        if constexpr (F == kPerRow) {
+          out[j] += scale * static_cast<float>(dot[0] + dot[1]);
+        } else if constexpr (F == kGroupScale) {
+          out[j] += half_to_float(d[j]) * scale * static_cast<float>(dot[0] + dot[1]);
+        } else {
+          out[j] += scale * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
+                             half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
+          if constexpr (F == kHalvesMin) out[j] += half_to_float(d[2 * kRows + j]) * xq.sum[r * groups + g];
+        }
       }
     }
   }
 }
 
 #ifdef SEMLINE_Q4_AVX2
+template <int F>
 void block8_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                  float* acc) {
-  const int8_t* block = reinterpret_cast<const int8_t*>(bytes);
+  constexpr int64_t record = record8_bytes(F);
   const int64_t groups = k / kGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = row_begin; r < row_end; ++r) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t g = 0; g < groups; ++g) {
-      const int8_t* rec = block + g * kRecord8;
+      const uint8_t* base = bytes + g * record;
+      const int8_t* rec = reinterpret_cast<const int8_t*>(base);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const __m256 scale = _mm256_set1_ps(xq.scale[r * groups + g]);
       for (int64_t h = 0; h < 2; ++h) {
-        __m256i dot = _mm256_setzero_si256();
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int64_t s = 0; s < 8; ++s) {
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + s * 64 + h * 32));
           const __m256i x = _mm256_set1_epi32(load4(xs + 4 * s));
           const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+          dot[s / 4] = _mm256_add_epi32(dot[s / 4], _mm256_madd_epi16(pairs, ones));
         }
-        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[r * groups + g]), _mm256_cvtepi32_ps(dot), sums[h]);
+        auto scales_at = [&](int64_t i) {
+          return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + kRecord8 + i * 32 + h * 16)));
+        };
+        if constexpr (F == kPerRow) {
+          sums[h] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), sums[h]);
+        } else if constexpr (F == kGroupScale) {
+          sums[h] = _mm256_fmadd_ps(_mm256_mul_ps(scales_at(0), scale),
+                                    _mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), sums[h]);
+        } else {
+          const __m256 halves = _mm256_fmadd_ps(scales_at(1), _mm256_cvtepi32_ps(dot[1]),
+                                                _mm256_mul_ps(scales_at(0), _mm256_cvtepi32_ps(dot[0])));
+          sums[h] = _mm256_fmadd_ps(scale, halves, sums[h]);
+          if constexpr (F == kHalvesMin)
+            sums[h] = _mm256_fmadd_ps(scales_at(2), _mm256_set1_ps(xq.sum[r * groups + g]), sums[h]);
+        }
       }
     }
     _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
@@ -445,64 +489,106 @@ void block8_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
 #endif
 
 #ifdef SEMLINE_Q4_VNNI
-template <int R>
-inline void tile8_vnni(const int8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+template <int F, int R>
+inline void tile8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+  constexpr int64_t record = record8_bytes(F);
   const int64_t groups = k / kGroup;
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   __m512 sums[R];
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const int8_t* rec = block + g * kRecord8;
+    const uint8_t* base = bytes + g * record;
     __m512i w[8];
-    for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(rec + s * 64);
+    for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(base + s * 64);
+    // Two chains per row: inputs 0-15 (steps 0-3) and 16-31 (steps 4-7), each less 128 * its sum(w).
     __m512i wsum_a = _mm512_setzero_si512(), wsum_b = _mm512_setzero_si512();
-    for (int s = 0; s < 8; s += 2) {
+    for (int s = 0; s < 4; ++s) {
       wsum_a = _mm512_dpbusd_epi32(wsum_a, ones, w[s]);
-      wsum_b = _mm512_dpbusd_epi32(wsum_b, ones, w[s + 1]);
+      wsum_b = _mm512_dpbusd_epi32(wsum_b, ones, w[s + 4]);
     }
-    const __m512i offset = _mm512_slli_epi32(_mm512_add_epi32(wsum_a, wsum_b), 7);  // 128 * sum(w)
-    __m512i even[R], odd[R];
-    for (int i = 0; i < R; ++i) even[i] = odd[i] = _mm512_setzero_si512();
-    for (int s = 0; s < 8; s += 2)
+    __m512i lo[R], hi[R];
+    for (int i = 0; i < R; ++i) {
+      lo[i] = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), wsum_a), 7);
+      hi[i] = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), wsum_b), 7);
+    }
+    for (int s = 0; s < 4; ++s)
       for (int i = 0; i < R; ++i) {
         const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
-        even[i] = _mm512_dpbusd_epi32(even[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs)), flip), w[s]);
-        odd[i] = _mm512_dpbusd_epi32(odd[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs + 4)), flip), w[s + 1]);
+        lo[i] = _mm512_dpbusd_epi32(lo[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs)), flip), w[s]);
+        hi[i] = _mm512_dpbusd_epi32(hi[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs + 16)), flip), w[s + 4]);
       }
-    for (int i = 0; i < R; ++i) {
-      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even[i], odd[i]), offset);
-      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[(r0 + i) * groups + g]), _mm512_cvtepi32_ps(dot), sums[i]);
+    auto scales_at = [&](int i) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + kRecord8 + i * 32)));
+    };
+    if constexpr (F == kPerRow || F == kGroupScale) {
+      const __m512 d = F == kGroupScale ? scales_at(0) : _mm512_set1_ps(1.f);
+      for (int i = 0; i < R; ++i) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[i], hi[i]));
+        sums[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xq.scale[(r0 + i) * groups + g])), dot, sums[i]);
+      }
+    } else {
+      const __m512 da = scales_at(0), db = scales_at(1);
+      for (int i = 0; i < R; ++i) {
+        const int64_t at = (r0 + i) * groups + g;
+        const __m512 halves = _mm512_fmadd_ps(db, _mm512_cvtepi32_ps(hi[i]), _mm512_mul_ps(da, _mm512_cvtepi32_ps(lo[i])));
+        sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), halves, sums[i]);
+        if constexpr (F == kHalvesMin) sums[i] = _mm512_fmadd_ps(scales_at(2), _mm512_set1_ps(xq.sum[at]), sums[i]);
+      }
     }
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
+template <int F>
 struct Vnni8Tiles {
   template <int R>
   static void run(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
-    tile8_vnni<R>(reinterpret_cast<const int8_t*>(block), xq, r0, k, acc);
+    tile8_vnni<F, R>(block, xq, r0, k, acc);
   }
 };
 #endif
 
 }  // namespace
 
-torch::Tensor q8_pack(torch::Tensor q) {
+torch::Tensor q8_pack(torch::Tensor q, c10::optional<torch::Tensor> scales, c10::optional<torch::Tensor> mins) {
   TORCH_CHECK(q.dim() == 2 && q.size(1) % kGroup == 0 && q.scalar_type() == at::kChar,
               "q: int8 [N, K] with K a multiple of 32");
   const int64_t n = q.size(0), k = q.size(1), groups = k / kGroup, blocks = (n + kRows - 1) / kRows;
+  int format = kPerRow;
+  torch::Tensor d, m;
+  if (scales.has_value()) {
+    TORCH_CHECK(scales->dim() == 2 && scales->size(0) == n && (scales->size(1) == groups || scales->size(1) == 2 * groups),
+                "scales: [N, K / 32] (one per group) or [N, K / 16] (one per half group)");
+    d = scales->to(at::kHalf).reshape({n, groups, -1}).contiguous();
+    format = d.size(2) == 2 ? kHalfScales : kGroupScale;
+    if (mins.has_value()) {
+      TORCH_CHECK(mins->dim() == 2 && mins->size(0) == n && mins->size(1) == groups, "minimums: [N, K / 32]");
+      m = mins->to(at::kHalf).contiguous();
+      if (format == kGroupScale) d = d.expand({n, groups, 2}).contiguous();
+      format = kHalvesMin;
+    }
+  } else {
+    TORCH_CHECK(!mins.has_value(), "minimums need group scales");
+  }
+  const int64_t record = record8_bytes(format), halves = format == kGroupScale ? 1 : 2;
   auto src = q.contiguous();
-  auto packed = torch::zeros({blocks, groups, kRecord8}, torch::dtype(at::kChar));
+  auto packed = torch::zeros({blocks, groups, record}, torch::dtype(at::kChar));
   int8_t* out = packed.data_ptr<int8_t>();
   const int8_t* w = src.data_ptr<int8_t>();
+  const uint16_t* ds = format == kPerRow ? nullptr : reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  const uint16_t* ms = format == kHalvesMin ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < groups; ++g) {
-        int8_t* rec = out + (b * groups + g) * kRecord8;
-        for (int64_t j = 0; j < kRows && b * kRows + j < n; ++j)
-          for (int64_t s = 0; s < 8; ++s)
-            std::memcpy(rec + s * 64 + j * 4, w + (b * kRows + j) * k + g * kGroup + 4 * s, 4);
+        int8_t* rec = out + (b * groups + g) * record;
+        uint16_t* rd = reinterpret_cast<uint16_t*>(rec + kRecord8);
+        for (int64_t j = 0; j < kRows && b * kRows + j < n; ++j) {
+          const int64_t row = b * kRows + j;
+          for (int64_t s = 0; s < 8; ++s) std::memcpy(rec + s * 64 + j * 4, w + row * k + g * kGroup + 4 * s, 4);
+          for (int64_t h = 0; ds != nullptr && h < halves; ++h) rd[h * kRows + j] = ds[(row * groups + g) * halves + h];
+          if (ms != nullptr) rd[2 * kRows + j] = ms[row * groups + g];
+        }
       }
   });
   return packed;
@@ -510,31 +596,42 @@ torch::Tensor q8_pack(torch::Tensor q) {
 
 namespace {
 
-const BlockFn* q8_kernels() {
+template <int F>
+const BlockFn* q8_kernels_of() {
   static const BlockFn kernels[] = {
-      block8_scalar,
+      block8_scalar<F>,
 #ifdef SEMLINE_Q4_AVX2
-      block8_avx2,
+      block8_avx2<F>,
 #else
-      block8_scalar,
+      block8_scalar<F>,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      in_tiles<Vnni8Tiles>,
+      in_tiles<Vnni8Tiles<F>>,
 #else
-      block8_scalar,
+      block8_scalar<F>,
 #endif
   };
   return kernels;
+}
+
+const BlockFn* q8_kernels(int64_t record) {
+  switch (format8_of(record)) {
+    case kGroupScale: return q8_kernels_of<kGroupScale>();
+    case kHalfScales: return q8_kernels_of<kHalfScales>();
+    case kHalvesMin: return q8_kernels_of<kHalvesMin>();
+    default: return q8_kernels_of<kPerRow>();
+  }
 }
 
 }  // namespace
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path) {
-  TORCH_CHECK(packed.scalar_type() == at::kChar, "packed: q8_pack's bytes");
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && format8_of(packed.size(2)) >= 0,
+              "packed: q8_pack's bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
-  return run_blocks("semline::q8_linear", x, packed, kRecord8, scales.numel(), scales.data_ptr<float>(), bias, path,
-                    q8_kernels());
+  return run_blocks("semline::q8_linear", x, packed, packed.size(2), scales.numel(), scales.data_ptr<float>(), bias,
+                    path, q8_kernels(packed.size(2)));
 }
 
 // --- DecodeStack's one parallel region ----------------------------------------------------
@@ -547,7 +644,9 @@ void quantize_activations(QuantizedRows& out, const torch::Tensor& x) {
 
 bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n,
                       const c10::optional<torch::Tensor>& bias, at::ScalarType dtype) {
-  return packed_layout(packed, q8 ? kRecord8 : kRecord) && packed_shape(packed, k, n) && bias_fits(bias, dtype, n);
+  const bool layout = q8 ? packed.dim() == 3 && format8_of(packed.size(2)) >= 0 && packed_layout(packed, packed.size(2))
+                         : packed_layout(packed, kRecord);
+  return layout && packed_shape(packed, k, n) && bias_fits(bias, dtype, n);
 }
 
 void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales,
@@ -559,11 +658,12 @@ void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, 
   const int64_t t = 0, threads = 1;
 #endif
   const int64_t begin = blocks * t / threads, end = blocks * (t + 1) / threads;
-  const BlockFn pass = (q8 ? q8_kernels() : q4_kernels())[best_path()];
+  const int64_t record = packed.size(2);
+  const BlockFn pass = (q8 ? q8_kernels(record) : q4_kernels())[best_path()];
   const uint8_t* weights = static_cast<const uint8_t*>(packed.data_ptr());
   SEMLINE_DISPATCH(out.scalar_type(), "semline team_linear", [&] {
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    blocks_range<scalar_t>(pass, weights, q8 ? kRecord8 : kRecord, xq, rows, k, n, row_scales, b,
+    blocks_range<scalar_t>(pass, weights, record, xq, rows, k, n, row_scales, b,
                            out.data_ptr<scalar_t>(), begin, end);
   });
 }

@@ -979,7 +979,8 @@ void add_rms_norm_rows(scalar_t* x, const scalar_t* delta, const scalar_t* weigh
 // linear_spec builds these), by kind:
 //   dense: weight [N, K];  oneDNN: weight prepacked;
 //   int4 (PyTorch's kernel): weight the int4pack buffer, scales [K/g, N, 2], group_size g;
-//   q4 (W4A8): weight q4_pack's bytes, group_size N;  q8 (W8A8): weight q8_pack's bytes, scales [N];
+//   q4 (W4A8): weight q4_pack's bytes, group_size N;  q8 (W8A8): weight q8_pack's bytes, scales [N]
+//     (ones where the pack holds group scales);
 //   int8 (weight-only, PyTorch's packed kernel): weight [N, K] int8, scales [N] in the activations' dtype.
 struct LinearSpec {
   int64_t kind;
@@ -1323,7 +1324,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");
   m.def("q4_pack", &q4_pack, "Pack 4-bit weights (q, scales, minimums) for q4_linear");
-  m.def("q8_pack", &q8_pack, "Pack int8 weights [N, K] for q8_linear");
+  m.def("q8_pack", &q8_pack, "Pack int8 weights [N, K] (and their group scales and minimums) for q8_linear",
+        pybind11::arg("q"), pybind11::arg("scales") = pybind11::none(), pybind11::arg("mins") = pybind11::none());
   m.def("q8_linear", &q8_linear, "x @ (W * scales[:, None])^T for q8_pack'ed int8 weights (CPU)", nogil(),
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);

@@ -329,6 +329,111 @@ def test_w4a8_kernel_every_compiled_path_computes_the_reference(dtype):
         kernel.q4_linear(torch.randn(1, k + 32), packed, n)
 
 
+GGUF_PACKED_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
+
+
+def random_gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0):
+    """Random bytes as `kind`'s blocks of a [rows, cols] tensor, with sane float16 scales
+    (every bit pattern of the integer fields is used)."""
+    import gguf
+    import numpy as np
+
+    from engine.gguf_weights import _BLOCK_BYTES
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    per, size = _BLOCK_BYTES[int(qtype)]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
+    offsets = [208] if kind == "Q6_K" else [0, 2] if kind in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0]
+    for at in offsets:  # d (and m / dmin): small positive float16 values
+        values = rng.uniform(0.002, 0.05, blocks.shape[:2]).astype(np.float16)
+        blocks[..., at:at + 2] = values[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(rows, -1), qtype
+
+
+def _packed_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None):
+    """What the packed kernels compute, in float64: activations quantized to int8 per row and
+    group of 32, times q * scale (scales per 32 or 16 weights), plus each group's minimum
+    times the group's sum of the unquantized activations."""
+    from engine.gguf_weights import blocks_to_float
+
+    rows, k = x.shape
+    xg = x.view(rows, k // 32, 32)
+    amax = xg.abs().amax(dim=-1)
+    xq = torch.round(xg * torch.where(amax > 0, 127.0 / amax, 0.0)[..., None]) * (amax / 127)[..., None]
+    want = xq.reshape(rows, k).double() @ blocks_to_float(q, scales, None).double().t()
+    return want if mins is None else want + xg.double().sum(-1) @ mins.double().t()
+
+
+@pytest.mark.parametrize("kind", GGUF_PACKED_TYPES)
+def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
+    """Each GGUF block type kept packed (Q4_0/Q4_1/Q4_K in the 4-bit kernel's record, Q5_*,
+    Q6_K and Q8_0 in the 8-bit kernel's group records), on random blocks: read in place it
+    gives exactly gguf's own floats; the weights the packed layer holds equal them (Q4_0,
+    Q4_1, Q5_0, Q8_0) or are within float16 rounding of a scale (K-quants) or of a centred
+    minimum (Q5_1), and rows read back from the pack (a tied embedding's lookups) are those
+    weights; on every compiled path the layer computes the product of its int8 activations
+    with them, within 4 % of the float product (uniform random 4-bit weights with a minimum
+    of -8 d are int8 activations' worst case: 2.5 % for Q4_0)."""
+    import gguf
+
+    from engine.gguf_weights import blocks_to_float, packed_form, packed_linear, read_blocks
+    from engine.quantization import CpuInt4Linear, CpuW8A8Linear, packed_rows
+
+    kernel = load_paged_attention()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available here")
+    n, k = 40, 512
+    data, qtype = random_gguf_blocks(kind, n, k)
+    found = read_blocks(data, n, k, int(qtype))
+    weight = blocks_to_float(*found)
+    assert torch.equal(weight, torch.from_numpy(gguf.dequantize(data, qtype).reshape(n, k).copy()))
+    four_bit, q, scales, mins = packed_form([found])
+    layer = packed_linear([found], None, torch.float32)
+    assert four_bit == kind.startswith("Q4") and isinstance(layer, CpuInt4Linear if four_bit else CpuW8A8Linear)
+    held = blocks_to_float(q, scales, mins)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+        assert torch.equal(held, weight)
+    else:
+        assert (held - weight).abs().max() <= 2**-10 * weight.abs().max()
+    ids = torch.tensor([0, 39, 17, 16, 15, 3])
+    assert torch.equal(packed_rows(layer, ids), held[ids])
+    torch.manual_seed(3)
+    for rows in (1, 6, 70):
+        x = torch.randn(rows, k)
+        want = _packed_reference(x, q, scales, mins)
+        for path, name in enumerate(kernel.q4_paths()):
+            if four_bit:
+                got = kernel.q4_linear(x, layer.q4_packed, n, None, path)
+            else:
+                got = kernel.q8_linear(x, layer.q8_packed, layer.scales, None, path)
+            assert (got.double() - want).abs().max() <= want.abs().max() * 1e-5, (name, rows)
+        exact = x.double() @ weight.double().t()
+        assert (layer(x).double() - exact).norm() <= 0.04 * exact.norm()
+
+
+def test_a_layer_of_mixed_gguf_types_packs_every_part_in_one_record():
+    """Llama.cpp's Q4_K_M mixes types within what semline runs as one layer (q and k Q4_K, v
+    Q6_K): the fused layer takes the record that holds them all (per-16 scales and minimums)."""
+    from engine.gguf_weights import blocks_to_float, packed_form, packed_linear, read_blocks
+    from engine.quantization import CpuW8A8Linear, packed_rows
+
+    if load_paged_attention() is None:
+        pytest.skip("the CPU extension is not available here")
+    parts = []
+    for seed, kind in enumerate(["Q4_K", "Q6_K", "Q8_0"]):
+        data, qtype = random_gguf_blocks(kind, 16 * (seed + 1), 256, seed)
+        parts.append(read_blocks(data, 16 * (seed + 1), 256, int(qtype)))
+    layer = packed_linear(parts, None, torch.float32)
+    assert isinstance(layer, CpuW8A8Linear) and layer.q8_packed.shape[2] == 512 + 3 * 32
+    held = blocks_to_float(*packed_form(parts)[1:])
+    weight = torch.cat([blocks_to_float(*part) for part in parts])
+    assert (held - weight).abs().max() <= 2**-10 * weight.abs().max()
+    assert torch.equal(packed_rows(layer, torch.arange(96)), held)
+    x = torch.randn(3, 256)
+    assert torch.allclose(layer(x).double(), _packed_reference(x, *packed_form(parts)[1:]), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_kernel_every_compiled_path_and_the_tied_embedding(dtype):
     """semline's int8 kernel on every compiled path against the product of its int8 activations

@@ -151,7 +151,7 @@ def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, h
     weights."""
     from safetensors.torch import load_file
 
-    from engine.gguf_weights import GGUFCheckpoint
+    from engine.gguf_weights import GGUFCheckpoint, blocks_to_float
     from engine.loader import embedded_gguf_path
 
     folder = load_file(str(hf_dir / "model.safetensors"))
@@ -169,20 +169,28 @@ def test_the_engine_reads_the_gguf_exactly_as_transformers_dequantizes_it(llm, h
     assert torch.equal(parts[cols], folder[name][:, 512:1024].bfloat16())
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.5.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):
-        q, d, m = checkpoint.q4(name)
-        rows, cols = q.shape
-        assert torch.equal((q.view(rows, -1, 32) * d[..., None] + m[..., None]).view(rows, cols), folder[name])
+        assert torch.equal(blocks_to_float(*checkpoint.blocks(name)), folder[name])
 
 
 def test_auto_keeps_the_gguf_4bit_and_scores_like_its_float_weights(make_llm, text_ids, fp32_perplexity):
     """quantization auto on the embedded GGUF: every layer's linears are the file's own 4-bit
-    blocks (the Q8_0 embedding and tied head int8), so the perplexity stays within 2 % of
-    the float32 engine over the same (dequantized) weights, the file's own perplexity (1.0 %
-    here: bf16 activations into the int4 kernel, the head re-scaled per row); int4 quantized
-    afresh from those floats is 4-6 % off."""
+    blocks, the tied head its Q8_0 embedding's blocks (per-group scales, exact) and the
+    embedding reads its rows from the head's pack, so the perplexity stays within 2 % of the
+    float32 engine over the same (dequantized) weights, the file's own perplexity (int8
+    activations into the kernels); int4 quantized afresh from those floats is 4-6 % off."""
+    from engine.gguf_weights import GGUFCheckpoint
+    from engine.loader import embedded_gguf_path
+    from engine.quantization import CpuW8A8Linear, PackedEmbedding
+
     auto = make_llm(quantization="auto")
     model = auto.engine.runner.model
     assert sum(isinstance(m, CpuInt4Linear) for m in model.modules()) == 4 * auto.engine.runner.args.num_layers
+    assert isinstance(model.lm_head, CpuW8A8Linear) and model.lm_head.q8_packed.shape[2] == 544
+    assert isinstance(model.embed_tokens, PackedEmbedding)
+    checkpoint = GGUFCheckpoint.open(embedded_gguf_path(), auto.engine.model_dir, auto.engine.hf_config)
+    ids = torch.tensor([0, 1, 500, 49151])
+    rows = model.embed_tokens(ids)
+    assert torch.equal(rows, checkpoint.dequantize("model.embed_tokens.weight")[ids].to(rows.dtype))
     ppl = _perplexity(auto, text_ids)
     assert abs(ppl - fp32_perplexity) / fp32_perplexity < 0.02, (fp32_perplexity, ppl)
 
@@ -201,7 +209,7 @@ def test_q4_blocks_read_in_place_give_ggufs_own_weights(tmp_path, kind):
     import numpy as np
     import transformers
 
-    from engine.gguf_weights import GGUFCheckpoint
+    from engine.gguf_weights import GGUFCheckpoint, blocks_to_float
 
     qtype = gguf.GGMLQuantizationType[kind]
     weight = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
@@ -218,7 +226,7 @@ def test_q4_blocks_read_in_place_give_ggufs_own_weights(tmp_path, kind):
         "shape": [int(n) for n in tensor.shape], "offset": int(tensor.data_offset), "bytes": int(tensor.n_bytes)}}}
     checkpoint = GGUFCheckpoint(path, index, transformers.Qwen3Config(num_hidden_layers=1))
     want = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data), qtype).reshape(48, 96).copy())
-    q, d, m = checkpoint.q4("model.layers.0.mlp.down_proj.weight")
+    q, d, m = checkpoint.blocks("model.layers.0.mlp.down_proj.weight")
     assert q.shape == (48, 96) and int(q.min()) >= 0 and int(q.max()) <= 15
-    assert torch.equal((q.view(48, -1, 32) * d[..., None] + m[..., None]).view(48, 96), want)
+    assert torch.equal(blocks_to_float(q, d, m), want)
     assert torch.equal(checkpoint.dequantize("model.layers.0.mlp.down_proj.weight"), want)
