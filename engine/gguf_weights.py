@@ -6,11 +6,13 @@ file, a small folder with the model's config, tokenizer and an index of the file
 every load then memory-maps the file and dequantizes only the tensors (or tensor-parallel
 slices) a runner needs, one at a time, into the runner's dtype.
 
-With `quantization: auto` on the CPU, the linear layers whose tensors are Q4_1 or Q4_0 are
-never dequantized: a Q4_1 block is 32 weights q (0..15) with a float16 scale d and minimum
-m, w = q * d + m, which is exactly the int4 kernel's group form (a Q4_0 block has no m:
-w = (q - 8) * d, the same form with m = -8 d), so they become `CpuInt4Linear`s. A Q8_0 embedding (and the head
-tied to it) is stored int8, 8-bit as the file holds it.
+With `quantization: auto` on the CPU, the linear layers and the token embedding whose
+tensors are of the block types people download (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the
+K-quants Q4_K, Q5_K, Q6_K) are never dequantized: every such block is integers q times a
+scale per 16 or 32 weights plus a minimum per 32 (`read_blocks`), the 4-bit ones exactly the
+int4 kernel's group form (`CpuInt4Linear`), the others the int8 kernel's group records
+(`CpuW8A8Linear`); the embedding reads its rows from its packed blocks (`PackedEmbedding`),
+which a tied output head multiplies with.
 
 Llama-architecture files store q and k with their rows permuted for llama.cpp's rotary
 layout; transformers' tensor processors undo that (and the other families' quirks) for
@@ -22,13 +24,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.quantization import CpuInt4Linear, CpuW8A8Linear, Int8Embedding, PackedEmbedding, quantize_rows
+from engine.huge_pages import return_freed_memory
+from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +175,16 @@ class GGUFCheckpoint:
         rows = math.prod(entry["shape"][1:])
         return entry, data.reshape(rows, -1)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages of the file from this process (they stay in the page cache):
+        read once into packed layers, they would otherwise count in the process's memory
+        beside the packed copy for as long as the file stays mapped."""
+        entry = self.tensors[name]
+        mapping = getattr(self.file, "_mmap", None)
+        start = entry["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED, start, entry["offset"] + entry["bytes"] - start)
+
     def blocks(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """read_blocks of a checkpoint tensor the file holds in a type kept packed, else None
         (rows in Hugging Face's order: llama's q and k un-permuted)."""
@@ -180,6 +194,7 @@ class GGUFCheckpoint:
         entry, data = self._raw(name)
         cols, rows = entry["shape"][:2]
         found = read_blocks(data, rows, cols, entry["type"])
+        self.release(name)
         if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
             heads = self.config["num_attention_heads"]
             if ".k_proj." in hf_name:
@@ -235,14 +250,20 @@ class GGUFCheckpoint:
 
 def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
     """Our parameter names of the linear layers whose every checkpoint part the file holds in
-    a type kept packed (whole tensors: tensor-parallel slices stay on the float path)."""
+    a type kept packed (whole tensors: tensor-parallel slices stay on the float path), and of
+    the token embedding where the file holds it so (its float weights are never made)."""
+    # Without semline's CPU extension only the 4-bit types (PyTorch's int4 kernel) stay packed.
+    types = _PACKED if _cpu_kernel() is not None else _Q4
     modules = dict(model.named_modules())
     kept = set()
     for ours, parts in model.weight_map().items():
         module_name, _, kind = ours.rpartition(".")
-        if kind != "weight" or not isinstance(modules.get(module_name), nn.Linear) or isinstance(parts[0], list):
+        module = modules.get(module_name)
+        if kind != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)) or isinstance(parts[0], list):
             continue
-        if all(isinstance(p, str) and checkpoint.tensor_type(p) in _PACKED for p in parts):
+        if isinstance(module, nn.Embedding) and (module_name != "embed_tokens" or types is _Q4):
+            continue
+        if all(isinstance(p, str) and checkpoint.tensor_type(p) in types for p in parts):
             kept.add(ours)
     return kept
 
@@ -289,38 +310,29 @@ def _centred(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple
 
 
 def keep_gguf_precision(model: nn.Module, checkpoint: GGUFCheckpoint, kept: set[str]) -> int:
-    """Make the linear layers `packed_weights` chose layers of semline's int4/int8 kernels on
-    the file's blocks (their float weights were never loaded; biases were), and a packed
-    embedding (with the head tied to it) 8-bit; returns how many modules were replaced. CPU only."""
+    """Make the layers `packed_weights` chose layers of semline's int4/int8 kernels on the
+    file's blocks (their float weights were never loaded; biases were): linear layers, and the
+    token embedding as rows read from its packed blocks (the output head tied to it runs on
+    the same pack); returns how many modules were replaced. CPU only."""
     weight_map = model.weight_map()
     modules = dict(model.named_modules())
-    for ours in sorted(kept):
+    replaced = 0
+    for ours in sorted(kept - {"embed_tokens.weight"}):
         module_name = ours.rpartition(".")[0]
         module = modules[module_name]
         linear = packed_linear([checkpoint.blocks(p) for p in weight_map[ours]], module.bias, module.weight.dtype)
         parent, _, child = module_name.rpartition(".")
         setattr(modules[parent] if parent else model, child, linear)
-    replaced = len(kept) + _packed_embedding(model, checkpoint)
+        replaced += 1
+        return_freed_memory()  # a layer's decoding buffers
+    if "embed_tokens.weight" in kept:
+        embedding = model.embed_tokens
+        table = packed_linear([checkpoint.blocks(weight_map["embed_tokens.weight"][0])], None, embedding.weight.dtype)
+        head = getattr(model, "lm_head", None)
+        tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
+        if tied:
+            model.lm_head = table
+        model.embed_tokens = PackedEmbedding(table, embedding.weight.dtype, owner=not tied)
+        replaced += 1 + tied
     logger.info("kept %d GGUF layers of %s packed at the file's precision", replaced, checkpoint.path.name)
     return replaced
-
-
-def _packed_embedding(model: nn.Module, checkpoint: GGUFCheckpoint) -> int:
-    """A packed token embedding stays packed where the output head is tied to it: the head
-    becomes a packed linear layer on the embedding's blocks and the embedding reads its rows
-    from the head's pack. An untied Q8_0 embedding becomes int8 rows with per-row scales."""
-    embedding = getattr(model, "embed_tokens", None)
-    name = "model.embed_tokens.weight"
-    if not isinstance(embedding, nn.Embedding) or checkpoint.tensor_type(name) not in _PACKED:
-        return 0
-    weight = embedding.weight
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear) and head.weight is weight:
-        model.lm_head = packed_linear([checkpoint.blocks(name)], None, weight.dtype)
-        model.embed_tokens = PackedEmbedding(model.lm_head, weight.dtype)
-        return 2
-    if checkpoint.tensor_type(name) != _Q8_0:
-        return 0
-    q, scales = quantize_rows(weight)
-    model.embed_tokens = Int8Embedding(q, scales, weight.dtype)
-    return 1
