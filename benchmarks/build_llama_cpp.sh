@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# llama.cpp's own binaries (llama-server, llama-bench), the peer semline's benchmarks compare
-# against, built from the llama.cpp sources that the llama-cpp-python sdist vendors (PyPI is
-# the one source this needs). Prints the folder that holds the binaries.
+# llama.cpp's own binaries (llama-server, llama-bench, llama-batched-bench, llama-quantize,
+# llama-perplexity): the peer semline's benchmarks compare against, built from the llama.cpp
+# sources that the llama-cpp-python sdist vendors (PyPI is the one source this needs). Prints
+# the binaries' folder.
 #
 #   benchmarks/build_llama_cpp.sh [native|noamx]     (default: native, or noamx on a CPU with AMX)
 #
@@ -16,7 +17,10 @@ flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
 has() { [[ " $flags " == *" $1 "* ]]; }
 kind="${1:-$(has amx_tile && echo noamx || echo native)}"
 out="$CACHE/build-$kind"
-if [[ -x "$out/bin/llama-server" && -x "$out/bin/llama-bench" ]]; then
+binaries=(llama-server llama-bench llama-batched-bench llama-quantize llama-perplexity)
+built=1
+for binary in "${binaries[@]}"; do [[ -x "$out/bin/$binary" ]] || built=0; done
+if (( built )); then
   echo "$out/bin"
   exit 0
 fi
@@ -45,5 +49,5 @@ case "$kind" in
   *) echo "usage: $0 [native|noamx]" >&2; exit 2 ;;
 esac
 cmake -S "$src" -B "$out" "${common[@]}" "${options[@]}" >&2
-cmake --build "$out" --target llama-server llama-bench -j "$(nproc)" >&2
+cmake --build "$out" --target "${binaries[@]}" -j "$(nproc)" >&2
 echo "$out/bin"

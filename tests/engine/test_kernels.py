@@ -332,9 +332,17 @@ def test_w4a8_kernel_every_compiled_path_computes_the_reference(dtype):
 GGUF_PACKED_TYPES = ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
 
 
-def random_gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0):
-    """Random bytes as `kind`'s blocks of a [rows, cols] tensor, with sane float16 scales
-    (every bit pattern of the integer fields is used)."""
+# Per type, its float16 fields (byte offset in a block, value): for random integers, weights
+# of std ~0.1 and mean ~0, as a trained model's (d; Q4_1/Q5_1's m; K-quants' d and dmin).
+_TYPICAL_FIELDS = {"Q4_0": [(0, 0.02)], "Q4_1": [(0, 0.02), (2, -0.15)], "Q5_0": [(0, 0.01)],
+                   "Q5_1": [(0, 0.01), (2, -0.155)], "Q8_0": [(0, 0.0013)], "Q4_K": [(0, 0.0004), (2, 0.003)],
+                   "Q5_K": [(0, 0.0002), (2, 0.0031)], "Q6_K": [(208, 0.00007)]}
+
+
+def random_gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0, typical: bool = False, gain: float = 1.0):
+    """Random bytes as `kind`'s blocks of a [rows, cols] tensor (every bit pattern of the
+    integer fields is used), with float16 scales in 0.002-0.05 or, `typical`, those of
+    weights of std ~0.1 (each block's within +-50 % of _TYPICAL_FIELDS'), times `gain`."""
     import gguf
     import numpy as np
 
@@ -344,9 +352,10 @@ def random_gguf_blocks(kind: str, rows: int, cols: int, seed: int = 0):
     per, size = _BLOCK_BYTES[int(qtype)]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, cols // per, size), dtype=np.uint8)
-    offsets = [208] if kind == "Q6_K" else [0, 2] if kind in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0]
-    for at in offsets:  # d (and m / dmin): small positive float16 values
-        values = rng.uniform(0.002, 0.05, blocks.shape[:2]).astype(np.float16)
+    for at, value in _TYPICAL_FIELDS[kind]:
+        scale = gain * value * rng.uniform(0.5, 1.5, blocks.shape[:2]) if typical \
+            else rng.uniform(0.002, 0.05, blocks.shape[:2])
+        values = scale.astype(np.float16)
         blocks[..., at:at + 2] = values[..., None].view(np.uint8).reshape(*blocks.shape[:2], 2)
     return blocks.reshape(rows, -1), qtype
 

@@ -230,3 +230,62 @@ def test_q4_blocks_read_in_place_give_ggufs_own_weights(tmp_path, kind):
     assert q.shape == (48, 96) and int(q.min()) >= 0 and int(q.max()) <= 15
     assert torch.equal(blocks_to_float(q, d, m), want)
     assert torch.equal(checkpoint.dequantize("model.layers.0.mlp.down_proj.weight"), want)
+
+
+# Each type, and a fused layer of mixed types (q, k, v: Q4_K, Q6_K, Q8_0 as llama.cpp's Q4_K_M
+# mixes them): where each tensor of a tiny Llama goes.
+_TYPE_OF = {"token_embd": "Q6_K", "output": "Q8_0", "blk.0.attn_q": "Q4_K", "blk.0.attn_k": "Q6_K",
+            "blk.0.attn_v": "Q8_0", "blk.0.attn_output": "Q4_0", "blk.0.ffn_gate": "Q4_1", "blk.0.ffn_up": "Q4_1",
+            "blk.0.ffn_down": "Q5_0", "blk.1.attn_q": "Q5_1", "blk.1.attn_k": "Q5_1", "blk.1.attn_v": "Q5_1",
+            "blk.1.attn_output": "Q5_K", "blk.1.ffn_gate": "Q6_K", "blk.1.ffn_up": "Q6_K", "blk.1.ffn_down": "Q4_K"}
+
+
+def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
+    """A tiny random Llama written as GGUF with every block type kept packed (an untied
+    embedding and head, a layer whose parts mix types): under quantization auto nothing is
+    dequantized and the greedy tokens are those of the float weights of the same blocks
+    (quantization none), up to the first step where the float model's top two are within
+    0.3 of each other (int8 activations move this random model's logits by up to ~0.3)."""
+    import gguf
+
+    from benchmarks.gguf_models import write_llama_gguf
+    from engine import LLM
+    from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
+    from tests.engine.test_kernels import random_gguf_blocks
+
+    if _cpu_kernel() is None:
+        pytest.skip("the CPU extension is not available here")
+
+    def blocks(name: str, rows: int, cols: int):
+        kind = _TYPE_OF[name.removesuffix(".weight")]
+        # Layers of small weights (std ~0.03: a random network of std-0.1 weights amplifies any
+        # rounding from layer to layer), a head of large ones (std ~0.3: the next-token
+        # distribution of a random model is nearly flat otherwise).
+        gain = 3.0 if name == "output.weight" else 0.3
+        return random_gguf_blocks(kind, rows, cols, seed=len(name) * rows, typical=True, gain=gain)[::-1]
+
+    path = tmp_path / "mixed.gguf"
+    write_llama_gguf(path, (256, 2, 512, 4, 2, False), blocks, "tiny")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("weight")}
+    assert set(_TYPE_OF.values()) <= set(types.values())
+    settings = dict(device="cpu", dtype="float32", num_kv_blocks=64, cache_dir=str(tmp_path / "cache"))
+    packed = LLM(model=str(path), quantization="auto", **settings)
+    model = packed.engine.runner.model
+    assert isinstance(model.embed_tokens, PackedEmbedding) and isinstance(model.lm_head, CpuW8A8Linear)
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, CpuInt4Linear, CpuW8A8Linear))]
+    assert not any(isinstance(m, torch.nn.Linear) for m in linears)
+    # All-4-bit layers (blk.0's o and gate_up, blk.1's down) in the int4 kernel's record.
+    assert sum(isinstance(m, CpuInt4Linear) for m in linears) == 3
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,", "Dear Sir,",
+               "import numpy as np", "The weather today", "Q: What is 2 + 2? A:"]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    floats = LLM(model=str(path), quantization="none", **settings).generate(prompts, params)
+    compared = 0
+    for want, got in zip(floats, packed.generate(prompts, params)):
+        for step, token in enumerate(want.token_ids):
+            top = sorted((lp for _, _, lp in want.logprobs[step].top_logprobs), reverse=True)
+            if top[0] - top[1] < 0.3:
+                break
+            assert got.token_ids[step] == token, (want.prompt, step)
+            compared += 1
+    assert compared >= 20  # of 128 tokens (25 here: a random model has many near-ties)
