@@ -276,16 +276,19 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
     (per 16 weights where a part has them, Q6_K) and minimums (where a part has them; 0 for the
     others), unsigned parts (Q5_1, Q5_K: q in 0..31; 4-bit ones mixed in) centred on zero
     with their minimum taking the offset: the int8 activations' rounding errors then meet
-    weights half as large (a Q5_K_M file's perplexity +1.05 % -> +0.2 % from its float
-    weights' here). Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d and m in the file); a
-    K-quant's d * sub-scale, and a centred minimum, round to float16 (at most 2^-11 of it)."""
+    weights half as large (a Q5_K_M file's perplexity 1.05 % above llama.cpp's -> 0.2 %
+    below). Parts with no minimum and q in -32..31 (Q6_K, Q5_0) take half-group scales
+    (packed_linear holds them in 6 bits). Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d
+    and m in the file); a K-quant's d * sub-scale, and a centred minimum, round to float16
+    (at most 2^-11 of it)."""
     cols = found[0][0].shape[1]
     if all(int(q.min()) >= 0 and int(q.max()) <= 15 and m is not None and s.shape[1] * 32 == cols
            for q, s, m in found):
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
         return True, q, d.half().float(), m.half().float()
     found = [(q, s, m) if m is None else _centred(q, s, m) for q, s, m in found]
-    halves = any(s.shape[1] * 16 == cols for _, s, _ in found)
+    six_bit = all(m is None and int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, m in found)
+    halves = six_bit or any(s.shape[1] * 16 == cols for _, s, _ in found)
     scales = torch.cat([s.repeat_interleave(2, dim=1) if halves and s.shape[1] * 32 == cols else s
                         for _, s, _ in found]).half().float()
     mins = None
@@ -296,11 +299,13 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
 
 
 def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """One linear layer of semline's CPU kernels on its parts' read_blocks (packed_form)."""
+    """One linear layer of semline's CPU kernels on its parts' read_blocks (packed_form):
+    4-bit, or 6-bit where every weight is in -32..31 with no minimum (Q6_K, Q5_0), else 8-bit."""
     four_bit, q, scales, mins = packed_form(found)
     if four_bit:
         return CpuInt4Linear(q.to(torch.int32), scales, mins, bias)
-    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins)
+    six_bit = mins is None and scales.shape[1] * 16 == q.shape[1] and int(q.min()) >= -32 and int(q.max()) <= 31
+    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=six_bit)
 
 
 def _centred(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple:

@@ -153,14 +153,20 @@ class CpuW8A8Linear(nn.Module):
 
     Scales per output row (`scales`, int8 quantized at load), or per group of 32 or 16 inputs
     with optional minimums per group of 32 (`group_scales` [N, K/32 or K/16], `mins` [N, K/32]:
-    GGUF's Q8_0, Q5_0/Q5_1/Q5_K and Q6_K blocks, w = q * scale + min), held in the pack."""
+    GGUF's Q8_0, Q5_0/Q5_1/Q5_K and Q6_K blocks, w = q * scale + min), held in the pack;
+    `six_bit`: q in -32..31 with scales per 16 (Q6_K, Q5_0), held in 6 bits (+1 of scales)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype,
-                 group_scales: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> None:
+                 group_scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                 six_bit: bool = False) -> None:
         super().__init__()
         self.kernel = _cpu_kernel()
         self.out_features, self.in_features = q.shape
-        self.register_buffer("q8_packed", self.kernel.q8_pack(q.contiguous(), group_scales, mins))
+        if six_bit:  # q in -32..31 with half-group scales: the 6-bit record
+            packed = six_bit_record(self.kernel.q8_pack((q + 32).contiguous(), group_scales, None))
+        else:
+            packed = self.kernel.q8_pack(q.contiguous(), group_scales, mins)
+        self.register_buffer("q8_packed", packed)
         if group_scales is not None:
             scales = torch.ones(self.out_features)
         self.register_buffer("scales", scales.float().contiguous())
@@ -176,6 +182,25 @@ class CpuW8A8Linear(nn.Module):
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         y = self.kernel.q8_linear(x2, self.q8_packed, self.scales, bias)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+
+def six_bit_record(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's half-scales record (576 bytes: 512 weights u = q + 32 in 0..63, 64
+    bytes of scales) as its 6-bit record (448: engine/kernels/int4_gemm.cpp, kSix)."""
+    u = packed[..., :512].view(torch.uint8)
+    low = (u[..., :256] & 0x0F) | ((u[..., 256:] & 0x0F) << 4)
+    high = ((u[..., 0:128] >> 4) & 3) | (((u[..., 128:256] >> 4) & 3) << 2) \
+        | (((u[..., 256:384] >> 4) & 3) << 4) | (((u[..., 384:512] >> 4) & 3) << 6)
+    return torch.cat([low, high, packed[..., 512:576].view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
+
+
+def _six_bit_weights(record: torch.Tensor) -> torch.Tensor:
+    """six_bit_record's bytes [..., 448] -> the 512 int8 weights q of the 8-bit layout."""
+    record = record.view(torch.uint8)
+    low = torch.cat([record[..., :256] & 0x0F, record[..., :256] >> 4], dim=-1)
+    high = record[..., 256:384]
+    high = torch.cat([(high >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
+    return (low | (high << 4)).to(torch.int8) - 32
 
 
 def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -194,6 +219,9 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     packed = module.q8_packed  # [N/16, K/32, 512 + 32 f]: 8 steps x 16 rows x 4 bytes, then float16 fields
     blocks, groups, record = packed.shape
     raw = packed[ids // 16]
+    if record == 448:  # the 6-bit record: its weights, then the half-group scales
+        raw = torch.cat([_six_bit_weights(raw), raw[..., 384:]], dim=-1)
+        record = 576
     rows, at = ids % 16, torch.arange(len(ids))
     q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
     fields = (record - 512) // 32
@@ -210,17 +238,21 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 class PackedEmbedding(nn.Module):
-    """A token embedding that reads its rows from the output head tied to it (a packed
-    layer of semline's kernels), so the matrix is held once, at the file's precision."""
+    """A token embedding that reads its rows from a packed layer of semline's kernels (the
+    output head tied to it, or, with `owner`, its own table), so the matrix is held once, at
+    the file's precision."""
 
-    def __init__(self, head: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, table: nn.Module, dtype: torch.dtype, owner: bool = False) -> None:
         super().__init__()
-        self.head = [head]  # not a submodule: the head is the model's own
+        if owner:
+            self.table = table
+        else:
+            self.shared = [table]  # not a submodule: the head is the model's own
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        return packed_rows(self.head[0], flat).to(self.dtype).view(*ids.shape, -1)
+        table = self.table if hasattr(self, "table") else self.shared[0]
+        return packed_rows(table, ids.reshape(-1)).to(self.dtype).view(*ids.shape, -1)
 
 
 def int8_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, device: torch.device,

@@ -35,6 +35,7 @@ struct QuantizedRows {
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> scale;  // [M, G]
   std::vector<float> sum;    // [M, G]: sum of the unquantized inputs
+  std::vector<int32_t> isum; // [M, 2G]: sum of the quantized inputs per half group (16)
 };
 void quantize_activations(QuantizedRows& out, const torch::Tensor& x);
 bool team_linear_fits(const torch::Tensor& packed, bool q8, int64_t k, int64_t n,

@@ -55,6 +55,7 @@ void quantize_rows_into(QuantizedRows& out, const scalar_t* x, int64_t rows, int
   out.q.resize(rows * k);
   out.scale.resize(rows * groups);
   out.sum.resize(rows * groups);
+  out.isum.resize(rows * groups * 2);
   at::parallel_for(0, rows * groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item / groups, g = item % groups;
@@ -68,7 +69,13 @@ void quantize_rows_into(QuantizedRows& out, const scalar_t* x, int64_t rows, int
       }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int8_t* dst = out.q.data() + r * k + g * kGroup;
-      for (int64_t i = 0; i < kGroup; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(values[i] * inv));
+      int32_t halves[2] = {0, 0};
+      for (int64_t i = 0; i < kGroup; ++i) {
+        dst[i] = static_cast<int8_t>(std::nearbyint(values[i] * inv));
+        halves[i / 16] += dst[i];
+      }
+      out.isum[2 * item] = halves[0];
+      out.isum[2 * item + 1] = halves[1];
       out.scale[item] = amax / 127.f;
       out.sum[item] = sum;
     }
@@ -402,14 +409,51 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 namespace {
 
 constexpr int64_t kRecord8 = 512;
-enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3 };
-constexpr int64_t record8_bytes(int format) { return kRecord8 + 32 * format; }
-constexpr bool has_halves(int format) { return format >= kHalfScales; }
+enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4 };
+// kSix (448 bytes): 6-bit weights u = q + 32 (q in -32..31, GGUF Q6_K's; Q5_0's q - 16 too) with
+// the half-group scales: 256 bytes of low nibbles (byte b: u's low 4 bits of 8-bit record byte
+// b, and of byte b + 256 in its high nibble), 128 bytes of high bits (byte b: bits 4-5 of
+// record bytes b, b + 128, b + 256, b + 384 at bits 0-1, 2-3, 4-5, 6-7), then the 64 bytes of
+// float16 scales; 7 bits a weight instead of 9. u is the unsigned operand itself (vpdpbusd,
+// vpmaddubsw); 32 * the activations' integer sum per half comes off.
+constexpr int64_t kRecord6 = 448;
+constexpr int64_t record8_bytes(int format) { return format == kSix ? kRecord6 : kRecord8 + 32 * format; }
 
 int format8_of(int64_t record) {
-  for (int f = kPerRow; f <= kHalvesMin; ++f)
+  for (int f = kPerRow; f <= kSix; ++f)
     if (record == record8_bytes(f)) return f;
   return -1;
+}
+
+// The 8-bit record's step s (64 bytes: 16 rows x 4 weights) of a 6-bit record, as unsigned u.
+inline uint8_t six_at(const uint8_t* rec, int64_t byte) {
+  const uint8_t low = byte < 256 ? rec[byte] & 0xF : rec[byte - 256] >> 4;
+  const uint8_t high = (rec[256 + byte % 128] >> (2 * (byte / 128))) & 3;
+  return low | (high << 4);
+}
+
+void block6_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                   float* acc) {
+  const int64_t groups = k / kGroup;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float* out = acc + (r - row_begin) * kRows;
+    for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = bytes + g * kRecord6;
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + 384);
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const int64_t at = r * groups + g;
+      for (int64_t j = 0; j < kRows; ++j) {
+        int32_t dot[2] = {0, 0};
+        for (int64_t s = 0; s < 8; ++s)
+          for (int64_t b = 0; b < 4; ++b) dot[s / 4] += static_cast<int32_t>(six_at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
+        dot[0] -= 32 * xq.isum[2 * at];
+        dot[1] -= 32 * xq.isum[2 * at + 1];
+        out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
+                                  half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
+      }
+    }
+  }
 }
 
 template <int F>
@@ -488,7 +532,99 @@ void block8_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
 }
 #endif
 
+#ifdef SEMLINE_Q4_AVX2
+// A 6-bit record's 8 steps of 32 bytes (rows 8h .. 8h + 7) as unsigned u.
+inline void six_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
+  const __m256i low = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x03);
+  for (int64_t s = 0; s < 8; ++s) {
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + (s % 4) * 64 + h * 32));
+    const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256 + (s % 2) * 64 + h * 32));
+    const __m256i lo = s < 4 ? _mm256_and_si256(l, low) : _mm256_and_si256(_mm256_srli_epi16(l, 4), low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, static_cast<int>(2 * (s / 2))), two);
+    w[s] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+}
+
+void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                 float* acc) {
+  const int64_t groups = k / kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = bytes + g * kRecord6;
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const int64_t at = r * groups + g;
+      for (int64_t h = 0; h < 2; ++h) {
+        __m256i w[8];
+        six_steps_avx2(rec, h, w);
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t s = 0; s < 8; ++s) {  // pairs of u * x: at most 2 * 63 * 127, an int16
+          const __m256i pairs = _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(load4(xs + 4 * s)));
+          dot[s / 4] = _mm256_add_epi32(dot[s / 4], _mm256_madd_epi16(pairs, ones));
+        }
+        const __m256 da = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 384 + h * 16)));
+        const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 416 + h * 16)));
+        const __m256i a = _mm256_sub_epi32(dot[0], _mm256_set1_epi32(32 * xq.isum[2 * at]));
+        const __m256i b = _mm256_sub_epi32(dot[1], _mm256_set1_epi32(32 * xq.isum[2 * at + 1]));
+        const __m256 halves = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(b), _mm256_mul_ps(da, _mm256_cvtepi32_ps(a)));
+        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), halves, sums[h]);
+      }
+    }
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows + 8, sums[1]);
+  }
+}
+#endif
+
 #ifdef SEMLINE_Q4_VNNI
+template <int R>
+inline void tile6_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+  const int64_t groups = k / kGroup;
+  const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
+  __m512 sums[R];
+  for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rec = bytes + g * kRecord6;
+    __m512i w[8];
+    const __m512i h0 = _mm512_loadu_si512(rec + 256), h1 = _mm512_loadu_si512(rec + 320);
+    for (int s = 0; s < 4; ++s) {
+      const __m512i l = _mm512_loadu_si512(rec + s * 64);
+      const __m512i hb_lo = (s % 2) ? h1 : h0;  // steps s and s + 4 share bytes b % 128
+      w[s] = _mm512_or_si512(_mm512_and_si512(l, low),
+                             _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb_lo, 2 * (s / 2)), two), 4));
+      w[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low),
+                                 _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb_lo, 2 * (s / 2) + 4), two), 4));
+    }
+    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 384)));
+    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 416)));
+    __m512i lo[R], hi[R];
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * groups + g;
+      lo[i] = _mm512_set1_epi32(-32 * xq.isum[2 * at]);
+      hi[i] = _mm512_set1_epi32(-32 * xq.isum[2 * at + 1]);
+    }
+    for (int s = 0; s < 4; ++s)
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
+        lo[i] = _mm512_dpbusd_epi32(lo[i], w[s], _mm512_set1_epi32(load4(xs)));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
+      }
+    for (int i = 0; i < R; ++i) {
+      const __m512 halves = _mm512_fmadd_ps(db, _mm512_cvtepi32_ps(hi[i]), _mm512_mul_ps(da, _mm512_cvtepi32_ps(lo[i])));
+      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[(r0 + i) * groups + g]), halves, sums[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
+}
+
+struct Vnni6Tiles {
+  template <int R>
+  static void run(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+    tile6_vnni<R>(block, xq, r0, k, acc);
+  }
+};
+
 template <int F, int R>
 inline void tile8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
   constexpr int64_t record = record8_bytes(F);
@@ -614,8 +750,26 @@ const BlockFn* q8_kernels_of() {
   return kernels;
 }
 
+const BlockFn* q6_kernels() {
+  static const BlockFn kernels[] = {
+      block6_scalar,
+#ifdef SEMLINE_Q4_AVX2
+      block6_avx2,
+#else
+      block6_scalar,
+#endif
+#ifdef SEMLINE_Q4_VNNI
+      in_tiles<Vnni6Tiles>,
+#else
+      block6_scalar,
+#endif
+  };
+  return kernels;
+}
+
 const BlockFn* q8_kernels(int64_t record) {
   switch (format8_of(record)) {
+    case kSix: return q6_kernels();
     case kGroupScale: return q8_kernels_of<kGroupScale>();
     case kHalfScales: return q8_kernels_of<kHalfScales>();
     case kHalvesMin: return q8_kernels_of<kHalvesMin>();
