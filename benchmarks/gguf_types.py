@@ -10,7 +10,9 @@ random weights at Llama-3.2-1B / Llama-3.1-8B shape), the same threads on both s
   the first token) at batch 1, 8 and 32; prefill rate of one 512-token prompt; decode after a
   2,000-token context; the roofline of a single-stream step (the weight bytes it streams at
   the machine's read bandwidth, measured in the same process);
-- llama.cpp: `llama-bench` tg128, pp512 and tg64 after a 2,000-token context (`-d 2000`), and
+- llama.cpp: `llama-bench` tg128 (run just before and just after semline's process: their mean;
+  semline's single stream is the median of three runs at its start and three at its end),
+  pp512 and tg64 after a 2,000-token context (`-d 2000`), and
   `llama-batched-bench` for decode at 8 and 32 sequences (its S_TG: all sequences' tokens per
   second of generation);
 - with --perplexity (trained weights only: 135m): llama-perplexity's computation (512-token
@@ -100,12 +102,15 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm up
     decode = {}
+    first_runs: list[float] = []
     for batch in batches:  # the median of three runs (a shared VM's bandwidth moves between runs)
         rates = []
         for run in range(3):
             outs = llm.generate([f"{PROMPT} ({run}, {i})" for i in range(batch)], params)
             rates.append(batch / statistics.median(o.metrics.time_per_output_token for o in outs))
         decode[str(batch)] = statistics.median(rates)
+        if batch == 1:
+            first_runs = rates
     result["decode_tok_s"] = decode
     bandwidth = read_bandwidth_gbs()
     result["read_bandwidth_gbs"] = bandwidth
@@ -123,6 +128,12 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     result["prefill_512_tok_s"] = max(rates)
     out = llm.generate([long[1000:3000]], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))[0]
     result["decode_after_2000_tok_s"] = 1 / out.metrics.time_per_output_token
+    # The single stream again, a minute later: the median of all six runs is the figure (the
+    # shared VM's read bandwidth moves by half between minutes).
+    again = [1 / llm.generate([f"{PROMPT} (again {run})"], params)[0].metrics.time_per_output_token
+             for run in range(3)]
+    result["decode_1_runs_tok_s"] = first_runs + again
+    decode["1"] = statistics.median(first_runs + again)
     if perplexity:
         result["perplexity"] = engine_perplexity(llm)
         del llm
@@ -157,6 +168,12 @@ def llama_bench(path: Path, threads: int) -> dict:
         elif row["n_gen"] == 64 and row.get("n_depth") == 2000:
             result["tg64_after_2000_tok_s"] = row["avg_ts"]
     return result
+
+
+def llama_tg(path: Path, threads: int) -> float:
+    out = run_llama_cpp("llama-bench", "-m", str(path), "-t", str(threads), "-p", "0", "-n", "128", "-r", "3",
+                        "-o", "json").stdout
+    return json.loads(out)[0]["avg_ts"]
 
 
 def llama_batched(path: Path, threads: int, batches: list[int]) -> dict:
@@ -203,6 +220,8 @@ def main() -> None:
         path = model_file(args.shape, kind)
         print(f"== {args.shape} {kind}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        # llama-bench's single stream just before and just after semline's run, averaged.
+        before = None if args.no_llama_cpp else llama_tg(path, args.threads)
         worker = subprocess.run([sys.executable, __file__, "--worker", str(path), "--threads", str(args.threads),
                                  "--batches", args.batches, "--tokens", str(args.tokens)]
                                 + (["--perplexity"] if args.perplexity else []),
@@ -210,6 +229,8 @@ def main() -> None:
         entry = {"semline": json.loads(worker.stdout.strip().splitlines()[-1])}
         if not args.no_llama_cpp:
             peer = llama_bench(path, args.threads)
+            peer["tg128_tok_s_around_semline"] = [before, peer["tg128_tok_s"]]
+            peer["tg128_tok_s"] = (before + peer["tg128_tok_s"]) / 2
             peer["batched_tg_tok_s"] = llama_batched(path, args.threads, batches)
             if args.perplexity:
                 peer["perplexity"] = llama_perplexity(path, args.threads)
