@@ -277,7 +277,7 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
     others), unsigned parts (Q5_1, Q5_K: q in 0..31; 4-bit ones mixed in) centred on zero
     with their minimum taking the offset: the int8 activations' rounding errors then meet
     weights half as large (a Q5_K_M file's perplexity 1.05 % above llama.cpp's -> 0.2 %
-    below). Parts with no minimum and q in -32..31 (Q6_K, Q5_0) take half-group scales
+    below). Where every q is in -32..31 (all but Q8_0) the scales are per half group
     (packed_linear holds them in 6 bits). Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d
     and m in the file); a K-quant's d * sub-scale, and a centred minimum, round to float16
     (at most 2^-11 of it)."""
@@ -287,7 +287,7 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
         return True, q, d.half().float(), m.half().float()
     found = [(q, s, m) if m is None else _centred(q, s, m) for q, s, m in found]
-    six_bit = all(m is None and int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, m in found)
+    six_bit = all(int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, _ in found)
     halves = six_bit or any(s.shape[1] * 16 == cols for _, s, _ in found)
     scales = torch.cat([s.repeat_interleave(2, dim=1) if halves and s.shape[1] * 32 == cols else s
                         for _, s, _ in found]).half().float()
@@ -300,11 +300,12 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
 
 def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """One linear layer of semline's CPU kernels on its parts' read_blocks (packed_form):
-    4-bit, or 6-bit where every weight is in -32..31 with no minimum (Q6_K, Q5_0), else 8-bit."""
+    4-bit, or 6-bit where every weight is in -32..31 (Q6_K, Q5_0, the centred Q5_1 and Q5_K), else
+    8-bit (Q8_0, and a layer with Q8_0 parts)."""
     four_bit, q, scales, mins = packed_form(found)
     if four_bit:
         return CpuInt4Linear(q.to(torch.int32), scales, mins, bias)
-    six_bit = mins is None and scales.shape[1] * 16 == q.shape[1] and int(q.min()) >= -32 and int(q.max()) <= 31
+    six_bit = scales.shape[1] * 16 == q.shape[1] and int(q.min()) >= -32 and int(q.max()) <= 31
     return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=six_bit)
 
 

@@ -154,7 +154,8 @@ class CpuW8A8Linear(nn.Module):
     Scales per output row (`scales`, int8 quantized at load), or per group of 32 or 16 inputs
     with optional minimums per group of 32 (`group_scales` [N, K/32 or K/16], `mins` [N, K/32]:
     GGUF's Q8_0, Q5_0/Q5_1/Q5_K and Q6_K blocks, w = q * scale + min), held in the pack;
-    `six_bit`: q in -32..31 with scales per 16 (Q6_K, Q5_0), held in 6 bits (+1 of scales)."""
+    `six_bit`: q in -32..31 with scales per 16 (Q6_K, Q5_0; centred Q5_1, Q5_K with their
+    minimums), held in 6 bits (+1 of scales, +0.5 of minimums)."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype,
                  group_scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
@@ -162,8 +163,8 @@ class CpuW8A8Linear(nn.Module):
         super().__init__()
         self.kernel = _cpu_kernel()
         self.out_features, self.in_features = q.shape
-        if six_bit:  # q in -32..31 with half-group scales: the 6-bit record
-            packed = six_bit_record(self.kernel.q8_pack((q + 32).contiguous(), group_scales, None))
+        if six_bit:  # q in -32..31 with half-group scales (and minimums): the 6-bit record
+            packed = six_bit_record(self.kernel.q8_pack((q + 32).contiguous(), group_scales, mins))
         else:
             packed = self.kernel.q8_pack(q.contiguous(), group_scales, mins)
         self.register_buffer("q8_packed", packed)
@@ -186,12 +187,13 @@ class CpuW8A8Linear(nn.Module):
 
 def six_bit_record(packed: torch.Tensor) -> torch.Tensor:
     """The int8 kernel's half-scales record (576 bytes: 512 weights u = q + 32 in 0..63, 64
-    bytes of scales) as its 6-bit record (448: engine/kernels/int4_gemm.cpp, kSix)."""
+    bytes of scales; 608 with 32 of minimums) as its 6-bit record (448, or 480 with the
+    minimums: engine/kernels/int4_gemm.cpp, kSix, kSixMin)."""
     u = packed[..., :512].view(torch.uint8)
     low = (u[..., :256] & 0x0F) | ((u[..., 256:] & 0x0F) << 4)
     high = ((u[..., 0:128] >> 4) & 3) | (((u[..., 128:256] >> 4) & 3) << 2) \
         | (((u[..., 256:384] >> 4) & 3) << 4) | (((u[..., 384:512] >> 4) & 3) << 6)
-    return torch.cat([low, high, packed[..., 512:576].view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
+    return torch.cat([low, high, packed[..., 512:].view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
 
 
 def _six_bit_weights(record: torch.Tensor) -> torch.Tensor:
@@ -219,9 +221,9 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     packed = module.q8_packed  # [N/16, K/32, 512 + 32 f]: 8 steps x 16 rows x 4 bytes, then float16 fields
     blocks, groups, record = packed.shape
     raw = packed[ids // 16]
-    if record == 448:  # the 6-bit record: its weights, then the half-group scales
+    if record in (448, 480):  # the 6-bit record: its weights, then the half-group scales (and minimums)
         raw = torch.cat([_six_bit_weights(raw), raw[..., 384:]], dim=-1)
-        record = 576
+        record += 128
     rows, at = ids % 16, torch.arange(len(ids))
     q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
     fields = (record - 512) // 32

@@ -409,18 +409,21 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 namespace {
 
 constexpr int64_t kRecord8 = 512;
-enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4 };
+enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4, kSixMin = 5 };
 // kSix (448 bytes): 6-bit weights u = q + 32 (q in -32..31, GGUF Q6_K's; Q5_0's q - 16 too) with
 // the half-group scales: 256 bytes of low nibbles (byte b: u's low 4 bits of 8-bit record byte
 // b, and of byte b + 256 in its high nibble), 128 bytes of high bits (byte b: bits 4-5 of
 // record bytes b, b + 128, b + 256, b + 384 at bits 0-1, 2-3, 4-5, 6-7), then the 64 bytes of
 // float16 scales; 7 bits a weight instead of 9. u is the unsigned operand itself (vpdpbusd,
-// vpmaddubsw); 32 * the activations' integer sum per half comes off.
+// vpmaddubsw); 32 * the activations' integer sum per half comes off. kSixMin (480 bytes): the
+// same and 16 float16 minimums per row and group (Q5_1, Q5_K centred; mixed 4- and 6-bit parts).
 constexpr int64_t kRecord6 = 448;
-constexpr int64_t record8_bytes(int format) { return format == kSix ? kRecord6 : kRecord8 + 32 * format; }
+constexpr int64_t record8_bytes(int format) {
+  return format == kSix ? kRecord6 : format == kSixMin ? kRecord6 + 32 : kRecord8 + 32 * format;
+}
 
 int format8_of(int64_t record) {
-  for (int f = kPerRow; f <= kSix; ++f)
+  for (int f = kPerRow; f <= kSixMin; ++f)
     if (record == record8_bytes(f)) return f;
   return -1;
 }
@@ -432,14 +435,16 @@ inline uint8_t six_at(const uint8_t* rec, int64_t byte) {
   return low | (high << 4);
 }
 
+template <bool kMin>
 void block6_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                    float* acc) {
+  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
   const int64_t groups = k / kGroup;
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* out = acc + (r - row_begin) * kRows;
     for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * kRecord6;
+      const uint8_t* rec = bytes + g * record;
       const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + 384);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const int64_t at = r * groups + g;
@@ -451,6 +456,7 @@ void block6_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_be
         dot[1] -= 32 * xq.isum[2 * at + 1];
         out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
                                   half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
+        if constexpr (kMin) out[j] += half_to_float(d[2 * kRows + j]) * xq.sum[at];
       }
     }
   }
@@ -545,14 +551,16 @@ inline void six_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
   }
 }
 
+template <bool kMin>
 void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                  float* acc) {
+  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
   const int64_t groups = k / kGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = row_begin; r < row_end; ++r) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * kRecord6;
+      const uint8_t* rec = bytes + g * record;
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const int64_t at = r * groups + g;
       for (int64_t h = 0; h < 2; ++h) {
@@ -569,6 +577,10 @@ void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
         const __m256i b = _mm256_sub_epi32(dot[1], _mm256_set1_epi32(32 * xq.isum[2 * at + 1]));
         const __m256 halves = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(b), _mm256_mul_ps(da, _mm256_cvtepi32_ps(a)));
         sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), halves, sums[h]);
+        if constexpr (kMin) {
+          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 448 + h * 16)));
+          sums[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[at]), sums[h]);
+        }
       }
     }
     _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
@@ -578,14 +590,15 @@ void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
 #endif
 
 #ifdef SEMLINE_Q4_VNNI
-template <int R>
+template <bool kMin, int R>
 inline void tile6_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
+  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
   const int64_t groups = k / kGroup;
   const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
   __m512 sums[R];
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* rec = bytes + g * kRecord6;
+    const uint8_t* rec = bytes + g * record;
     __m512i w[8];
     const __m512i h0 = _mm512_loadu_si512(rec + 256), h1 = _mm512_loadu_si512(rec + 320);
     for (int s = 0; s < 4; ++s) {
@@ -611,17 +624,23 @@ inline void tile6_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0
         hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
       }
     for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * groups + g;
       const __m512 halves = _mm512_fmadd_ps(db, _mm512_cvtepi32_ps(hi[i]), _mm512_mul_ps(da, _mm512_cvtepi32_ps(lo[i])));
-      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[(r0 + i) * groups + g]), halves, sums[i]);
+      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), halves, sums[i]);
+      if constexpr (kMin) {
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 448)));
+        sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[at]), sums[i]);
+      }
     }
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
+template <bool kMin>
 struct Vnni6Tiles {
   template <int R>
   static void run(const uint8_t* block, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
-    tile6_vnni<R>(block, xq, r0, k, acc);
+    tile6_vnni<kMin, R>(block, xq, r0, k, acc);
   }
 };
 
@@ -750,18 +769,19 @@ const BlockFn* q8_kernels_of() {
   return kernels;
 }
 
+template <bool kMin>
 const BlockFn* q6_kernels() {
   static const BlockFn kernels[] = {
-      block6_scalar,
+      block6_scalar<kMin>,
 #ifdef SEMLINE_Q4_AVX2
-      block6_avx2,
+      block6_avx2<kMin>,
 #else
-      block6_scalar,
+      block6_scalar<kMin>,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      in_tiles<Vnni6Tiles>,
+      in_tiles<Vnni6Tiles<kMin>>,
 #else
-      block6_scalar,
+      block6_scalar<kMin>,
 #endif
   };
   return kernels;
@@ -769,7 +789,8 @@ const BlockFn* q6_kernels() {
 
 const BlockFn* q8_kernels(int64_t record) {
   switch (format8_of(record)) {
-    case kSix: return q6_kernels();
+    case kSix: return q6_kernels<false>();
+    case kSixMin: return q6_kernels<true>();
     case kGroupScale: return q8_kernels_of<kGroupScale>();
     case kHalfScales: return q8_kernels_of<kHalfScales>();
     case kHalvesMin: return q8_kernels_of<kHalvesMin>();

@@ -376,8 +376,8 @@ def _packed_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mi
 
 @pytest.mark.parametrize("kind", GGUF_PACKED_TYPES)
 def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
-    """Each GGUF block type kept packed (Q4_0/Q4_1/Q4_K in the 4-bit kernel's record, Q6_K
-    and Q5_0 in the 8-bit kernel's 6-bit one, Q5_1/Q5_K and Q8_0 in its group records), on
+    """Each GGUF block type kept packed (Q4_0/Q4_1/Q4_K in the 4-bit kernel's record, Q6_K,
+    Q5_0, Q5_1 and Q5_K in the 8-bit kernel's 6-bit ones, Q8_0 in its group record), on
     random blocks: read in place it
     gives exactly gguf's own floats; the weights the packed layer holds equal them (Q4_0,
     Q4_1, Q5_0, Q8_0) or are within float16 rounding of a scale (K-quants) or of a centred
@@ -402,7 +402,7 @@ def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
     layer = packed_linear([found], None, torch.float32)
     assert four_bit == kind.startswith("Q4") and isinstance(layer, CpuInt4Linear if four_bit else CpuW8A8Linear)
     if not four_bit:  # the record: 6-bit (q in -32..31, half-group scales), group scales, and minimums
-        assert layer.q8_packed.shape[2] == {"Q5_0": 448, "Q6_K": 448, "Q8_0": 544, "Q5_1": 608, "Q5_K": 608}[kind]
+        assert layer.q8_packed.shape[2] == {"Q5_0": 448, "Q6_K": 448, "Q8_0": 544, "Q5_1": 480, "Q5_K": 480}[kind]
     held = blocks_to_float(q, scales, mins)
     if kind in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
         assert torch.equal(held, weight)
