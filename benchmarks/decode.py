@@ -53,7 +53,8 @@ from benchmarks.throughput import _StepClock  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import embedded_gguf_path, hf_folder  # noqa: E402
 from engine.models.linear import OneDNNLinear  # noqa: E402
-from engine.quantization import CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, WeightOnlyInt8Linear  # noqa: E402
+from engine.quantization import (CpuInt4Linear, CpuInt8Linear, CpuW8A8Linear, PackedEmbedding,  # noqa: E402
+                                WeightOnlyInt8Linear)
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
@@ -65,9 +66,13 @@ CONFIGS = [("float32", "none", True), ("bfloat16", "none", True), ("float32", "i
 
 def streamed_bytes(model: nn.Module) -> int:
     """Bytes of weights a decode step reads: every matrix of the linear layers and the head,
-    as stored (packed, int8 or int4 with their scales); embedding rows are a few lookups."""
+    as stored (packed, int8 or int4 with their scales); embedding rows are a few lookups (an
+    untied packed embedding's own table too)."""
+    tables = {id(m.table) for m in model.modules() if isinstance(m, PackedEmbedding) and hasattr(m, "table")}
     total = 0
     for module in model.modules():
+        if id(module) in tables:
+            continue
         if isinstance(module, nn.Linear):
             tensors = [module.weight]
         elif isinstance(module, OneDNNLinear):
