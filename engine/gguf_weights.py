@@ -37,11 +37,10 @@ from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "gguf_tensors.json"
-Q4_1_BLOCK = 32
 # GGMLQuantizationType values of the block types kept packed.
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 _Q4 = (_Q4_0, _Q4_1, _Q4_K)  # 4-bit weights: the int4 kernel's record
-_PACKED = (*_Q4, _Q5_0, _Q5_1, _Q8_0, _Q5_K, _Q6_K)  # the rest: the int8 kernel's group records
+_PACKED = (*_Q4, _Q5_0, _Q5_1, _Q8_0, _Q5_K, _Q6_K)  # all kept packed: the others in the int8 kernel's records
 _BLOCK_BYTES = {_Q4_0: (32, 18), _Q4_1: (32, 20), _Q5_0: (32, 22), _Q5_1: (32, 24), _Q8_0: (32, 34),
                 _Q4_K: (256, 144), _Q5_K: (256, 176), _Q6_K: (256, 210)}
 
