@@ -267,24 +267,24 @@ def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
     return kept
 
 
-def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """What a packed layer holds for its parts' read_blocks (its rows, in order): (4-bit, q,
-    scales, minimums or None), w = q * scale + min, scales and minimums rounded to float16
-    as the kernels hold them. 4-bit (the int4 kernel's record) where every part is (Q4_0,
-    Q4_1, Q4_K: per group of 32); else the int8 kernel's group record with the parts' scales
-    (per 16 weights where a part has them, Q6_K) and minimums (where a part has them; 0 for the
-    others), unsigned parts (Q5_1, Q5_K: q in 0..31; 4-bit ones mixed in) centred on zero
-    with their minimum taking the offset: the int8 activations' rounding errors then meet
-    weights half as large (a Q5_K_M file's perplexity 1.05 % above llama.cpp's -> 0.2 %
-    below). Where every q is in -32..31 (all but Q8_0) the scales are per half group
-    (packed_linear holds them in 6 bits). Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d
-    and m in the file); a K-quant's d * sub-scale, and a centred minimum, round to float16
-    (at most 2^-11 of it)."""
+def packed_form(found: list[tuple]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a packed layer holds for its parts' read_blocks (its rows, in order): (bits of its
+    record's weights: 4, 6 or 8; q, scales, minimums or None), w = q * scale + min, scales and
+    minimums rounded to float16 as the kernels hold them. 4-bit (the int4 kernel's record)
+    where every part is (Q4_0, Q4_1, Q4_K: per group of 32); else the int8 kernel's records
+    with the parts' scales (per 16 weights where a part has them, Q6_K) and minimums (where a
+    part has them; 0 for the others), unsigned parts (Q5_1, Q5_K: q in 0..31; 4-bit ones mixed
+    in) centred on zero with their minimum taking the offset: the int8 activations' rounding
+    errors then meet weights half as large (a Q5_K_M file's perplexity 1.05 % above
+    llama.cpp's -> 0.2 % below). Where every q is in -32..31 (all but Q8_0) the scales are per
+    half group and the record 6-bit. Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d and m in
+    the file); a K-quant's d * sub-scale, and a centred minimum, round to float16 (at most
+    2^-11 of it)."""
     cols = found[0][0].shape[1]
     if all(int(q.min()) >= 0 and int(q.max()) <= 15 and m is not None and s.shape[1] * 32 == cols
            for q, s, m in found):
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
-        return True, q, d.half().float(), m.half().float()
+        return 4, q, d.half().float(), m.half().float()
     found = [(q, s, m) if m is None else _centred(q, s, m) for q, s, m in found]
     six_bit = all(int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, _ in found)
     halves = six_bit or any(s.shape[1] * 16 == cols for _, s, _ in found)
@@ -294,18 +294,17 @@ def packed_form(found: list[tuple]) -> tuple[bool, torch.Tensor, torch.Tensor, t
     if any(m is not None for _, _, m in found):
         mins = torch.cat([m if m is not None else torch.zeros(q.shape[0], cols // 32) for q, _, m in found])
         mins = mins.half().float()
-    return False, torch.cat([q for q, _, _ in found]), scales, mins
+    return 6 if six_bit else 8, torch.cat([q for q, _, _ in found]), scales, mins
 
 
 def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """One linear layer of semline's CPU kernels on its parts' read_blocks (packed_form):
     4-bit, or 6-bit where every weight is in -32..31 (Q6_K, Q5_0, the centred Q5_1 and Q5_K), else
     8-bit (Q8_0, and a layer with Q8_0 parts)."""
-    four_bit, q, scales, mins = packed_form(found)
-    if four_bit:
+    bits, q, scales, mins = packed_form(found)
+    if bits == 4:
         return CpuInt4Linear(q.to(torch.int32), scales, mins, bias)
-    six_bit = scales.shape[1] * 16 == q.shape[1] and int(q.min()) >= -32 and int(q.max()) <= 31
-    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=six_bit)
+    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=bits == 6)
 
 
 def _centred(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple:

@@ -246,15 +246,13 @@ class PackedEmbedding(nn.Module):
 
     def __init__(self, table: nn.Module, dtype: torch.dtype, owner: bool = False) -> None:
         super().__init__()
+        self.rows_of = [table]  # in a list: a head shared with the model is not a submodule here
         if owner:
             self.table = table
-        else:
-            self.shared = [table]  # not a submodule: the head is the model's own
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.table if hasattr(self, "table") else self.shared[0]
-        return packed_rows(table, ids.reshape(-1)).to(self.dtype).view(*ids.shape, -1)
+        return packed_rows(self.rows_of[0], ids.reshape(-1)).to(self.dtype).view(*ids.shape, -1)
 
 
 def int8_linear(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, device: torch.device,

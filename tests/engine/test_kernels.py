@@ -398,7 +398,8 @@ def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
     found = read_blocks(data, n, k, int(qtype))
     weight = blocks_to_float(*found)
     assert torch.equal(weight, torch.from_numpy(gguf.dequantize(data, qtype).reshape(n, k).copy()))
-    four_bit, q, scales, mins = packed_form([found])
+    bits, q, scales, mins = packed_form([found])
+    four_bit = bits == 4
     layer = packed_linear([found], None, torch.float32)
     assert four_bit == kind.startswith("Q4") and isinstance(layer, CpuInt4Linear if four_bit else CpuW8A8Linear)
     if not four_bit:  # the record: 6-bit (q in -32..31, half-group scales), group scales, and minimums
