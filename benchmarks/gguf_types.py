@@ -77,6 +77,7 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     from engine.loader import resolve_model_dir
     from engine.config import EngineConfig
     from benchmarks.decode import streamed_bytes
+    from engine.quantization import linear_kinds
 
     load_paged_attention()  # the extension compiled and loaded: not a load's cost
     resolve_model_dir(str(path), EngineConfig().resolve_cache_dir())  # the file indexed once: neither
@@ -90,13 +91,7 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     result["load_peak_rss_growth_mib"] = peak - before
     result["rss_after_load_growth_mib"] = rss_mib() - before
     model = llm.engine.runner.model
-    kinds: dict[str, int] = {}
-    for module in model.modules():
-        name = type(module).__name__
-        if name in ("CpuInt4Linear", "CpuW8A8Linear", "Linear", "OneDNNLinear"):
-            key = name if name != "CpuW8A8Linear" else f"CpuW8A8Linear/{module.q8_packed.shape[2]}B"
-            kinds[key] = kinds.get(key, 0) + 1
-    result["layers"] = kinds
+    result["layers"] = linear_kinds(model)
     step_bytes = streamed_bytes(model)
     result["weight_bytes_per_step"] = step_bytes
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)

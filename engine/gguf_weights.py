@@ -12,7 +12,11 @@ K-quants Q4_K, Q5_K, Q6_K) are never dequantized: every such block is integers q
 scale per 16 or 32 weights plus a minimum per 32 (`read_blocks`), the 4-bit ones exactly the
 int4 kernel's group form (`CpuInt4Linear`), the others the int8 kernel's group records
 (`CpuW8A8Linear`); the embedding reads its rows from its packed blocks (`PackedEmbedding`),
-which a tied output head multiplies with.
+which a tied output head multiplies with. The extension packs those records straight from
+the mapped file into the huge-page arenas the weights stay in (`file_linear`; a
+tensor-parallel rank reads its rows, and its columns where they are whole blocks), without
+the integer and scale tensors `read_blocks` makes (kept as the reference the tests hold it
+to, and for the PyTorch int4 fallback).
 
 Llama-architecture files store q and k with their rows permuted for llama.cpp's rotary
 layout; transformers' tensor processors undo that (and the other families' quirks) for
@@ -25,13 +29,14 @@ import json
 import logging
 import math
 import mmap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.huge_pages import return_freed_memory
+from engine.huge_pages import Arenas, return_freed_memory
 from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ INDEX_FILE = "gguf_tensors.json"
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _Q4_K, _Q5_K, _Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
 _Q4 = (_Q4_0, _Q4_1, _Q4_K)  # 4-bit weights: the int4 kernel's record
 _PACKED = (*_Q4, _Q5_0, _Q5_1, _Q8_0, _Q5_K, _Q6_K)  # all kept packed: the others in the int8 kernel's records
+_UNSIGNED = (*_Q4, _Q5_1, _Q5_K)  # q unsigned with a minimum: centred where the record is 6- or 8-bit
 _BLOCK_BYTES = {_Q4_0: (32, 18), _Q4_1: (32, 20), _Q5_0: (32, 22), _Q5_1: (32, 24), _Q8_0: (32, 34),
                 _Q4_K: (256, 144), _Q5_K: (256, 176), _Q6_K: (256, 210)}
 
@@ -184,6 +190,42 @@ class GGUFCheckpoint:
         if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED, start, entry["offset"] + entry["bytes"] - start)
 
+    def rows_in_order(self, hf_name: str, rows: int) -> torch.Tensor:
+        """Each Hugging Face row's row in the file (llama's q and k are permuted there)."""
+        order = torch.arange(rows)
+        if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = self.config["num_attention_heads"]
+            if ".k_proj." in hf_name:
+                heads = self.config.get("num_key_value_heads") or heads
+            order = _unpermute_rows(order, heads)
+        return order
+
+    def window(self, part) -> tuple[str, int, torch.Tensor, int, int, torch.Tensor]:
+        """Where a part (a tensor, or a tensor-parallel slice of it) lies in the file: (its GGUF
+        name, type, its rows' bytes as a uint8 [rows, bytes] view of the mapped file, the first
+        block of its columns, its number of columns, the file's row of each of its rows)."""
+        hf_name = part if isinstance(part, str) else part.name
+        name = self.by_hf_name[hf_name]
+        entry, data = self._raw(name)
+        cols, rows = entry["shape"][:2]
+        order = self.rows_in_order(hf_name, rows)
+        first = 0
+        if not isinstance(part, str) and part.dim == 0:
+            order = order[part.start:part.stop]
+        elif not isinstance(part, str):
+            first, cols = part.start // _BLOCK_BYTES[entry["type"]][0], part.stop - part.start
+        with warnings.catch_warnings():  # read-only: the file's pages, read in place, never written
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(data)
+        return name, entry["type"], raw, first, cols, order
+
+    def aligned(self, part) -> bool:
+        """Whether a tensor-parallel column slice is made of whole blocks (rows always are)."""
+        if isinstance(part, str) or part.dim == 0:
+            return True
+        per = _BLOCK_BYTES[self.tensors[self.by_hf_name[part.name]]["type"]][0]
+        return part.start % per == 0 and part.stop % per == 0
+
     def blocks(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """read_blocks of a checkpoint tensor the file holds in a type kept packed, else None
         (rows in Hugging Face's order: llama's q and k un-permuted)."""
@@ -194,12 +236,8 @@ class GGUFCheckpoint:
         cols, rows = entry["shape"][:2]
         found = read_blocks(data, rows, cols, entry["type"])
         self.release(name)
-        if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            heads = self.config["num_attention_heads"]
-            if ".k_proj." in hf_name:
-                heads = self.config.get("num_key_value_heads") or heads
-            found = tuple(None if t is None else _unpermute_rows(t, heads) for t in found)
-        return found
+        order = self.rows_in_order(hf_name, rows)
+        return tuple(None if t is None else t[order] for t in found)
 
     def tensor_type(self, hf_name: str) -> int | None:
         name = self.by_hf_name.get(hf_name)
@@ -249,10 +287,18 @@ class GGUFCheckpoint:
 
 def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
     """Our parameter names of the linear layers whose every checkpoint part the file holds in
-    a type kept packed (whole tensors: tensor-parallel slices stay on the float path), and of
-    the token embedding where the file holds it so (its float weights are never made)."""
-    # Without semline's CPU extension only the 4-bit types (PyTorch's int4 kernel) stay packed.
-    types = _PACKED if _cpu_kernel() is not None else _Q4
+    a type kept packed (whole, or a tensor-parallel rank's rows or whole blocks of its
+    columns), and of the token embedding where the file holds it whole so (its float weights
+    are never made)."""
+    # Without semline's CPU extension only the 4-bit types (PyTorch's int4 kernel) stay
+    # packed, whole tensors only.
+    kernel = _cpu_kernel()
+    types = _PACKED if kernel is not None else _Q4
+    slices = kernel is not None
+
+    def kept_part(part) -> bool:
+        name = part if isinstance(part, str) else part.name
+        return (isinstance(part, str) or slices) and checkpoint.tensor_type(name) in types and checkpoint.aligned(part)
     modules = dict(model.named_modules())
     kept = set()
     for ours, parts in model.weight_map().items():
@@ -260,9 +306,10 @@ def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
         module = modules.get(module_name)
         if kind != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)) or isinstance(parts[0], list):
             continue
-        if isinstance(module, nn.Embedding) and (module_name != "embed_tokens" or types is _Q4):
+        if isinstance(module, nn.Embedding) and (module_name != "embed_tokens" or types is _Q4
+                                                 or not isinstance(parts[0], str)):
             continue
-        if all(isinstance(p, str) and checkpoint.tensor_type(p) in types for p in parts):
+        if all(kept_part(p) for p in parts):
             kept.add(ours)
     return kept
 
@@ -307,31 +354,79 @@ def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dt
     return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=bits == 6)
 
 
+def record_bytes(kinds: list[int]) -> int:
+    """The kernel record packed_form chooses for parts of these GGUF types: 320 (4-bit), 448 or
+    480 (6-bit, without or with minimums), 544, 576 or 608 (8-bit: group scales, half-group
+    scales, halves and minimums)."""
+    if all(k in _Q4 for k in kinds):
+        return 320
+    mins = any(k in _UNSIGNED for k in kinds)
+    if _Q8_0 not in kinds:
+        return 480 if mins else 448
+    return 608 if mins else 576 if _Q6_K in kinds else 544
+
+
+def file_linear(checkpoint: GGUFCheckpoint, parts: list, bias: torch.Tensor | None, dtype: torch.dtype,
+                arenas: Arenas | None = None) -> nn.Module:
+    """One linear layer of semline's CPU kernels over its parts' blocks, packed by the extension
+    straight from the mapped file (the same records packed_linear makes of read_blocks, without
+    any copy of the tensors between), into `arenas` where given (huge pages, where it stays);
+    each part's file pages are dropped after."""
+    kernel = _cpu_kernel()
+    windows = [checkpoint.window(p) for p in parts]
+    cols = {w[4] for w in windows}
+    if len(cols) != 1:
+        raise ValueError(f"the parts of one layer have different widths: {sorted(cols)}")
+    kinds = [w[1] for w in windows]
+    record = record_bytes(kinds)
+    row_part = torch.cat([torch.full((len(w[5]),), i, dtype=torch.int64) for i, w in enumerate(windows)])
+    row_src = torch.cat([w[5] for w in windows])
+    k = cols.pop()
+    shape = (-(-len(row_src) // 16), k // 32, record)
+    out = None if arenas is None else arenas.empty(shape, torch.uint8 if record == 320 else torch.int8)
+    packed = kernel.gguf_pack([w[2] for w in windows], kinds, [w[3] for w in windows], row_part, row_src,
+                              k, record, out)
+    for name in {w[0] for w in windows}:
+        checkpoint.release(name)
+    if record == 320:
+        return CpuInt4Linear.from_record(packed, len(row_src), k, bias)
+    return CpuW8A8Linear.from_record(packed, len(row_src), k, bias, dtype)
+
+
 def _centred(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple:
     """w = q * s + m with q in 0..2c-1, as (q - c) * s + (m + c * s) (per group of 32)."""
     centre = 16 if int(q.max()) > 15 else 8
     return (q - centre).to(torch.int8), scales, mins + centre * scales
 
 
-def keep_gguf_precision(model: nn.Module, checkpoint: GGUFCheckpoint, kept: set[str]) -> int:
+def keep_gguf_precision(model: nn.Module, checkpoint: GGUFCheckpoint, kept: set[str],
+                        arenas: Arenas | None = None) -> int:
     """Make the layers `packed_weights` chose layers of semline's int4/int8 kernels on the
     file's blocks (their float weights were never loaded; biases were): linear layers, and the
     token embedding as rows read from its packed blocks (the output head tied to it runs on
-    the same pack); returns how many modules were replaced. CPU only."""
+    the same pack), packed into `arenas` where given; returns how many modules were replaced.
+    CPU only."""
     weight_map = model.weight_map()
     modules = dict(model.named_modules())
+    in_place = _cpu_kernel() is not None
+
+    def layer(parts: list, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+        if in_place:
+            return file_linear(checkpoint, parts, bias, dtype, arenas)
+        return packed_linear([checkpoint.blocks(p) for p in parts], bias, dtype)
+
     replaced = 0
-    for ours in sorted(kept - {"embed_tokens.weight"}):
+    for ours in [name for name in weight_map if name in kept and name != "embed_tokens.weight"]:  # step order
         module_name = ours.rpartition(".")[0]
         module = modules[module_name]
-        linear = packed_linear([checkpoint.blocks(p) for p in weight_map[ours]], module.bias, module.weight.dtype)
+        linear = layer(weight_map[ours], module.bias, module.weight.dtype)
         parent, _, child = module_name.rpartition(".")
         setattr(modules[parent] if parent else model, child, linear)
         replaced += 1
         return_freed_memory()  # a layer's decoding buffers
     if "embed_tokens.weight" in kept:
         embedding = model.embed_tokens
-        table = packed_linear([checkpoint.blocks(weight_map["embed_tokens.weight"][0])], None, embedding.weight.dtype)
+        table = layer(weight_map["embed_tokens.weight"][:1], None, embedding.weight.dtype)
         head = getattr(model, "lm_head", None)
         tied = isinstance(head, nn.Linear) and head.weight is embedding.weight
         if tied:

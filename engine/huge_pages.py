@@ -79,6 +79,31 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, count: int) -> list[torch.
     return [arena[i * nbytes:(i + 1) * nbytes].view(dtype)[:numel].view(shape) for i in range(count)]
 
 
+class Arenas:
+    """Tensors handed out one after another from huge-page arenas of ARENA_BYTES (a larger
+    tensor gets one of its own): what a load writes straight where it stays (a GGUF file's
+    packed layers), so place_model need not copy it, and the load never holds it twice.
+    Where huge pages cannot be asked for, plain torch.empty."""
+
+    def __init__(self) -> None:
+        self.handed: dict[int, torch.Tensor] = {}  # id -> tensor, for place_model to leave alone
+        self._arena: torch.Tensor | None = None
+        self._used = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not available():
+            return torch.empty(shape, dtype=dtype)
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        size = _round_up(max(nbytes, 1), ALIGN)
+        if self._arena is None or self._used + size > self._arena.numel():
+            # Untouched, the rest of the last arena takes no memory (anonymous pages).
+            self._arena, self._used = buffer(max(size, ARENA_BYTES)), 0
+        tensor = self._arena[self._used:self._used + nbytes].view(dtype).view(shape)
+        self._used += size
+        self.handed[id(tensor)] = tensor
+        return tensor
+
+
 def _movable(tensor: torch.Tensor | None) -> bool:
     # oneDNN's prepacked weights (layout torch._mkldnn) keep their own memory; views into
     # another tensor (not contiguous) are left with it.
@@ -86,16 +111,19 @@ def _movable(tensor: torch.Tensor | None) -> bool:
             and tensor.is_contiguous() and tensor.numel() > 0)
 
 
-def place_model(model: nn.Module) -> int:
+def place_model(model: nn.Module, arenas: Arenas | None = None) -> int:
     """Copy the model's CPU parameters, buffers and other tensor attributes into huge-page
     arenas, in module order (the order a step reads them), and point the modules at the
-    copies; returns the bytes placed. A tensor held in several places (a tied embedding and
-    head) stays one tensor. Call it before anything else keeps references to the tensors
-    (the decode stack, LoRA)."""
+    copies; returns the bytes placed (those `arenas` handed out, there already, included).
+    A tensor held in several places (a tied embedding and head) stays one tensor. Call it
+    before anything else keeps references to the tensors (the decode stack, LoRA)."""
     if not available():
         return 0
     order: list[torch.Tensor] = []  # each distinct tensor once, first seen first
     holders: dict[int, list[tuple[nn.Module, str, str]]] = {}  # id -> (module, name, kind)
+    there = {} if arenas is None else arenas.handed
+    for tensor in there.values():
+        holders[id(tensor)] = []  # noted already: left where it is
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             _note(param, (module, name, "parameter"), order, holders)
@@ -122,7 +150,7 @@ def place_model(model: nn.Module) -> int:
         placed += _place_group(group, holders)
         del group
         return_freed_memory()
-    return placed
+    return placed + sum(_round_up(t.nbytes, ALIGN) for t in there.values())
 
 
 def return_freed_memory() -> None:

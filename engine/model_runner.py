@@ -144,18 +144,19 @@ class ModelRunner:
         model.load_weights(checkpoint.read(parts, dtype) if checkpoint is not None
                            else load_weights(model_dir, parts, dtype), skip)
         onednn = config.onednn_linear and device.type == "cpu" and dtype in onednn_dtypes() and onednn_available()
+        arenas = huge_pages.Arenas() if device.type == "cpu" and config.cpu_huge_pages else None
         if config.quantization in ("int8", "w8a8", "int4"):
             if config.quantization in ("int4", "w8a8") and device.type != "cpu":
                 raise ConfigError(f"quantization {config.quantization!r} runs on the CPU (semline's CPU kernels); "
                                   "use int8 on CUDA")
             quantize_model(model, device, dtype, config.quantization)
         else:
-            if keep_4bit:
-                keep_gguf_precision(model, checkpoint, skip)  # its quantized layers stay packed
+            if keep_4bit:  # its quantized layers stay packed, packed where they stay
+                keep_gguf_precision(model, checkpoint, skip, arenas)
             if onednn:
                 prepack_linears(model, onednn_dtypes())
         if device.type == "cpu" and config.cpu_huge_pages:  # before anything holds the weights
-            placed = huge_pages.place_model(model)
+            placed = huge_pages.place_model(model, arenas)
             if placed:
                 logger.info("weights on huge pages: %.0f MiB", placed / 2**20)
         self.lora: LoRAState | None = None

@@ -174,6 +174,20 @@ class CpuW8A8Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(dtype).clone()
         self.num_parameters = q.numel() + (0 if bias is None else bias.numel())
 
+    @classmethod
+    def from_record(cls, packed: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> "CpuW8A8Linear":
+        """The layer over records packed already (the extension's gguf_pack: scales in the pack)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.kernel = _cpu_kernel()
+        layer.out_features, layer.in_features = out_features, in_features
+        layer.register_buffer("q8_packed", packed)
+        layer.register_buffer("scales", torch.ones(out_features))
+        layer.bias = None if bias is None else bias.detach().to(dtype).clone()
+        layer.num_parameters = out_features * in_features + (0 if bias is None else bias.numel())
+        return layer
+
     @property
     def weight_buffers(self) -> list[torch.Tensor]:
         return [self.q8_packed, self.scales]
@@ -350,6 +364,20 @@ class CpuInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
                              .contiguous().to(torch.bfloat16))
 
+    @classmethod
+    def from_record(cls, packed: torch.Tensor, out_features: int, in_features: int,
+                    bias: torch.Tensor | None) -> "CpuInt4Linear":
+        """The layer over q4_pack's records packed already (the extension's gguf_pack)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.group_size = INT4_GROUP_SIZE
+        layer.out_features, layer.in_features = out_features, in_features
+        layer.bias = None if bias is None else bias.detach().clone()
+        layer.num_parameters = out_features * in_features + (0 if bias is None else bias.numel())
+        layer.kernel = _cpu_kernel()
+        layer.register_buffer("q4_packed", packed)
+        return layer
+
     @property
     def weight_buffers(self) -> list[torch.Tensor]:
         """The tensors a product reads (for byte counts)."""
@@ -376,6 +404,18 @@ class CpuInt4Linear(nn.Module):
 
 def int4_supported(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
     return linear.in_features % group_size == 0
+
+
+def linear_kinds(model: nn.Module) -> dict[str, int]:
+    """How many linear layers of each kind a model runs: float (Linear, OneDNNLinear), 4-bit
+    (CpuInt4Linear) and the int8 kernel's by record size ("CpuW8A8Linear/448B")."""
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if name in ("CpuInt4Linear", "CpuW8A8Linear", "Linear", "OneDNNLinear"):
+            key = name if name != "CpuW8A8Linear" else f"{name}/{module.q8_packed.shape[2]}B"
+            kinds[key] = kinds.get(key, 0) + 1
+    return kinds
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,8 +1,9 @@
 """semline's own CPU kernels, compiled on first use with the host's compiler.
 
-One extension (paged_attention.cpp, int4_gemm.cpp, cpu_ops.h): paged decode attention
-reading K/V in place through the block tables, fused RMSNorm and rotary, a decode step's
-layers in one call (decode_stack.py), and the W4A8/W8A8 kernels for 4- and 8-bit weights.
+One extension (paged_attention.cpp, int4_gemm.cpp, gguf_pack.cpp, cpu_ops.h): paged decode
+attention reading K/V in place through the block tables, fused RMSNorm and rotary, a decode
+step's layers in one call (decode_stack.py), the W4A8/W8A8 kernels for 4- and 8-bit weights,
+and GGUF blocks packed for them straight from the file.
 It is built once per machine (cached under $SEMLINE_CACHE/kernels/<CPU and header key>)
 with ninja and the system C++ compiler; when that is impossible the engine falls back to
 its PyTorch paths and says so in its log.
@@ -19,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int4_gemm.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int4_gemm.cpp", "gguf_pack.cpp")]
 
 
 def _build_key() -> str:

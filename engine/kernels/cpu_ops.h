@@ -25,6 +25,15 @@ torch::Tensor q8_pack(torch::Tensor q, c10::optional<torch::Tensor> scales, c10:
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
 
+// gguf_pack.cpp: a layer's GGUF tensors (uint8 [rows, bytes] views of the file, kinds = GGML
+// types, each part's first block of its column window) packed straight into the 4-bit (record
+// 320) or 8-bit (448/480 6-bit, 544/576/608) kernel's records; output row r is row row_src[r]
+// of part row_part[r]; written into `out` where given ([ceil(N / 16), cols / 32, record]).
+torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& kinds,
+                        const std::vector<int64_t>& first_blocks, const torch::Tensor& row_part,
+                        const torch::Tensor& row_src, int64_t cols, int64_t record,
+                        const c10::optional<torch::Tensor>& out);
+
 // The products of a decode step inside one OpenMP parallel region (paged_attention.cpp's
 // DecodeStack): one thread quantizes the activations, then every thread of the region calls
 // team_linear for its share of the weight blocks, written into `out` ([rows, n], allocated

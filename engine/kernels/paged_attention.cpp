@@ -1326,6 +1326,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_pack", &q4_pack, "Pack 4-bit weights (q, scales, minimums) for q4_linear");
   m.def("q8_pack", &q8_pack, "Pack int8 weights [N, K] (and their group scales and minimums) for q8_linear",
         pybind11::arg("q"), pybind11::arg("scales") = pybind11::none(), pybind11::arg("mins") = pybind11::none());
+  m.def("gguf_pack", &gguf_pack, "GGUF blocks read in place into q4_linear's or q8_linear's records", nogil(),
+        pybind11::arg("raws"), pybind11::arg("kinds"), pybind11::arg("first_blocks"), pybind11::arg("row_part"),
+        pybind11::arg("row_src"), pybind11::arg("cols"), pybind11::arg("record"), pybind11::arg("out") = pybind11::none());
   m.def("q8_linear", &q8_linear, "x @ (W * scales[:, None])^T for q8_pack'ed int8 weights (CPU)", nogil(),
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);

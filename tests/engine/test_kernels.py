@@ -447,6 +447,55 @@ def test_a_layer_of_mixed_gguf_types_packs_every_part_in_one_record():
     assert torch.allclose(layer(x).double(), _packed_reference(x, *packed_form(parts)[1:]), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kinds", [[kind] for kind in GGUF_PACKED_TYPES]
+                         + [["Q4_K", "Q6_K", "Q8_0"], ["Q4_K", "Q4_K", "Q6_K"], ["Q5_K", "Q4_0"], ["Q4_1", "Q4_K"],
+                            ["Q8_0", "Q6_K"], ["Q5_0", "Q6_K"]])
+def test_gguf_blocks_packed_in_place_are_the_records_of_their_integers(kinds):
+    """The extension's gguf_pack, reading the file's bytes in place, writes byte for byte the
+    records packed_linear makes of read_blocks' integers and scales, for every type and the
+    mixes llama.cpp's presets put in one fused layer (parts of 16 n + 5 rows: records straddle
+    parts); with the rows in any order (llama's q/k un-permuted, a rank's rows), and for a
+    window of whole blocks of the columns (a tensor-parallel rank's columns: a slice of the
+    whole tensor's bytes)."""
+    from engine.gguf_weights import _BLOCK_BYTES, packed_linear, read_blocks, record_bytes
+
+    kernel = load_paged_attention()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available here")
+
+    def record(layer):
+        return layer.q4_packed if hasattr(layer, "q4_packed") else layer.q8_packed
+
+    k, raws, types, found, orders = 768, [], [], [], []
+    generator = torch.Generator().manual_seed(0)
+    for seed, kind in enumerate(kinds):
+        rows = 16 * (seed + 1) + 5
+        data, qtype = random_gguf_blocks(kind, rows, k, seed)
+        raws.append(torch.from_numpy(data))
+        types.append(int(qtype))
+        found.append(read_blocks(data, rows, k, int(qtype)))
+        orders.append(torch.randperm(rows, generator=generator))
+    size = record_bytes(types)
+    row_part = torch.cat([torch.full((len(order),), i) for i, order in enumerate(orders)])
+    packed = kernel.gguf_pack(raws, types, [0] * len(raws), row_part, torch.cat(orders), k, size)
+    want = packed_linear([tuple(None if t is None else t[order] for t in f) for f, order in zip(found, orders)],
+                         None, torch.float32)
+    assert packed.shape[2] == size and torch.equal(packed, record(want))
+    # Columns 256..511 of every part: its blocks there, read alone.
+    windows = []
+    for raw, kind in zip(raws, types):
+        per, nbytes = _BLOCK_BYTES[kind]
+        window = raw[:, 256 // per * nbytes: 512 // per * nbytes].contiguous().numpy()
+        windows.append(read_blocks(window, raw.shape[0], 256, kind))
+    first = [256 // _BLOCK_BYTES[kind][0] for kind in types]
+    packed = kernel.gguf_pack(raws, types, first, row_part, torch.cat(orders), 256, size)
+    want = packed_linear([tuple(None if t is None else t[order] for t in f) for f, order in zip(windows, orders)],
+                         None, torch.float32)
+    assert torch.equal(packed, record(want))
+    with pytest.raises(RuntimeError, match="outside"):  # a window past the row's end
+        kernel.gguf_pack(raws, types, first, row_part, torch.cat(orders), 768, size)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_kernel_every_compiled_path_and_the_tied_embedding(dtype):
     """semline's int8 kernel on every compiled path against the product of its int8 activations

@@ -240,21 +240,11 @@ _TYPE_OF = {"token_embd": "Q6_K", "output": "Q8_0", "blk.0.attn_q": "Q4_K", "blk
             "blk.1.attn_output": "Q5_K", "blk.1.ffn_gate": "Q6_K", "blk.1.ffn_up": "Q6_K", "blk.1.ffn_down": "Q4_K"}
 
 
-def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
-    """A tiny random Llama written as GGUF with every block type kept packed (an untied
-    embedding and head, a layer whose parts mix types): under quantization auto nothing is
-    dequantized and the greedy tokens are those of the float weights of the same blocks
-    (quantization none), up to the first step where the float model's top two are within
-    0.3 of each other (int8 activations move this random model's logits by up to ~0.3)."""
-    import gguf
-
+def write_mixed_gguf(path):
+    """A tiny random Llama (hidden 256, 2 layers, intermediate 512, untied head) whose tensors
+    are of the types _TYPE_OF gives them."""
     from benchmarks.gguf_models import write_llama_gguf
-    from engine import LLM
-    from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
     from tests.engine.test_kernels import random_gguf_blocks
-
-    if _cpu_kernel() is None:
-        pytest.skip("the CPU extension is not available here")
 
     def blocks(name: str, rows: int, cols: int):
         kind = _TYPE_OF[name.removesuffix(".weight")]
@@ -264,8 +254,38 @@ def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
         gain = 3.0 if name == "output.weight" else 0.3
         return random_gguf_blocks(kind, rows, cols, seed=len(name) * rows, typical=True, gain=gain)[::-1]
 
-    path = tmp_path / "mixed.gguf"
     write_llama_gguf(path, (256, 2, 512, 4, 2, False), blocks, "tiny")
+    return path
+
+
+def agreeing_greedy_tokens(want, got) -> int:
+    """How many greedy tokens of `got` were compared with `want`'s (generated with logprobs=2):
+    each output up to its first near-tie (its top two within 0.3); asserts they are equal."""
+    compared = 0
+    for a, b in zip(want, got):
+        for step, token in enumerate(a.token_ids):
+            top = sorted((lp for _, _, lp in a.logprobs[step].top_logprobs), reverse=True)
+            if top[0] - top[1] < 0.3:
+                break
+            assert b.token_ids[step] == token, (a.prompt, step)
+            compared += 1
+    return compared
+
+
+def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
+    """A tiny random Llama written as GGUF with every block type kept packed (an untied
+    embedding and head, a layer whose parts mix types): under quantization auto nothing is
+    dequantized and the greedy tokens are those of the float weights of the same blocks
+    (quantization none), up to the first step where the float model's top two are within
+    0.3 of each other (int8 activations move this random model's logits by up to ~0.3)."""
+    import gguf
+
+    from engine import LLM
+    from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
+
+    if _cpu_kernel() is None:
+        pytest.skip("the CPU extension is not available here")
+    path = write_mixed_gguf(tmp_path / "mixed.gguf")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if t.name.endswith("weight")}
     assert set(_TYPE_OF.values()) <= set(types.values())
     settings = dict(device="cpu", dtype="float32", num_kv_blocks=64, cache_dir=str(tmp_path / "cache"))
@@ -280,12 +300,5 @@ def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
                "import numpy as np", "The weather today", "Q: What is 2 + 2? A:"]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     floats = LLM(model=str(path), quantization="none", **settings).generate(prompts, params)
-    compared = 0
-    for want, got in zip(floats, packed.generate(prompts, params)):
-        for step, token in enumerate(want.token_ids):
-            top = sorted((lp for _, _, lp in want.logprobs[step].top_logprobs), reverse=True)
-            if top[0] - top[1] < 0.3:
-                break
-            assert got.token_ids[step] == token, (want.prompt, step)
-            compared += 1
+    compared = agreeing_greedy_tokens(floats, packed.generate(prompts, params))
     assert compared >= 20  # of 128 tokens (25 here: a random model has many near-ties)
