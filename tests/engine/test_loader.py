@@ -46,6 +46,34 @@ def test_gguf_is_indexed_once_and_read_in_place(llm, monkeypatch):
     assert len(auto.generate("Hello there", params)[0].token_ids) == 6
 
 
+def test_a_files_content_key_is_hashed_once_per_version(tmp_path):
+    """A GGUF file's cache folder is named by the sha1 of its bytes, remembered under the cache
+    by the file's path, size, modification time and inode (an 8B file took ~3 s to hash at
+    every start): a remembered key is used without reading the file, a changed file is
+    hashed again."""
+    import hashlib
+    import os
+
+    from engine.loader import _content_key
+
+    path, cache = tmp_path / "model.gguf", str(tmp_path / "cache")
+
+    def key() -> str:
+        _content_key.cache_clear()
+        stat = path.stat()
+        return _content_key(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, cache)
+
+    path.write_bytes(b"one version" * 1000)
+    assert key() == hashlib.sha1(path.read_bytes()).hexdigest()
+    (memo,) = (tmp_path / "cache" / "models" / "keys").iterdir()
+    remembered = json.loads(memo.read_text())
+    memo.write_text(json.dumps({**remembered, "sha1": "f" * 40}))
+    assert key() == "f" * 40  # read from the memo, not from the file
+    path.write_bytes(b"another version" * 1000)
+    os.utime(path, ns=(remembered["mtime_ns"] + 10**9, remembered["mtime_ns"] + 10**9))
+    assert key() == hashlib.sha1(path.read_bytes()).hexdigest()
+
+
 def test_local_hf_folder_loads_and_matches(llm, hf_dir, tmp_path):
     folder = tmp_path / "smollm"
     shutil.copytree(hf_dir, folder)
