@@ -80,6 +80,8 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     from engine.quantization import linear_kinds
 
     load_paged_attention()  # the extension compiled and loaded: not a load's cost
+    import transformers.models.llama  # noqa: F401  the libraries' code: memory of no file's
+    from transformers import AutoTokenizer  # noqa: F401
     resolve_model_dir(str(path), EngineConfig().resolve_cache_dir())  # the file indexed once: neither
     result: dict = {"file_mib": path.stat().st_size / 2**20, "read_s": read_seconds(path)}
     before = rss_mib()
