@@ -8,11 +8,15 @@ The embedded SmolLM2-135M (a Q4_1 GGUF) decodes 64 greedy tokens after a short p
 - the int4 configuration again with the weights and KV cache on 4 KiB pages
   (cpu_huge_pages off: the previous path), named ".../4k_pages";
 - Hugging Face `generate` on transformers' own conversion of the file, one request, float32 and bfloat16;
-- llama.cpp (`llama-cpp-python`, `pip install -e '.[bench]'`: it builds from source with
-  this machine's compiler) on the very GGUF file, one request, the same threads;
+- llama.cpp's own `llama-bench` (built natively, with the other binaries, by
+  benchmarks/build_llama_cpp.sh from the sources the `llama-cpp-python` sdist vendors; the
+  AMX-off build on a CPU that lists AMX, whose tiles a kernel may refuse) on the very GGUF
+  file, tg of the same number of tokens and the same threads: the peer the targets compare
+  with; and, labelled as such, its Python binding (`llama-cpp-python`, `pip install -e
+  '.[bench]'`), whose Python loop ran the same file at less than half llama-bench's rate;
 - one request after a long prompt (--long-context, 2000 tokens of tests/data), semline in
-  every configuration and llama.cpp, where each step also reads the whole K/V cache (its
-  roofline counts those bytes too).
+  every configuration and llama.cpp (llama-bench `-d`, the binding on the same tokens),
+  where each step also reads the whole K/V cache (its roofline counts those bytes too).
 
 Decode rate = output tokens per second after the first token (the time per output
 token), so prompt processing is left out on every side. Beside each semline run:
@@ -27,6 +31,8 @@ the step's 4-bit products called one by one against the same bytes as one produc
 the step loses to starting and ending ~120 short products; --kernels-only runs just these), and
 the decode attention kernel alone at batch 32 x 200 keys and 1 x 2000, blocks consecutive and
 scattered.
+The other GGUF types (Q4_K_M, Q5_K_M, Q6_K, Q8_0) at 135M, 1B and 8B, against llama-bench,
+llama-batched-bench and llama-perplexity: benchmarks/gguf_types.py.
 Targets (issue 16): single stream >= 1.5x llama.cpp and >= 50 % of the bandwidth bound;
 batch 32 >= 50 % of the compute bound. Writes benchmarks/results/decode.json with the
 CPU flags and the commit.
@@ -194,8 +200,29 @@ def hf_rate(folder: Path, dtype: torch.dtype, tokens: int) -> float:
     return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
+def llama_bench_rates(threads: int, tokens: int, depth: int) -> dict | None:
+    """llama-bench's decode rate on the same GGUF: tg`tokens` (3 runs), and after a `depth`-token
+    context (`-d`, 2 runs) where depth > 0; None where its binaries cannot be built here."""
+    import subprocess
+
+    from benchmarks.gguf_models import llama_cpp_bin, run_llama_cpp
+
+    common = ["-m", str(embedded_gguf_path()), "-t", str(threads), "-p", "0", "-n", str(tokens), "-o", "json"]
+    try:
+        rates = {"build": llama_cpp_bin().parent.name,  # build-native, or build-noamx on a CPU with AMX
+                 "tg": json.loads(run_llama_cpp("llama-bench", *common, "-r", "3").stdout)[0]["avg_ts"]}
+        if depth:
+            deep = run_llama_cpp("llama-bench", *common, "-r", "2", "-d", str(depth)).stdout
+            rates["tg_after_depth"] = json.loads(deep)[0]["avg_ts"]
+    except (OSError, subprocess.CalledProcessError, ValueError, KeyError, IndexError) as exc:
+        print(f"llama-bench unavailable ({exc}): no llama.cpp binary baseline")
+        return None
+    return rates
+
+
 def llama_cpp_rate(threads: int, tokens: int, prompt_ids: list[int] | None = None) -> float | None:
-    """llama.cpp's greedy decode rate on the same GGUF after PROMPT, or after `prompt_ids`."""
+    """llama.cpp's Python binding's greedy decode rate on the same GGUF after PROMPT, or after
+    `prompt_ids` (its Python loop; the third column, labelled)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -371,15 +398,17 @@ def main() -> None:
         del llm
     hf = {dtype: round(hf_rate(folder, getattr(torch, dtype), args.tokens), 1) for dtype in ("float32", "bfloat16")}
     print("hf", hf, flush=True)
+    bench = llama_bench_rates(args.threads, args.tokens, args.long_context)
+    print("llama-bench", bench, flush=True)
     llama = llama_cpp_rate(args.threads, args.tokens)
-    print("llama.cpp", llama, flush=True)
+    print("llama-cpp-python", llama, flush=True)
     llama_long = None
     if args.long_context:
         from transformers import AutoTokenizer
 
         prompt = long_prompt(AutoTokenizer.from_pretrained(folder), args.long_context)
         llama_long = llama_cpp_rate(args.threads, args.tokens, prompt)
-        print("llama.cpp long context", llama_long, flush=True)
+        print("llama-cpp-python long context", llama_long, flush=True)
     best = max((n for n in runs if not n.endswith("/4k_pages")), key=lambda n: runs[n]["batch1_tokens_per_s"])
     # What the huge pages give: each rate over the same configuration's on 4 KiB pages.
     pages_gain = {}
@@ -402,14 +431,21 @@ def main() -> None:
         "kernel_paths": paths,
         "attention": attention_rates(),
         "hf_generate_batch1_tokens_per_s": hf,
-        "llama_cpp_batch1_tokens_per_s": None if llama is None else round(llama, 1),
+        "llama_bench_build": None if bench is None else bench["build"],
+        "llama_bench_batch1_tokens_per_s": None if bench is None else round(bench["tg"], 1),
+        "llama_bench_long_context_tokens_per_s": None if bench is None or "tg_after_depth" not in bench
+        else round(bench["tg_after_depth"], 1),
+        # llama.cpp's Python binding: a third column, not the peer (its loop is the bottleneck).
+        "llama_cpp_python_batch1_tokens_per_s": None if llama is None else round(llama, 1),
         "long_context": args.long_context,
-        "llama_cpp_long_context_tokens_per_s": None if llama_long is None else round(llama_long, 1),
+        "llama_cpp_python_long_context_tokens_per_s": None if llama_long is None else round(llama_long, 1),
         "huge_pages_vs_4k_pages": pages_gain,
         "best_single_stream": best,
-        "best_single_stream_vs_llama_cpp": None if llama is None else
-        round(runs[best]["batch1_tokens_per_s"] / llama, 3),
-        "targets": {"single_stream_vs_llama_cpp": 1.5, "single_stream_vs_roofline": 0.5,
+        "best_single_stream_vs_llama_bench": None if bench is None else
+        round(runs[best]["batch1_tokens_per_s"] / bench["tg"], 3),
+        "auto_single_stream_vs_llama_bench": None if bench is None or "bfloat16/auto" not in runs else
+        round(runs["bfloat16/auto"]["batch1_tokens_per_s"] / bench["tg"], 3),
+        "targets": {"single_stream_vs_llama_bench": 1.5, "single_stream_vs_roofline": 0.5,
                     "batch32_vs_compute_roof": 0.5},
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
