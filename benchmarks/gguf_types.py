@@ -77,7 +77,7 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     from engine.loader import resolve_model_dir
     from engine.config import EngineConfig
     from benchmarks.decode import streamed_bytes
-    from engine.quantization import linear_kinds
+    from engine.quantization import layer_kinds
 
     load_paged_attention()  # the extension compiled and loaded: not a load's cost
     import transformers.models.llama  # noqa: F401  the libraries' code: memory of no file's
@@ -93,7 +93,7 @@ def semline_worker(path: Path, threads: int, batches: list[int], tokens: int, pe
     result["load_peak_rss_growth_mib"] = peak - before
     result["rss_after_load_growth_mib"] = rss_mib() - before
     model = llm.engine.runner.model
-    result["layers"] = linear_kinds(model)
+    result["layers"] = layer_kinds(model)
     step_bytes = streamed_bytes(model)
     result["weight_bytes_per_step"] = step_bytes
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)

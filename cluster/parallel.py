@@ -69,7 +69,7 @@ from engine.executor import ExecutorError
 from engine.loader import load_hf_config
 from engine.model_runner import ModelRunner, StepPlan, plan_step
 from engine.models import build_model, model_args
-from engine.quantization import linear_kinds
+from engine.quantization import layer_kinds
 from engine.parallel import SharedMemoryAllReduce, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class ModelWorker:
                 "num_blocks": self.runner.num_blocks, "pid": os.getpid(), "device": str(self.runner.device),
                 "busy_seconds": self.busy_seconds, "num_runs": self.num_runs,
                 "collective_seconds": self.collective_seconds, "collective_bytes": self.collective_bytes,
-                "num_collectives": self.num_collectives, "linear_kinds": linear_kinds(self.runner.model)}
+                "num_collectives": self.num_collectives, "layer_kinds": layer_kinds(self.runner.model)}
 
     def run(self, plan: StepPlan, hidden: np.ndarray | None):
         """Hidden states in, hidden states out, as numpy arrays: Ray stores those without

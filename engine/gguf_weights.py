@@ -288,8 +288,8 @@ class GGUFCheckpoint:
 def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
     """Our parameter names of the linear layers whose every checkpoint part the file holds in
     a type kept packed (whole, or a tensor-parallel rank's rows or whole blocks of its
-    columns), and of the token embedding where the file holds it whole so (its float weights
-    are never made)."""
+    columns), and of the token embedding where the file holds it so (whole, or a rank's
+    vocabulary rows; its float weights are never made)."""
     # Without semline's CPU extension only the 4-bit types (PyTorch's int4 kernel) stay
     # packed, whole tensors only.
     kernel = _cpu_kernel()
@@ -306,8 +306,7 @@ def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
         module = modules.get(module_name)
         if kind != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)) or isinstance(parts[0], list):
             continue
-        if isinstance(module, nn.Embedding) and (module_name != "embed_tokens" or types is _Q4
-                                                 or not isinstance(parts[0], str)):
+        if isinstance(module, nn.Embedding) and (module_name != "embed_tokens" or types is _Q4):
             continue
         if all(kept_part(p) for p in parts):
             kept.add(ours)

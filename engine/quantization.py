@@ -406,13 +406,15 @@ def int4_supported(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool
     return linear.in_features % group_size == 0
 
 
-def linear_kinds(model: nn.Module) -> dict[str, int]:
-    """How many linear layers of each kind a model runs: float (Linear, OneDNNLinear), 4-bit
-    (CpuInt4Linear) and the int8 kernel's by record size ("CpuW8A8Linear/448B")."""
+def layer_kinds(model: nn.Module) -> dict[str, int]:
+    """How many linear layers and embeddings of each kind a model runs: float (Linear,
+    OneDNNLinear, Embedding), 4-bit (CpuInt4Linear), the int8 kernel's by record size
+    ("CpuW8A8Linear/448B"), an embedding read from packed rows (PackedEmbedding)..."""
     kinds: dict[str, int] = {}
     for module in model.modules():
         name = type(module).__name__
-        if name in ("CpuInt4Linear", "CpuW8A8Linear", "Linear", "OneDNNLinear"):
+        if name in ("CpuInt4Linear", "CpuW8A8Linear", "Linear", "OneDNNLinear", "Embedding", "PackedEmbedding",
+                    "Int8Embedding"):
             key = name if name != "CpuW8A8Linear" else f"{name}/{module.q8_packed.shape[2]}B"
             kinds[key] = kinds.get(key, 0) + 1
     return kinds

@@ -162,10 +162,10 @@ def test_a_size_the_model_cannot_split_is_refused(ray_cluster, models):
 
 def test_tensor_parallel_ranks_keep_their_gguf_blocks_packed(ray_cluster, tmp_path):
     """A GGUF of every packed type over 2 ranks under quantization auto: each rank packs its
-    rows, and its columns where they are whole blocks, straight from the file (o_proj's 128
-    columns of Q4_0 blocks are; of Q5_K's 256-weight blocks are not, and that layer is
-    dequantized); the tokens are the single process's up to its first near-tie (the rows'
-    partial sums add up in another order)."""
+    rows (its vocabulary's of the embedding too), and its columns where they are whole blocks,
+    straight from the file (o_proj's 128 columns of Q4_0 blocks are; of Q5_K's 256-weight
+    blocks are not, and that layer is dequantized); the tokens are the single process's up to
+    its first near-tie (the rows' partial sums add up in another order)."""
     from engine.quantization import _cpu_kernel
     from tests.engine.test_quantization import agreeing_greedy_tokens, write_mixed_gguf
 
@@ -180,11 +180,12 @@ def test_tensor_parallel_ranks_keep_their_gguf_blocks_packed(ray_cluster, tmp_pa
     parallel = LLM(model=str(path), **settings, executor=ray_executor, tensor_parallel_size=2)
     runner = parallel.engine.runner
     try:
-        # Per layer: qkv, o, gate_up, down; and the head (vocabulary rows). Only blk.1's o
-        # (Q5_K columns split mid-block) is float; the embedding is split by vocabulary: float.
-        kinds = [w["linear_kinds"] for w in runner.worker_info()]
-        floats = sum(kinds[0].get(kind, 0) for kind in ("Linear", "OneDNNLinear"))
-        assert kinds[0] == kinds[1] and floats == 1 and sum(kinds[0].values()) == 9, sorted(kinds[0].items())
+        # Per layer: qkv, o, gate_up, down; the head; the embedding (vocabulary rows) and the
+        # packed table it owns (untied). Only blk.1's o (Q5_K columns split mid-block) is float.
+        kinds = [w["layer_kinds"] for w in runner.worker_info()]
+        floats = sum(kinds[0].get(kind, 0) for kind in ("Linear", "OneDNNLinear", "Embedding"))
+        assert kinds[0] == kinds[1] and floats == 1 and kinds[0].get("PackedEmbedding") == 1, sorted(kinds[0].items())
+        assert sum(kinds[0].values()) == 11, sorted(kinds[0].items())
         assert agreeing_greedy_tokens(want, parallel.generate(prompts, params)) >= 15
     finally:
         runner.shutdown()
