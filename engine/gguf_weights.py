@@ -190,15 +190,18 @@ class GGUFCheckpoint:
         if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED, start, entry["offset"] + entry["bytes"] - start)
 
+    def _permuted_heads(self, hf_name: str) -> int | None:
+        """The heads whose rows the file permutes in this tensor (llama's q and k), else None."""
+        if self.arch != "llama" or not (".q_proj." in hf_name or ".k_proj." in hf_name):
+            return None
+        heads = self.config["num_attention_heads"]
+        return self.config.get("num_key_value_heads") or heads if ".k_proj." in hf_name else heads
+
     def rows_in_order(self, hf_name: str, rows: int) -> torch.Tensor:
         """Each Hugging Face row's row in the file (llama's q and k are permuted there)."""
+        heads = self._permuted_heads(hf_name)
         order = torch.arange(rows)
-        if self.arch == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            heads = self.config["num_attention_heads"]
-            if ".k_proj." in hf_name:
-                heads = self.config.get("num_key_value_heads") or heads
-            order = _unpermute_rows(order, heads)
-        return order
+        return order if heads is None else _unpermute_rows(order, heads)
 
     def window(self, part) -> tuple[str, int, torch.Tensor, int, int, torch.Tensor]:
         """Where a part (a tensor, or a tensor-parallel slice of it) lies in the file: (its GGUF
@@ -236,8 +239,8 @@ class GGUFCheckpoint:
         cols, rows = entry["shape"][:2]
         found = read_blocks(data, rows, cols, entry["type"])
         self.release(name)
-        order = self.rows_in_order(hf_name, rows)
-        return tuple(None if t is None else t[order] for t in found)
+        heads = self._permuted_heads(hf_name)
+        return found if heads is None else tuple(None if t is None else _unpermute_rows(t, heads) for t in found)
 
     def tensor_type(self, hf_name: str) -> int | None:
         name = self.by_hf_name.get(hf_name)
