@@ -3,6 +3,8 @@ or 2 tensor-parallel ranks), from a config file."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -104,6 +106,15 @@ def test_semline_serve_runs_tensor_parallel_from_the_config_file(client, tmp_pat
         assert answer is not None, server.stdout.read() if server.poll() is not None else "no answer in 240 s"
         want = client.completions.create(**body)
         assert answer["choices"][0]["text"] == want.choices[0].text
+        # The port is the ingress replica's own (http.direct_ingress, the default): streams too.
+        pieces = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as reply:
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    pieces += [c["text"] for c in json.loads(line[6:]).get("choices") or ()]
+        assert "".join(pieces) == want.choices[0].text
     finally:
         server.send_signal(signal.SIGTERM)
         try:
