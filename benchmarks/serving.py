@@ -196,8 +196,11 @@ def start_local_app(config_path=None) -> str:
     from ray.serve.schema import LoggingConfig
 
     from deployments.app import build_app
+    from deployments.cli import QUIET_RAY
     from deployments.config import SemlineConfig
 
+    for name, value in QUIET_RAY.items():  # Ray's periodic work as under `semline serve`
+        os.environ.setdefault(name, value)
     if isinstance(config_path, SemlineConfig):
         config = config_path
     else:

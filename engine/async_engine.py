@@ -16,6 +16,7 @@ import math
 import queue
 import ctypes
 import ctypes.util
+import sys
 import threading
 import time
 import uuid
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Idle periods trim the heap at most this often (benchmarks/soak.py measures the memory).
 TRIM_INTERVAL_S = 5.0
+# Python's GIL switch interval while an AsyncEngine runs (see AsyncEngine.__init__).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _load_libc():
@@ -178,6 +181,12 @@ class AsyncEngine:
         them than cores, libgomp's workers stop spinning between regions and every region
         pays a wake-up: a model loaded on the caller's thread and stepped on this one decoded
         ~2.5x slower per token (q4_linear 15 -> 40-60 us a call on 2 cores)."""
+        # The engine thread shares the GIL with the caller's event loop. Back from a kernel
+        # (run without the GIL) while the loop held it, the engine thread waited up to Python's
+        # switch interval (5 ms) for it, on steps of ~4 ms: one stream through semline serve
+        # made 189-193 tok/s at 5 ms, 205-213 at 0.5 ms (the engine alone in one thread: 217).
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
