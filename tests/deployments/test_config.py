@@ -55,3 +55,20 @@ def test_serve_yaml_is_valid_for_serve_and_semline():
     data = yaml.safe_load(SERVE_YAML.read_text())
     ServeDeploySchema.model_validate(data)
     SemlineConfig.model_validate(data["applications"][0]["args"])
+
+
+def test_semline_serve_refuses_a_taken_port_at_once():
+    """A port another process listens on: `semline serve` says so and exits, before it starts
+    Ray (Serve would retry the ingress replica on it without end)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "deployments.cli", "serve", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
