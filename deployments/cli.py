@@ -116,11 +116,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         config.http.port = args.port
     http = config.http
-    proxy_port = http.port
-    _check_port_free(http.host, http.port)
+    proxy_port = (http.proxy_port or _free_port(http.host)) if http.direct_ingress else http.port
+    for port in {http.port, proxy_port}:
+        _check_port_free(http.host, port)
     if http.direct_ingress:
         os.environ.update(_direct_ingress_environment(http.port))
-        proxy_port = http.proxy_port or _free_port(http.host)
     for name, value in QUIET_RAY.items():
         os.environ.setdefault(name, value)
 
