@@ -83,8 +83,9 @@ class HTTPSettings(_Strict):
     direct_ingress: bool = Field(True, description="`semline serve`: the ingress replica answers HTTP on `port` "
                                  "itself (Ray Serve's direct ingress), one process hop fewer per request and per "
                                  "stream chunk than through Serve's proxy (2-core machine, 16 streams: +3-5 % output "
-                                 "tokens/s, the same server measured through both). Serve's proxy then listens on proxy_port. Only `semline serve` (which "
-                                 "starts its own Ray cluster) applies it; a RayService keeps the proxy.")
+                                 "tokens/s, the same server measured through both). Serve's proxy then listens on "
+                                 "proxy_port. Only `semline serve` (which starts its own Ray cluster) applies it; a "
+                                 "RayService keeps the proxy.")
     proxy_port: int | None = Field(None, ge=1, le=65535, description="With direct_ingress: the port of Serve's "
                                    "proxy (the same routes, one hop more); None: a free port.")
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Largest request body accepted (413 above; "

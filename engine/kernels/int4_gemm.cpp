@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -209,19 +210,27 @@ inline void tile_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t r0,
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
-// Rows [row_begin, row_end) in tiles of 4, the rest in one tile of 1-3: Tiles::run<R> is a
-// kernel's R-row tile (its loops unrolled for that R).
+// Rows [row_begin, row_end) in tiles of 4, the rest in one tile of 1-3: tile(rows, r0, acc) runs
+// an R-row tile (rows: std::integral_constant<int, R>, so its loops unroll for that R).
+template <typename Tile>
+inline void for_row_tiles(int64_t row_begin, int64_t row_end, float* acc, const Tile& tile) {
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) tile(std::integral_constant<int, 4>(), r, acc + (r - row_begin) * kRows);
+  switch (row_end - r) {
+    case 3: tile(std::integral_constant<int, 3>(), r, acc + (r - row_begin) * kRows); break;
+    case 2: tile(std::integral_constant<int, 2>(), r, acc + (r - row_begin) * kRows); break;
+    case 1: tile(std::integral_constant<int, 1>(), r, acc + (r - row_begin) * kRows); break;
+    default: break;
+  }
+}
+
+// for_row_tiles over Tiles::run<R>, a kernel's R-row tile.
 template <typename Tiles>
 void in_tiles(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
               float* acc) {
-  int64_t r = row_begin;
-  for (; r + 4 <= row_end; r += 4) Tiles::template run<4>(block, xq, r, k, acc + (r - row_begin) * kRows);
-  switch (row_end - r) {
-    case 3: Tiles::template run<3>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 2: Tiles::template run<2>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 1: Tiles::template run<1>(block, xq, r, k, acc + (r - row_begin) * kRows); break;
-    default: break;
-  }
+  for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
+    Tiles::template run<decltype(rows)::value>(block, xq, r0, k, out);
+  });
 }
 
 struct VnniTiles {
@@ -669,14 +678,9 @@ void in_tiles6(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin,
     }
     unpacked = buffer.data();
   }
-  int64_t r = row_begin;
-  for (; r + 4 <= row_end; r += 4) tile6_vnni<kMin, 4>(block, unpacked, xq, r, k, acc + (r - row_begin) * kRows);
-  switch (row_end - r) {
-    case 3: tile6_vnni<kMin, 3>(block, unpacked, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 2: tile6_vnni<kMin, 2>(block, unpacked, xq, r, k, acc + (r - row_begin) * kRows); break;
-    case 1: tile6_vnni<kMin, 1>(block, unpacked, xq, r, k, acc + (r - row_begin) * kRows); break;
-    default: break;
-  }
+  for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
+    tile6_vnni<kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
+  });
 }
 
 template <int F, int R>
