@@ -100,20 +100,24 @@ def test_http_metrics_use_vllms_names_and_its_dashboard_has_data(client, prometh
     """GET /metrics on the HTTP port (no key, as vLLM's): the replicas' figures under vLLM's names
     and labels, equal to semline's own series summed; scraped by the real Prometheus, every
     query of vLLM's Grafana dashboard returns data; semline's own figures are beside them."""
+    total = f'sum(vllm:generation_tokens_total{{model_name="{MODEL}"}})'
+    ours = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
+    before = _settled(prometheus, f"{ours} or vector(0)")
+    generated = 0
     for i in range(3):  # traffic within the queries' 1-minute windows, the same prompt twice (cache hits)
-        client.completions.create(model=MODEL, prompt="A prefix long enough to fill one cached block of "
-                                  "sixteen tokens, and then some more words.", max_tokens=4 + i, temperature=0)
+        generated += client.completions.create(
+            model=MODEL, prompt="A prefix long enough to fill one cached block of sixteen tokens, and then "
+            "some more words.", max_tokens=4 + i, temperature=0).usage.completion_tokens
     text = httpx.get(f"{serve_app}/metrics", timeout=30).text
     assert f'vllm:num_requests_running{{model_name="{MODEL}"}}' in text
     assert "semline_flops_total" in text and "semline_router_queue_depth" in text and "ray_" not in text
     assert 'lane="' not in "".join(line for line in text.splitlines() if line.startswith("vllm:"))
-    total = f'sum(vllm:generation_tokens_total{{model_name="{MODEL}"}})'
-    ours = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
+    # The two series come from two scrape targets (the HTTP port, Ray's metrics port): compare them
+    # once each holds this test's traffic and has stopped moving.
     deadline = time.time() + 60
-    while time.time() < deadline and (_value(prometheus, total) != _value(prometheus, ours) or not _query(
-            prometheus, total)):
+    while time.time() < deadline and min(_value(prometheus, total), _value(prometheus, ours)) < before + generated:
         time.sleep(1)
-    assert _value(prometheus, total) == _value(prometheus, ours) > 0
+    assert _settled(prometheus, total) == _settled(prometheus, ours) >= before + generated > 0
     empty = []
     for promql in VLLM_DASHBOARD_QUERIES:
         promql = promql.replace("$m", MODEL)
