@@ -44,6 +44,17 @@ class NotFound(LookupError):
         return (NotFound, (self.kind, self.object_id))
 
 
+def _read_records(paths) -> list[dict]:
+    """The JSON records at `paths`, less those deleted (or expired) since they were listed."""
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue
+    return records
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -113,7 +124,7 @@ class BatchStore:
         return self._file_path(file_id, ".data").read_bytes()
 
     def list_files(self) -> list[dict]:
-        metas = [json.loads(p.read_text()) for p in self.files.glob("file-*.json")]
+        metas = _read_records(self.files.glob("file-*.json"))
         return sorted(metas, key=lambda m: m["created_at"], reverse=True)
 
     def delete_file(self, file_id: str) -> None:
@@ -158,7 +169,7 @@ class BatchStore:
         return json.loads(self._batch_path(batch_id, ".json").read_text())
 
     def list_batches(self) -> list[dict]:
-        batches = [json.loads(p.read_text()) for p in self.batches.glob("batch_*.json")]
+        batches = _read_records(self.batches.glob("batch_*.json"))
         return sorted(batches, key=lambda b: (b["created_at"], b["id"]), reverse=True)
 
     def delete_batch(self, batch_id: str) -> None:

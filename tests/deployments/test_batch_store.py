@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from deployments.batch.runner import parse_input
@@ -75,3 +77,22 @@ def test_a_batch_lease_has_one_holder_until_it_expires(tmp_path):
     assert second.acquire_lease(batch_id, "runner-b", ttl_s=0.3)
     time.sleep(0.4)  # runner-b went away without releasing: its lease expires
     assert first.acquire_lease(batch_id, "runner-a", ttl_s=0.3)
+
+
+
+def test_listing_skips_what_is_deleted_while_it_lists(tmp_path, monkeypatch):
+    """A file or batch deleted (or expired) between the directory listing and the read of its
+    record is left out of the list, not a 500 for the caller who listed."""
+    store = BatchStore(tmp_path)
+    kept, gone = (store.create_file(b'{"a": 1}\n', f"{name}.jsonl", "batch") for name in ("kept", "gone"))
+    batch = {"id": store.new_batch_id(), "created_at": 1}
+    store.save_batch(batch)
+    # The folders as they were listed before the deletions.
+    stale = {store.files: list(store.files.glob("file-*.json")), store.batches: list(store.batches.glob("batch_*.json"))}
+    store.delete_file(gone["id"])
+    store.delete_batch(batch["id"])
+    glob = pathlib.Path.glob
+    monkeypatch.setattr(pathlib.Path, "glob", lambda self, pattern: iter(stale[self]) if self in stale
+                        else glob(self, pattern))
+    assert [m["id"] for m in store.list_files()] == [kept["id"]]
+    assert store.list_batches() == []
