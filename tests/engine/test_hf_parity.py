@@ -138,7 +138,10 @@ def test_prompt_logprobs_match_hf_across_chunks_and_after_a_cache_hit(llm, hf_mo
         top = expected.topk(3, dim=-1)
         for i, entry in enumerate(got[1:]):
             assert entry.token_id == long[i + 1]
-            assert entry.rank == int((expected[i] > expected[i, long[i + 1]]).sum()) + 1
+            # Its rank: one more than the tokens HF puts above it, give or take those within
+            # float32 noise of it (a rank among ~49k logits moves with the last bit of each).
+            mine = expected[i, long[i + 1]]
+            assert int((expected[i] > mine + 1e-5).sum()) + 1 <= entry.rank <= int((expected[i] > mine - 1e-5).sum()) + 1
             ours = [t for t, _, _ in entry.top_logprobs]
             # Order may differ only where HF's alternatives tie within float32 noise.
             if ours != top.indices[i].tolist():
