@@ -126,13 +126,16 @@ def _arms(serve_app: str, users: list[str]) -> dict[str, str]:
         return dict(zip(users, pool.map(one, users)))
 
 
-def test_experiment_splits_users_70_30_sticky_and_reweights_without_restart(serve_app, prometheus):
-    users = [f"user-{i}" for i in range(200)]
+def test_experiment_splits_users_70_30_sticky_and_reweights_without_restart(serve_app, prometheus, app_config):
+    """Each user gets the arm the experiment's weights give them (the split itself is checked
+    on 5,000 users below, without HTTP), keeps it, and a reweight moves them at once and back."""
+    users = [f"user-{i}" for i in range(48)]
+    catalog = ModelCatalog(app_config)
     arms = _arms(serve_app, users)
-    share = sum(arm == "control" for arm in arms.values()) / len(users)
-    assert 0.62 <= share <= 0.78, share
-    again = _arms(serve_app, users[:24])
-    assert again == {u: arms[u] for u in users[:24]}  # each user stays on their arm
+    assert arms == {u: catalog.resolve(EXPERIMENT, u).arm for u in users}
+    assert set(arms.values()) == {"control", "treatment"}
+    again = _arms(serve_app, users[:12])
+    assert again == {u: arms[u] for u in users[:12]}  # each user stays on their arm
     url = f"{serve_app}/v1/experiments/{EXPERIMENT}"
     try:
         changed = _post(url, {"weights": {"control": 0, "treatment": 1}}, ADMIN)
@@ -141,16 +144,20 @@ def test_experiment_splits_users_70_30_sticky_and_reweights_without_restart(serv
         assert _post(url, {"weights": {"control": 1}}, ADMIN).status_code == 400  # every arm, by name
     finally:
         assert _post(url, {"weights": {"control": 70, "treatment": 30}}, ADMIN).status_code == 200
-    assert _arms(serve_app, users[:24]) == {u: arms[u] for u in users[:24]}  # back where they were
+    back = _arms(serve_app, users[:12])
+    assert back == {u: arms[u] for u in users[:12]}  # back where they were
+    # Prometheus counts each arm's answers (at least this test's: the counters are the session's).
+    sent = {arm: sum(a == arm for answers in (arms, again, back) for a in answers.values()) for arm in arms.values()}
+    sent["treatment"] += 12
     deadline = time.time() + 30
     while time.time() < deadline:
         result = httpx.get(f"{prometheus}/api/v1/query", params={
             "query": f'sum by (arm) (ray_semline_arm_requests_total{{experiment="{EXPERIMENT}"}})'}).json()
         counts = {r["metric"]["arm"]: float(r["value"][1]) for r in result["data"]["result"]}
-        if counts.get("control", 0) >= 100 and counts.get("treatment", 0) >= 40:
+        if all(counts.get(arm, 0) >= n for arm, n in sent.items()):
             break
         time.sleep(1)
-    assert counts.get("control", 0) >= 100 and counts.get("treatment", 0) >= 40, counts
+    assert all(counts.get(arm, 0) >= n for arm, n in sent.items()), (counts, sent)
 
 
 def test_arm_assignment_alone_is_sticky_weighted_and_moves_few_users():
