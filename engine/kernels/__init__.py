@@ -14,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +23,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "int4_gemm.cpp", "gguf_pack.cpp")]
+
+
+def _ninja() -> str | None:
+    """The ninja that builds the extension: this interpreter's (the `ninja` package semline
+    depends on) before any other on PATH. Ninja 1.12 changed how .ninja_log hashes commands,
+    so two ninjas taking turns on one build folder each found the other's objects stale and
+    rebuilt everything (~45 s on 2 cores): the system's 1.11 in a process whose PATH lacks the
+    venv, the venv's 1.13 in Ray workers started with it."""
+    beside = Path(sys.executable).with_name("ninja")
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("ninja")
 
 
 def _build_key() -> str:
@@ -41,7 +53,8 @@ def _build_key() -> str:
     except OSError:
         pass
     sources = b"".join(path.read_bytes() for path in [*_SOURCES, Path(__file__).with_name("cpu_ops.h")])
-    return hashlib.sha1(flags.encode() + sources + torch.__version__.encode()).hexdigest()[:12]
+    ninja = os.path.realpath(_ninja() or "")  # another ninja: a folder of its own (see _ninja)
+    return hashlib.sha1(flags.encode() + sources + torch.__version__.encode() + ninja.encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,15 +66,24 @@ def load_paged_attention():
         cache = os.environ.get("SEMLINE_CACHE") or Path.home() / ".cache" / "semline"
         build_dir = Path(cache) / "kernels" / _build_key()
         build_dir.mkdir(parents=True, exist_ok=True)
-        return load(
-            name="semline_paged_attention",
-            sources=[str(source) for source in _SOURCES],
-            # No contraction into FMAs: the fused RMSNorm and rotary round as PyTorch does.
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        ninja, path = _ninja(), os.environ.get("PATH")
+        if ninja is not None:  # torch runs `ninja` from PATH: the one _ninja chose, first (while it builds)
+            os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + (path or "")
+        try:
+            return load(
+                name="semline_paged_attention",
+                sources=[str(source) for source in _SOURCES],
+                # No contraction into FMAs: the fused RMSNorm and rotary round as PyTorch does.
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+        finally:
+            if path is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
     except Exception as exc:  # no compiler, no ninja, unsupported platform...
         logger.warning("paged attention kernel unavailable (%s); using the PyTorch path", exc)
         return None

@@ -569,6 +569,31 @@ def test_the_build_folder_is_per_source_version(monkeypatch, tmp_path):
     assert kernels._build_key() != here
 
 
+@pytest.mark.skipif(load_paged_attention() is None, reason="the CPU extension does not build here")
+def test_processes_with_other_paths_load_the_build_without_rebuilding():
+    """A process whose PATH lacks the venv (the system's ninja first) and Ray workers started
+    with it (the venv's ninja first) load one build: two ninja versions taking turns on one
+    folder rebuilt it each time (~45 s on 2 cores), as their logs hash commands differently."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.kernels import _build_key
+
+    cache = os.environ.get("SEMLINE_CACHE") or Path.home() / ".cache" / "semline"
+    log = Path(cache) / "kernels" / _build_key() / ".ninja_log"
+    before = log.read_text()
+    venv_bin = os.path.dirname(sys.executable)
+    system_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    for path in (system_path, venv_bin + os.pathsep + system_path):
+        loaded = subprocess.run([sys.executable, "-c", "from engine.kernels import load_paged_attention as l; "
+                                 "assert l() is not None"], env={**os.environ, "PATH": path},
+                                cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert log.read_text() == before  # nothing compiled again
+
+
 def test_argmax_rows_returns_what_torch_argmax_does():
     """The greedy sampler's argmax: the first of tied maxima, the first NaN of a row that has
     one, 0 for a row of -inf, any length (the 16-lane loop, its tail, rows shorter than 16)."""
