@@ -53,7 +53,8 @@ def _build_key() -> str:
     except OSError:
         pass
     sources = b"".join(path.read_bytes() for path in [*_SOURCES, Path(__file__).with_name("cpu_ops.h")])
-    ninja = os.path.realpath(_ninja() or "")  # another ninja: a folder of its own (see _ninja)
+    ninja = _ninja()
+    ninja = os.path.realpath(ninja) if ninja else ""  # another ninja: a folder of its own (see _ninja)
     return hashlib.sha1(flags.encode() + sources + torch.__version__.encode() + ninja.encode()).hexdigest()[:12]
 
 
