@@ -196,11 +196,10 @@ def start_local_app(config_path=None) -> str:
     from ray.serve.schema import LoggingConfig
 
     from deployments.app import build_app
-    from deployments.cli import QUIET_RAY
+    from deployments.cli import use_quiet_ray
     from deployments.config import SemlineConfig
 
-    for name, value in QUIET_RAY.items():  # Ray's periodic work as under `semline serve`
-        os.environ.setdefault(name, value)
+    use_quiet_ray()  # Ray's and Serve's settings as under `semline serve`
     if isinstance(config_path, SemlineConfig):
         config = config_path
     else:

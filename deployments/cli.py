@@ -83,6 +83,13 @@ QUIET_RAY = {
 }
 
 
+def use_quiet_ray() -> None:
+    """QUIET_RAY in this process's environment, where it does not set them already: before
+    Ray starts (its processes read them at start and inherit them from here)."""
+    for name, value in QUIET_RAY.items():
+        os.environ.setdefault(name, value)
+
+
 def _direct_ingress_environment(port: int) -> dict[str, str]:
     """Ray Serve's direct ingress, set up so that the one ingress replica answers on `port`:
     the port range is that port alone, a port its replica let go is free again at once (a
@@ -133,8 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         os.environ.update(_direct_ingress_environment(http.port))
     else:  # Serve's throughput-optimized mode (QUIET_RAY) would turn it on
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
-    for name, value in QUIET_RAY.items():
-        os.environ.setdefault(name, value)
+    use_quiet_ray()
 
     import ray
     from ray import serve

@@ -132,14 +132,13 @@ def serve_app(app_config, metrics_port, dashboard_port):
     from ray.serve.schema import LoggingConfig
 
     from deployments.app import build_app
-    from deployments.cli import QUIET_RAY
+    from deployments.cli import use_quiet_ray
 
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the port within ~1 s
     # Serve set up as `semline serve` sets it (throughput-optimized mode included), but behind
     # Serve's proxy: the session's applications share its port under their route prefixes.
     os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")
-    for name, value in QUIET_RAY.items():
-        os.environ.setdefault(name, value)
+    use_quiet_ray()
     # Ray jobs run their entrypoint's `python` from PATH: this environment's, as in the serving image.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     ray.init(num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
