@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, RequestError
@@ -76,6 +76,12 @@ class _AddCommand:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    # When the consumer next takes an output (time.monotonic(), the loop's clock; set by
+    # OutputStream.coalesced): until then a step's output waits here, on the engine's
+    # thread, and goes with the next one due, so the consumer's loop is not woken (nor the
+    # GIL and a core taken from the step) once a step for outputs it would only merge.
+    due: float = -math.inf
+    held: list = field(default_factory=list)
 
     def put(self, item) -> None:
         _hand_over(self.loop, [(self.queue, item)])
@@ -109,8 +115,9 @@ class OutputStream:
     Closing it before then (aclose, or leaving an `async for` through generate) aborts the
     request and frees its blocks."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, outputs: asyncio.Queue) -> None:
-        self._engine, self.request_id, self._outputs = engine, request_id, outputs
+    def __init__(self, engine: "AsyncEngine", request_id: str, outputs: _Stream) -> None:
+        self._engine, self.request_id, self._outputs = engine, request_id, outputs.queue
+        self._stream = outputs
         self._finished = self._closed = False
 
     def __aiter__(self) -> "OutputStream":
@@ -158,7 +165,7 @@ class OutputStream:
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
                 batch.append(self._take(item))
-            due = _next_send(loop.time(), next_interval())
+            due = self._stream.due = _next_send(loop.time(), next_interval())
             yield merge_outputs(batch)
 
     async def aclose(self) -> None:
@@ -190,6 +197,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._holding: dict[str, _Stream] = {}  # streams with outputs held for their consumer (_Stream.due)
         self._stopped = False
         self._owns_engine = engine is None
         self._dead_error: BaseException | None = None
@@ -243,7 +251,7 @@ class AsyncEngine:
         except asyncio.CancelledError:
             self.abort(request_id)  # the caller left while the engine was adding it
             raise
-        return OutputStream(self, request_id, stream.queue)
+        return OutputStream(self, request_id, stream)
 
     async def embed(self, token_ids: list[int]) -> list[float]:
         """LLMEngine.embed, run by the engine's thread between steps."""
@@ -380,15 +388,34 @@ class AsyncEngine:
                 if stream:
                     stream.put(RuntimeError(f"engine step failed: {exc!r}"))
             return
-        # One wake-up of each caller's loop per step, whatever the number of its streams.
+        # One wake-up of each caller's loop per step, whatever the number of its streams, and
+        # none for streams whose consumer only takes outputs later (held until then).
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        now = time.monotonic()
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
+            elif now < stream.due and output.finish_reason != "error":
+                stream.held.append(output)
+                self._holding[output.request_id] = stream
+                continue
             item = RequestFailedError(output.error) if output.finish_reason == "error" else output
-            deliveries.setdefault(stream.loop, []).append((stream.queue, item))
+            items = deliveries.setdefault(stream.loop, [])
+            if stream.held:
+                items.extend((stream.queue, held) for held in stream.held)
+                stream.held = []
+            items.append((stream.queue, item))
+        # Held outputs whose time came without a new one (a request preempted, or waiting
+        # for its next chunk of prompt) go now; those of requests aborted meanwhile are dropped.
+        for request_id, stream in list(self._holding.items()):
+            if not stream.held or request_id not in self._streams:
+                del self._holding[request_id]
+            elif now >= stream.due:
+                deliveries.setdefault(stream.loop, []).extend((stream.queue, held) for held in stream.held)
+                stream.held = []
+                del self._holding[request_id]
         for loop, items in deliveries.items():
             _hand_over(loop, items)

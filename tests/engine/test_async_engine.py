@@ -69,6 +69,30 @@ def test_coalesced_streams_merge_what_comes_within_the_interval(async_engine, ll
         assert all(not o.finished for o in outputs[:-1])
 
 
+def test_outputs_not_due_wait_on_the_engines_thread(async_engine):
+    """A coalesced stream's outputs that come before the consumer takes its next are held by
+    the engine's thread (its loop is not woken for them) and reach it together: after the
+    first output, with a long interval, steps run while nothing reaches the consumer's queue."""
+    params = _greedy(40)
+
+    async def run():
+        stream = await async_engine.submit("The sea in winter", params)
+        outputs = stream.coalesced(30.0)
+        first = await anext(outputs)
+        # 40 tokens take well under a second here; wait for several steps' outputs to be held.
+        for _ in range(500):
+            if len(stream._stream.held) >= 3:
+                break
+            await asyncio.sleep(0.002)
+        held, queued = len(stream._stream.held), stream._outputs.qsize()
+        rest = [out async for out in outputs]
+        return first, held, queued, rest
+
+    first, held, queued, rest = asyncio.run(run())
+    assert len(first.token_ids) == 1 and held >= 3 and queued == 0
+    assert len(rest) == 1 and rest[0].finished and len(rest[0].token_ids) == 40
+
+
 def test_leaving_the_stream_aborts_and_frees_blocks(async_engine):
     engine = async_engine.engine
 
