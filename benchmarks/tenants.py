@@ -9,9 +9,9 @@ router, not the engine, is where requests wait). Phases, one run:
    sends one at a time: B's TTFT p50 (it waits behind A's backlog);
 3. flood, fair share (the default) with --headroom seats beyond the capacity for a tenant
    with nothing in flight (router.light_headroom): the same;
-4. weights 3:1: both tenants keep --flood requests in flight for --duration seconds; the
-   output tokens streamed to each within that time (each chunk's usage so far) and their
-   ratio (target: within 10 % of 3).
+4. weights 3:1: both tenants keep --flood requests in flight for --warmup + --duration
+   seconds; the output tokens streamed to each within the last --duration (each chunk's
+   usage so far) and their ratio (target: within 10 % of 3).
 Targets: B's TTFT p50 under the flood <= 2x alone; tokens within 10 % of 3:1. The load
 client is one asyncio process. Each phase is its own application (Serve redeploys it in
 place, with a router of its own). Writes benchmarks/results/tenants.json with the CPU
@@ -56,13 +56,15 @@ def deploy(cfg) -> None:
     serve.run(build_app(cfg), name="semline", route_prefix="/")
 
 
-async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int, until: float | None = None) -> dict:
-    """One streamed chat request. tokens: its output tokens received before `until` (every
-    chunk carries the usage so far: stream_options.continuous_usage_stats), all of them if None."""
+async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int, until: float | None = None,
+                  since: float | None = None) -> dict:
+    """One streamed chat request. tokens: its output tokens received between `since` and
+    `until` (every chunk carries the usage so far: stream_options.continuous_usage_stats),
+    all of them if both are None."""
     body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "messages": [{"role": "user", "content": f"Tell me a story, {i}."}]}
-    start, ttft, tokens = time.perf_counter(), None, 0
+    start, ttft, tokens, before = time.perf_counter(), None, 0, 0
     async with http.stream("POST", "/v1/chat/completions", json=body,
                            headers={"Authorization": f"Bearer {KEYS[tenant]}"}) as resp:
         async for line in resp.aiter_lines():
@@ -71,17 +73,23 @@ async def request(http: httpx.AsyncClient, tenant: str, i: int, max_tokens: int,
             chunk = json.loads(line[6:])
             if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 ttft = time.perf_counter() - start
-            if chunk.get("usage") and (until is None or time.perf_counter() <= until):
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"status": resp.status_code, "ttft": ttft, "tokens": tokens, "done_at": time.perf_counter()}
+            if chunk.get("usage"):
+                now = time.perf_counter()
+                if since is not None and now < since:
+                    before = chunk["usage"]["completion_tokens"]
+                if until is None or now <= until:
+                    tokens = chunk["usage"]["completion_tokens"]
+    return {"status": resp.status_code, "ttft": ttft, "tokens": max(0, tokens - before), "done_at": time.perf_counter()}
 
 
-async def keep_in_flight(http, tenant: str, count: int, max_tokens: int, stop: float, results: list) -> None:
-    """`count` requests of `tenant` always in flight until `stop` (their tokens counted until then)."""
+async def keep_in_flight(http, tenant: str, count: int, max_tokens: int, stop: float, results: list,
+                         since: float | None = None) -> None:
+    """`count` requests of `tenant` always in flight until `stop` (their tokens counted from
+    `since`, if given, until then)."""
     async def one(c: int) -> None:
         i = 0
         while time.perf_counter() < stop:
-            results.append(await request(http, tenant, c * 100_000 + i, max_tokens, stop))
+            results.append(await request(http, tenant, c * 100_000 + i, max_tokens, stop, since))
             i += 1
     await asyncio.gather(*(one(c) for c in range(count)))
 
@@ -124,13 +132,16 @@ async def run(args, url: str) -> dict:
             result[name]["b_ttft_vs_alone"] = round(result[name]["b_ttft_p50_s"] / result["alone"]["b_ttft_p50_s"], 2)
         deploy(config(args, True, (3, 1), "weights"))
         results = {"a": [], "b": []}
-        start = time.perf_counter()
-        stop = start + args.duration
-        await asyncio.gather(*(keep_in_flight(http, t, args.flood, args.flood_tokens, stop, results[t])
+        # Counted once the lane is saturated: the first --warmup seconds go to whichever
+        # tenant's requests reached the router first (a tenant that arrives later is levelled
+        # with the one already served, not paid back), which is not the share being measured.
+        since = time.perf_counter() + args.warmup
+        stop = since + args.duration
+        await asyncio.gather(*(keep_in_flight(http, t, args.flood, args.flood_tokens, stop, results[t], since)
                                for t in ("a", "b")))
         # Output tokens streamed to each tenant within the saturated minute (unfinished requests' too).
         tokens = {t: sum(r["tokens"] for r in rs) for t, rs in results.items()}
-        result["weights_3_to_1"] = {"duration_s": args.duration, "tokens": tokens,
+        result["weights_3_to_1"] = {"warmup_s": args.warmup, "duration_s": args.duration, "tokens": tokens,
                                     "ratio": round(tokens["a"] / max(1, tokens["b"]), 3)}
     return result
 
@@ -143,6 +154,8 @@ def main() -> None:
     parser.add_argument("--light-tokens", type=int, default=16)
     parser.add_argument("--light-duration", type=float, default=30)
     parser.add_argument("--duration", type=float, default=60, help="seconds of the 3:1 saturation")
+    parser.add_argument("--warmup", type=float, default=15, help="seconds of the 3:1 saturation before "
+                        "the counted ones")
     parser.add_argument("--headroom", type=int, default=1, help="router.light_headroom with fair share (the "
                         "engine's max_num_seqs leaves room above --seats)")
     args = parser.parse_args()
