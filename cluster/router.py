@@ -66,41 +66,61 @@ class RouterMetrics:
 
 
 class BoundedStore:
-    """Values by key, bounded in count and bytes (given by the callers), each kept for at most
-    the age the reader gives; least recently used out first."""
+    """Values by key, bounded in count and bytes (given by the callers) within each group (a
+    tenant: one tenant's values never push out another's), each kept for at most the age the
+    reader gives; within a group the least recently used go first."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self.num_bytes = 0
+        self._groups: dict[str | None, OrderedDict[str, tuple[float, bytes]]] = {}
+        self._group_of: dict[str, str | None] = {}
+        self._bytes: dict[str | None, int] = {}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def group_of(self, key: str) -> str | None:
+        return self._group_of.get(key)
 
     def get(self, key: str, ttl_s: float) -> bytes | None:
-        entry = self._entries.get(key)
-        if entry is None or time.monotonic() - entry[0] > ttl_s:
+        if key not in self._group_of:
+            return None
+        entries = self._groups[self._group_of[key]]
+        stored_at, value = entries[key]
+        if time.monotonic() - stored_at > ttl_s:
             self.delete(key)
             return None
-        self._entries.move_to_end(key)
-        return entry[1]
+        entries.move_to_end(key)
+        return value
 
-    def put(self, key: str, value: bytes, max_entries: int, max_bytes: int | None = None) -> bool:
-        """False (nothing kept) when the value alone is over max_bytes."""
+    def put(self, key: str, value: bytes, max_entries: int, max_bytes: int | None = None,
+            group: str | None = None) -> bool:
+        """Keep `value` in `group`, whose least recently used values go while the group is over
+        max_entries or max_bytes. False (nothing kept) when the value alone is over max_bytes."""
         self.delete(key)
         if max_bytes is not None and len(value) > max_bytes:
             return False
-        self._entries[key] = (time.monotonic(), value)
-        self.num_bytes += len(value)
-        while len(self._entries) > max_entries or (max_bytes is not None and self.num_bytes > max_bytes):
-            _, (_, old) = self._entries.popitem(last=False)
-            self.num_bytes -= len(old)
+        entries = self._groups.setdefault(group, OrderedDict())
+        entries[key] = (time.monotonic(), value)
+        self._group_of[key] = group
+        self._bytes[group] = self._bytes.get(group, 0) + len(value)
+        while len(entries) > max_entries or (max_bytes is not None and self._bytes[group] > max_bytes):
+            self.delete(next(iter(entries)))
         return True
 
     def delete(self, key: str) -> bool:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.num_bytes -= len(entry[1])
-        return entry is not None
+        if key not in self._group_of:
+            return False
+        group = self._group_of.pop(key)
+        entries = self._groups[group]
+        _, value = entries.pop(key)
+        self._bytes[group] -= len(value)
+        if not entries:
+            del self._groups[group], self._bytes[group]
+        return True
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._group_of)
 
 
 class Router:
@@ -198,16 +218,19 @@ class Router:
     async def response_get(self, response_id: str, ttl_s: float) -> bytes | None:
         return self.responses.get(response_id, ttl_s)
 
-    async def response_put(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
-        return self.responses.put(response_id, record, max_entries, max_bytes)
+    async def response_put(self, response_id: str, record: bytes, max_entries: int, max_bytes: int,
+                           owner: str | None = None) -> bool:
+        """Store a response among its owner's (the bounds are each tenant's)."""
+        return self.responses.put(response_id, record, max_entries, max_bytes, owner)
 
     async def response_delete(self, response_id: str) -> bool:
         self._stop_running(response_id)  # a background response deleted while it runs stops
         return self.responses.delete(response_id)
 
-    async def response_start(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
+    async def response_start(self, response_id: str, record: bytes, max_entries: int, max_bytes: int,
+                             owner: str | None = None) -> bool:
         """A background response accepted: stored as it stands (queued) until it finishes."""
-        if not self.responses.put(response_id, record, max_entries, max_bytes):
+        if not self.responses.put(response_id, record, max_entries, max_bytes, owner):
             return False
         self._running[response_id] = [False, asyncio.Event()]
         return True
@@ -232,17 +255,18 @@ class Router:
         stored = json.loads(record)
         stored["response"]["status"] = "cancelled"
         record = json.dumps(stored, ensure_ascii=False).encode()
-        self.responses.put(response_id, record, max_entries, max_bytes)
+        self.responses.put(response_id, record, max_entries, max_bytes, self.responses.group_of(response_id))
         return record
 
-    async def response_finish(self, response_id: str, record: bytes, max_entries: int, max_bytes: int) -> bool:
+    async def response_finish(self, response_id: str, record: bytes, max_entries: int, max_bytes: int,
+                              owner: str | None = None) -> bool:
         """A background response's end (completed, incomplete or failed), unless it was cancelled
         or deleted meanwhile (False: nothing stored)."""
         entry = self._running.pop(response_id, None)
         if entry is None or entry[0]:
             return False
         entry[1].set()
-        return self.responses.put(response_id, record, max_entries, max_bytes)
+        return self.responses.put(response_id, record, max_entries, max_bytes, owner)
 
     def _stop_running(self, response_id: str) -> bool:
         """A running background response told to stop; False when none runs under that id."""

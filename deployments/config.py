@@ -99,10 +99,10 @@ class HTTPSettings(_Strict):
                                      "header may ask for less.")
     response_ttl_s: float = Field(3600, gt=0, description="How long a stored /v1/responses answer is kept "
                                   "(GET /v1/responses/{id}, previous_response_id); every ingress replica sees it.")
-    max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once "
-                                      "(the least recently used go first).")
+    max_stored_responses: int = Field(4096, ge=0, description="Most /v1/responses answers kept at once for "
+                                      "each tenant (its least recently used go first; another tenant's stay).")
     max_stored_response_bytes: int = Field(64 * 2**20, ge=1, description="Bytes of stored /v1/responses answers "
-                                           "kept at once (with their input and conversation).")
+                                           "kept at once for each tenant (with their input and conversation).")
     node_resource: str | None = Field(None, description="A custom Ray resource the HTTP ingress requires: "
                                       "pins it to the node that runs Serve's proxy (the head).")
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
@@ -291,9 +291,11 @@ class FeedbackSettings(_Strict):
                                 "GET /v1/feedback exports them with the ratings (for fine-tuning).")
     retention_s: float = Field(7 * 86400, gt=0, description="How long a response (and its prompt and output) "
                                "is kept for rating.")
-    max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory.")
+    max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory (the "
+                               "tenant holding the most gives up its oldest first).")
     max_log_bytes: int = Field(256 * 2**20, ge=4096, description="Bytes of the responses log (responses.jsonl); "
-                               "past it, the oldest answers are dropped down to half of it (no longer ratable).")
+                               "past it, answers are dropped down to half of it (no longer ratable), the oldest of "
+                               "the tenants holding the most: a tenant below the fair level loses none.")
     max_ratings_per_response: int = Field(16, ge=1, description="Ratings one answer may have (429 rating_limit "
                                           "above), so the ratings log grows with the answers, not with the posts.")
 

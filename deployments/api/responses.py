@@ -31,7 +31,8 @@ class ResponseStore:
     """Stored responses (store: true): the Response, its input items and the conversation after
     it (for previous_response_id). Kept by the router actor, so every ingress replica sees the
     same ones (in this process where there is no router: the Ray Data batch job), bounded in
-    count and bytes, each for `ttl_s` seconds."""
+    count and bytes for each owner (a tenant's answers never push out another's), each for
+    `ttl_s` seconds."""
 
     def __init__(self, admission, max_entries: int = 4096, ttl_s: float = 3600.0,
                  max_bytes: int = 64 * 2**20) -> None:
@@ -42,18 +43,20 @@ class ResponseStore:
                   owner: str | None = None) -> bool:
         record = _record(response, input_items, conversation, owner)
         if self._local is not None:
-            return self._local.put(response["id"], record, self.max_entries, self.max_bytes)
+            return self._local.put(response["id"], record, self.max_entries, self.max_bytes, owner)
         if response.get("background"):  # kept unless it was cancelled or deleted meanwhile
             return await self.admission.call("response_finish", response["id"], record, self.max_entries,
-                                             self.max_bytes)
-        return await self.admission.call("response_put", response["id"], record, self.max_entries, self.max_bytes)
+                                             self.max_bytes, owner)
+        return await self.admission.call("response_put", response["id"], record, self.max_entries, self.max_bytes,
+                                         owner)
 
     # Background responses (the realtime lane's: the router keeps them).
 
     async def start(self, response: dict, input_items: list[dict], owner: str | None) -> bool:
         """A background response accepted, stored as it stands until it ends (put)."""
         return await self.admission.call("response_start", response["id"],
-                                         _record(response, input_items, [], owner), self.max_entries, self.max_bytes)
+                                         _record(response, input_items, [], owner), self.max_entries, self.max_bytes,
+                                         owner)
 
     async def wait_cancel(self, response_id: str) -> bool:
         """Returns when the background response ended (False) or was cancelled or deleted (True)."""

@@ -6,9 +6,11 @@ replica, like the batch lane's files):
 - `responses.jsonl`: one line per answer served: its id, model, experiment and arm, and
   (only when `store_outputs` is on) its prompt and output. Lines older than
   `retention_s` are dropped when the ingress starts and every retention_s / 24 after; when
-  the file passes `max_log_bytes` the oldest go too, down to half of it (an answer dropped
-  can no longer be rated: 404, as past the retention). At most `max_responses` are kept in
-  memory to join feedback with.
+  the file passes `max_log_bytes` the oldest go too, down to half of it, taken from the
+  tenants that hold the most: each keeps its newest lines up to one level, the highest
+  that fits, so a tenant below it loses none (an answer dropped can no longer be rated:
+  404, as past the retention). At most `max_responses` are kept in memory to join feedback
+  with, the tenant holding the most giving up its oldest first.
 - `feedback.jsonl`: one line per rating (fsynced before the rating is acknowledged): the
   response's id, model, experiment and arm, the score (a number; thumbs up = 1, down = 0),
   an optional label and comment.
@@ -53,7 +55,8 @@ class FeedbackStore:
         self._adding = threading.Lock()  # a rating's count check and its append, one at a time here
         self.responses_file, self.feedback_file = self.dir / "responses.jsonl", self.dir / "feedback.jsonl"
         self._lock = threading.Lock()
-        self._responses: OrderedDict[str, dict] = OrderedDict()
+        self._responses: dict[str, dict] = {}
+        self._by_tenant: dict[str | None, OrderedDict[str, None]] = {}  # each tenant's ids, oldest first
         # summary(): the ratings counted so far and how far into the file they go.
         self._totals: dict[tuple[str, str, str], tuple[float, int]] = {}
         self._summary_offset = 0
@@ -67,21 +70,27 @@ class FeedbackStore:
         self._read_to, self._inode = _size(self.responses_file), _inode(self.responses_file)
 
     def _compact(self) -> list[dict]:
-        """Keep the responses within the retention, and the newest within half of max_log_bytes
-        when the file has passed it; the file is rewritten without the others (their prompts and
+        """Keep the responses within the retention and, when the file has passed max_log_bytes,
+        within half of it, each tenant its newest up to a level that the biggest share only
+        meets (fair_level); the file is rewritten without the others (their prompts and
         outputs must not outlive it). Returns what is kept."""
         horizon = time.time() - self.retention_s
         with _locked(self.dir):
-            lines = list(_read_lines(self.responses_file))
-            kept, size = [], 0
-            over = sum(len(line) for line, _ in lines) > self.max_log_bytes
+            read = list(_read_lines(self.responses_file))
+            lines = [(line, record) for line, record in read if record.get("created", 0) >= horizon]
+            sizes: dict[str | None, int] = {}
+            for line, record in lines:
+                sizes[record.get("tenant")] = sizes.get(record.get("tenant"), 0) + len(line)
+            level = fair_level(sizes, self.max_log_bytes // 2) if sum(sizes.values()) > self.max_log_bytes \
+                else None
+            kept, taken = [], dict.fromkeys(sizes, 0)
             for line, record in reversed(lines):  # newest first
-                size += len(line)
-                if record.get("created", 0) < horizon or (over and size > self.max_log_bytes // 2):
-                    break
-                kept.append((line, record))
+                tenant = record.get("tenant")
+                taken[tenant] += len(line)
+                if level is None or taken[tenant] <= level:
+                    kept.append((line, record))
             kept.reverse()
-            if len(kept) < len(lines):
+            if len(kept) < len(read):
                 tmp = self.responses_file.with_suffix(".tmp")
                 tmp.write_bytes(b"".join(line for line, _ in kept))
                 os.replace(tmp, self.responses_file)
@@ -97,10 +106,19 @@ class FeedbackStore:
             self._compact()
 
     def _remember(self, record: dict) -> None:
+        self._forget(record["id"])
         self._responses[record["id"]] = record
-        self._responses.move_to_end(record["id"])
-        while len(self._responses) > self.max_responses:
-            self._responses.popitem(last=False)
+        self._by_tenant.setdefault(record.get("tenant"), OrderedDict())[record["id"]] = None
+        while len(self._responses) > self.max_responses:  # the biggest holder's oldest goes
+            self._forget(next(iter(max(self._by_tenant.values(), key=len))))
+
+    def _forget(self, response_id: str) -> None:
+        record = self._responses.pop(response_id, None)
+        if record is not None:
+            ids = self._by_tenant[record.get("tenant")]
+            del ids[response_id]
+            if not ids:
+                del self._by_tenant[record.get("tenant")]
 
     def record_response(self, response_id: str, model: str, experiment: str | None, arm: str | None,
                         prompt=None, output: str | None = None, tenant: str | None = None) -> Callable[[], None]:
@@ -199,6 +217,18 @@ class FeedbackStore:
                 self._totals[key] = (total + record["score"], count + 1)
                 self._ratings[record["response_id"]] = self._ratings.get(record["response_id"], 0) + 1
             return dict(self._totals)
+
+
+def fair_level(sizes: dict, budget: int) -> int:
+    """The highest level L such that every holder keeping min(its size, L) keeps at most
+    `budget` in all (max-min fairness: holders below L keep everything)."""
+    remaining, left = budget, len(sizes)
+    for size in sorted(sizes.values()):
+        if size * left > remaining:
+            return remaining // left
+        remaining -= size
+        left -= 1
+    return max(sizes.values(), default=0)
 
 
 class _locked:

@@ -233,6 +233,28 @@ def test_the_feedback_logs_keep_to_their_bounds_and_the_retention(tmp_path):
     assert "secret" not in old.responses_file.read_text() and "fresh" in old.responses_file.read_text()
 
 
+def test_a_tenant_flooding_the_feedback_log_drops_only_its_own_answers(tmp_path):
+    """The log's bound and the memory's are taken from the tenants that hold the most: a tenant
+    that answers 60 long requests loses its oldest, another's two answers stay ratable from a
+    replica that reads the rewritten file, and from the one that keeps them in memory."""
+    from deployments.quality.feedback import FeedbackStore, fair_level
+
+    assert fair_level({"a": 900, "b": 100}, 500) == 400 and fair_level({"a": 100, "b": 100}, 500) == 100
+    assert fair_level({"a": 300, "b": 300, "c": 50}, 350) == 150
+
+    first, second = (FeedbackStore(str(tmp_path), True, 3600, 10, max_log_bytes=8192) for _ in range(2))
+    first.record_response("light-1", MODEL, None, None, "hi", "x" * 200, "light")()
+    first.record_response("light-2", MODEL, None, None, "hi", "x" * 200, "light")()
+    for i in range(60):
+        first.record_response(f"flood-{i}", MODEL, None, None, "hi", "x" * 200, "flood")()
+        assert first.responses_file.stat().st_size <= 8192
+    kept = [json.loads(line)["id"] for line in first.responses_file.read_text().splitlines()]
+    assert kept[:2] == ["light-1", "light-2"] and "flood-0" not in kept and "flood-59" in kept
+    for store in (first, second):  # first: from memory (10 answers, the flooder's 8 newest)
+        assert store.response("light-1")["tenant"] == "light" and store.response("flood-59") is not None
+    assert first.response("flood-50") is None and first.response("flood-52") is not None
+
+
 def test_a_batchs_outputs_expire_as_it_asked(client):
     import json
     import time
