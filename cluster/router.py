@@ -104,7 +104,8 @@ class BoundedStore:
         entries[key] = (time.monotonic(), value)
         self._group_of[key] = group
         self._bytes[group] = self._bytes.get(group, 0) + len(value)
-        while len(entries) > max_entries or (max_bytes is not None and self._bytes[group] > max_bytes):
+        while entries and (len(entries) > max_entries
+                           or (max_bytes is not None and self._bytes.get(group, 0) > max_bytes)):
             self.delete(next(iter(entries)))
         return True
 

@@ -33,3 +33,5 @@ def test_values_expire_and_deletes_free_their_bytes():
     store.put("k", b"abcd", 4, 10, group="t")  # replaced, not counted twice
     assert store.num_bytes == 4 and store.delete("k") and not store.delete("k")
     assert store.num_bytes == 0 and len(store) == 0
+    assert store.put("k", b"abc", 0, 10, group="t") and store.get("k", 60) is None  # a bound of 0 keeps none
+    assert len(store) == 0 and store.num_bytes == 0
