@@ -290,12 +290,13 @@ class FeedbackSettings(_Strict):
     store_outputs: bool = Field(False, description="Keep each answer's prompt and output with it, so "
                                 "GET /v1/feedback exports them with the ratings (for fine-tuning).")
     retention_s: float = Field(7 * 86400, gt=0, description="How long a response (and its prompt and output) "
-                               "is kept for rating.")
+                               "is kept for rating, and a rating kept (exported, counted in the metrics).")
     max_responses: int = Field(100_000, ge=1, description="Responses each ingress replica keeps in memory (the "
                                "tenant holding the most gives up its oldest first).")
-    max_log_bytes: int = Field(256 * 2**20, ge=4096, description="Bytes of the responses log (responses.jsonl); "
-                               "past it, answers are dropped down to half of it (no longer ratable), the oldest of "
-                               "the tenants holding the most: a tenant below the fair level loses none.")
+    max_log_bytes: int = Field(256 * 2**20, ge=4096, description="Bytes of each log (responses.jsonl, "
+                               "feedback.jsonl); past it, lines are dropped down to half of it (answers no longer "
+                               "ratable, ratings no longer exported), the oldest of the tenants holding the most: "
+                               "a tenant below the fair level loses none.")
     max_ratings_per_response: int = Field(16, ge=1, description="Ratings one answer may have (429 rating_limit "
                                           "above), so the ratings log grows with the answers, not with the posts.")
 

@@ -13,12 +13,13 @@ replica, like the batch lane's files):
   with, the tenant holding the most giving up its oldest first.
 - `feedback.jsonl`: one line per rating (fsynced before the rating is acknowledged): the
   response's id, model, experiment and arm, the score (a number; thumbs up = 1, down = 0),
-  an optional label and comment.
+  an optional label and comment. Kept to the same retention and byte bound as the
+  answers, the same way (the rating tenant's lines).
 
 `export(since)` yields the ratings since a time, each with the prompt and output of its
 response when they were kept (a fine-tuning set); `summary()` gives each (model,
 experiment, arm)'s score sum and count, read from the file, so the metrics survive
-restarts.
+restarts (they cover the ratings the file keeps: those within the retention).
 """
 
 from __future__ import annotations
@@ -57,26 +58,29 @@ class FeedbackStore:
         self._lock = threading.Lock()
         self._responses: dict[str, dict] = {}
         self._by_tenant: dict[str | None, OrderedDict[str, None]] = {}  # each tenant's ids, oldest first
-        # summary(): the ratings counted so far and how far into the file they go.
+        # summary(): the ratings counted so far, how far into the file they go, and which file
+        # (a compaction replaces it: counted afresh).
         self._totals: dict[tuple[str, str, str], tuple[float, int]] = {}
-        self._summary_offset = 0
+        self._summary_offset, self._summary_inode = 0, None
         self._load_responses()
+        self._compact(self.feedback_file)
+        self._ratings_compacted_at = time.monotonic()
 
     def _load_responses(self) -> None:
-        for record in self._compact():
+        for record in self._compact(self.responses_file):
             self._remember(record)
         # What other replicas append after this is read on a miss (from the start of a file
         # that a compaction replaced).
         self._read_to, self._inode = _size(self.responses_file), _inode(self.responses_file)
 
-    def _compact(self) -> list[dict]:
-        """Keep the responses within the retention and, when the file has passed max_log_bytes,
+    def _compact(self, path: Path) -> list[dict]:
+        """Keep a log's lines within the retention and, when the file has passed max_log_bytes,
         within half of it, each tenant its newest up to a level that the biggest share only
-        meets (fair_level); the file is rewritten without the others (their prompts and
-        outputs must not outlive it). Returns what is kept."""
+        meets (fair_level); the file is rewritten without the others (prompts, outputs and
+        comments must not outlive it). Returns what is kept."""
         horizon = time.time() - self.retention_s
         with _locked(self.dir):
-            read = list(_read_lines(self.responses_file))
+            read = list(_read_lines(path))
             lines = [(line, record) for line, record in read if record.get("created", 0) >= horizon]
             sizes: dict[str | None, int] = {}
             for line, record in lines:
@@ -91,10 +95,11 @@ class FeedbackStore:
                     kept.append((line, record))
             kept.reverse()
             if len(kept) < len(read):
-                tmp = self.responses_file.with_suffix(".tmp")
+                tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(b"".join(line for line, _ in kept))
-                os.replace(tmp, self.responses_file)
-        self._compacted_at = time.monotonic()
+                os.replace(tmp, path)
+        if path == self.responses_file:
+            self._compacted_at = time.monotonic()
         return [record for _, record in kept]
 
     def _bounded_append(self, record: dict) -> None:
@@ -103,7 +108,7 @@ class FeedbackStore:
         _append(self.responses_file, record, False)
         if (_size(self.responses_file) > self.max_log_bytes
                 or time.monotonic() - self._compacted_at > self.retention_s / 24):
-            self._compact()
+            self._compact(self.responses_file)
 
     def _remember(self, record: dict) -> None:
         self._forget(record["id"])
@@ -182,6 +187,10 @@ class FeedbackStore:
                 raise RatingLimitError(f"response {response_id!r} has {self.max_ratings} ratings, as many as one "
                                        "response may have (quality.feedback.max_ratings_per_response)")
             _append(self.feedback_file, record, sync=True)  # counted by the next summary()
+            if (_size(self.feedback_file) > self.max_log_bytes
+                    or time.monotonic() - self._ratings_compacted_at > self.retention_s / 24):
+                self._compact(self.feedback_file)
+                self._ratings_compacted_at = time.monotonic()
         return record
 
     def export(self, since: float = 0.0):
@@ -201,6 +210,10 @@ class FeedbackStore:
         with self._lock:
             try:
                 with open(self.feedback_file, "rb") as f:
+                    inode = os.fstat(f.fileno()).st_ino
+                    if inode != self._summary_inode:  # a compaction's new file: count it afresh
+                        self._totals, self._ratings = {}, {}
+                        self._summary_offset, self._summary_inode = 0, inode
                     f.seek(self._summary_offset)
                     data = f.read()
             except FileNotFoundError:

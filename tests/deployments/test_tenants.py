@@ -255,6 +255,36 @@ def test_a_tenant_flooding_the_feedback_log_drops_only_its_own_answers(tmp_path)
     assert first.response("flood-50") is None and first.response("flood-52") is not None
 
 
+def test_the_ratings_log_keeps_to_its_bound_and_retention(tmp_path):
+    """The ratings log has the answers' bound and retention: a tenant posting many long
+    comments loses its oldest ratings, another's stay; the score totals are counted afresh
+    from the rewritten file (by this replica and another); ratings past the retention go."""
+    import time
+
+    from deployments.quality.feedback import FeedbackStore
+
+    first, second = (FeedbackStore(str(tmp_path / "bound"), False, 3600, 1000, max_log_bytes=8192,
+                                   max_ratings_per_response=1) for _ in range(2))
+    first.record_response("light-answer", MODEL, None, None, tenant="light")()
+    first.add("light-answer", 1.0, None, "fine", caller=("light", False))
+    for i in range(40):
+        first.record_response(f"flood-{i}", MODEL, None, None, tenant="flood")()
+        first.add(f"flood-{i}", 0.0, None, "x" * 300, caller=("flood", False))
+        assert first.feedback_file.stat().st_size <= 8192
+    rated = [json.loads(line)["response_id"] for line in first.feedback_file.read_text().splitlines()]
+    assert rated[0] == "light-answer" and "flood-0" not in rated and rated[-1] == "flood-39"
+    for store in (first, second):
+        assert store.summary()[(MODEL, "", "")] == (1.0, len(rated))
+
+    old = FeedbackStore(str(tmp_path / "retention"), False, 0.5, 100)
+    old.record_response("a1", MODEL, None, None, tenant="team")()
+    old.add("a1", 1.0, None, "secret", caller=("team", False))
+    time.sleep(0.6)
+    old.record_response("a2", MODEL, None, None, tenant="team")()
+    old.add("a2", 0.0, None, "fresh", caller=("team", False))
+    assert "secret" not in old.feedback_file.read_text() and old.summary()[(MODEL, "", "")] == (0.0, 1)
+
+
 def test_a_batchs_outputs_expire_as_it_asked(client):
     import json
     import time
