@@ -213,8 +213,10 @@ class Router:
     async def cache_get(self, key: str, ttl_s: float) -> bytes | None:
         return self.results.get(key, ttl_s)
 
-    async def cache_put(self, key: str, answer: bytes, max_entries: int, max_bytes: int | None = None) -> None:
-        self.results.put(key, answer, max_entries, max_bytes)
+    async def cache_put(self, key: str, answer: bytes, max_entries: int, max_bytes: int | None = None,
+                        tenant: str | None = None) -> None:
+        """Keep an answer among its tenant's (the bounds are each tenant's)."""
+        self.results.put(key, answer, max_entries, max_bytes, tenant)
 
     async def response_get(self, response_id: str, ttl_s: float) -> bytes | None:
         return self.responses.get(response_id, ttl_s)

@@ -276,9 +276,11 @@ class FilterSettings(_Strict):
 
 class ResultCacheSettings(_Strict):
     enabled: bool = Field(False, description="Answer repeated deterministic requests (greedy or seeded, not "
-                          "streamed) from a cache, in both lanes (x-semline-cache: hit).")
-    max_entries: int = Field(4096, ge=1, description="Answers kept (least recently used out).")
-    max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes of answers kept (least recently used out).")
+                          "streamed) from a cache, in both lanes (x-semline-cache: hit); each tenant from its "
+                          "own answers.")
+    max_entries: int = Field(4096, ge=1, description="Answers kept for each tenant (least recently used out).")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes of answers kept for each tenant (least recently "
+                           "used out).")
     models: list[str] | None = Field(None, description="The public model names whose answers are cached; "
                                      "None = all.")
     ttl_s: float = Field(600, gt=0, description="How long an answer is kept.")

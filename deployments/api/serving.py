@@ -466,7 +466,7 @@ class OpenAIServing:
         key, settings = None, self.config.quality.result_cache
         if settings.enabled and self.admission.router is not None and plan.responses is None and cacheable(plan) \
                 and (settings.models is None or plan.body.model in settings.models):
-            key = cache_key(plan.url, plan.target, plan.body)
+            key = cache_key(plan.url, plan.target, plan.body, plan.owner)
             cached = await self.admission.call("cache_get", key, settings.ttl_s)
             self.quality_metrics.cache_lookup(plan.target, cached is not None)
             plan.cache = "miss" if cached is None else "hit"
@@ -489,7 +489,7 @@ class OpenAIServing:
         result = await self._complete(plan, priority, ticket)
         if key is not None and all(c["finish_reason"] in ("stop", "length") for c in result["choices"]):
             self.admission.call("cache_put", key, json.dumps(result).encode(), settings.max_entries,
-                                settings.max_bytes)
+                                settings.max_bytes, plan.owner)
         return result
 
     def _filters_for(self, model: str) -> FilterChain | None:

@@ -6,7 +6,8 @@ the model that answers it (an experiment's arm resolved first; an adapter with i
 folder), the route and every field of the body that can change the answer (not
 `user`, `metadata` or `store`). Streamed requests are not cached. The answer is kept
 as the bytes sent, so a hit is byte-identical to the answer computed (its id and
-`created` included). Bounded by entries and by age (`quality.result_cache`); the answers
+`created` included), so each tenant has its own answers (the tenant is part of the key).
+Bounded by entries, bytes and age (`quality.result_cache`) for each tenant; the answers
 are kept by the router actor (cluster/router.py: BoundedStore), so the realtime and the
 batch lane answer from one cache.
 """
@@ -29,11 +30,13 @@ def cacheable(plan) -> bool:
     return all(c.params.temperature < GREEDY_BELOW_TEMPERATURE or c.params.seed is not None for c in plan.choices)
 
 
-def cache_key(url: str, target, body) -> str:
-    """The answer's key: route, the model that answers (adapter folder included) and the body's
-    fields that can change it (fields the API does not know are left out: they change nothing)."""
+def cache_key(url: str, target, body, tenant: str | None = None) -> str:
+    """The answer's key: the tenant asking (one tenant never gets another's answer, its id,
+    or a hit that tells what the other asked), route, the model that answers (adapter folder
+    included) and the body's fields that can change it (fields the API does not know are left
+    out: they change nothing)."""
     fields = body.model_dump(mode="json", exclude_none=True, exclude=_IGNORED)
     extra = getattr(body, "model_extra", None) or {}
-    payload = {"url": url, "model": target.model, "lora": target.lora,
+    payload = {"tenant": tenant, "url": url, "model": target.model, "lora": target.lora,
                "body": {k: v for k, v in fields.items() if k not in extra}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -16,7 +16,8 @@ import torch
 from deployments.config import SemlineConfig
 from deployments.quality.catalog import ModelCatalog
 from deployments.quality.filters import FilterChain
-from tests.deployments.conftest import ADAPTER, ADMIN_KEY, API_KEY, BLOCKED_PHRASE, EXPERIMENT, FILTERED, MODEL
+from tests.deployments.conftest import ADAPTER, ADMIN_KEY, API_KEY, BLOCKED_PHRASE, EXPERIMENT, FILTERED, MODEL, \
+    TEAM_KEY
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the routes that change what is served
@@ -246,6 +247,9 @@ def test_result_cache_answers_repeats_byte_identical_in_both_lanes(serve_app, cl
     second = _post(f"{serve_app}/v1/completions", body)
     assert first.headers["x-semline-cache"] == "miss" and second.headers["x-semline-cache"] == "hit"
     assert second.content == first.content
+    # Another tenant asking the same is answered afresh: never another tenant's answer (or its id).
+    other = _post(f"{serve_app}/v1/completions", body, {"Authorization": f"Bearer {TEAM_KEY}"})
+    assert other.headers["x-semline-cache"] == "miss" and other.json()["id"] != first.json()["id"]
     sampled = {**body, "temperature": 1.0}
     for _ in range(2):
         answer = _post(f"{serve_app}/v1/completions", sampled)
