@@ -62,9 +62,9 @@ class FeedbackStore:
         # (a compaction replaces it: counted afresh).
         self._totals: dict[tuple[str, str, str], tuple[float, int]] = {}
         self._summary_offset, self._summary_inode = 0, None
+        self._compacted_at: dict[Path, float] = {}  # when each log was last compacted (time.monotonic())
         self._load_responses()
         self._compact(self.feedback_file)
-        self._ratings_compacted_at = time.monotonic()
 
     def _load_responses(self) -> None:
         for record in self._compact(self.responses_file):
@@ -98,17 +98,15 @@ class FeedbackStore:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_bytes(b"".join(line for line, _ in kept))
                 os.replace(tmp, path)
-        if path == self.responses_file:
-            self._compacted_at = time.monotonic()
+        self._compacted_at[path] = time.monotonic()
         return [record for _, record in kept]
 
-    def _bounded_append(self, record: dict) -> None:
-        """Append an answer's line; compact the file when it has passed its bound or the
-        retention's period (runs where the append runs: off the event loop)."""
-        _append(self.responses_file, record, False)
-        if (_size(self.responses_file) > self.max_log_bytes
-                or time.monotonic() - self._compacted_at > self.retention_s / 24):
-            self._compact(self.responses_file)
+    def _bounded_append(self, path: Path, record: dict, sync: bool) -> None:
+        """Append a line to a log; compact it when it has passed its bound or the retention's
+        period (runs where the append runs: off the event loop)."""
+        _append(path, record, sync)
+        if _size(path) > self.max_log_bytes or time.monotonic() - self._compacted_at[path] > self.retention_s / 24:
+            self._compact(path)
 
     def _remember(self, record: dict) -> None:
         self._forget(record["id"])
@@ -136,7 +134,7 @@ class FeedbackStore:
             record.update(prompt=prompt, output=output)
         with self._lock:
             self._remember(record)
-        return functools.partial(self._bounded_append, record)
+        return functools.partial(self._bounded_append, self.responses_file, record, False)
 
     def response(self, response_id: str) -> dict | None:
         """An answer kept for rating: from memory, where the lines other ingress replicas
@@ -186,11 +184,7 @@ class FeedbackStore:
             if self._ratings.get(response_id, 0) >= self.max_ratings:
                 raise RatingLimitError(f"response {response_id!r} has {self.max_ratings} ratings, as many as one "
                                        "response may have (quality.feedback.max_ratings_per_response)")
-            _append(self.feedback_file, record, sync=True)  # counted by the next summary()
-            if (_size(self.feedback_file) > self.max_log_bytes
-                    or time.monotonic() - self._ratings_compacted_at > self.retention_s / 24):
-                self._compact(self.feedback_file)
-                self._ratings_compacted_at = time.monotonic()
+            self._bounded_append(self.feedback_file, record, sync=True)  # counted by the next summary()
         return record
 
     def export(self, since: float = 0.0):
