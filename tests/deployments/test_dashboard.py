@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 from deployments.ops.dashboard import (DASHBOARD_FILE, DASHBOARD_UID, DATASOURCE_UID, build_dashboard, panel_queries,
                                    provision)
 from tests.deployments.conftest import MODEL
+from tests.deployments.promql import query, wait_for
 
 KEY_QUERIES = ["max(ray_semline_kv_cache_usage_perc)", "sum by (lane) (ray_semline_router_queue_depth)",
                "sum(rate(ray_semline_flops_total[1m]))", "sum by (deployment) (ray_serve_deployment_replica_healthy)"]
@@ -25,16 +25,11 @@ def test_committed_dashboard_is_the_generated_one():
 
 def test_every_panel_query_parses_and_key_panels_have_data(client, prometheus):
     client.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
-    for query in panel_queries():
-        resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": query})
-        assert resp.status_code == 200 and resp.json()["status"] == "success", (query, resp.text)
-    deadline = time.time() + 30
-    missing = KEY_QUERIES
-    while missing and time.time() < deadline:
-        missing = [q for q in KEY_QUERIES
-                   if not httpx.get(f"{prometheus}/api/v1/query", params={"query": q}).json()["data"]["result"]]
-        time.sleep(1)
-    assert not missing, f"no data for {missing}"
+    for promql in panel_queries():
+        resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql})
+        assert resp.status_code == 200 and resp.json()["status"] == "success", (promql, resp.text)
+    wait_for(prometheus, lambda: [q for q in KEY_QUERIES if not query(prometheus, q)], lambda missing: not missing,
+             "key panels without data")
     bad = httpx.get(f"{prometheus}/api/v1/query", params={"query": "sum(rate(x[1m]"})
     assert bad.status_code == 400  # the check above can fail
 
@@ -54,13 +49,8 @@ def test_alert_rules_use_series_that_exist(client, prometheus):
     exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
     wanted = {name for expr in exprs for name in re.findall(r"\b(ray_[a-z_]+)", expr)}
     assert len(wanted) >= 6
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values").json()["data"])
-        if wanted <= names:
-            break
-        time.sleep(1)
-    assert wanted <= names, f"not exported: {sorted(wanted - names)}"
+    wait_for(prometheus, lambda: wanted - set(httpx.get(f"{prometheus}/api/v1/label/__name__/values").json()["data"]),
+             lambda missing: not missing, "series the alerts read, not exported")
     for expr in exprs:
         resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr})
         assert resp.status_code == 200, (expr, resp.text)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from tests.deployments.conftest import MODEL
+from tests.deployments.promql import query, settled, value, wait_for
 
 NAMES = [
     "ray_semline_num_requests_running", "ray_semline_num_requests_waiting", "ray_semline_kv_cache_usage_perc",
@@ -20,37 +19,12 @@ NAMES = [
 ]
 
 
-def _query(prometheus: str, promql: str) -> list[dict]:
-    resp = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql})
-    assert resp.status_code == 200, resp.text
-    return resp.json()["data"]["result"]
-
-
-def _value(prometheus: str, promql: str) -> float:
-    result = _query(prometheus, promql)
-    return float(result[0]["value"][1]) if result else 0.0
-
-
-def _settled(prometheus: str, promql: str, timeout: float = 60) -> float:
-    """The value once it is there and stops moving (three equal readings a second apart)."""
-    deadline, readings = time.time() + timeout, []
-    while time.time() < deadline:
-        if not _query(prometheus, promql):
-            time.sleep(1)
-            continue
-        readings = (readings + [_value(prometheus, promql)])[-3:]
-        if len(readings) == 3 and len(set(readings)) == 1:
-            return readings[-1]
-        time.sleep(1)
-    raise AssertionError(f"{promql} kept changing: {readings}")
-
-
 def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus):
     tokens = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
     prompt = f'sum(ray_semline_prompt_tokens_total{{model_name="{MODEL}"}})'
     # (no series at all until a first request succeeded)
     success = f'sum(ray_semline_request_success_total{{model_name="{MODEL}",lane="realtime"}}) or vector(0)'
-    before = {q: _settled(prometheus, q) for q in (tokens, prompt, success)}
+    before = {q: settled(prometheus, q) for q in (tokens, prompt, success)}
 
     usages = []
     for i in range(3):
@@ -64,15 +38,13 @@ def test_counters_match_the_traffic_and_every_metric_has_data(client, prometheus
     expected = {tokens: sum(u.completion_tokens for u in usages), prompt: sum(u.prompt_tokens for u in usages),
                 success: len(usages)}
     for promql, delta in expected.items():
-        deadline = time.time() + 60
-        while _value(prometheus, promql) < before[promql] + delta and time.time() < deadline:
-            time.sleep(1)
-        assert _settled(prometheus, promql) == before[promql] + delta, promql
+        wait_for(prometheus, lambda: value(prometheus, promql), lambda v: v >= before[promql] + delta, promql)
+        assert settled(prometheus, promql) == before[promql] + delta, promql
 
-    missing = [name for name in NAMES if not _query(prometheus, name)]
+    missing = [name for name in NAMES if not query(prometheus, name)]
     assert not missing, f"no data in Prometheus for {missing}"
     ttft_count = 'sum(ray_semline_time_to_first_token_seconds_count{lane="realtime"})'
-    assert _value(prometheus, ttft_count) >= len(usages)
+    assert value(prometheus, ttft_count) >= len(usages)
 
 
 # What vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json in
@@ -102,7 +74,7 @@ def test_http_metrics_use_vllms_names_and_its_dashboard_has_data(client, prometh
     query of vLLM's Grafana dashboard returns data; semline's own figures are beside them."""
     total = f'sum(vllm:generation_tokens_total{{model_name="{MODEL}"}})'
     ours = f'sum(ray_semline_generation_tokens_total{{model_name="{MODEL}"}})'
-    before = _settled(prometheus, f"{ours} or vector(0)")
+    before = settled(prometheus, f"{ours} or vector(0)")
     generated = 0
     for i in range(3):  # traffic within the queries' 1-minute windows, the same prompt twice (cache hits)
         generated += client.completions.create(
@@ -114,16 +86,14 @@ def test_http_metrics_use_vllms_names_and_its_dashboard_has_data(client, prometh
     assert 'lane="' not in "".join(line for line in text.splitlines() if line.startswith("vllm:"))
     # The two series come from two scrape targets (the HTTP port, Ray's metrics port): compare them
     # once each holds this test's traffic and has stopped moving.
-    deadline = time.time() + 60
-    while time.time() < deadline and min(_value(prometheus, total), _value(prometheus, ours)) < before + generated:
-        time.sleep(1)
-    assert _settled(prometheus, total) == _settled(prometheus, ours) >= before + generated > 0
+    wait_for(prometheus, lambda: (value(prometheus, total), value(prometheus, ours)),
+             lambda pair: pair[0] == pair[1] >= before + generated, "vLLM's and semline's token counters")
+    assert settled(prometheus, total) == settled(prometheus, ours) >= before + generated > 0
     empty = []
     for promql in VLLM_DASHBOARD_QUERIES:
         promql = promql.replace("$m", MODEL)
-        deadline = time.time() + 30
-        while not _query(prometheus, promql) and time.time() < deadline:
-            time.sleep(1)
-        if not _query(prometheus, promql):
+        try:
+            wait_for(prometheus, lambda: query(prometheus, promql), bool, promql)
+        except AssertionError:
             empty.append(promql)
     assert not empty, f"no data for {empty}"

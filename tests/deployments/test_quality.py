@@ -18,6 +18,7 @@ from deployments.quality.catalog import ModelCatalog
 from deployments.quality.filters import FilterChain
 from tests.deployments.conftest import ADAPTER, ADMIN_KEY, API_KEY, BLOCKED_PHRASE, EXPERIMENT, FILTERED, MODEL, \
     TEAM_KEY
+from tests.deployments.promql import by_label, wait_for
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # the routes that change what is served
@@ -150,15 +151,9 @@ def test_experiment_splits_users_70_30_sticky_and_reweights_without_restart(serv
     # Prometheus counts each arm's answers (at least this test's: the counters are the session's).
     sent = {arm: sum(a == arm for answers in (arms, again, back) for a in answers.values()) for arm in arms.values()}
     sent["treatment"] += 12
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        result = httpx.get(f"{prometheus}/api/v1/query", params={
-            "query": f'sum by (arm) (ray_semline_arm_requests_total{{experiment="{EXPERIMENT}"}})'}).json()
-        counts = {r["metric"]["arm"]: float(r["value"][1]) for r in result["data"]["result"]}
-        if all(counts.get(arm, 0) >= n for arm, n in sent.items()):
-            break
-        time.sleep(1)
-    assert all(counts.get(arm, 0) >= n for arm, n in sent.items()), (counts, sent)
+    promql = f'sum by (arm) (ray_semline_arm_requests_total{{experiment="{EXPERIMENT}"}})'
+    wait_for(prometheus, lambda: by_label(prometheus, promql, "arm"),
+             lambda counts: all(counts.get(arm, 0) >= n for arm, n in sent.items()), f"{promql} >= {sent}")
 
 
 def test_arm_assignment_alone_is_sticky_weighted_and_moves_few_users():
@@ -309,12 +304,6 @@ def test_feedback_is_kept_exported_and_survives_an_ingress_restart(serve_app, pr
     want = {}
     for response_id in (ids[0], ids[1]):
         want[answers[response_id][0]] = want.get(answers[response_id][0], 0) + 1
-    deadline, counts = time.time() + 30, {}
-    while time.time() < deadline:
-        result = httpx.get(f"{prometheus}/api/v1/query", params={
-            "query": f'max by (arm) (ray_semline_feedback_count{{experiment="{EXPERIMENT}"}})'}).json()["data"]["result"]
-        counts = {r["metric"]["arm"]: float(r["value"][1]) for r in result}
-        if all(counts.get(arm, 0) >= n for arm, n in want.items()):
-            break
-        time.sleep(1)
-    assert all(counts.get(arm, 0) >= n for arm, n in want.items()), (counts, want)
+    promql = f'max by (arm) (ray_semline_feedback_count{{experiment="{EXPERIMENT}"}})'
+    wait_for(prometheus, lambda: by_label(prometheus, promql, "arm"),
+             lambda counts: all(counts.get(arm, 0) >= n for arm, n in want.items()), f"{promql} >= {want}")
