@@ -217,7 +217,8 @@ def run_semline(args) -> dict:
 def run_llama_server(args) -> dict:
     from engine.loader import embedded_gguf_path
 
-    build = subprocess.run([str(ROOT / "benchmarks" / "build_llama_cpp.sh"), args.llama_build], check=True,
+    kind = [args.llama_build] if args.llama_build else []  # the script's own choice: noamx where AMX is listed
+    build = subprocess.run([str(ROOT / "benchmarks" / "build_llama_cpp.sh"), *kind], check=True,
                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
     slots = max(args.concurrency)
     port = free_port()
@@ -229,7 +230,7 @@ def run_llama_server(args) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, "/health")
-        return {"command": " ".join(command[1:]), "build": args.llama_build, "runs": asyncio.run(run_http(url, args))}
+        return {"command": " ".join(command[1:]), "build": Path(build).parent.name.removeprefix("build-"), "runs": asyncio.run(run_http(url, args))}
     finally:
         stop(process)
 
@@ -308,7 +309,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=110, help="words of text in each prompt (~160 tokens)")
     parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="semline's server.stream_interval_ms")
-    parser.add_argument("--llama-build", default="native", choices=["native", "noamx"])
+    parser.add_argument("--llama-build", choices=["native", "noamx"],
+                        help="llama.cpp build (default: build_llama_cpp.sh's, noamx on a CPU that lists AMX)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["semline", "engine", "llama-server"])
     parser.add_argument("--output", default=str(RESULTS / "streaming.json"))
     args = parser.parse_args()
