@@ -60,3 +60,25 @@ def hf_model(hf_dir):
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return model.to(DEVICE).eval()
+
+
+# --- where the suite's time goes ---------------------------------------------------------------
+
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each module's seconds (setup, calls and teardown, session fixtures included where they
+    were first set up): the suite should take ~15 minutes on 2 cores, and this says where not."""
+    if not _MODULE_SECONDS:
+        return
+    total = sum(_MODULE_SECONDS.values())
+    terminalreporter.section("seconds per module")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1])[:30]:
+        terminalreporter.write_line(f"{seconds:8.1f} s {100 * seconds / total:5.1f} %  {module}")
+    terminalreporter.write_line(f"{total:8.1f} s in all")
