@@ -4,7 +4,8 @@
 # sources that the llama-cpp-python sdist vendors (PyPI is the one source this needs). Prints
 # the binaries' folder.
 #
-#   benchmarks/build_llama_cpp.sh [native|noamx]     (default: native, or noamx on a CPU with AMX)
+#   benchmarks/build_llama_cpp.sh [native|noamx]     (default: $SEMLINE_LLAMA_BUILD, else native,
+#                                                     or noamx on a CPU that lists AMX)
 #
 # native: -DGGML_NATIVE=ON, every instruction this CPU has. noamx: the AVX2/AVX-512 kernels with
 # the AMX ones off (a native build on a VM whose CPU lists AMX but whose kernel refuses its
@@ -15,7 +16,7 @@ VERSION=0.3.36
 CACHE="${SEMLINE_CACHE:-$HOME/.cache/semline}/llama.cpp"
 flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
 has() { [[ " $flags " == *" $1 "* ]]; }
-kind="${1:-$(has amx_tile && echo noamx || echo native)}"
+kind="${1:-${SEMLINE_LLAMA_BUILD:-$(has amx_tile && echo noamx || echo native)}}"
 out="$CACHE/build-$kind"
 binaries=(llama-server llama-bench llama-batched-bench llama-quantize llama-perplexity)
 built=1

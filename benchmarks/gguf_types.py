@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, read_bandwidth_gbs  # noqa: E402
-from benchmarks.gguf_models import model_file, run_llama_cpp  # noqa: E402
+from benchmarks.gguf_models import llama_cpp_bin, model_file, run_llama_cpp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--perplexity", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--output", help="result file (default: results/gguf_types[_SHAPE].json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -213,6 +214,8 @@ def main() -> None:
         print(json.dumps(semline_worker(Path(args.worker), args.threads, batches, args.tokens, args.perplexity)))
         return
     results = {"machine": machine_info(), "shape": args.shape, "threads": args.threads, "types": {}}
+    if not args.no_llama_cpp:
+        results["llama_cpp_build"] = llama_cpp_bin().parent.name.removeprefix("build-")
     for kind in args.types.split(","):
         path = model_file(args.shape, kind)
         print(f"== {args.shape} {kind}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
@@ -246,8 +249,9 @@ def main() -> None:
         print(json.dumps(entry, indent=1), flush=True)
     RESULTS.mkdir(exist_ok=True)
     name = "gguf_types.json" if args.shape == "135m" else f"gguf_types_{args.shape}.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {RESULTS / name}")
+    output = Path(args.output) if args.output else RESULTS / name
+    output.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

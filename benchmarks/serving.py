@@ -31,12 +31,12 @@ import json
 import os
 import platform
 import random
-import socket
 import time
 from pathlib import Path
 
 import httpx
 
+from deployments.cli import free_port
 from engine.metrics import percentile
 
 RESULTS = Path(__file__).parent / "results"
@@ -180,11 +180,6 @@ async def run(args) -> dict:
             "targets": checks}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def start_local_app(config_path=None) -> str:
     """Start the application on a free loopback port (local Ray); `config_path`: a YAML file, a
@@ -204,7 +199,7 @@ def start_local_app(config_path=None) -> str:
         config = config_path
     else:
         config = SemlineConfig.from_yaml(config_path) if config_path else SemlineConfig()
-    config.http.port = _free_port()
+    config.http.port = free_port()
     config.batch.storage_dir = tempfile.mkdtemp(prefix="semline-bench-")
     ray.init(include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": config.http.port},

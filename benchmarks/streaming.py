@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info  # noqa: E402
+from deployments.cli import free_port  # noqa: E402
 from engine.metrics import percentile  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -167,11 +167,6 @@ async def run_http(url: str, args) -> dict:
                 print(name, runs[name], flush=True)
     return runs
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, path: str, timeout_s: float = 300) -> None:

@@ -116,7 +116,8 @@ def _check_port_free(host: str, port: int) -> None:
             raise SystemExit(f"semline serve: cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
     import socket
 
     with socket.socket() as s:
@@ -133,7 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         config.http.port = args.port
     http = config.http
-    proxy_port = (http.proxy_port or _free_port(http.host)) if http.direct_ingress else http.port
+    proxy_port = (http.proxy_port or free_port(http.host)) if http.direct_ingress else http.port
     for port in {http.port, proxy_port}:
         _check_port_free(http.host, port)
     if http.direct_ingress:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from pathlib import Path
 
 import pytest
+
+from deployments.cli import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 # Another served name of the base model (vLLM's --served-model-name after the first).
@@ -22,11 +23,6 @@ TEAM_STORAGE = 16 * 1024  # bytes of batch files the team tenant may hold
 MAX_PROMPT_TOKENS = 4096
 MAX_OPEN_BATCHES = 4
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +92,7 @@ def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
                               "models": [FILTERED]}],
                  "result_cache": {"enabled": True, "models": [ADAPTER]},
                  "feedback": {"storage_dir": str(tmp_path_factory.mktemp("feedback")), "store_outputs": True}},
-        http={"port": _free_port(), "max_body_bytes": 64 * 1024},
+        http={"port": free_port(), "max_body_bytes": 64 * 1024},
         # Small enough that the overload test can fill the realtime queue.
         router={"max_inflight_per_replica": 4, "max_queued_realtime": 4},
         batch={"storage_dir": str(storage_dir), "max_file_bytes": 1024 * 1024, "max_open_batches": MAX_OPEN_BATCHES,
@@ -107,12 +103,12 @@ def app_config(storage_dir, adapter_dir, chat_template, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def metrics_port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="session")
 def dashboard_port():
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +142,7 @@ def serve_app(app_config, metrics_port, dashboard_port):
     # The HTTP port is picked now, after Ray's processes took theirs, and picked again if another
     # process took it before the proxy bound it (a fresh clone's run lost every Serve test so).
     for _ in range(3):
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port},
                     logging_config=LoggingConfig(enable_access_log=False))
         deadline = time.time() + 30
@@ -195,7 +191,7 @@ def prometheus(serve_app, metrics_port, tmp_path_factory):
         pytest.fail(f"Prometheus is not at {PROMETHEUS}: `make test` fetches it (apt-get download prometheus; "
                     "dpkg-deb -x); or install it with apt-get install prometheus and link it there")
     folder = tmp_path_factory.mktemp("prometheus")
-    port = _free_port()
+    port = free_port()
     app_target = serve_app.removeprefix("http://")
     (folder / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -22,16 +21,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from deployments.cli import free_port  # noqa: E402
+
 MODEL = "SmolLM2-135M-Instruct"
 # Node health checked every second, dead after 3 misses (Ray's default takes ~30 s).
 SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
                  "health_check_initial_delay_ms": 1000}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _replicas(url: str, count: int, user: str) -> list[str]:
@@ -75,7 +71,7 @@ def main() -> dict:
         "num_cpus": 1, "resources": {"head": 100}, "_system_config": SYSTEM_CONFIG})
     workers = [cluster.add_node(num_cpus=1, resources={"llm": 1}) for _ in range(2)]
     ray.init(address=cluster.address, logging_level="ERROR")
-    port = _free_port()
+    port = free_port()
     storage = tempfile.mkdtemp(prefix="semline-multinode-")
     config = SemlineConfig(
         engine={"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.25},
