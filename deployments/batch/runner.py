@@ -336,7 +336,9 @@ class BatchRunner:
             await asyncio.sleep(self.settings.reap_interval_s)
             try:
                 await self.reap()
-            except Exception:  # noqa: BLE001 - the next round tries again
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                if isinstance(exc, RuntimeError) and "after shutdown" in str(exc):
+                    return  # the replica is stopping: its thread pool is gone (no traceback in the log)
                 logger.exception("deleting expired batch files failed")
 
     async def reap(self, now: float | None = None) -> tuple[int, int]:
