@@ -76,15 +76,15 @@ def test_semline_serve_runs_tensor_parallel_from_the_config_file(client, tmp_pat
 
     import httpx
 
-    from tests.deployments.conftest import _free_port
+    from deployments.cli import free_port
 
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "tp.yaml"
     path.write_text(yaml.safe_dump({
         "model_name": MODEL,
         "engine": {"device": "cpu", "dtype": "float32", "quantization": "none", "kv_cache_memory_gb": 0.125, "tensor_parallel_size": 2},
         "server": {"num_cpus": 0.5},
-        "http": {"port": port}, "metrics_export_port": _free_port(),
+        "http": {"port": port}, "metrics_export_port": free_port(),
         "router": {"actor_name": "cli-router"},
         "batch": {"storage_dir": str(tmp_path / "batches")},
     }))
