@@ -180,7 +180,7 @@ PROMETHEUS = Path(__file__).parents[2] / ".tools" / "prometheus" / "usr" / "bin"
 @pytest.fixture(scope="module")
 def prometheus(serve_app, metrics_port, tmp_path_factory):
     """A real Prometheus on loopback scraping the Ray cluster's metrics port and the
-    application's /metrics every second. Per module: its scrapes took an eighth of a core,
+    application's /metrics every 2 s (a scrape may take 2 s: at 1 s, the timeout, a loaded 2-core run lost a third of them). Per module: its scrapes took an eighth of a core,
     which the rest of the suite needs (it starts in ~2 s)."""
     import subprocess
     import time
@@ -194,7 +194,7 @@ def prometheus(serve_app, metrics_port, tmp_path_factory):
     port = free_port()
     app_target = serve_app.removeprefix("http://")
     (folder / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 2s}\n"
         f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}},\n"
         # The application's own /metrics (vLLM's names), as a vLLM user's Prometheus scrapes it.
         f"  {{job_name: semline, metrics_path: /metrics, static_configs: [{{targets: ['{app_target}']}}]}}]\n")
