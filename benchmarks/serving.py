@@ -180,7 +180,6 @@ async def run(args) -> dict:
             "targets": checks}
 
 
-
 def start_local_app(config_path=None) -> str:
     """Start the application on a free loopback port (local Ray); `config_path`: a YAML file, a
     SemlineConfig, or None for the defaults. Returns its base URL."""

@@ -168,7 +168,6 @@ async def run_http(url: str, args) -> dict:
     return runs
 
 
-
 def wait_until_up(url: str, process: subprocess.Popen, path: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

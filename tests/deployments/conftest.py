@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deployments.cli import free_port
+from tests.deployments.promql import SCRAPE_S
 
 MODEL = "SmolLM2-135M-Instruct"
 # Another served name of the base model (vLLM's --served-model-name after the first).
@@ -22,7 +23,6 @@ TEAM_STORAGE = 16 * 1024  # bytes of batch files the team tenant may hold
 # Limits of the session's application (test_hardening.py checks they hold).
 MAX_PROMPT_TOKENS = 4096
 MAX_OPEN_BATCHES = 4
-
 
 
 @pytest.fixture(scope="session")
@@ -180,7 +180,8 @@ PROMETHEUS = Path(__file__).parents[2] / ".tools" / "prometheus" / "usr" / "bin"
 @pytest.fixture(scope="module")
 def prometheus(serve_app, metrics_port, tmp_path_factory):
     """A real Prometheus on loopback scraping the Ray cluster's metrics port and the
-    application's /metrics every 2 s (a scrape may take 2 s: at 1 s, the timeout, a loaded 2-core run lost a third of them). Per module: its scrapes took an eighth of a core,
+    application's /metrics every SCRAPE_S (2 s; at 1 s, which is also the timeout, a loaded
+    2-core run lost a third of its scrapes). Per module: its scrapes took an eighth of a core,
     which the rest of the suite needs (it starts in ~2 s)."""
     import subprocess
     import time
@@ -194,7 +195,7 @@ def prometheus(serve_app, metrics_port, tmp_path_factory):
     port = free_port()
     app_target = serve_app.removeprefix("http://")
     (folder / "prometheus.yml").write_text(
-        "global: {scrape_interval: 2s, scrape_timeout: 2s, evaluation_interval: 2s}\n"
+        f"global: {{scrape_interval: {SCRAPE_S}s, scrape_timeout: {SCRAPE_S}s, evaluation_interval: {SCRAPE_S}s}}\n"
         f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}},\n"
         # The application's own /metrics (vLLM's names), as a vLLM user's Prometheus scrapes it.
         f"  {{job_name: semline, metrics_path: /metrics, static_configs: [{{targets: ['{app_target}']}}]}}]\n")

@@ -1,7 +1,7 @@
 """Reading the tests' Prometheus: queries, and waits long enough for a loaded 2-core machine.
 
 A counter reaches a query through three hops: the replica reports it to Ray's agent (every
-second in the tests), Prometheus scrapes the agent (every second) and the query sees the
+second in the tests), Prometheus scrapes the agent (every SCRAPE_S) and the query sees the
 scrape. With every core taken, CI saw a counter still missing after 30 s; a wait ends as soon
 as its condition holds, so a long limit costs nothing when all is well. A wait that fails says
 how the scrapes went, which tells a slow exporter from a missing series."""
@@ -14,6 +14,7 @@ from typing import Callable
 import httpx
 
 WAIT_S = 120.0
+SCRAPE_S = 2  # the tests' Prometheus scrapes every SCRAPE_S seconds, with as long a timeout
 
 
 def query(prometheus: str, promql: str) -> list[dict]:
@@ -40,7 +41,7 @@ def scrapes(prometheus: str) -> dict:
 
 
 def wait_for(prometheus: str, read: Callable[[], object], ok: Callable[[object], bool], what: str,
-             timeout: float = WAIT_S):
+             timeout: float = WAIT_S, every: float = 1.0):
     """`read()` once `ok` holds of it; fails with the last reading and the scrape health."""
     deadline = time.time() + timeout
     while True:
@@ -49,18 +50,19 @@ def wait_for(prometheus: str, read: Callable[[], object], ok: Callable[[object],
             return got
         if time.time() > deadline:
             raise AssertionError(f"{what}: still {got!r} after {timeout:.0f} s; scrapes: {scrapes(prometheus)}")
-        time.sleep(1)
+        time.sleep(every)
 
 
 def settled(prometheus: str, promql: str, timeout: float = WAIT_S) -> float:
-    """The value once it is there and stops moving (three equal readings a second apart)."""
+    """The value once it is there and stops moving (three equal readings a scrape apart)."""
     readings: list[float] = []
 
     def read():
-        readings.append(value(prometheus, promql) if query(prometheus, promql) else None)
+        result = query(prometheus, promql)
+        readings.append(float(result[0]["value"][1]) if result else None)
         del readings[:-3]
         return list(readings)
 
     last = wait_for(prometheus, read, lambda r: len(r) == 3 and r[0] is not None and len(set(r)) == 1,
-                    f"{promql} settling", timeout)
+                    f"{promql} settling", timeout, every=SCRAPE_S)
     return last[-1]

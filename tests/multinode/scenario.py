@@ -29,7 +29,6 @@ SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_threshold
                  "health_check_initial_delay_ms": 1000}
 
 
-
 def _replicas(url: str, count: int, user: str) -> list[str]:
     """The replica that answered each of `count` small requests, sent one after another."""
     names = []
