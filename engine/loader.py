@@ -240,11 +240,28 @@ def read_chat_template(source: str) -> str:
                              "Jinja template itself") from exc
 
 
+def _fast_only_kwargs(model_dir: Path) -> dict:
+    """For a folder whose tokenizer_config.json lists no added tokens beside a tokenizer.json
+    (what transformers writes, as for a GGUF file's folder): an empty `added_tokens_decoder`,
+    so transformers takes the added tokens from tokenizer.json's own backend instead of
+    parsing the whole 3.5 MB file again in Python to find them (~0.3 s of every load)."""
+    config = model_dir / "tokenizer_config.json"
+    if not (model_dir / "tokenizer.json").is_file() or not config.is_file():
+        return {}
+    try:
+        if "added_tokens_decoder" in json.loads(config.read_text()):
+            return {}
+    except (OSError, ValueError):
+        return {}
+    return {"added_tokens_decoder": {}}
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False,
+                                             **_fast_only_kwargs(model_dir))
     except Exception as exc:
         raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {exc}") from exc
 

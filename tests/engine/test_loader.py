@@ -46,6 +46,27 @@ def test_gguf_is_indexed_once_and_read_in_place(llm, monkeypatch):
     assert len(auto.generate("Hello there", params)[0].token_ids) == 6
 
 
+
+def test_tokenizer_loads_without_reparsing_and_matches_transformers(llm):
+    """A GGUF folder's tokenizer_config.json lists no added tokens: the engine lets the
+    tokenizer.json backend supply them (no second parse in Python) and must end with the
+    tokenizer transformers builds the slow way: same special and added tokens, same ids."""
+    from transformers import AutoTokenizer
+
+    from engine.loader import _fast_only_kwargs, load_tokenizer
+
+    folder = llm.engine.model_dir
+    assert "added_tokens_decoder" not in json.loads((folder / "tokenizer_config.json").read_text())
+    assert _fast_only_kwargs(folder) == {"added_tokens_decoder": {}}
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for attr in ("all_special_tokens", "all_special_ids", "added_tokens_decoder", "eos_token_id", "bos_token_id",
+                 "pad_token_id", "chat_template"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    text = "<|im_start|>user\nhi <s> there<|im_end|><|endoftext|> and more"
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.decode(ours.encode(text), skip_special_tokens=True) == theirs.decode(theirs.encode(text),
+                                                                                     skip_special_tokens=True)
+
 def test_a_files_content_key_is_hashed_once_per_version(tmp_path):
     """A GGUF file's cache folder is named by the sha1 of its bytes, remembered under the cache
     by the file's path, size, modification time and inode (an 8B file took ~3 s to hash at
