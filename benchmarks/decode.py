@@ -205,11 +205,11 @@ def llama_bench_rates(threads: int, tokens: int, depth: int) -> dict | None:
     context (`-d`, 2 runs) where depth > 0; None where its binaries cannot be built here."""
     import subprocess
 
-    from benchmarks.gguf_models import llama_cpp_bin, run_llama_cpp
+    from benchmarks.gguf_models import llama_cpp_bin, llama_cpp_build, run_llama_cpp
 
     common = ["-m", str(embedded_gguf_path()), "-t", str(threads), "-p", "0", "-n", str(tokens), "-o", "json"]
     try:
-        rates = {"build": llama_cpp_bin().parent.name,  # build-native, or build-noamx on a CPU with AMX
+        rates = {"build": llama_cpp_build(llama_cpp_bin()),  # native, or noamx on a CPU with AMX
                  "tg": json.loads(run_llama_cpp("llama-bench", *common, "-r", "3").stdout)[0]["avg_ts"]}
         if depth:
             deep = run_llama_cpp("llama-bench", *common, "-r", "2", "-d", str(depth)).stdout

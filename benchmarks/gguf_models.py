@@ -37,11 +37,18 @@ def cache_dir() -> Path:
     return folder
 
 
-def llama_cpp_bin() -> Path:
-    """llama.cpp's binaries folder (built once by build_llama_cpp.sh, with llama-quantize)."""
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llama_cpp.sh")], check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+def llama_cpp_bin(kind: str | None = None) -> Path:
+    """llama.cpp's binaries folder (built once by build_llama_cpp.sh, with llama-quantize):
+    the `kind` of build asked for (native, noamx), else the script's own choice (noamx on a
+    CPU that lists AMX, or SEMLINE_LLAMA_BUILD)."""
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llama_cpp.sh"), *([kind] if kind else [])],
+                         check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     return Path(out)
+
+
+def llama_cpp_build(folder: Path) -> str:
+    """The build a binaries folder holds (native, noamx): what every result records."""
+    return folder.parent.name.removeprefix("build-")
 
 
 def run_llama_cpp(binary: str, *args: str, **kwargs) -> subprocess.CompletedProcess:

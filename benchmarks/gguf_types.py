@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, read_bandwidth_gbs  # noqa: E402
-from benchmarks.gguf_models import llama_cpp_bin, model_file, run_llama_cpp  # noqa: E402
+from benchmarks.gguf_models import llama_cpp_bin, llama_cpp_build, model_file, run_llama_cpp  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
@@ -215,7 +215,7 @@ def main() -> None:
         return
     results = {"machine": machine_info(), "shape": args.shape, "threads": args.threads, "types": {}}
     if not args.no_llama_cpp:
-        results["llama_cpp_build"] = llama_cpp_bin().parent.name.removeprefix("build-")
+        results["llama_cpp_build"] = llama_cpp_build(llama_cpp_bin())
     for kind in args.types.split(","):
         path = model_file(args.shape, kind)
         print(f"== {args.shape} {kind}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)

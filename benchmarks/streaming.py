@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.gguf_models import llama_cpp_bin, llama_cpp_build  # noqa: E402
 from deployments.cli import free_port  # noqa: E402
 from engine.metrics import percentile  # noqa: E402
 
@@ -211,9 +212,7 @@ def run_semline(args) -> dict:
 def run_llama_server(args) -> dict:
     from engine.loader import embedded_gguf_path
 
-    kind = [args.llama_build] if args.llama_build else []  # the script's own choice: noamx where AMX is listed
-    build = subprocess.run([str(ROOT / "benchmarks" / "build_llama_cpp.sh"), *kind], check=True,
-                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    build = llama_cpp_bin(args.llama_build)
     slots = max(args.concurrency)
     port = free_port()
     command = [f"{build}/llama-server", "-m", str(embedded_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
@@ -224,7 +223,7 @@ def run_llama_server(args) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, "/health")
-        return {"command": " ".join(command[1:]), "build": Path(build).parent.name.removeprefix("build-"), "runs": asyncio.run(run_http(url, args))}
+        return {"command": " ".join(command[1:]), "build": llama_cpp_build(build), "runs": asyncio.run(run_http(url, args))}
     finally:
         stop(process)
 
