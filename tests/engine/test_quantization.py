@@ -67,15 +67,18 @@ def test_w8a8_runs_int8_activations_within_4_percent_of_float32(make_llm, text_i
     assert abs(ppl - fp32_perplexity) / fp32_perplexity < 0.04, (fp32_perplexity, ppl)
 
 
-def test_bfloat16_perplexity_within_1_percent_of_float32(llm, make_llm, text_ids):
-    """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32."""
+def test_bfloat16_perplexity_within_2_percent_of_float32(llm, make_llm, text_ids):
+    """bf16 weights, activations and KV cache; norms and the softmax accumulate in fp32. The
+    figure moves with the order oneDNN rounds in: -0.2 % through AVX512-BF16, +1.5 % where it
+    uses AMX tiles (2-core Xeon, 2026-12-07: each linear layer's error there measured the same,
+    unbiased, 2^-9 of its output; 512 tokens of a 135M model carry that noise to the score)."""
     # 512 tokens in long chunks: bf16 is emulated (slow) on CPUs without bf16 instructions,
     # least so in big GEMMs.
     ids = text_ids[:512]
     fp32 = _perplexity(llm, ids, chunk_size=256)
     bf16 = _perplexity(make_llm(dtype="bfloat16"), ids, chunk_size=256)
     assert fp32 < 30
-    assert abs(bf16 - fp32) / fp32 < 0.01, (fp32, bf16)
+    assert abs(bf16 - fp32) / fp32 < 0.02, (fp32, bf16)
 
 
 def test_int8_engine_weighs_a_quarter_and_stays_fluent(llm, make_llm):
