@@ -318,15 +318,16 @@ def packed_weights(model: nn.Module, checkpoint: GGUFCheckpoint) -> set[str]:
 
 def packed_form(found: list[tuple]) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What a packed layer holds for its parts' read_blocks (its rows, in order): (bits of its
-    record's weights: 4, 6 or 8; q, scales, minimums or None), w = q * scale + min, scales and
+    record's weights: 4, 5, 6 or 8; q, scales, minimums or None), w = q * scale + min, scales and
     minimums rounded to float16 as the kernels hold them. 4-bit (the int4 kernel's record)
     where every part is (Q4_0, Q4_1, Q4_K: per group of 32); else the int8 kernel's records
     with the parts' scales (per 16 weights where a part has them, Q6_K) and minimums (where a
     part has them; 0 for the others), unsigned parts (Q5_1, Q5_K: q in 0..31; 4-bit ones mixed
     in) centred on zero with their minimum taking the offset: the int8 activations' rounding
     errors then meet weights half as large (a Q5_K_M file's perplexity 1.05 % above
-    llama.cpp's -> 0.2 % below). Where every q is in -32..31 (all but Q8_0) the scales are per
-    half group and the record 6-bit. Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d and m in
+    llama.cpp's -> 0.2 % below). Where every q is in -16..15 with a scale per group (Q4 and Q5
+    types) the record is 5-bit; else where every q is in -32..31 (all but Q8_0) the scales are
+    per half group and the record 6-bit. Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d and m in
     the file); a K-quant's d * sub-scale, and a centred minimum, round to float16 (at most
     2^-11 of it)."""
     cols = found[0][0].shape[1]
@@ -335,34 +336,39 @@ def packed_form(found: list[tuple]) -> tuple[int, torch.Tensor, torch.Tensor, to
         q, d, m = (torch.cat([f[i] for f in found]) for i in range(3))
         return 4, q, d.half().float(), m.half().float()
     found = [(q, s, m) if m is None else _centred(q, s, m) for q, s, m in found]
-    six_bit = all(int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, _ in found)
-    halves = six_bit or any(s.shape[1] * 16 == cols for _, s, _ in found)
-    scales = torch.cat([s.repeat_interleave(2, dim=1) if halves and s.shape[1] * 32 == cols else s
-                        for _, s, _ in found]).half().float()
     mins = None
     if any(m is not None for _, _, m in found):
         mins = torch.cat([m if m is not None else torch.zeros(q.shape[0], cols // 32) for q, _, m in found])
         mins = mins.half().float()
+    if all(int(q.min()) >= -16 and int(q.max()) <= 15 and s.shape[1] * 32 == cols for q, s, _ in found):
+        return 5, torch.cat([q for q, _, _ in found]), torch.cat([s for _, s, _ in found]).half().float(), mins
+    six_bit = all(int(q.min()) >= -32 and int(q.max()) <= 31 for q, _, _ in found)
+    halves = six_bit or any(s.shape[1] * 16 == cols for _, s, _ in found)
+    scales = torch.cat([s.repeat_interleave(2, dim=1) if halves and s.shape[1] * 32 == cols else s
+                        for _, s, _ in found]).half().float()
     return 6 if six_bit else 8, torch.cat([q for q, _, _ in found]), scales, mins
 
 
 def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """One linear layer of semline's CPU kernels on its parts' read_blocks (packed_form):
-    4-bit, or 6-bit where every weight is in -32..31 (Q6_K, Q5_0, the centred Q5_1 and Q5_K), else
-    8-bit (Q8_0, and a layer with Q8_0 parts)."""
+    4-bit; 5-bit where every weight is in -16..15 with a scale per group (Q5_0, the centred
+    Q5_1 and Q5_K, Q4 types mixed in); 6-bit where every weight is in -32..31 (Q6_K, alone or
+    with those); else 8-bit (Q8_0, and a layer with Q8_0 parts)."""
     bits, q, scales, mins = packed_form(found)
     if bits == 4:
         return CpuInt4Linear(q.to(torch.int32), scales, mins, bias)
-    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, six_bit=bits == 6)
+    return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, bits=bits)
 
 
 def record_bytes(kinds: list[int]) -> int:
-    """The kernel record packed_form chooses for parts of these GGUF types: 320 (4-bit), 448 or
-    480 (6-bit, without or with minimums), 544, 576 or 608 (8-bit: group scales, half-group
-    scales, halves and minimums)."""
+    """The kernel record packed_form chooses for parts of these GGUF types: 320 (4-bit), 352 or
+    384 (5-bit, without or with minimums), 448 or 480 (6-bit), 544, 576 or 608 (8-bit: group
+    scales, half-group scales, halves and minimums)."""
     if all(k in _Q4 for k in kinds):
         return 320
     mins = any(k in _UNSIGNED for k in kinds)
+    if _Q8_0 not in kinds and _Q6_K not in kinds:
+        return 384 if mins else 352
     if _Q8_0 not in kinds:
         return 480 if mins else 448
     return 608 if mins else 576 if _Q6_K in kinds else 544

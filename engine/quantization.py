@@ -154,17 +154,21 @@ class CpuW8A8Linear(nn.Module):
     Scales per output row (`scales`, int8 quantized at load), or per group of 32 or 16 inputs
     with optional minimums per group of 32 (`group_scales` [N, K/32 or K/16], `mins` [N, K/32]:
     GGUF's Q8_0, Q5_0/Q5_1/Q5_K and Q6_K blocks, w = q * scale + min), held in the pack;
-    `six_bit`: q in -32..31 with scales per 16 (Q6_K, Q5_0; centred Q5_1, Q5_K with their
-    minimums), held in 6 bits (+1 of scales, +0.5 of minimums)."""
+    `bits` 6: q in -32..31 with scales per 16 (Q6_K; centred Q5_1, Q5_K with their minimums),
+    held in 6 bits (+1 of scales, +0.5 of minimums); 5: q in -16..15 with scales per 32 (Q5_0;
+    centred Q4 and Q5 types with their minimums), held in 5 bits (+0.5 of scales, +0.5 of
+    minimums): the file's own size for Q5_0."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None, dtype: torch.dtype,
                  group_scales: torch.Tensor | None = None, mins: torch.Tensor | None = None,
-                 six_bit: bool = False) -> None:
+                 bits: int = 8) -> None:
         super().__init__()
         self.kernel = _cpu_kernel()
         self.out_features, self.in_features = q.shape
-        if six_bit:  # q in -32..31 with half-group scales (and minimums): the 6-bit record
+        if bits == 6:  # q in -32..31 with half-group scales (and minimums): the 6-bit record
             packed = six_bit_record(self.kernel.q8_pack((q + 32).contiguous(), group_scales, mins))
+        elif bits == 5:  # q in -16..15 with group scales (and minimums): the 5-bit record
+            packed = five_bit_record(self.kernel.q8_pack((q + 16).contiguous(), group_scales, mins))
         else:
             packed = self.kernel.q8_pack(q.contiguous(), group_scales, mins)
         self.register_buffer("q8_packed", packed)
@@ -210,6 +214,25 @@ def six_bit_record(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([low, high, packed[..., 512:].view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
 
 
+def five_bit_record(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's group-scale record (544 bytes: 512 weights u = q + 16 in 0..31, 32
+    bytes of scales; 608 with the scales twice and 32 of minimums) as its 5-bit record (352,
+    or 384 with the minimums: engine/kernels/int4_gemm.cpp, kFive, kFiveMin)."""
+    u = packed[..., :512].view(torch.uint8)
+    low = (u[..., :256] & 0x0F) | ((u[..., 256:] & 0x0F) << 4)
+    high = sum(((u[..., 64 * t:64 * (t + 1)] >> 4) & 1) << t for t in range(8)).to(torch.uint8)
+    fields = packed[..., 512:544] if packed.shape[-1] == 544 else torch.cat([packed[..., 512:544], packed[..., 576:]], -1)
+    return torch.cat([low, high, fields.view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
+
+
+def _five_bit_weights(record: torch.Tensor) -> torch.Tensor:
+    """five_bit_record's bytes [..., 352] -> the 512 int8 weights q of the 8-bit layout."""
+    record = record.view(torch.uint8)
+    low = torch.cat([record[..., :256] & 0x0F, record[..., :256] >> 4], dim=-1)
+    high = torch.cat([(record[..., 256:320] >> t) & 1 for t in range(8)], dim=-1)
+    return (low | (high << 4)).to(torch.int8) - 16
+
+
 def _six_bit_weights(record: torch.Tensor) -> torch.Tensor:
     """six_bit_record's bytes [..., 448] -> the 512 int8 weights q of the 8-bit layout."""
     record = record.view(torch.uint8)
@@ -238,6 +261,11 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     if record in (448, 480):  # the 6-bit record: its weights, then the half-group scales (and minimums)
         raw = torch.cat([_six_bit_weights(raw), raw[..., 384:]], dim=-1)
         record += 128
+    elif record == 352:  # the 5-bit record: its weights, then the group scales
+        raw, record = torch.cat([_five_bit_weights(raw), raw[..., 320:]], dim=-1), 544
+    elif record == 384:  # ... and the minimums: as the 8-bit halves-and-minimums record
+        fields = raw[..., 320:]
+        raw, record = torch.cat([_five_bit_weights(raw), fields[..., :32], fields], dim=-1), 608
     rows, at = ids % 16, torch.arange(len(ids))
     q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
     fields = (record - 512) // 32

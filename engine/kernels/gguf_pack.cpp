@@ -12,6 +12,8 @@
 //   d * int8 sub-scale per 16.
 // The record holds them as engine/gguf_weights.packed_form chooses (the record size says which):
 //   320  4-bit (every part Q4_0/Q4_1/Q4_K): q unsigned, float16 scale and minimum per group;
+//   352/384  5-bit (every part Q4/Q5 but no Q6_K, Q8_0), u = q + 16 with q centred as for 6-bit,
+//            a scale per group (and a minimum: 384, where a part has them);
 //   448/480  6-bit, u = q + 32 with q centred (unsigned types: q - 8 or q - 16, min + 8 or 16 times
 //            the scale), half-group scales (and minimums: 480, where a part has them);
 //   544/576/608  8-bit (a part is Q8_0): scales per group, per half group, halves and minimums.
@@ -167,8 +169,9 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
   const size_t parts = raws.size();
   TORCH_CHECK(parts > 0 && kinds.size() == parts && first_blocks.size() == parts, "one kind and window per part");
   TORCH_CHECK(cols > 0 && cols % kGroup == 0, "columns: a multiple of 32");
-  TORCH_CHECK(record == 320 || record == 448 || record == 480 || record == 544 || record == 576 || record == 608,
-              "record: 320 (4-bit), 448/480 (6-bit) or 544/576/608 (8-bit) bytes");
+  TORCH_CHECK(record == 320 || record == 352 || record == 384 || record == 448 || record == 480 || record == 544 ||
+                  record == 576 || record == 608,
+              "record: 320 (4-bit), 352/384 (5-bit), 448/480 (6-bit) or 544/576/608 (8-bit) bytes");
   TORCH_CHECK(row_part.scalar_type() == at::kLong && row_src.scalar_type() == at::kLong && row_part.dim() == 1 &&
                   row_src.sizes() == row_part.sizes(),
               "row_part, row_src: int64 [N]");
@@ -186,7 +189,9 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
     if (record == 320)
       TORCH_CHECK(kinds[p] == kQ4_0 || kinds[p] == kQ4_1 || kinds[p] == kQ4_K, "the 4-bit record takes Q4 types only");
     if (record == 448 || record == 480) TORCH_CHECK(kinds[p] != kQ8_0, "the 6-bit record cannot hold Q8_0");
-    if (record == 448 || record == 544 || record == 576)
+    if (record == 352 || record == 384)
+      TORCH_CHECK(kinds[p] != kQ8_0 && kinds[p] != kQ6_K, "the 5-bit record holds Q4 and Q5 types only");
+    if (record == 352 || record == 448 || record == 544 || record == 576)
       TORCH_CHECK(kinds[p] == kQ5_0 || kinds[p] == kQ6_K || kinds[p] == kQ8_0, "a part with minimums needs a record with them");
     if (record == 544) TORCH_CHECK(kinds[p] != kQ6_K, "half-group scales need a record with them");
     starts[p] = raw.data_ptr<uint8_t>() + first_blocks[p] * shape.bytes;
@@ -200,9 +205,12 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
                     src_of[r] < rows_of[part_of[r]],
                 "row ", r, ": no such part or source row");
 
-  const bool four = record == 320, six = record == 448 || record == 480;
-  const int fields = four ? 2 : six ? (record - 448) / 32 + 2 : static_cast<int>((record - 512) / 32);
-  const int64_t weight_bytes = four ? 256 : six ? 384 : 512;
+  const bool four = record == 320, five = record == 352 || record == 384, six = record == 448 || record == 480;
+  const int fields = four   ? 2
+                     : five ? static_cast<int>((record - 352) / 32 + 1)  // the scale (and the minimum)
+                     : six  ? static_cast<int>((record - 448) / 32 + 2)
+                            : static_cast<int>((record - 512) / 32);
+  const int64_t weight_bytes = four ? 256 : five ? 320 : six ? 384 : 512;
   const auto dtype = four ? at::kByte : at::kChar;
   torch::Tensor packed;
   if (out_.has_value()) {  // e.g. a view of a huge-page arena
@@ -216,7 +224,7 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
   uint8_t* out = reinterpret_cast<uint8_t*>(packed.data_ptr());
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     Group grp;
-    uint8_t layout[512];  // the 8-bit layout: step s (8), row j (16), 4 weights; 6-bit: u = q + 32
+    uint8_t layout[512];  // the 8-bit layout: step s (8), row j (16), 4 weights; 6-bit: u = q + 32, 5-bit: q + 16
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < groups; ++g) {
         uint8_t* rec = out + (b * groups + g) * record;
@@ -240,10 +248,13 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
             const float offset = static_cast<float>(grp.centre) * grp.scale[0];
             min = min + offset;
           }
-          const int add = six ? 32 : 0;
+          const int add = six ? 32 : five ? 16 : 0;
           for (int s = 0; s < 8; ++s)
             for (int i = 0; i < 4; ++i) layout[s * 64 + j * 4 + i] = static_cast<uint8_t>(grp.q[4 * s + i] + add);
-          if (fields == 1) {
+          if (five) {
+            field[j] = to_f16(grp.scale[0]);
+            if (fields == 2) field[kRows + j] = to_f16(min);
+          } else if (fields == 1) {
             field[j] = to_f16(grp.scale[0]);
           } else {
             field[j] = to_f16(grp.scale[0]);
@@ -255,6 +266,13 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
           if (b * kRows + kRows > n)  // rows past N: zero
             for (int s = 0; s < 4; ++s)
               for (int64_t j = n - b * kRows; j < kRows; ++j) std::memset(rec + s * 64 + j * 4, 0, 4);
+        } else if (five) {  // 256 bytes of low nibbles, 64 of high bits (int4_gemm.cpp's kFive)
+          for (int i = 0; i < 256; ++i) rec[i] = (layout[i] & 0xF) | ((layout[i + 256] & 0xF) << 4);
+          for (int i = 0; i < 64; ++i) {
+            uint8_t bits = 0;
+            for (int t = 0; t < 8; ++t) bits |= static_cast<uint8_t>(((layout[i + 64 * t] >> 4) & 1) << t);
+            rec[256 + i] = bits;
+          }
         } else if (six) {  // 256 bytes of low nibbles, 128 of high bit pairs (int4_gemm.cpp's kSix)
           for (int i = 0; i < 256; ++i) rec[i] = (layout[i] & 0xF) | ((layout[i + 256] & 0xF) << 4);
           for (int i = 0; i < 128; ++i)

@@ -418,7 +418,9 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 namespace {
 
 constexpr int64_t kRecord8 = 512;
-enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4, kSixMin = 5 };
+enum Format8 : int {
+  kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4, kSixMin = 5, kFive = 6, kFiveMin = 7
+};
 // kSix (448 bytes): 6-bit weights u = q + 32 (q in -32..31, GGUF Q6_K's; Q5_0's q - 16 too) with
 // the half-group scales: 256 bytes of low nibbles (byte b: u's low 4 bits of 8-bit record byte
 // b, and of byte b + 256 in its high nibble), 128 bytes of high bits (byte b: bits 4-5 of
@@ -426,13 +428,23 @@ enum Format8 : int { kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin =
 // float16 scales; 7 bits a weight instead of 9. u is the unsigned operand itself (vpdpbusd,
 // vpmaddubsw); 32 * the activations' integer sum per half comes off. kSixMin (480 bytes): the
 // same and 16 float16 minimums per row and group (Q5_1, Q5_K centred; mixed 4- and 6-bit parts).
-constexpr int64_t kRecord6 = 448;
+// kFive (352 bytes): 5-bit weights u = q + 16 (q in -16..15: GGUF Q5_0's q - 16, and the centred
+// Q4_0/Q4_1/Q4_K/Q5_1/Q5_K) with one scale per group: the 256 bytes of low nibbles as kSix's, 64
+// bytes of high bits (byte b: bit 4 of record bytes b, b + 64, ..., b + 448 at bits 0..7), then
+// 16 float16 scales; 5.5 bits a weight, as the file's Q5_0 (6-bit records took 7). 16 * the
+// activations' integer sum per group comes off. kFiveMin (384 bytes): then 16 float16 minimums
+// per row and group (Q5_1, Q5_K; Q4 parts mixed in).
+constexpr int64_t kRecord6 = 448, kRecord5 = 352;
 constexpr int64_t record8_bytes(int format) {
-  return format == kSix ? kRecord6 : format == kSixMin ? kRecord6 + 32 : kRecord8 + 32 * format;
+  return format == kSix      ? kRecord6
+         : format == kSixMin ? kRecord6 + 32
+         : format == kFive   ? kRecord5
+         : format == kFiveMin ? kRecord5 + 32
+                              : kRecord8 + 32 * format;
 }
 
 int format8_of(int64_t record) {
-  for (int f = kPerRow; f <= kSixMin; ++f)
+  for (int f = kPerRow; f <= kFiveMin; ++f)
     if (record == record8_bytes(f)) return f;
   return -1;
 }
@@ -466,6 +478,37 @@ void block6_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_be
         out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
                                   half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
         if constexpr (kMin) out[j] += half_to_float(d[2 * kRows + j]) * xq.sum[at];
+      }
+    }
+  }
+}
+
+// The 8-bit record's step s of a 5-bit record, as unsigned u.
+inline uint8_t five_at(const uint8_t* rec, int64_t byte) {
+  const uint8_t low = byte < 256 ? rec[byte] & 0xF : rec[byte - 256] >> 4;
+  const uint8_t high = (rec[256 + byte % 64] >> (byte / 64)) & 1;
+  return low | (high << 4);
+}
+
+template <bool kMin>
+void block5_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                   float* acc) {
+  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+  const int64_t groups = k / kGroup;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float* out = acc + (r - row_begin) * kRows;
+    for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = bytes + g * record;
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + 320);
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const int64_t at = r * groups + g;
+      for (int64_t j = 0; j < kRows; ++j) {
+        int32_t dot = -16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]);
+        for (int64_t s = 0; s < 8; ++s)
+          for (int64_t b = 0; b < 4; ++b) dot += static_cast<int32_t>(five_at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
+        out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot));
+        if constexpr (kMin) out[j] += half_to_float(d[kRows + j]) * xq.sum[at];
       }
     }
   }
@@ -598,6 +641,53 @@ void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
 }
 #endif
 
+#ifdef SEMLINE_Q4_AVX2
+// A 5-bit record's 8 steps of 32 bytes (rows 8h .. 8h + 7) as unsigned u.
+inline void five_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
+  const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
+  const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256 + h * 32));
+  for (int64_t s = 0; s < 8; ++s) {
+    const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + (s % 4) * 64 + h * 32));
+    const __m256i lo = s < 4 ? _mm256_and_si256(l, low) : _mm256_and_si256(_mm256_srli_epi16(l, 4), low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, static_cast<int>(s)), one);
+    w[s] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+}
+
+template <bool kMin>
+void block5_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                 float* acc) {
+  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+  const int64_t groups = k / kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = bytes + g * record;
+      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
+      const int64_t at = r * groups + g;
+      for (int64_t h = 0; h < 2; ++h) {
+        __m256i w[8];
+        five_steps_avx2(rec, h, w);
+        __m256i dot = _mm256_set1_epi32(-16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]));
+        for (int64_t s = 0; s < 8; ++s) {  // pairs of u * x: at most 2 * 31 * 127, an int16
+          const __m256i pairs = _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(load4(xs + 4 * s)));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 320 + h * 16)));
+        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)), sums[h]);
+        if constexpr (kMin) {
+          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 352 + h * 16)));
+          sums[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[at]), sums[h]);
+        }
+      }
+    }
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
+    _mm256_storeu_ps(acc + (r - row_begin) * kRows + 8, sums[1]);
+  }
+}
+#endif
+
 #ifdef SEMLINE_Q4_VNNI
 // A 6-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u.
 inline void six_steps_vnni(const uint8_t* rec, __m512i* w) {
@@ -680,6 +770,84 @@ void in_tiles6(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin,
   }
   for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
     tile6_vnni<kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
+  });
+}
+
+// A 5-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u.
+inline void five_steps_vnni(const uint8_t* rec, __m512i* w) {
+  const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(0x01);
+  const __m512i hb = _mm512_loadu_si512(rec + 256);
+  for (int s = 0; s < 4; ++s) {
+    const __m512i l = _mm512_loadu_si512(rec + s * 64);
+    w[s] = _mm512_or_si512(_mm512_and_si512(l, low),
+                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, s), one), 4));
+    w[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low),
+                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, s + 4), one), 4));
+  }
+}
+
+// As tile6_vnni, for 5-bit records: one scale per group, so the two chains (steps 0-3, 4-7:
+// shorter dependency chains) add up before it.
+template <bool kMin, int R>
+inline void tile5_vnni(const uint8_t* bytes, const uint8_t* unpacked, const QuantizedRows& xq, int64_t r0, int64_t k,
+                       float* acc) {
+  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+  const int64_t groups = k / kGroup;
+  __m512 sums[R];
+  for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* rec = bytes + g * record;
+    __m512i w[8];
+    if (unpacked != nullptr) {
+      for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(unpacked + g * kRecord8 + s * 64);
+    } else {
+      five_steps_vnni(rec, w);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 320)));
+    __m512i lo[R], hi[R];
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * groups + g;
+      lo[i] = _mm512_set1_epi32(-16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]));
+      hi[i] = _mm512_setzero_si512();
+    }
+    for (int s = 0; s < 4; ++s)
+      for (int i = 0; i < R; ++i) {
+        const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
+        lo[i] = _mm512_dpbusd_epi32(lo[i], w[s], _mm512_set1_epi32(load4(xs)));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
+      }
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * groups + g;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[i], hi[i]));
+      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), _mm512_mul_ps(d, dot), sums[i]);
+      if constexpr (kMin) {
+        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 352)));
+        sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[at]), sums[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
+}
+
+// As in_tiles6: a prefill pass's block unpacked once for all its tiles.
+template <bool kMin>
+void in_tiles5(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+               float* acc) {
+  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+  const int64_t groups = k / kGroup;
+  const uint8_t* unpacked = nullptr;
+  if (row_end - row_begin > 32) {
+    thread_local std::vector<uint8_t> buffer;
+    buffer.resize(groups * kRecord8);
+    __m512i w[8];
+    for (int64_t g = 0; g < groups; ++g) {
+      five_steps_vnni(block + g * record, w);
+      for (int s = 0; s < 8; ++s) _mm512_storeu_si512(buffer.data() + g * kRecord8 + s * 64, w[s]);
+    }
+    unpacked = buffer.data();
+  }
+  for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
+    tile5_vnni<kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
   });
 }
 
@@ -826,8 +994,28 @@ const BlockFn* q6_kernels() {
   return kernels;
 }
 
+template <bool kMin>
+const BlockFn* q5_kernels() {
+  static const BlockFn kernels[] = {
+      block5_scalar<kMin>,
+#ifdef SEMLINE_Q4_AVX2
+      block5_avx2<kMin>,
+#else
+      block5_scalar<kMin>,
+#endif
+#ifdef SEMLINE_Q4_VNNI
+      in_tiles5<kMin>,
+#else
+      block5_scalar<kMin>,
+#endif
+  };
+  return kernels;
+}
+
 const BlockFn* q8_kernels(int64_t record) {
   switch (format8_of(record)) {
+    case kFive: return q5_kernels<false>();
+    case kFiveMin: return q5_kernels<true>();
     case kSix: return q6_kernels<false>();
     case kSixMin: return q6_kernels<true>();
     case kGroupScale: return q8_kernels_of<kGroupScale>();

@@ -376,8 +376,9 @@ def _packed_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mi
 
 @pytest.mark.parametrize("kind", GGUF_PACKED_TYPES)
 def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
-    """Each GGUF block type kept packed (Q4_0/Q4_1/Q4_K in the 4-bit kernel's record, Q6_K,
-    Q5_0, Q5_1 and Q5_K in the 8-bit kernel's 6-bit ones, Q8_0 in its group record), on
+    """Each GGUF block type kept packed (Q4_0/Q4_1/Q4_K in the 4-bit kernel's record, Q5_0,
+    Q5_1 and Q5_K in the 8-bit kernel's 5-bit ones, Q6_K in its 6-bit one, Q8_0 in its group
+    record), on
     random blocks: read in place it
     gives exactly gguf's own floats; the weights the packed layer holds equal them (Q4_0,
     Q4_1, Q5_0, Q8_0) or are within float16 rounding of a scale (K-quants) or of a centred
@@ -402,8 +403,8 @@ def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
     four_bit = bits == 4
     layer = packed_linear([found], None, torch.float32)
     assert four_bit == kind.startswith("Q4") and isinstance(layer, CpuInt4Linear if four_bit else CpuW8A8Linear)
-    if not four_bit:  # the record: 6-bit (q in -32..31, half-group scales), group scales, and minimums
-        assert layer.q8_packed.shape[2] == {"Q5_0": 448, "Q6_K": 448, "Q8_0": 544, "Q5_1": 480, "Q5_K": 480}[kind]
+    if not four_bit:  # the record: 5-bit (q in -16..15, group scales), 6-bit (-32..31, half-group scales), 8-bit
+        assert layer.q8_packed.shape[2] == {"Q5_0": 352, "Q6_K": 448, "Q8_0": 544, "Q5_1": 384, "Q5_K": 384}[kind]
     held = blocks_to_float(q, scales, mins)
     if kind in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
         assert torch.equal(held, weight)
@@ -421,7 +422,7 @@ def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
             else:
                 got = kernel.q8_linear(x, layer.q8_packed, layer.scales, None, path)
             assert (got.double() - want).abs().max() <= want.abs().max() * 1e-5, (name, rows)
-        # A row's product does not depend on its neighbours (a 70-row pass unpacks 6-bit
+        # A row's product does not depend on its neighbours (a 70-row pass unpacks 5- and 6-bit
         # records once for all its tiles; a lone row unpacks them itself): bit for bit.
         assert torch.equal(layer(x)[:3], torch.cat([layer(x[i:i + 1]) for i in range(min(rows, 3))]))
         exact = x.double() @ weight.double().t()
@@ -452,7 +453,7 @@ def test_a_layer_of_mixed_gguf_types_packs_every_part_in_one_record():
 
 @pytest.mark.parametrize("kinds", [[kind] for kind in GGUF_PACKED_TYPES]
                          + [["Q4_K", "Q6_K", "Q8_0"], ["Q4_K", "Q4_K", "Q6_K"], ["Q5_K", "Q4_0"], ["Q4_1", "Q4_K"],
-                            ["Q8_0", "Q6_K"], ["Q5_0", "Q6_K"]])
+                            ["Q8_0", "Q6_K"], ["Q5_0", "Q6_K"], ["Q5_0", "Q5_1", "Q4_K"]])
 def test_gguf_blocks_packed_in_place_are_the_records_of_their_integers(kinds):
     """The extension's gguf_pack, reading the file's bytes in place, writes byte for byte the
     records packed_linear makes of read_blocks' integers and scales, for every type and the
