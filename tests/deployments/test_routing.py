@@ -88,7 +88,9 @@ def test_a_shared_prefix_lands_on_the_replica_that_holds_it(two_replicas):
 def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(serve_app):
     """The session app admits 4 requests at once: with 4 long ones running and 3 queued, a
     request due within 50 ms is refused in well under 100 ms (429, Retry-After), one whose
-    priority field is set is served, and a malformed deadline header is a 400."""
+    priority field is set is served, and a malformed deadline header is a 400. The long ones
+    are streams the test then leaves: their closed connections abort them (it waited for
+    7 x 160 tokens, 73 s of a full run)."""
     import threading
     import time
 
@@ -100,8 +102,16 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(serve_app):
         assert time.time() < deadline
         time.sleep(0.5)
     body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 160, "ignore_eos": True, "temperature": 0}
-    threads = [threading.Thread(target=httpx.post, args=(f"{serve_app}/v1/completions",),
-                                kwargs={"json": body, "headers": HEADERS, "timeout": 120}) for _ in range(7)]
+    done = threading.Event()
+
+    def hold() -> None:  # a long stream, left (its connection closed: the request aborted) once done
+        with httpx.stream("POST", f"{serve_app}/v1/completions", json={**body, "stream": True}, headers=HEADERS,
+                          timeout=120) as response:
+            for _ in response.iter_lines():
+                if done.is_set():
+                    return
+
+    threads = [threading.Thread(target=hold) for _ in range(7)]
     for thread in threads:
         thread.start()
     time.sleep(1.0)
@@ -119,6 +129,7 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(serve_app):
     bad = httpx.post(f"{serve_app}/v1/completions", headers={**HEADERS, "x-semline-deadline-ms": "soon"},
                      json=body, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-semline-deadline-ms"
+    done.set()
     for thread in threads:
         thread.join()
     ok = httpx.post(f"{serve_app}/v1/completions", headers=HEADERS, timeout=60,
