@@ -456,59 +456,52 @@ inline uint8_t six_at(const uint8_t* rec, int64_t byte) {
   return low | (high << 4);
 }
 
-template <bool kMin>
-void block6_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                   float* acc) {
-  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
-  const int64_t groups = k / kGroup;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    float* out = acc + (r - row_begin) * kRows;
-    for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * record;
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + 384);
-      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
-      const int64_t at = r * groups + g;
-      for (int64_t j = 0; j < kRows; ++j) {
-        int32_t dot[2] = {0, 0};
-        for (int64_t s = 0; s < 8; ++s)
-          for (int64_t b = 0; b < 4; ++b) dot[s / 4] += static_cast<int32_t>(six_at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
-        dot[0] -= 32 * xq.isum[2 * at];
-        dot[1] -= 32 * xq.isum[2 * at + 1];
-        out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
-                                  half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
-        if constexpr (kMin) out[j] += half_to_float(d[2 * kRows + j]) * xq.sum[at];
-      }
-    }
-  }
-}
-
-// The 8-bit record's step s of a 5-bit record, as unsigned u.
+// ... of a 5-bit record.
 inline uint8_t five_at(const uint8_t* rec, int64_t byte) {
   const uint8_t low = byte < 256 ? rec[byte] & 0xF : rec[byte - 256] >> 4;
   const uint8_t high = (rec[256 + byte % 64] >> (byte / 64)) & 1;
   return low | (high << 4);
 }
 
-template <bool kMin>
-void block5_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                   float* acc) {
-  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+// The 5- and 6-bit records (kFive, kSix): where their fields lie. u = q + offset; the
+// float16 fields follow the weights: 5-bit a scale per group (then the minimum), 6-bit a
+// scale per half group, two (then the minimum).
+template <int Bits>
+struct Narrow {
+  static_assert(Bits == 5 || Bits == 6, "5- or 6-bit records");
+  static constexpr int64_t kWeightBytes = Bits == 5 ? 320 : 384;
+  static constexpr int64_t kMinAt = kWeightBytes + (Bits == 5 ? 32 : 64);
+  static constexpr int32_t kOffset = Bits == 5 ? 16 : 32;
+  static constexpr int64_t bytes(bool with_min) { return (Bits == 5 ? kRecord5 : kRecord6) + (with_min ? 32 : 0); }
+  static uint8_t at(const uint8_t* rec, int64_t byte) { return Bits == 5 ? five_at(rec, byte) : six_at(rec, byte); }
+};
+
+template <int Bits, bool kMin>
+void block_narrow_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                         float* acc) {
+  using N = Narrow<Bits>;
+  constexpr int64_t record = N::bytes(kMin);
   const int64_t groups = k / kGroup;
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* out = acc + (r - row_begin) * kRows;
     for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* rec = bytes + g * record;
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + 320);
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + N::kWeightBytes);
+      const uint16_t* m = reinterpret_cast<const uint16_t*>(rec + N::kMinAt);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const int64_t at = r * groups + g;
       for (int64_t j = 0; j < kRows; ++j) {
-        int32_t dot = -16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]);
+        int32_t dot[2] = {-N::kOffset * xq.isum[2 * at], -N::kOffset * xq.isum[2 * at + 1]};  // inputs 0-15, 16-31
         for (int64_t s = 0; s < 8; ++s)
-          for (int64_t b = 0; b < 4; ++b) dot += static_cast<int32_t>(five_at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
-        out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot));
-        if constexpr (kMin) out[j] += half_to_float(d[kRows + j]) * xq.sum[at];
+          for (int64_t b = 0; b < 4; ++b) dot[s / 4] += static_cast<int32_t>(N::at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
+        if constexpr (Bits == 5) {
+          out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0] + dot[1]));
+        } else {
+          out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
+                                    half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
+        }
+        if constexpr (kMin) out[j] += half_to_float(m[j]) * xq.sum[at];
       }
     }
   }
@@ -603,46 +596,7 @@ inline void six_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
   }
 }
 
-template <bool kMin>
-void block6_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                 float* acc) {
-  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
-  const int64_t groups = k / kGroup;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * record;
-      const int8_t* xs = xq.q.data() + r * k + g * kGroup;
-      const int64_t at = r * groups + g;
-      for (int64_t h = 0; h < 2; ++h) {
-        __m256i w[8];
-        six_steps_avx2(rec, h, w);
-        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-        for (int64_t s = 0; s < 8; ++s) {  // pairs of u * x: at most 2 * 63 * 127, an int16
-          const __m256i pairs = _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(load4(xs + 4 * s)));
-          dot[s / 4] = _mm256_add_epi32(dot[s / 4], _mm256_madd_epi16(pairs, ones));
-        }
-        const __m256 da = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 384 + h * 16)));
-        const __m256 db = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 416 + h * 16)));
-        const __m256i a = _mm256_sub_epi32(dot[0], _mm256_set1_epi32(32 * xq.isum[2 * at]));
-        const __m256i b = _mm256_sub_epi32(dot[1], _mm256_set1_epi32(32 * xq.isum[2 * at + 1]));
-        const __m256 halves = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(b), _mm256_mul_ps(da, _mm256_cvtepi32_ps(a)));
-        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), halves, sums[h]);
-        if constexpr (kMin) {
-          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 448 + h * 16)));
-          sums[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[at]), sums[h]);
-        }
-      }
-    }
-    _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
-    _mm256_storeu_ps(acc + (r - row_begin) * kRows + 8, sums[1]);
-  }
-}
-#endif
-
-#ifdef SEMLINE_Q4_AVX2
-// A 5-bit record's 8 steps of 32 bytes (rows 8h .. 8h + 7) as unsigned u.
+// ... of a 5-bit record.
 inline void five_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
   const __m256i low = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(0x01);
   const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256 + h * 32));
@@ -654,10 +608,11 @@ inline void five_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
   }
 }
 
-template <bool kMin>
-void block5_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-                 float* acc) {
-  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+template <int Bits, bool kMin>
+void block_narrow_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                       float* acc) {
+  using N = Narrow<Bits>;
+  constexpr int64_t record = N::bytes(kMin);
   const int64_t groups = k / kGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -668,18 +623,30 @@ void block5_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
       const int64_t at = r * groups + g;
       for (int64_t h = 0; h < 2; ++h) {
         __m256i w[8];
-        five_steps_avx2(rec, h, w);
-        __m256i dot = _mm256_set1_epi32(-16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]));
-        for (int64_t s = 0; s < 8; ++s) {  // pairs of u * x: at most 2 * 31 * 127, an int16
+        if constexpr (Bits == 5) {
+          five_steps_avx2(rec, h, w);
+        } else {
+          six_steps_avx2(rec, h, w);
+        }
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t s = 0; s < 8; ++s) {  // pairs of u * x: at most 2 * 63 * 127, an int16
           const __m256i pairs = _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(load4(xs + 4 * s)));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+          dot[s / 4] = _mm256_add_epi32(dot[s / 4], _mm256_madd_epi16(pairs, ones));
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 320 + h * 16)));
-        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), _mm256_mul_ps(d, _mm256_cvtepi32_ps(dot)), sums[h]);
-        if constexpr (kMin) {
-          const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 352 + h * 16)));
-          sums[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[at]), sums[h]);
+        auto field = [&](int64_t at_byte) {
+          return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + at_byte + h * 16)));
+        };
+        const __m256i a = _mm256_sub_epi32(dot[0], _mm256_set1_epi32(N::kOffset * xq.isum[2 * at]));
+        const __m256i b = _mm256_sub_epi32(dot[1], _mm256_set1_epi32(N::kOffset * xq.isum[2 * at + 1]));
+        __m256 part;
+        if constexpr (Bits == 5) {
+          part = _mm256_mul_ps(field(N::kWeightBytes), _mm256_cvtepi32_ps(_mm256_add_epi32(a, b)));
+        } else {
+          part = _mm256_fmadd_ps(field(N::kWeightBytes + 32), _mm256_cvtepi32_ps(b),
+                                 _mm256_mul_ps(field(N::kWeightBytes), _mm256_cvtepi32_ps(a)));
         }
+        sums[h] = _mm256_fmadd_ps(_mm256_set1_ps(xq.scale[at]), part, sums[h]);
+        if constexpr (kMin) sums[h] = _mm256_fmadd_ps(field(N::kMinAt), _mm256_set1_ps(xq.sum[at]), sums[h]);
       }
     }
     _mm256_storeu_ps(acc + (r - row_begin) * kRows, sums[0]);
@@ -703,76 +670,6 @@ inline void six_steps_vnni(const uint8_t* rec, __m512i* w) {
   }
 }
 
-// unpacked: the block's records already as u (512 bytes a group, in_tiles6's buffer), or null to
-// unpack each record here.
-template <bool kMin, int R>
-inline void tile6_vnni(const uint8_t* bytes, const uint8_t* unpacked, const QuantizedRows& xq, int64_t r0, int64_t k,
-                       float* acc) {
-  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
-  const int64_t groups = k / kGroup;
-  __m512 sums[R];
-  for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* rec = bytes + g * record;
-    __m512i w[8];
-    if (unpacked != nullptr) {
-      for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(unpacked + g * kRecord8 + s * 64);
-    } else {
-      six_steps_vnni(rec, w);
-    }
-    const __m512 da = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 384)));
-    const __m512 db = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 416)));
-    __m512i lo[R], hi[R];
-    for (int i = 0; i < R; ++i) {
-      const int64_t at = (r0 + i) * groups + g;
-      lo[i] = _mm512_set1_epi32(-32 * xq.isum[2 * at]);
-      hi[i] = _mm512_set1_epi32(-32 * xq.isum[2 * at + 1]);
-    }
-    for (int s = 0; s < 4; ++s)
-      for (int i = 0; i < R; ++i) {
-        const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
-        lo[i] = _mm512_dpbusd_epi32(lo[i], w[s], _mm512_set1_epi32(load4(xs)));
-        hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
-      }
-    for (int i = 0; i < R; ++i) {
-      const int64_t at = (r0 + i) * groups + g;
-      const __m512 halves = _mm512_fmadd_ps(db, _mm512_cvtepi32_ps(hi[i]), _mm512_mul_ps(da, _mm512_cvtepi32_ps(lo[i])));
-      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), halves, sums[i]);
-      if constexpr (kMin) {
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 448)));
-        sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[at]), sums[i]);
-      }
-    }
-  }
-  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
-}
-
-// Rows [row_begin, row_end) against one block of 6-bit records in tiles of up to 4 rows (as
-// in_tiles). For a prefill chunk's pass (more than 32 rows) the block's records are unpacked
-// once into a per-thread buffer that every tile reads (the unpacking is ~40 % of a tile's work
-// otherwise: 1B Q6_K prefill +10-15 %); decode batches unpack per tile (buffering them made
-// batch 8 slower here). The products are the same either way, bit for bit.
-template <bool kMin>
-void in_tiles6(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-               float* acc) {
-  constexpr int64_t record = kMin ? kRecord6 + 32 : kRecord6;
-  const int64_t groups = k / kGroup;
-  const uint8_t* unpacked = nullptr;
-  if (row_end - row_begin > 32) {
-    thread_local std::vector<uint8_t> buffer;
-    buffer.resize(groups * kRecord8);
-    __m512i w[8];
-    for (int64_t g = 0; g < groups; ++g) {
-      six_steps_vnni(block + g * record, w);
-      for (int s = 0; s < 8; ++s) _mm512_storeu_si512(buffer.data() + g * kRecord8 + s * 64, w[s]);
-    }
-    unpacked = buffer.data();
-  }
-  for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
-    tile6_vnni<kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
-  });
-}
-
 // A 5-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u.
 inline void five_steps_vnni(const uint8_t* rec, __m512i* w) {
   const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(0x01);
@@ -786,12 +683,14 @@ inline void five_steps_vnni(const uint8_t* rec, __m512i* w) {
   }
 }
 
-// As tile6_vnni, for 5-bit records: one scale per group, so the two chains (steps 0-3, 4-7:
-// shorter dependency chains) add up before it.
-template <bool kMin, int R>
-inline void tile5_vnni(const uint8_t* bytes, const uint8_t* unpacked, const QuantizedRows& xq, int64_t r0, int64_t k,
-                       float* acc) {
-  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+// unpacked: the block's records already as u (512 bytes a group, in_tiles_narrow's buffer), or
+// null to unpack each record here. 5-bit records have a scale per group: the two chains
+// (inputs 0-15 and 16-31, shorter dependency chains) add up before it.
+template <int Bits, bool kMin, int R>
+inline void tile_narrow_vnni(const uint8_t* bytes, const uint8_t* unpacked, const QuantizedRows& xq, int64_t r0,
+                             int64_t k, float* acc) {
+  using N = Narrow<Bits>;
+  constexpr int64_t record = N::bytes(kMin);
   const int64_t groups = k / kGroup;
   __m512 sums[R];
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
@@ -800,15 +699,19 @@ inline void tile5_vnni(const uint8_t* bytes, const uint8_t* unpacked, const Quan
     __m512i w[8];
     if (unpacked != nullptr) {
       for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(unpacked + g * kRecord8 + s * 64);
-    } else {
+    } else if constexpr (Bits == 5) {
       five_steps_vnni(rec, w);
+    } else {
+      six_steps_vnni(rec, w);
     }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 320)));
+    auto field = [&](int64_t at_byte) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + at_byte)));
+    };
     __m512i lo[R], hi[R];
     for (int i = 0; i < R; ++i) {
       const int64_t at = (r0 + i) * groups + g;
-      lo[i] = _mm512_set1_epi32(-16 * (xq.isum[2 * at] + xq.isum[2 * at + 1]));
-      hi[i] = _mm512_setzero_si512();
+      lo[i] = _mm512_set1_epi32(-N::kOffset * xq.isum[2 * at]);
+      hi[i] = _mm512_set1_epi32(-N::kOffset * xq.isum[2 * at + 1]);
     }
     for (int s = 0; s < 4; ++s)
       for (int i = 0; i < R; ++i) {
@@ -816,24 +719,32 @@ inline void tile5_vnni(const uint8_t* bytes, const uint8_t* unpacked, const Quan
         lo[i] = _mm512_dpbusd_epi32(lo[i], w[s], _mm512_set1_epi32(load4(xs)));
         hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
       }
+    const __m512 da = field(N::kWeightBytes);
+    const __m512 db = Bits == 5 ? da : field(N::kWeightBytes + 32);
     for (int i = 0; i < R; ++i) {
       const int64_t at = (r0 + i) * groups + g;
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[i], hi[i]));
-      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), _mm512_mul_ps(d, dot), sums[i]);
-      if constexpr (kMin) {
-        const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 352)));
-        sums[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[at]), sums[i]);
+      __m512 part;
+      if constexpr (Bits == 5) {
+        part = _mm512_mul_ps(da, _mm512_cvtepi32_ps(_mm512_add_epi32(lo[i], hi[i])));
+      } else {
+        part = _mm512_fmadd_ps(db, _mm512_cvtepi32_ps(hi[i]), _mm512_mul_ps(da, _mm512_cvtepi32_ps(lo[i])));
       }
+      sums[i] = _mm512_fmadd_ps(_mm512_set1_ps(xq.scale[at]), part, sums[i]);
+      if constexpr (kMin) sums[i] = _mm512_fmadd_ps(field(N::kMinAt), _mm512_set1_ps(xq.sum[at]), sums[i]);
     }
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc + i * kRows, sums[i]);
 }
 
-// As in_tiles6: a prefill pass's block unpacked once for all its tiles.
-template <bool kMin>
-void in_tiles5(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
-               float* acc) {
-  constexpr int64_t record = kMin ? kRecord5 + 32 : kRecord5;
+// Rows [row_begin, row_end) against one block of 5- or 6-bit records in tiles of up to 4 rows
+// (as in_tiles). For a prefill chunk's pass (more than 32 rows) the block's records are
+// unpacked once into a per-thread buffer that every tile reads (the unpacking is ~40 % of a
+// tile's work otherwise: 1B Q6_K prefill +10-15 %); decode batches unpack per tile (buffering
+// them made batch 8 slower here). The products are the same either way, bit for bit.
+template <int Bits, bool kMin>
+void in_tiles_narrow(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
+                     float* acc) {
+  constexpr int64_t record = Narrow<Bits>::bytes(kMin);
   const int64_t groups = k / kGroup;
   const uint8_t* unpacked = nullptr;
   if (row_end - row_begin > 32) {
@@ -841,13 +752,17 @@ void in_tiles5(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin,
     buffer.resize(groups * kRecord8);
     __m512i w[8];
     for (int64_t g = 0; g < groups; ++g) {
-      five_steps_vnni(block + g * record, w);
+      if constexpr (Bits == 5) {
+        five_steps_vnni(block + g * record, w);
+      } else {
+        six_steps_vnni(block + g * record, w);
+      }
       for (int s = 0; s < 8; ++s) _mm512_storeu_si512(buffer.data() + g * kRecord8 + s * 64, w[s]);
     }
     unpacked = buffer.data();
   }
   for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
-    tile5_vnni<kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
+    tile_narrow_vnni<Bits, kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
   });
 }
 
@@ -976,37 +891,19 @@ const BlockFn* q8_kernels_of() {
   return kernels;
 }
 
-template <bool kMin>
-const BlockFn* q6_kernels() {
+template <int Bits, bool kMin>
+const BlockFn* narrow_kernels() {
   static const BlockFn kernels[] = {
-      block6_scalar<kMin>,
+      block_narrow_scalar<Bits, kMin>,
 #ifdef SEMLINE_Q4_AVX2
-      block6_avx2<kMin>,
+      block_narrow_avx2<Bits, kMin>,
 #else
-      block6_scalar<kMin>,
+      block_narrow_scalar<Bits, kMin>,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      in_tiles6<kMin>,
+      in_tiles_narrow<Bits, kMin>,
 #else
-      block6_scalar<kMin>,
-#endif
-  };
-  return kernels;
-}
-
-template <bool kMin>
-const BlockFn* q5_kernels() {
-  static const BlockFn kernels[] = {
-      block5_scalar<kMin>,
-#ifdef SEMLINE_Q4_AVX2
-      block5_avx2<kMin>,
-#else
-      block5_scalar<kMin>,
-#endif
-#ifdef SEMLINE_Q4_VNNI
-      in_tiles5<kMin>,
-#else
-      block5_scalar<kMin>,
+      block_narrow_scalar<Bits, kMin>,
 #endif
   };
   return kernels;
@@ -1014,10 +911,10 @@ const BlockFn* q5_kernels() {
 
 const BlockFn* q8_kernels(int64_t record) {
   switch (format8_of(record)) {
-    case kFive: return q5_kernels<false>();
-    case kFiveMin: return q5_kernels<true>();
-    case kSix: return q6_kernels<false>();
-    case kSixMin: return q6_kernels<true>();
+    case kFive: return narrow_kernels<5, false>();
+    case kFiveMin: return narrow_kernels<5, true>();
+    case kSix: return narrow_kernels<6, false>();
+    case kSixMin: return narrow_kernels<6, true>();
     case kGroupScale: return q8_kernels_of<kGroupScale>();
     case kHalfScales: return q8_kernels_of<kHalfScales>();
     case kHalvesMin: return q8_kernels_of<kHalvesMin>();
