@@ -308,3 +308,10 @@ def test_a_gguf_of_every_type_generates_as_its_float_weights(tmp_path):
     floats = LLM(model=str(path), quantization="none", **settings).generate(prompts, params)
     compared = agreeing_greedy_tokens(floats, packed.generate(prompts, params))
     assert compared >= 20  # of 128 tokens (25 here: a random model has many near-ties)
+    # The head (49,152 rows) is packed CHUNK_ROWS rows at a time: the same bytes as at once.
+    from engine import gguf_weights
+    assert model.lm_head.out_features > gguf_weights.CHUNK_ROWS
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_weights, "CHUNK_ROWS", 1 << 30)
+        whole = LLM(model=str(path), quantization="auto", **settings)
+    assert torch.equal(whole.engine.runner.model.lm_head.q8_packed, model.lm_head.q8_packed)
