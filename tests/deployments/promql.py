@@ -23,9 +23,10 @@ def query(prometheus: str, promql: str) -> list[dict]:
     return resp.json()["data"]["result"]
 
 
-def value(prometheus: str, promql: str) -> float:
+def value(prometheus: str, promql: str, default: float | None = 0.0) -> float | None:
+    """The first series' value, or `default` where there is none yet."""
     result = query(prometheus, promql)
-    return float(result[0]["value"][1]) if result else 0.0
+    return float(result[0]["value"][1]) if result else default
 
 
 def by_label(prometheus: str, promql: str, label: str) -> dict[str, float]:
@@ -58,8 +59,7 @@ def settled(prometheus: str, promql: str, timeout: float = WAIT_S) -> float:
     readings: list[float] = []
 
     def read():
-        result = query(prometheus, promql)
-        readings.append(float(result[0]["value"][1]) if result else None)
+        readings.append(value(prometheus, promql, default=None))
         del readings[:-3]
         return list(readings)
 
