@@ -410,7 +410,7 @@ def file_linear(checkpoint: GGUFCheckpoint, parts: list, bias: torch.Tensor | No
     out_dtype = torch.uint8 if record == 320 else torch.int8
     packed = torch.empty(shape, dtype=out_dtype) if arenas is None else arenas.empty(shape, out_dtype)
     raws, firsts = [w[2] for w in windows], [w[3] for w in windows]
-    step = CHUNK_ROWS if len(windows) == 1 else len(row_src)
+    step = CHUNK_ROWS if len(windows) == 1 else max(1, len(row_src))  # CHUNK_ROWS: whole 16-row blocks
     for start in range(0, len(row_src), step):
         stop = min(start + step, len(row_src))
         kernel.gguf_pack(raws, kinds, firsts, row_part[start:stop], row_src[start:stop], k, record,
