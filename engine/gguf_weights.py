@@ -31,13 +31,14 @@ import math
 import mmap
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from engine.huge_pages import Arenas, return_freed_memory
-from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel
+from engine.quantization import CpuInt4Linear, CpuW8A8Linear, PackedEmbedding, _cpu_kernel, six_k_record
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +92,25 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def read_blocks(data: np.ndarray, rows: int, cols: int, kind: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor | None]:
-    """The blocks of a [rows, cols] tensor of a type in `_PACKED` as integers and their scales:
-    (q int8 [rows, cols], scales float32 [rows, cols / 32] (Q6_K: [rows, cols / 16], one per
-    16 weights), minimums float32 [rows, cols / 32] or None), with weight = q * scale + min
-    exactly as gguf's dequantizer computes it (K-quants: scale = d * sub-scale and
-    min = -(dmin * sub-min), in float32). Q4 types give q in 0..15, Q5 types 0..31 (Q5_0 as
-    q - 16), Q6_K q - 32, Q8_0 its int8."""
+class Blocks(NamedTuple):
+    """A tensor's blocks as integers and scales, w = q * scale + min (read_blocks)."""
+    q: torch.Tensor  # int8 [rows, cols]
+    scales: torch.Tensor  # float32 [rows, cols / 32] (Q6_K: [rows, cols / 16], one per 16 weights)
+    mins: torch.Tensor | None = None  # float32 [rows, cols / 32]
+    # Q6_K: its scales' factors as the file holds them, scale = super_scales * sub_scales (float32):
+    super_scales: torch.Tensor | None = None  # float32 [rows, cols / 256], the float16 d
+    sub_scales: torch.Tensor | None = None  # int8 [rows, cols / 16]
+
+
+def read_blocks(data: np.ndarray, rows: int, cols: int, kind: int) -> Blocks:
+    """The blocks of a [rows, cols] tensor of a type in `_PACKED` as integers and their scales
+    (`Blocks`), with weight = q * scale + min exactly as gguf's dequantizer computes it
+    (K-quants: scale = d * sub-scale and min = -(dmin * sub-min), in float32). Q4 types give q
+    in 0..15, Q5 types 0..31 (Q5_0 as q - 16), Q6_K q - 32 (and d and its sub-scales), Q8_0
+    its int8."""
     per, size = _BLOCK_BYTES[kind]
     b = np.ascontiguousarray(data).reshape(rows, cols // per, size)
-    mins = None
+    mins = factors = None
     if kind in (_Q4_0, _Q4_1):
         d = _f16(b[..., 0:2])
         mins = _f16(b[..., 2:4]) if kind == _Q4_1 else -8 * d  # exact: a power of two times a float16
@@ -129,18 +138,24 @@ def read_blocks(data: np.ndarray, rows: int, cols: int, kind: int) -> tuple[torc
         low = _nibbles(b[..., :128].reshape(rows, -1, 2, 64), 64)  # [.., 2 halves, 2, 64]
         high = (b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
         q = (low.reshape(rows, -1, 2, 4, 32) | (high << 4)).astype(np.int8) - 32
-        d = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+        factors = _f16(b[..., 208:210]), b[..., 192:208].view(np.int8)
+        d = factors[0][..., None] * factors[1].astype(np.float32)
     else:
         raise ValueError(f"GGUF type {kind} is not kept packed")
     q = torch.from_numpy(np.ascontiguousarray(q, dtype=np.int8).reshape(rows, cols))
     scales = torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32).reshape(rows, -1))
     if mins is not None:
         mins = torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(rows, -1))
-    return q, scales, mins
+    if factors is None:
+        return Blocks(q, scales, mins)
+    return Blocks(q, scales, mins, torch.from_numpy(np.ascontiguousarray(factors[0]).reshape(rows, -1)),
+                  torch.from_numpy(np.ascontiguousarray(factors[1]).reshape(rows, -1)))
 
 
-def blocks_to_float(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-    """read_blocks' integers and scales back to float32 weights (gguf's floats, exactly)."""
+def blocks_to_float(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None,
+                    *factors: torch.Tensor | None) -> torch.Tensor:
+    """read_blocks' integers and scales back to float32 weights (gguf's floats, exactly);
+    `factors` (a Blocks' Q6_K super- and sub-scales) are in `scales` already."""
     rows, cols = q.shape
     w = q.view(rows, scales.shape[1], -1).float() * scales[..., None]
     if mins is not None:
@@ -238,7 +253,7 @@ class GGUFCheckpoint:
         per = _BLOCK_BYTES[self.tensors[self.by_hf_name[part.name]]["type"]][0]
         return part.start % per == 0 and part.stop % per == 0
 
-    def blocks(self, hf_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    def blocks(self, hf_name: str) -> Blocks | None:
         """read_blocks of a checkpoint tensor the file holds in a type kept packed, else None
         (rows in Hugging Face's order: llama's q and k un-permuted)."""
         name = self.by_hf_name.get(hf_name)
@@ -249,7 +264,7 @@ class GGUFCheckpoint:
         found = read_blocks(data, rows, cols, entry["type"])
         self.release(name)
         heads = self._permuted_heads(hf_name)
-        return found if heads is None else tuple(None if t is None else _unpermute_rows(t, heads) for t in found)
+        return found if heads is None else Blocks(*(None if t is None else _unpermute_rows(t, heads) for t in found))
 
     def tensor_type(self, hf_name: str) -> int | None:
         name = self.by_hf_name.get(hf_name)
@@ -336,9 +351,13 @@ def packed_form(found: list[tuple]) -> tuple[int, torch.Tensor, torch.Tensor, to
     errors then meet weights half as large (a Q5_K_M file's perplexity 1.05 % above
     llama.cpp's -> 0.2 % below). Where every q is in -16..15 with a scale per group (Q4 and Q5
     types) the record is 5-bit; else where every q is in -32..31 (all but Q8_0) the scales are
-    per half group and the record 6-bit. Exact for Q4_0, Q4_1, Q5_0 and Q8_0 (float16 d and m in
-    the file); a K-quant's d * sub-scale, and a centred minimum, round to float16 (at most
-    2^-11 of it)."""
+    per half group and the record 6-bit: with the file's own scales where every part is Q6_K
+    (their float16 d and int8 sub-scales: six_k_record). Exact for Q4_0, Q4_1, Q5_0, Q6_K alone
+    and Q8_0 (float16 d and m in the file); a K-quant's d * sub-scale, and a centred minimum,
+    round to float16 (at most 2^-11 of it)."""
+    if _six_k(found):
+        return 6, torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found]), None
+    found = [tuple(f[:3]) for f in found]
     cols = found[0][0].shape[1]
     if all(int(q.min()) >= 0 and int(q.max()) <= 15 and m is not None and s.shape[1] * 32 == cols
            for q, s, m in found):
@@ -363,18 +382,29 @@ def packed_linear(found: list[tuple], bias: torch.Tensor | None, dtype: torch.dt
     4-bit; 5-bit where every weight is in -16..15 with a scale per group (Q5_0, the centred
     Q5_1 and Q5_K, Q4 types mixed in); 6-bit where every weight is in -32..31 (Q6_K, alone or
     with those); else 8-bit (Q8_0, and a layer with Q8_0 parts)."""
+    if _six_k(found):
+        q, d, sub = (torch.cat([f[i] for f in found]) for i in (0, 3, 4))
+        return CpuW8A8Linear.from_record(six_k_record(q, d, sub), q.shape[0], q.shape[1], bias, dtype)
     bits, q, scales, mins = packed_form(found)
     if bits == 4:
         return CpuInt4Linear(q.to(torch.int32), scales, mins, bias)
     return CpuW8A8Linear(q, None, bias, dtype, group_scales=scales, mins=mins, bits=bits)
 
 
+def _six_k(found: list[tuple]) -> bool:
+    """Whether every part's blocks are Q6_K's (read_blocks gave their scales' factors)."""
+    return all(len(f) > 4 and f[4] is not None for f in found)
+
+
 def record_bytes(kinds: list[int]) -> int:
     """The kernel record packed_form chooses for parts of these GGUF types: 320 (4-bit), 352 or
-    384 (5-bit, without or with minimums), 448 or 480 (6-bit), 544, 576 or 608 (8-bit: group
-    scales, half-group scales, halves and minimums)."""
+    384 (5-bit, without or with minimums), 420 (6-bit with Q6_K's own scales: every part Q6_K),
+    448 or 480 (6-bit), 544, 576 or 608 (8-bit: group scales, half-group scales, halves and
+    minimums)."""
     if all(k in _Q4 for k in kinds):
         return 320
+    if all(k == _Q6_K for k in kinds):
+        return 420
     mins = any(k in _UNSIGNED for k in kinds)
     if _Q8_0 not in kinds and _Q6_K not in kinds:
         return 384 if mins else 352

@@ -214,6 +214,21 @@ def six_bit_record(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([low, high, packed[..., 512:].view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
 
 
+def six_k_record(q: torch.Tensor, super_scales: torch.Tensor, sub_scales: torch.Tensor) -> torch.Tensor:
+    """Weights q in -32..31 [N, K] with a Q6_K file's own scales (float16 d per 256 weights,
+    float32 [N, K / 256]; int8 sub-scales per 16, [N, K / 16]) as the int8 kernel's super-block
+    record (engine/kernels/int4_gemm.cpp, kSixK: [N / 16, K / 32, 420] int8): per 16 rows and
+    256 inputs the rows' d, then per group its 6-bit weights and their sub-scales."""
+    n, k = q.shape
+    blocks, groups, pad = -(-n // 16), k // 32, -n % 16
+    weights = six_bit_record(_cpu_kernel().q8_pack((q + 32).contiguous(), torch.ones(n, 2 * groups), None))
+    sub = torch.nn.functional.pad(sub_scales, (0, 0, 0, pad)).view(blocks, 16, groups, 2)
+    records = torch.cat([weights[..., :384], sub.permute(0, 2, 3, 1).reshape(blocks, groups, 32)], dim=-1)
+    d = torch.nn.functional.pad(super_scales.half(), (0, 0, 0, pad)).view(blocks, 16, groups // 8)
+    d = d.permute(0, 2, 1).contiguous().view(torch.int8)  # [blocks, K / 256, 32 bytes]
+    return torch.cat([d, records.view(blocks, groups // 8, 8 * 416)], dim=-1).reshape(blocks, groups, 420)
+
+
 def five_bit_record(packed: torch.Tensor) -> torch.Tensor:
     """The int8 kernel's group-scale record (544 bytes: 512 weights u = q + 16 in 0..31, 32
     bytes of scales; 608 with the scales twice and 32 of minimums) as its 5-bit record (352,
@@ -258,6 +273,15 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     packed = module.q8_packed  # [N/16, K/32, 512 + 32 f]: 8 steps x 16 rows x 4 bytes, then float16 fields
     blocks, groups, record = packed.shape
     raw = packed[ids // 16]
+    rows, at = ids % 16, torch.arange(len(ids))
+    if record == 420:  # six_k_record: per 8 groups the rows' float16 d, then 8 x (weights, int8 sub-scales)
+        supers = raw.reshape(len(ids), groups // 8, 3360)
+        d = supers[..., :32].contiguous().view(torch.float16)[at, :, rows].float()  # [n, K / 256]
+        records = supers[..., 32:].reshape(len(ids), groups, 416)
+        q = _six_bit_weights(records[..., :384]).view(len(ids), groups, 8, 16, 4)[at, :, :, rows]
+        scales = records[..., 384:].reshape(len(ids), groups, 2, 16)[at, :, :, rows].float()
+        scales = scales * d.repeat_interleave(8, dim=1)[..., None]
+        return (q.reshape(len(ids), groups, 2, 16).float() * scales[..., None]).reshape(len(ids), -1)
     if record in (448, 480):  # the 6-bit record: its weights, then the half-group scales (and minimums)
         raw = torch.cat([_six_bit_weights(raw), raw[..., 384:]], dim=-1)
         record += 128
@@ -266,7 +290,6 @@ def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     elif record == 384:  # ... and the minimums: as the 8-bit halves-and-minimums record
         fields = raw[..., 320:]
         raw, record = torch.cat([_five_bit_weights(raw), fields[..., :32], fields], dim=-1), 608
-    rows, at = ids % 16, torch.arange(len(ids))
     q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
     fields = (record - 512) // 32
     if fields == 0:

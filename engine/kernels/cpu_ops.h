@@ -27,8 +27,9 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
 
 // gguf_pack.cpp: a layer's GGUF tensors (uint8 [rows, bytes] views of the file, kinds = GGML
 // types, each part's first block of its column window) packed straight into the 4-bit (record
-// 320) or 8-bit (448/480 6-bit, 544/576/608) kernel's records; output row r is row row_src[r]
-// of part row_part[r]; written into `out` where given ([ceil(N / 16), cols / 32, record]).
+// 320) or 8-bit (352/384 5-bit, 420/448/480 6-bit, 544/576/608) kernel's records; output row r
+// is row row_src[r] of part row_part[r]; written into `out` where given ([ceil(N / 16),
+// cols / 32, record]).
 torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vector<int64_t>& kinds,
                         const std::vector<int64_t>& first_blocks, const torch::Tensor& row_part,
                         const torch::Tensor& row_src, int64_t cols, int64_t record,

@@ -16,6 +16,8 @@
 //            a scale per group (and a minimum: 384, where a part has them);
 //   448/480  6-bit, u = q + 32 with q centred (unsigned types: q - 8 or q - 16, min + 8 or 16 times
 //            the scale), half-group scales (and minimums: 480, where a part has them);
+//   420  6-bit with the file's own scales (every part Q6_K): per super-block of 8 groups the
+//        16 rows' float16 d, then per group its weights and their int8 sub-scales;
 //   544/576/608  8-bit (a part is Q8_0): scales per group, per half group, halves and minimums.
 // Scales and minimums are rounded to float16 once (round to nearest even, as torch's .half()).
 
@@ -64,6 +66,8 @@ struct Group {
   float scale[2];
   float min;
   int centre;  // unsigned q: 8 (4-bit) or 16 (5-bit); 0 for signed q (and no minimum)
+  uint16_t super_d;  // Q6_K: the super-block's float16 d and the group's two int8 sub-scales
+  int8_t sub[2];
 };
 
 // Q4_K/Q5_K's 6-bit sub-block scale and minimum of sub-block s (ggml's get_scale_min_k4).
@@ -152,6 +156,9 @@ void decode_group(int64_t kind, const uint8_t* row, int64_t g, Group& out) {
         out.q[j] = static_cast<int8_t>((((ql[j] >> (4 * (t / 2))) & 0xF) | (((qh[j] >> (2 * t)) & 3) << 4)) - 32);
       out.scale[0] = d * static_cast<float>(sc[0]);
       out.scale[1] = d * static_cast<float>(sc[1]);
+      std::memcpy(&out.super_d, b + 208, 2);
+      out.sub[0] = sc[0];
+      out.sub[1] = sc[1];
       out.min = 0.0f;
       out.centre = 0;
       return;
@@ -169,9 +176,9 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
   const size_t parts = raws.size();
   TORCH_CHECK(parts > 0 && kinds.size() == parts && first_blocks.size() == parts, "one kind and window per part");
   TORCH_CHECK(cols > 0 && cols % kGroup == 0, "columns: a multiple of 32");
-  TORCH_CHECK(record == 320 || record == 352 || record == 384 || record == 448 || record == 480 || record == 544 ||
-                  record == 576 || record == 608,
-              "record: 320 (4-bit), 352/384 (5-bit), 448/480 (6-bit) or 544/576/608 (8-bit) bytes");
+  TORCH_CHECK(record == 320 || record == 352 || record == 384 || record == 420 || record == 448 || record == 480 ||
+                  record == 544 || record == 576 || record == 608,
+              "record: 320 (4-bit), 352/384 (5-bit), 420/448/480 (6-bit) or 544/576/608 (8-bit) bytes");
   TORCH_CHECK(row_part.scalar_type() == at::kLong && row_src.scalar_type() == at::kLong && row_part.dim() == 1 &&
                   row_src.sizes() == row_part.sizes(),
               "row_part, row_src: int64 [N]");
@@ -194,6 +201,7 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
     if (record == 352 || record == 448 || record == 544 || record == 576)
       TORCH_CHECK(kinds[p] == kQ5_0 || kinds[p] == kQ6_K || kinds[p] == kQ8_0, "a part with minimums needs a record with them");
     if (record == 544) TORCH_CHECK(kinds[p] != kQ6_K, "half-group scales need a record with them");
+    if (record == 420) TORCH_CHECK(kinds[p] == kQ6_K, "the record of super-block scales holds Q6_K only");
     starts[p] = raw.data_ptr<uint8_t>() + first_blocks[p] * shape.bytes;
     rows_of[p] = raw.size(0);
     stride[p] = raw.stride(0);
@@ -205,11 +213,13 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
                     src_of[r] < rows_of[part_of[r]],
                 "row ", r, ": no such part or source row");
 
-  const bool four = record == 320, five = record == 352 || record == 384, six = record == 448 || record == 480;
-  const int fields = four   ? 2
-                     : five ? static_cast<int>((record - 352) / 32 + 1)  // the scale (and the minimum)
-                     : six  ? static_cast<int>((record - 448) / 32 + 2)
-                            : static_cast<int>((record - 512) / 32);
+  const bool four = record == 320, five = record == 352 || record == 384, super = record == 420;
+  const bool six = super || record == 448 || record == 480;
+  const int fields = four    ? 2
+                     : five  ? static_cast<int>((record - 352) / 32 + 1)  // the scale (and the minimum)
+                     : super ? 0                                          // the int8 sub-scales
+                     : six   ? static_cast<int>((record - 448) / 32 + 2)
+                             : static_cast<int>((record - 512) / 32);
   const int64_t weight_bytes = four ? 256 : five ? 320 : six ? 384 : 512;
   const auto dtype = four ? at::kByte : at::kChar;
   torch::Tensor packed;
@@ -227,10 +237,14 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
     uint8_t layout[512];  // the 8-bit layout: step s (8), row j (16), 4 weights; 6-bit: u = q + 32, 5-bit: q + 16
     for (int64_t b = begin; b < end; ++b)
       for (int64_t g = 0; g < groups; ++g) {
-        uint8_t* rec = out + (b * groups + g) * record;
+        // 420 (int4_gemm.cpp's kSixK): super-block g / 8 (3,360 bytes) holds the 16 rows' d, then
+        // per group its weights (384 bytes) and sub-scales (32).
+        uint8_t* const head = out + b * groups * record + (g / 8) * 8 * record;
+        uint8_t* rec = super ? head + 32 + (g % 8) * 416 : out + (b * groups + g) * record;
         uint16_t* field = reinterpret_cast<uint16_t*>(rec + weight_bytes);
         std::memset(layout, 0, sizeof(layout));
-        std::memset(field, 0, record - weight_bytes);
+        std::memset(field, 0, (super ? 416 : record) - weight_bytes);
+        if (super && g % 8 == 0) std::memset(head, 0, 32);
         for (int64_t j = 0; j < kRows && b * kRows + j < n; ++j) {
           const int64_t r = b * kRows + j, p = part_of[r];
           decode_group(kinds[p], starts[p] + src_of[r] * stride[p], g, grp);
@@ -254,6 +268,10 @@ torch::Tensor gguf_pack(const std::vector<torch::Tensor>& raws, const std::vecto
           if (five) {
             field[j] = to_f16(grp.scale[0]);
             if (fields == 2) field[kRows + j] = to_f16(min);
+          } else if (super) {
+            reinterpret_cast<uint16_t*>(head)[j] = grp.super_d;
+            reinterpret_cast<int8_t*>(field)[j] = grp.sub[0];
+            reinterpret_cast<int8_t*>(field)[kRows + j] = grp.sub[1];
           } else if (fields == 1) {
             field[j] = to_f16(grp.scale[0]);
           } else {

@@ -47,8 +47,17 @@ constexpr int64_t kRows = 16;    // output rows per block
 constexpr int64_t kGroup = 32;   // inputs per group
 constexpr int64_t kRecord = 320; // bytes per (block, group)
 constexpr int64_t kNibbles = 256;
+constexpr int64_t kRecord6K = 420;  // the Q6_K record of the 8-bit kernel's (below): per group on average
 
 enum Path : int64_t { kBest = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
+// Each kernel asks for the weights 4 KiB ahead of those it reads, into L2 (a thread's blocks are
+// one run of memory): the hardware prefetchers alone left a 1B model's decode step at ~75 % of
+// the machine's read bandwidth (2-core Xeon: single stream Q6_K +22 %, Q8_0 +14 %, Q4_K_M
+// +13 %; batch 8 +9-15 %; 1, 2 and 8 KiB ahead and into L1 measured worse or no better).
+constexpr int64_t kPrefetchAhead = 4096;
+inline void prefetch_ahead(const uint8_t* record, int64_t bytes) {
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(record + kPrefetchAhead + at, 0, 2);
+}
 
 template <typename scalar_t>
 void quantize_rows_into(QuantizedRows& out, const scalar_t* x, int64_t rows, int64_t k, int64_t stride) {
@@ -139,6 +148,7 @@ void block_avx2(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin
     for (int64_t i = 0; i < 4; ++i) sums[i][0] = sums[i][1] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* rec = block + g * kRecord;
+      prefetch_ahead(rec, kRecord);
       for (int64_t h = 0; h < 2; ++h) {  // rows 0-7, 8-15 of the block
         __m256i lo[4], hi[4];
         for (int64_t s = 0; s < 4; ++s) {
@@ -184,6 +194,7 @@ inline void tile_vnni(const uint8_t* block, const QuantizedRows& xq, int64_t r0,
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* rec = block + g * kRecord;
+    prefetch_ahead(rec, kRecord);
     __m512i lo[4], hi[4];
     for (int s = 0; s < 4; ++s) {
       const __m512i w = _mm512_loadu_si512(rec + s * 64);
@@ -279,9 +290,11 @@ void blocks_range(BlockFn pass, const uint8_t* weights, int64_t record, const Qu
   }
 }
 
-// Whether `packed` is a pack's [blocks, groups, record] bytes, and one for K inputs and N outputs.
+// Whether `packed` is a pack's [blocks, groups, record] bytes (kSixK's: whole super-blocks),
+// and one for K inputs and N outputs.
 bool packed_layout(const torch::Tensor& packed, int64_t record) {
-  return packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous();
+  return packed.dim() == 3 && packed.size(2) == record && packed.element_size() == 1 && packed.is_contiguous() &&
+         (record != kRecord6K || packed.size(1) % 8 == 0);
 }
 bool packed_shape(const torch::Tensor& packed, int64_t k, int64_t n) {
   return packed.size(1) * kGroup == k && (n + kRows - 1) / kRows == packed.size(0);
@@ -419,7 +432,8 @@ namespace {
 
 constexpr int64_t kRecord8 = 512;
 enum Format8 : int {
-  kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4, kSixMin = 5, kFive = 6, kFiveMin = 7
+  kPerRow = 0, kGroupScale = 1, kHalfScales = 2, kHalvesMin = 3, kSix = 4, kSixMin = 5, kFive = 6, kFiveMin = 7,
+  kSixK = 8
 };
 // kSix (448 bytes): 6-bit weights u = q + 32 (q in -32..31, GGUF Q6_K's; Q5_0's q - 16 too) with
 // the half-group scales: 256 bytes of low nibbles (byte b: u's low 4 bits of 8-bit record byte
@@ -434,17 +448,25 @@ enum Format8 : int {
 // 16 float16 scales; 5.5 bits a weight, as the file's Q5_0 (6-bit records took 7). 16 * the
 // activations' integer sum per group comes off. kFiveMin (384 bytes): then 16 float16 minimums
 // per row and group (Q5_1, Q5_K; Q4 parts mixed in).
-constexpr int64_t kRecord6 = 448, kRecord5 = 352;
+// kSixK (420 bytes a group on average: a layer of Q6_K parts only, K a multiple of 256): the
+// file's own scales. A 16-row block is its super-blocks (8 groups: a Q6_K block's 256 inputs)
+// of 3,360 bytes each: the 16 rows' float16 d, then per group kSix's 384 bytes of weights and
+// 32 int8 sub-scales (16 rows for inputs 0-15, then 16 for 16-31). The half group's scale is
+// d * sub, exactly the file's; 6.56 bits a weight, the file's, where kSix's float16 scales
+// took 7. In the order the kernels read it: the d and sub-scales kept apart from the weights
+// (each group's weights 64-byte aligned) ran 12-17 % slower here.
+constexpr int64_t kRecord6 = 448, kRecord5 = 352, kSuper6K = 8 * kRecord6K;
 constexpr int64_t record8_bytes(int format) {
   return format == kSix      ? kRecord6
          : format == kSixMin ? kRecord6 + 32
          : format == kFive   ? kRecord5
          : format == kFiveMin ? kRecord5 + 32
+         : format == kSixK   ? kRecord6K
                               : kRecord8 + 32 * format;
 }
 
 int format8_of(int64_t record) {
-  for (int f = kPerRow; f <= kFiveMin; ++f)
+  for (int f = kPerRow; f <= kSixK; ++f)
     if (record == record8_bytes(f)) return f;
   return -1;
 }
@@ -463,31 +485,49 @@ inline uint8_t five_at(const uint8_t* rec, int64_t byte) {
   return low | (high << 4);
 }
 
-// The 5- and 6-bit records (kFive, kSix): where their fields lie. u = q + offset; the
-// float16 fields follow the weights: 5-bit a scale per group (then the minimum), 6-bit a
-// scale per half group, two (then the minimum).
-template <int Bits>
+// The 5- and 6-bit records (kFive, kSix, kSixK with kSuper): where their fields lie. u = q +
+// offset; the scales follow the weights: 5-bit a float16 scale per group (then the minimum),
+// 6-bit a float16 scale per half group, two (then the minimum), or with kSuper two int8
+// sub-scales times the super-block's float16 d.
+template <int Bits, bool kMin = false, bool kSuper = false>
 struct Narrow {
   static_assert(Bits == 5 || Bits == 6, "5- or 6-bit records");
+  static_assert(!kSuper || (Bits == 6 && !kMin), "super-block scales: 6-bit records without minimums");
   static constexpr int64_t kWeightBytes = Bits == 5 ? 320 : 384;
   static constexpr int64_t kMinAt = kWeightBytes + (Bits == 5 ? 32 : 64);
   static constexpr int32_t kOffset = Bits == 5 ? 16 : 32;
-  static constexpr int64_t bytes(bool with_min) { return (Bits == 5 ? kRecord5 : kRecord6) + (with_min ? 32 : 0); }
+  static constexpr int64_t kRecord = kSuper ? kRecord6K : (Bits == 5 ? kRecord5 : kRecord6) + (kMin ? 32 : 0);
   static uint8_t at(const uint8_t* rec, int64_t byte) { return Bits == 5 ? five_at(rec, byte) : six_at(rec, byte); }
+  // Group g's record (its weights, then its scales and minimum) in a block's bytes; kSuper:
+  // its weights only.
+  static const uint8_t* record(const uint8_t* block, int64_t g) {
+    return kSuper ? block + (g / 8) * kSuper6K + 32 + (g % 8) * (384 + 32) : block + g * kRecord;
+  }
+  // Group g's scales: float16 (two for 6-bit: inputs 0-15, 16-31), kSuper's int8 sub-scales.
+  static const uint8_t* scales(const uint8_t* block, int64_t g) { return record(block, g) + kWeightBytes; }
+  // kSuper: the 16 float16 d of group g's super-block.
+  static const uint8_t* super(const uint8_t* block, int64_t g) { return block + (g / 8) * kSuper6K; }
+  // Row j's scale for half h (6-bit) of group g, in float32.
+  static float half_scale(const uint8_t* block, int64_t g, int64_t h, int64_t j) {
+    if constexpr (kSuper) {
+      const uint16_t* d = reinterpret_cast<const uint16_t*>(super(block, g));
+      return half_to_float(d[j]) * static_cast<float>(reinterpret_cast<const int8_t*>(scales(block, g))[h * kRows + j]);
+    } else {
+      return half_to_float(reinterpret_cast<const uint16_t*>(scales(block, g))[h * kRows + j]);
+    }
+  }
 };
 
-template <int Bits, bool kMin>
+template <int Bits, bool kMin, bool kSuper = false>
 void block_narrow_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                          float* acc) {
-  using N = Narrow<Bits>;
-  constexpr int64_t record = N::bytes(kMin);
+  using N = Narrow<Bits, kMin, kSuper>;
   const int64_t groups = k / kGroup;
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* out = acc + (r - row_begin) * kRows;
     for (int64_t j = 0; j < kRows; ++j) out[j] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * record;
-      const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + N::kWeightBytes);
+      const uint8_t* rec = N::record(bytes, g);
       const uint16_t* m = reinterpret_cast<const uint16_t*>(rec + N::kMinAt);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const int64_t at = r * groups + g;
@@ -496,10 +536,10 @@ void block_narrow_scalar(const uint8_t* bytes, const QuantizedRows& xq, int64_t 
         for (int64_t s = 0; s < 8; ++s)
           for (int64_t b = 0; b < 4; ++b) dot[s / 4] += static_cast<int32_t>(N::at(rec, s * 64 + j * 4 + b)) * xs[4 * s + b];
         if constexpr (Bits == 5) {
-          out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0] + dot[1]));
+          out[j] += xq.scale[at] * (N::half_scale(bytes, g, 0, j) * static_cast<float>(dot[0] + dot[1]));
         } else {
-          out[j] += xq.scale[at] * (half_to_float(d[j]) * static_cast<float>(dot[0]) +
-                                    half_to_float(d[kRows + j]) * static_cast<float>(dot[1]));
+          out[j] += xq.scale[at] * (N::half_scale(bytes, g, 0, j) * static_cast<float>(dot[0]) +
+                                    N::half_scale(bytes, g, 1, j) * static_cast<float>(dot[1]));
         }
         if constexpr (kMin) out[j] += half_to_float(m[j]) * xq.sum[at];
       }
@@ -549,6 +589,7 @@ void block8_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begi
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* base = bytes + g * record;
+      prefetch_ahead(base, record);
       const int8_t* rec = reinterpret_cast<const int8_t*>(base);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const __m256 scale = _mm256_set1_ps(xq.scale[r * groups + g]);
@@ -608,17 +649,17 @@ inline void five_steps_avx2(const uint8_t* rec, int64_t h, __m256i* w) {
   }
 }
 
-template <int Bits, bool kMin>
+template <int Bits, bool kMin, bool kSuper = false>
 void block_narrow_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                        float* acc) {
-  using N = Narrow<Bits>;
-  constexpr int64_t record = N::bytes(kMin);
+  using N = Narrow<Bits, kMin, kSuper>;
   const int64_t groups = k / kGroup;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = row_begin; r < row_end; ++r) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = bytes + g * record;
+      const uint8_t* rec = N::record(bytes, g);
+      prefetch_ahead(rec, N::kRecord);
       const int8_t* xs = xq.q.data() + r * k + g * kGroup;
       const int64_t at = r * groups + g;
       for (int64_t h = 0; h < 2; ++h) {
@@ -641,6 +682,14 @@ void block_narrow_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t ro
         __m256 part;
         if constexpr (Bits == 5) {
           part = _mm256_mul_ps(field(N::kWeightBytes), _mm256_cvtepi32_ps(_mm256_add_epi32(a, b)));
+        } else if constexpr (kSuper) {  // d * the int8 sub-scales of rows 8h .. 8h + 7
+          const __m256 d =
+              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(N::super(bytes, g) + h * 16)));
+          auto sub = [&](int64_t half) {
+            const __m128i s8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(N::scales(bytes, g) + half * 16 + h * 8));
+            return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)));
+          };
+          part = _mm256_fmadd_ps(sub(1), _mm256_cvtepi32_ps(b), _mm256_mul_ps(sub(0), _mm256_cvtepi32_ps(a)));
         } else {
           part = _mm256_fmadd_ps(field(N::kWeightBytes + 32), _mm256_cvtepi32_ps(b),
                                  _mm256_mul_ps(field(N::kWeightBytes), _mm256_cvtepi32_ps(a)));
@@ -656,46 +705,53 @@ void block_narrow_avx2(const uint8_t* bytes, const QuantizedRows& xq, int64_t ro
 #endif
 
 #ifdef SEMLINE_Q4_VNNI
-// A 6-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u.
+// (a & 0x0F) | high per byte, `high` already masked to bits 4-5: one vpternlogd.
+inline __m512i nibble_or(__m512i a, __m512i high) {
+  return _mm512_ternarylogic_epi32(a, high, _mm512_set1_epi8(0x0F), 0xEC);  // (A & C) | B
+}
+
+// A 6-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u: each a byte's
+// nibble and its two high bits, shifted (16-bit lanes: no bit that matters crosses a byte) to
+// bits 4-5.
 inline void six_steps_vnni(const uint8_t* rec, __m512i* w) {
-  const __m512i low = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x03);
+  const __m512i pair = _mm512_set1_epi8(0x30);
   const __m512i h0 = _mm512_loadu_si512(rec + 256), h1 = _mm512_loadu_si512(rec + 320);
   for (int s = 0; s < 4; ++s) {
     const __m512i l = _mm512_loadu_si512(rec + s * 64);
-    const __m512i hb_lo = (s % 2) ? h1 : h0;  // steps s and s + 4 share bytes b % 128
-    w[s] = _mm512_or_si512(_mm512_and_si512(l, low),
-                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb_lo, 2 * (s / 2)), two), 4));
-    w[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low),
-                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb_lo, 2 * (s / 2) + 4), two), 4));
+    const __m512i hb = (s % 2) ? h1 : h0;  // steps s and s + 4 share bytes b % 128: bits 2 (s / 2), 2 (s / 2) + 4
+    const __m512i a = s < 2 ? _mm512_slli_epi16(hb, 4) : _mm512_slli_epi16(hb, 2);
+    const __m512i b = s < 2 ? hb : _mm512_srli_epi16(hb, 2);
+    w[s] = nibble_or(l, _mm512_and_si512(a, pair));
+    w[s + 4] = nibble_or(_mm512_srli_epi16(l, 4), _mm512_and_si512(b, pair));
   }
 }
 
-// A 5-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u.
+// A 5-bit record's 8 steps (64 bytes: 16 rows x 4 weights each) as unsigned u (bit s and
+// s + 4 of the high byte to bit 4).
 inline void five_steps_vnni(const uint8_t* rec, __m512i* w) {
-  const __m512i low = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(0x01);
+  const __m512i bit = _mm512_set1_epi8(0x10);
   const __m512i hb = _mm512_loadu_si512(rec + 256);
   for (int s = 0; s < 4; ++s) {
     const __m512i l = _mm512_loadu_si512(rec + s * 64);
-    w[s] = _mm512_or_si512(_mm512_and_si512(l, low),
-                           _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, s), one), 4));
-    w[s + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low),
-                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, s + 4), one), 4));
+    w[s] = nibble_or(l, _mm512_and_si512(_mm512_slli_epi16(hb, 4 - s), bit));
+    w[s + 4] = nibble_or(_mm512_srli_epi16(l, 4), _mm512_and_si512(_mm512_srli_epi16(hb, s), bit));
   }
 }
 
 // unpacked: the block's records already as u (512 bytes a group, in_tiles_narrow's buffer), or
 // null to unpack each record here. 5-bit records have a scale per group: the two chains
 // (inputs 0-15 and 16-31, shorter dependency chains) add up before it.
-template <int Bits, bool kMin, int R>
+template <int Bits, bool kMin, bool kSuper, int R>
 inline void tile_narrow_vnni(const uint8_t* bytes, const uint8_t* unpacked, const QuantizedRows& xq, int64_t r0,
                              int64_t k, float* acc) {
-  using N = Narrow<Bits>;
-  constexpr int64_t record = N::bytes(kMin);
+  using N = Narrow<Bits, kMin, kSuper>;
   const int64_t groups = k / kGroup;
   __m512 sums[R];
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
+  __m512 d_super = _mm512_setzero_ps();  // kSuper: the super-block's d of the 16 rows
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* rec = bytes + g * record;
+    const uint8_t* rec = N::record(bytes, g);
+    prefetch_ahead(rec, N::kRecord);
     __m512i w[8];
     if (unpacked != nullptr) {
       for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(unpacked + g * kRecord8 + s * 64);
@@ -719,8 +775,20 @@ inline void tile_narrow_vnni(const uint8_t* bytes, const uint8_t* unpacked, cons
         lo[i] = _mm512_dpbusd_epi32(lo[i], w[s], _mm512_set1_epi32(load4(xs)));
         hi[i] = _mm512_dpbusd_epi32(hi[i], w[s + 4], _mm512_set1_epi32(load4(xs + 16)));
       }
-    const __m512 da = field(N::kWeightBytes);
-    const __m512 db = Bits == 5 ? da : field(N::kWeightBytes + 32);
+    __m512 da, db;
+    if constexpr (kSuper) {
+      if (g % 8 == 0)
+        d_super = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(N::super(bytes, g))));
+      auto sub = [&](int64_t half) {
+        const __m128i s8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(N::scales(bytes, g) + half * 16));
+        return _mm512_mul_ps(d_super, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s8)));
+      };
+      da = sub(0);
+      db = sub(1);
+    } else {
+      da = field(N::kWeightBytes);
+      db = Bits == 5 ? da : field(N::kWeightBytes + 32);
+    }
     for (int i = 0; i < R; ++i) {
       const int64_t at = (r0 + i) * groups + g;
       __m512 part;
@@ -741,10 +809,10 @@ inline void tile_narrow_vnni(const uint8_t* bytes, const uint8_t* unpacked, cons
 // unpacked once into a per-thread buffer that every tile reads (the unpacking is ~40 % of a
 // tile's work otherwise: 1B Q6_K prefill +10-15 %); decode batches unpack per tile (buffering
 // them made batch 8 slower here). The products are the same either way, bit for bit.
-template <int Bits, bool kMin>
+template <int Bits, bool kMin, bool kSuper = false>
 void in_tiles_narrow(const uint8_t* block, const QuantizedRows& xq, int64_t row_begin, int64_t row_end, int64_t k,
                      float* acc) {
-  constexpr int64_t record = Narrow<Bits>::bytes(kMin);
+  using N = Narrow<Bits, kMin, kSuper>;
   const int64_t groups = k / kGroup;
   const uint8_t* unpacked = nullptr;
   if (row_end - row_begin > 32) {
@@ -753,16 +821,16 @@ void in_tiles_narrow(const uint8_t* block, const QuantizedRows& xq, int64_t row_
     __m512i w[8];
     for (int64_t g = 0; g < groups; ++g) {
       if constexpr (Bits == 5) {
-        five_steps_vnni(block + g * record, w);
+        five_steps_vnni(N::record(block, g), w);
       } else {
-        six_steps_vnni(block + g * record, w);
+        six_steps_vnni(N::record(block, g), w);
       }
       for (int s = 0; s < 8; ++s) _mm512_storeu_si512(buffer.data() + g * kRecord8 + s * 64, w[s]);
     }
     unpacked = buffer.data();
   }
   for_row_tiles(row_begin, row_end, acc, [&](auto rows, int64_t r0, float* out) {
-    tile_narrow_vnni<Bits, kMin, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
+    tile_narrow_vnni<Bits, kMin, kSuper, decltype(rows)::value>(block, unpacked, xq, r0, k, out);
   });
 }
 
@@ -776,6 +844,7 @@ inline void tile8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* base = bytes + g * record;
+    prefetch_ahead(base, record);
     __m512i w[8];
     for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(base + s * 64);
     // Two chains per row: inputs 0-15 (steps 0-3) and 16-31 (steps 4-7), each less 128 * its sum(w).
@@ -891,19 +960,19 @@ const BlockFn* q8_kernels_of() {
   return kernels;
 }
 
-template <int Bits, bool kMin>
+template <int Bits, bool kMin, bool kSuper = false>
 const BlockFn* narrow_kernels() {
   static const BlockFn kernels[] = {
-      block_narrow_scalar<Bits, kMin>,
+      block_narrow_scalar<Bits, kMin, kSuper>,
 #ifdef SEMLINE_Q4_AVX2
-      block_narrow_avx2<Bits, kMin>,
+      block_narrow_avx2<Bits, kMin, kSuper>,
 #else
-      block_narrow_scalar<Bits, kMin>,
+      block_narrow_scalar<Bits, kMin, kSuper>,
 #endif
 #ifdef SEMLINE_Q4_VNNI
-      in_tiles_narrow<Bits, kMin>,
+      in_tiles_narrow<Bits, kMin, kSuper>,
 #else
-      block_narrow_scalar<Bits, kMin>,
+      block_narrow_scalar<Bits, kMin, kSuper>,
 #endif
   };
   return kernels;
@@ -915,6 +984,7 @@ const BlockFn* q8_kernels(int64_t record) {
     case kFiveMin: return narrow_kernels<5, true>();
     case kSix: return narrow_kernels<6, false>();
     case kSixMin: return narrow_kernels<6, true>();
+    case kSixK: return narrow_kernels<6, false, true>();
     case kGroupScale: return q8_kernels_of<kGroupScale>();
     case kHalfScales: return q8_kernels_of<kHalfScales>();
     case kHalvesMin: return q8_kernels_of<kHalvesMin>();

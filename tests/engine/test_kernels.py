@@ -404,9 +404,9 @@ def test_gguf_blocks_kept_packed_compute_their_dequantized_product(kind):
     layer = packed_linear([found], None, torch.float32)
     assert four_bit == kind.startswith("Q4") and isinstance(layer, CpuInt4Linear if four_bit else CpuW8A8Linear)
     if not four_bit:  # the record: 5-bit (q in -16..15, group scales), 6-bit (-32..31, half-group scales), 8-bit
-        assert layer.q8_packed.shape[2] == {"Q5_0": 352, "Q6_K": 448, "Q8_0": 544, "Q5_1": 384, "Q5_K": 384}[kind]
+        assert layer.q8_packed.shape[2] == {"Q5_0": 352, "Q6_K": 420, "Q8_0": 544, "Q5_1": 384, "Q5_K": 384}[kind]
     held = blocks_to_float(q, scales, mins)
-    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q6_K", "Q8_0"):
         assert torch.equal(held, weight)
     else:
         assert (held - weight).abs().max() <= 2**-10 * weight.abs().max()
@@ -453,7 +453,7 @@ def test_a_layer_of_mixed_gguf_types_packs_every_part_in_one_record():
 
 @pytest.mark.parametrize("kinds", [[kind] for kind in GGUF_PACKED_TYPES]
                          + [["Q4_K", "Q6_K", "Q8_0"], ["Q4_K", "Q4_K", "Q6_K"], ["Q5_K", "Q4_0"], ["Q4_1", "Q4_K"],
-                            ["Q8_0", "Q6_K"], ["Q5_0", "Q6_K"], ["Q5_0", "Q5_1", "Q4_K"]])
+                            ["Q8_0", "Q6_K"], ["Q5_0", "Q6_K"], ["Q5_0", "Q5_1", "Q4_K"], ["Q6_K", "Q6_K"]])
 def test_gguf_blocks_packed_in_place_are_the_records_of_their_integers(kinds):
     """The extension's gguf_pack, reading the file's bytes in place, writes byte for byte the
     records packed_linear makes of read_blocks' integers and scales, for every type and the
