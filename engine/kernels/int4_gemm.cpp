@@ -423,10 +423,11 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 //   608 (kHalvesMin): those and 16 float16 minimums m per row and group, w = q * d + m
 //        (Q5_1, Q5_K, and a layer whose parts mix them).
 // The group formats take a row scale of 1 (the kernels multiply by what they are given).
-// VNNI multiplies unsigned by signed bytes, so the activations go in offset by 128
-// (xq + 128 = xq ^ 0x80) and 128 * sum(w) comes off, sum(w) itself one more vpdpbusd chain per
-// block and half group shared by every activation row; AVX2 takes |w| and moves w's sign onto
-// the activation (vpsignb), as llama.cpp does, so no pair sum saturates.
+// VNNI multiplies unsigned by signed bytes, so the weights go in offset by 128 (w + 128 =
+// w ^ 0x80, once per record for every activation row) and 128 * the activations' integer sum
+// per half group (quantize_rows' isum) comes off, as the 5- and 6-bit records' offsets do;
+// AVX2 takes |w| and moves w's sign onto the activation (vpsignb), as llama.cpp does, so no
+// pair sum saturates.
 
 namespace {
 
@@ -838,31 +839,26 @@ template <int F, int R>
 inline void tile8_vnni(const uint8_t* bytes, const QuantizedRows& xq, int64_t r0, int64_t k, float* acc) {
   constexpr int64_t record = record8_bytes(F);
   const int64_t groups = k / kGroup;
-  const __m512i ones = _mm512_set1_epi8(1);
   const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   __m512 sums[R];
   for (int i = 0; i < R; ++i) sums[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* base = bytes + g * record;
     prefetch_ahead(base, record);
-    __m512i w[8];
-    for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(base + s * 64);
-    // Two chains per row: inputs 0-15 (steps 0-3) and 16-31 (steps 4-7), each less 128 * its sum(w).
-    __m512i wsum_a = _mm512_setzero_si512(), wsum_b = _mm512_setzero_si512();
-    for (int s = 0; s < 4; ++s) {
-      wsum_a = _mm512_dpbusd_epi32(wsum_a, ones, w[s]);
-      wsum_b = _mm512_dpbusd_epi32(wsum_b, ones, w[s + 4]);
-    }
+    __m512i u[8];  // w + 128
+    for (int s = 0; s < 8; ++s) u[s] = _mm512_xor_si512(_mm512_loadu_si512(base + s * 64), flip);
+    // Two chains per row: inputs 0-15 (steps 0-3) and 16-31 (steps 4-7), each less 128 * its sum(x).
     __m512i lo[R], hi[R];
     for (int i = 0; i < R; ++i) {
-      lo[i] = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), wsum_a), 7);
-      hi[i] = _mm512_slli_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), wsum_b), 7);
+      const int64_t at = (r0 + i) * groups + g;
+      lo[i] = _mm512_set1_epi32(-128 * xq.isum[2 * at]);
+      hi[i] = _mm512_set1_epi32(-128 * xq.isum[2 * at + 1]);
     }
     for (int s = 0; s < 4; ++s)
       for (int i = 0; i < R; ++i) {
         const int8_t* xs = xq.q.data() + (r0 + i) * k + g * kGroup + 4 * s;
-        lo[i] = _mm512_dpbusd_epi32(lo[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs)), flip), w[s]);
-        hi[i] = _mm512_dpbusd_epi32(hi[i], _mm512_xor_si512(_mm512_set1_epi32(load4(xs + 16)), flip), w[s + 4]);
+        lo[i] = _mm512_dpbusd_epi32(lo[i], u[s], _mm512_set1_epi32(load4(xs)));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], u[s + 4], _mm512_set1_epi32(load4(xs + 16)));
       }
     auto scales_at = [&](int i) {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + kRecord8 + i * 32)));
