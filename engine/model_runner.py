@@ -23,7 +23,7 @@ from engine.kernels.decode_stack import DecodeStack
 from engine.loader import gguf_source, load_weights
 from engine.lora import LoRAAdapter, LoRALinear, LoRAState, LoRAStep, wrap_lora_projections
 from engine.models import TruncatedModel, build_model
-from engine.models.layers import MoE, RMSNorm, RotaryEmbedding
+from engine.models.layers import GatedMLP, MoE, RMSNorm, RotaryEmbedding
 from engine.models.linear import OneDNNLinear, onednn_available, onednn_dtypes, prepack_linears
 from engine.parallel import TensorParallel
 from engine.quantization import CpuInt4Linear, CpuW8A8Linear, quantize_model
@@ -165,9 +165,9 @@ class ModelRunner:
             wrap_lora_projections(model, model.weight_map(), self.lora)
         self.model = model.eval()
         self.decode_kernel = self._pick_decode_kernel()
-        if self.decode_kernel is not None:  # its fused RMSNorm and rotary too
+        if self.decode_kernel is not None:  # its fused RMSNorm, rotary and SiLU product too
             for module in [*model.modules(), *model.rotary.values()]:  # rotary tables: a plain dict
-                if isinstance(module, (RMSNorm, RotaryEmbedding)):
+                if isinstance(module, (RMSNorm, RotaryEmbedding, GatedMLP)):
                     module.kernel = self.decode_kernel
         self.triton_attention = self._use_triton()
         # The layers of pure decode steps in one call to the CPU extension, where they qualify.

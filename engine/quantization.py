@@ -240,68 +240,14 @@ def five_bit_record(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([low, high, fields.view(torch.uint8)], dim=-1).view(torch.int8).contiguous()
 
 
-def _five_bit_weights(record: torch.Tensor) -> torch.Tensor:
-    """five_bit_record's bytes [..., 352] -> the 512 int8 weights q of the 8-bit layout."""
-    record = record.view(torch.uint8)
-    low = torch.cat([record[..., :256] & 0x0F, record[..., :256] >> 4], dim=-1)
-    high = torch.cat([(record[..., 256:320] >> t) & 1 for t in range(8)], dim=-1)
-    return (low | (high << 4)).to(torch.int8) - 16
-
-
-def _six_bit_weights(record: torch.Tensor) -> torch.Tensor:
-    """six_bit_record's bytes [..., 448] -> the 512 int8 weights q of the 8-bit layout."""
-    record = record.view(torch.uint8)
-    low = torch.cat([record[..., :256] & 0x0F, record[..., :256] >> 4], dim=-1)
-    high = record[..., 256:384]
-    high = torch.cat([(high >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)
-    return (low | (high << 4)).to(torch.int8) - 32
-
-
 def packed_rows(module: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of a packed layer's weight matrix ([len(ids), K] float32, as its kernel
-    reads them): a CpuW8A8Linear of any record format or a CpuInt4Linear on semline's kernel."""
+    reads them): a CpuW8A8Linear of any record format or a CpuInt4Linear on semline's kernel
+    (the extension's packed_rows: a prefill's 512 lookups ~1 ms where indexing the records
+    in PyTorch took ~60)."""
     if isinstance(module, CpuInt4Linear):
-        packed = module.q4_packed  # [N/16, K/32, 320]: 4 steps x 16 rows x 4 bytes, then d[16], m[16]
-        blocks, groups = packed.shape[:2]
-        raw = packed[ids // 16]  # [n, G, 320]
-        rows = ids % 16
-        at = torch.arange(len(ids))
-        nibbles = raw[..., :256].view(len(ids), groups, 4, 16, 4)[at, :, :, rows]  # [n, G, 4 steps, 4]
-        q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=3).reshape(len(ids), groups, 32)  # k = 8 s + 4 h + i
-        halves = raw[..., 256:].contiguous().view(torch.float16).view(len(ids), groups, 2, 16)[at, :, :, rows]
-        return (q.float() * halves[..., 0, None].float() + halves[..., 1, None].float()).reshape(len(ids), -1)
-    packed = module.q8_packed  # [N/16, K/32, 512 + 32 f]: 8 steps x 16 rows x 4 bytes, then float16 fields
-    blocks, groups, record = packed.shape
-    raw = packed[ids // 16]
-    rows, at = ids % 16, torch.arange(len(ids))
-    if record == 420:  # six_k_record: per 8 groups the rows' float16 d, then 8 x (weights, int8 sub-scales)
-        supers = raw.reshape(len(ids), groups // 8, 3360)
-        d = supers[..., :32].contiguous().view(torch.float16)[at, :, rows].float()  # [n, K / 256]
-        records = supers[..., 32:].reshape(len(ids), groups, 416)
-        q = _six_bit_weights(records[..., :384]).view(len(ids), groups, 8, 16, 4)[at, :, :, rows]
-        scales = records[..., 384:].reshape(len(ids), groups, 2, 16)[at, :, :, rows].float()
-        scales = scales * d.repeat_interleave(8, dim=1)[..., None]
-        return (q.reshape(len(ids), groups, 2, 16).float() * scales[..., None]).reshape(len(ids), -1)
-    if record in (448, 480):  # the 6-bit record: its weights, then the half-group scales (and minimums)
-        raw = torch.cat([_six_bit_weights(raw), raw[..., 384:]], dim=-1)
-        record += 128
-    elif record == 352:  # the 5-bit record: its weights, then the group scales
-        raw, record = torch.cat([_five_bit_weights(raw), raw[..., 320:]], dim=-1), 544
-    elif record == 384:  # ... and the minimums: as the 8-bit halves-and-minimums record
-        fields = raw[..., 320:]
-        raw, record = torch.cat([_five_bit_weights(raw), fields[..., :32], fields], dim=-1), 608
-    q = raw[..., :512].view(len(ids), groups, 8, 16, 4)[at, :, :, rows].reshape(len(ids), groups, 32).float()
-    fields = (record - 512) // 32
-    if fields == 0:
-        return q.reshape(len(ids), -1) * module.scales[ids, None]
-    f16 = raw[..., 512:].contiguous().view(torch.float16).view(len(ids), groups, fields, 16)[at, :, :, rows].float()
-    if fields == 1:
-        w = q * f16[..., 0, None]
-    else:
-        w = (q.view(len(ids), groups, 2, 16) * f16[..., :2, None]).view(len(ids), groups, 32)
-        if fields == 3:
-            w = w + f16[..., 2, None]
-    return w.reshape(len(ids), -1)
+        return module.kernel.packed_rows(module.q4_packed, ids, module.out_features)
+    return module.kernel.packed_rows(module.q8_packed, ids, module.out_features, module.scales)
 
 
 class PackedEmbedding(nn.Module):

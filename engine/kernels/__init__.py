@@ -71,7 +71,7 @@ def load_paged_attention():
         if ninja is not None:  # torch runs `ninja` from PATH: the one _ninja chose, first (while it builds)
             os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + (path or "")
         try:
-            return load(
+            module = load(
                 name="semline_paged_attention",
                 sources=[str(source) for source in _SOURCES],
                 # No contraction into FMAs: the fused RMSNorm and rotary round as PyTorch does.
@@ -85,9 +85,33 @@ def load_paged_attention():
                 os.environ.pop("PATH", None)
             else:
                 os.environ["PATH"] = path
+        module.set_unpack_rows(unpack_rows())
+        return module
     except Exception as exc:  # no compiler, no ninja, unsupported platform...
         logger.warning("paged attention kernel unavailable (%s); using the PyTorch path", exc)
         return None
+
+
+# From this many activation rows (a prefill chunk's tokens), the 4- and 8-bit layers multiply
+# bfloat16 activations by their weights unpacked to bfloat16 through torch's matmul, where
+# oneDNN runs it on the AMX tiles: 2.9-3.9x the int8 kernels at 512 rows of a 2048 x 8192
+# layer on a 2-core Xeon (unpacking included); even at 64 rows, ahead from ~100.
+UNPACK_ROWS_WITH_AMX = 128
+
+
+def unpack_rows() -> int:
+    """Where the packed layers switch to unpacked bfloat16 weights: $SEMLINE_UNPACK_ROWS if set
+    (0: never), else UNPACK_ROWS_WITH_AMX on a CPU whose AMX tiles the kernel grants to this
+    process, else never (AVX-512 bf16 dot products alone are no faster than the int8 kernels'
+    VNNI: not measured here, so not assumed)."""
+    configured = os.environ.get("SEMLINE_UNPACK_ROWS")
+    if configured:
+        return max(int(configured), 0)
+    try:
+        amx = torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
+    except (AttributeError, RuntimeError):  # a torch without the probes
+        amx = False
+    return UNPACK_ROWS_WITH_AMX if amx else 0
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,16 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int
 torch::Tensor q8_pack(torch::Tensor q, c10::optional<torch::Tensor> scales, c10::optional<torch::Tensor> mins);
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& bias, int64_t path);
+// A pack's weights [N, K] in bfloat16 (each q * a + m in float32, times `scales` where given,
+// rounded once): what prefill chunks multiply on AMX. From set_unpack_rows' rows up (0: never),
+// q4_linear and q8_linear on bfloat16 activations (path -1) unpack and call torch's matmul, at
+// most slab_weights weights at a time (a slab of whole 16-row blocks; at least one).
+torch::Tensor unpack_weights(const torch::Tensor& packed, int64_t n, const c10::optional<torch::Tensor>& scales);
+// Rows `ids` of the same weights in float32 [M, K] (a tied or packed embedding's lookups).
+torch::Tensor packed_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t n,
+                          const c10::optional<torch::Tensor>& scales);
+void set_unpack_rows(int64_t rows, int64_t slab_weights);
+int64_t unpack_rows();
 
 // gguf_pack.cpp: a layer's GGUF tensors (uint8 [rows, bytes] views of the file, kinds = GGML
 // types, each part's first block of its column window) packed straight into the 4-bit (record

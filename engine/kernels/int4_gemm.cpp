@@ -406,9 +406,18 @@ const BlockFn* q4_kernels() {
 
 }  // namespace
 
+// Prefill chunks' products through bfloat16 weights (the last section of this file).
+bool unpacks(const torch::Tensor& x, int64_t path);
+torch::Tensor unpacked_linear(const torch::Tensor& x, bool q8, const torch::Tensor& packed, int64_t n,
+                              const float* row_scales, const c10::optional<torch::Tensor>& bias);
+
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t path) {
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: q4_pack's bytes");
+  if (unpacks(x, path)) {
+    check_product("semline::q4_linear", x, packed, kRecord, n, bias);
+    return unpacked_linear(x, false, packed, n, nullptr, bias);
+  }
   return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, q4_kernels());
 }
 
@@ -995,6 +1004,10 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && format8_of(packed.size(2)) >= 0,
               "packed: q8_pack's bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
+  if (unpacks(x, path)) {
+    check_product("semline::q8_linear", x, packed, packed.size(2), scales.numel(), bias);
+    return unpacked_linear(x, true, packed, scales.numel(), scales.data_ptr<float>(), bias);
+  }
   return run_blocks("semline::q8_linear", x, packed, packed.size(2), scales.numel(), scales.data_ptr<float>(), bias,
                     path, q8_kernels(packed.size(2)));
 }
@@ -1031,4 +1044,284 @@ void team_linear(const QuantizedRows& xq, bool q8, const torch::Tensor& packed, 
     blocks_range<scalar_t>(pass, weights, record, xq, rows, k, n, row_scales, b,
                            out.data_ptr<scalar_t>(), begin, end);
   });
+}
+
+// --- Prefill: the records unpacked to bfloat16 for a matmul on AMX ---------------------------
+//
+// A prefill chunk's product (hundreds of activation rows) is compute-bound: the int8 tiles above
+// run it at 0.34-0.43 TFLOP/s on a 2-core Xeon, where torch's bfloat16 matmul (oneDNN on the
+// AMX tiles) runs the same 512 x 2048 x 8192 product at 1.4-1.5. So from `unpack_rows` rows up
+// (0: never; engine/kernels/__init__.py sets it where the CPU has AMX), q4_linear and q8_linear
+// unpack the layer's records to bfloat16 weights (each weight q * a + m in float32, rounded
+// once) into a per-thread buffer and call at::mm. Decode steps (a few rows: bandwidth-bound)
+// keep the packed kernels. The same unpacking reads rows of the weights in float32 for the
+// embeddings that share a packed head (packed_rows).
+
+namespace {
+
+int64_t g_unpack_rows = 0;
+// The most weights unpacked at once (64 MiB of bfloat16): a larger layer (an 8B model's fused
+// gate and up projections, a head scoring every position) goes in slabs of rows.
+int64_t g_unpack_slab = int64_t{1} << 25;
+
+// One (block, group): the weights as int8 q in the 8-bit record's step layout (step s, 64
+// bytes: 16 rows x inputs 4s .. 4s + 3) and per row w = q * a[half] + m.
+struct GroupWeights {
+  alignas(64) int8_t q[kRecord8];
+  float a[2][kRows];
+  float m[kRows];
+};
+
+// The q of one group, portably (the scalar kernels' accessors).
+template <typename Q>
+void steps_scalar(GroupWeights& gw, const Q& q_at) {
+  for (int64_t byte = 0; byte < kRecord8; ++byte) gw.q[byte] = static_cast<int8_t>(q_at(byte));
+}
+
+// Record format R (-1: the 4-bit record; else a Format8) of block `bytes`, group g.
+template <int R>
+void group_weights(const uint8_t* bytes, int64_t g, GroupWeights& gw) {
+  if constexpr (R == -1) {  // q in 0..15, d and m per row
+    const uint8_t* rec = bytes + g * kRecord;
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + kNibbles);
+#ifdef SEMLINE_Q4_VNNI
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int s = 0; s < 4; ++s) {
+      const __m512i v = _mm512_loadu_si512(rec + s * 64);
+      _mm512_store_si512(gw.q + 128 * s, _mm512_and_si512(v, low));
+      _mm512_store_si512(gw.q + 128 * s + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    }
+#else
+    steps_scalar(gw, [&](int64_t byte) {  // 8-bit step t: 4-bit step t / 2's low (even t) or high nibbles
+      const int64_t t = byte / 64;
+      const uint8_t v = rec[(t / 2) * 64 + byte % 64];
+      return t % 2 ? v >> 4 : v & 0xF;
+    });
+#endif
+    for (int64_t j = 0; j < kRows; ++j) {
+      gw.a[0][j] = gw.a[1][j] = half_to_float(d[j]);
+      gw.m[j] = half_to_float(d[kRows + j]);
+    }
+  } else if constexpr (R == kSix || R == kSixMin || R == kFive || R == kFiveMin || R == kSixK) {
+    constexpr int Bits = R == kFive || R == kFiveMin ? 5 : 6;
+    constexpr bool kMin = R == kSixMin || R == kFiveMin;
+    using N = Narrow<Bits, kMin, R == kSixK>;
+    const uint8_t* rec = N::record(bytes, g);
+#ifdef SEMLINE_Q4_VNNI
+    __m512i w[8];
+    if constexpr (Bits == 5) {
+      five_steps_vnni(rec, w);
+    } else {
+      six_steps_vnni(rec, w);
+    }
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(N::kOffset));
+    for (int s = 0; s < 8; ++s) _mm512_store_si512(gw.q + 64 * s, _mm512_sub_epi8(w[s], offset));
+#else
+    steps_scalar(gw, [&](int64_t byte) { return static_cast<int32_t>(N::at(rec, byte)) - N::kOffset; });
+#endif
+    const uint16_t* m = reinterpret_cast<const uint16_t*>(rec + N::kMinAt);
+    for (int64_t j = 0; j < kRows; ++j) {
+      gw.a[0][j] = N::half_scale(bytes, g, 0, j);
+      gw.a[1][j] = Bits == 5 ? gw.a[0][j] : N::half_scale(bytes, g, 1, j);
+      gw.m[j] = kMin ? half_to_float(m[j]) : 0.f;
+    }
+  } else {  // the 8-bit records: q as stored, their fields after the 512 bytes
+    const uint8_t* rec = bytes + g * record8_bytes(R);
+    std::memcpy(gw.q, rec, kRecord8);
+    const uint16_t* d = reinterpret_cast<const uint16_t*>(rec + kRecord8);
+    for (int64_t j = 0; j < kRows; ++j) {
+      gw.a[0][j] = R == kPerRow ? 1.f : half_to_float(d[j]);
+      gw.a[1][j] = R == kPerRow || R == kGroupScale ? gw.a[0][j] : half_to_float(d[kRows + j]);
+      gw.m[j] = R == kHalvesMin ? half_to_float(d[2 * kRows + j]) : 0.f;
+    }
+  }
+}
+
+// Row j of one group, its 32 weights q * (a * scale) + m * scale (a product, then a sum: as
+// blocks_to_float and PyTorch compute them), into out as float32 or bfloat16 (rounded once).
+template <typename Out>
+inline void write_row(const GroupWeights& gw, int64_t j, float scale, Out* out) {
+  static_assert(std::is_same<Out, float>::value || std::is_same<Out, uint16_t>::value, "float32 or bfloat16 bits");
+#ifdef SEMLINE_Q4_VNNI
+  // The row's 32 weights are 4 bytes of each of the 8 steps: one gather of 8 dwords.
+  const __m256i steps = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
+  const __m256i q = _mm256_i32gather_epi32(reinterpret_cast<const int*>(gw.q + 4 * j), steps, 1);
+  const __m512 m = _mm512_set1_ps(gw.m[j] * scale);
+  const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
+                                                _mm512_set1_ps(gw.a[0][j] * scale)), m);
+  const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
+                                                _mm512_set1_ps(gw.a[1][j] * scale)), m);
+  if constexpr (std::is_same<Out, float>::value) {
+    _mm512_storeu_ps(out, lo);
+    _mm512_storeu_ps(out + 16, hi);
+  } else {
+#ifdef __AVX512BF16__
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+#else
+    // Round to nearest even by hand (the weights are finite): bits + 0x7FFF + the kept lowest bit.
+    auto round = [](__m512 v) {
+      const __m512i bits = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      return _mm512_cvtepi32_epi16(_mm512_srli_epi32(
+          _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+    };
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), round(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), round(hi));
+#endif
+  }
+#else
+  for (int64_t i = 0; i < kGroup; ++i) {
+    const float q = static_cast<float>(gw.q[(i / 4) * 64 + j * 4 + i % 4]);
+    const float w = q * (gw.a[i / 16][j] * scale) + gw.m[j] * scale;
+    if constexpr (std::is_same<Out, float>::value) {
+      out[i] = w;
+    } else {
+      out[i] = c10::BFloat16(w).x;  // round to nearest even
+    }
+  }
+#endif
+}
+
+// Blocks [begin, end) of the weights in bfloat16: row r at out + r * K.
+template <int R>
+void unpack_blocks(const uint8_t* weights, int64_t record, int64_t groups, int64_t n, const float* row_scales,
+                   uint16_t* out, int64_t begin, int64_t end) {
+  const int64_t k = groups * kGroup;
+  GroupWeights gw;
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const uint8_t* bytes = weights + blk * groups * record;
+    const int64_t cols = std::min(kRows, n - blk * kRows);
+    for (int64_t g = 0; g < groups; ++g) {
+      group_weights<R>(bytes, g, gw);
+      for (int64_t j = 0; j < cols; ++j)
+        write_row(gw, j, row_scales == nullptr ? 1.f : row_scales[blk * kRows + j],
+                  out + (blk * kRows + j) * k + g * kGroup);
+    }
+  }
+}
+
+// Rows ids[begin, end) of the weights, in float32.
+template <int R>
+void rows_of(const uint8_t* weights, int64_t record, int64_t groups, const int64_t* ids, const float* row_scales,
+             float* out, int64_t begin, int64_t end) {
+  const int64_t k = groups * kGroup;
+  GroupWeights gw;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint8_t* bytes = weights + (ids[i] / kRows) * groups * record;
+    for (int64_t g = 0; g < groups; ++g) {
+      group_weights<R>(bytes, g, gw);
+      write_row(gw, ids[i] % kRows, row_scales == nullptr ? 1.f : row_scales[ids[i]], out + i * k + g * kGroup);
+    }
+  }
+}
+
+// f(std::integral_constant<int, R>()) for the record format R of a pack (-1: the 4-bit record).
+template <typename F>
+void with_format(bool q8, int64_t record, const F& f) {
+  if (!q8) return f(std::integral_constant<int, -1>());
+  switch (format8_of(record)) {
+    case kFive: return f(std::integral_constant<int, kFive>());
+    case kFiveMin: return f(std::integral_constant<int, kFiveMin>());
+    case kSix: return f(std::integral_constant<int, kSix>());
+    case kSixMin: return f(std::integral_constant<int, kSixMin>());
+    case kSixK: return f(std::integral_constant<int, kSixK>());
+    case kGroupScale: return f(std::integral_constant<int, kGroupScale>());
+    case kHalfScales: return f(std::integral_constant<int, kHalfScales>());
+    case kHalvesMin: return f(std::integral_constant<int, kHalvesMin>());
+    default: return f(std::integral_constant<int, kPerRow>());
+  }
+}
+
+// Blocks [block_begin, block_end) of the weights (rows 16 * block_begin ..) in bfloat16 into
+// `out`, [rows, K] from its first row.
+void unpack_into(bool q8, const torch::Tensor& packed, int64_t n, const float* row_scales, uint16_t* out,
+                 int64_t block_begin, int64_t block_end) {
+  const int64_t record = packed.size(2), groups = packed.size(1);
+  const uint8_t* weights = static_cast<const uint8_t*>(packed.data_ptr());
+  out -= block_begin * kRows * groups * kGroup;
+  with_format(q8, record, [&](auto format) {
+    at::parallel_for(block_begin, block_end, 1, [&](int64_t begin, int64_t end) {
+      unpack_blocks<decltype(format)::value>(weights, record, groups, n, row_scales, out, begin, end);
+    });
+  });
+}
+
+// What unpack_weights and packed_rows check: a q4_pack's or q8_pack's bytes for N rows, row scales.
+bool check_pack(const torch::Tensor& packed, int64_t n, const c10::optional<torch::Tensor>& scales) {
+  const bool q8 = packed.scalar_type() == at::kChar;
+  TORCH_CHECK(q8 ? packed.dim() == 3 && format8_of(packed.size(2)) >= 0 : packed.scalar_type() == at::kByte,
+              "packed: q4_pack's or q8_pack's bytes");
+  TORCH_CHECK(packed_layout(packed, q8 ? packed.size(2) : kRecord) && (n + kRows - 1) / kRows == packed.size(0),
+              "packed: not ", n, " rows");
+  TORCH_CHECK(!scales.has_value() || (scales->scalar_type() == at::kFloat && scales->numel() == n &&
+                                      scales->is_contiguous()), "scales: float32 [N]");
+  return q8;
+}
+
+}  // namespace
+
+torch::Tensor unpack_weights(const torch::Tensor& packed, int64_t n, const c10::optional<torch::Tensor>& scales) {
+  const bool q8 = check_pack(packed, n, scales);
+  auto out = torch::empty({n, packed.size(1) * kGroup}, torch::dtype(at::kBFloat16));
+  unpack_into(q8, packed, n, scales.has_value() ? scales->data_ptr<float>() : nullptr,
+              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), 0, packed.size(0));
+  return out;
+}
+
+torch::Tensor packed_rows(const torch::Tensor& packed, const torch::Tensor& ids, int64_t n,
+                          const c10::optional<torch::Tensor>& scales) {
+  const bool q8 = check_pack(packed, n, scales);
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "ids: int64 [M]");
+  const auto id = ids.contiguous();
+  TORCH_CHECK(id.numel() == 0 || (id.min().item<int64_t>() >= 0 && id.max().item<int64_t>() < n),
+              "ids: rows 0 .. ", n - 1);
+  const int64_t record = packed.size(2), groups = packed.size(1);
+  auto out = torch::empty({id.numel(), groups * kGroup}, torch::dtype(at::kFloat));
+  const uint8_t* weights = static_cast<const uint8_t*>(packed.data_ptr());
+  const float* row_scales = scales.has_value() ? scales->data_ptr<float>() : nullptr;
+  with_format(q8, record, [&](auto format) {
+    at::parallel_for(0, id.numel(), 16, [&](int64_t begin, int64_t end) {
+      rows_of<decltype(format)::value>(weights, record, groups, id.data_ptr<int64_t>(), row_scales,
+                                       out.data_ptr<float>(), begin, end);
+    });
+  });
+  return out;
+}
+
+void set_unpack_rows(int64_t rows, int64_t slab_weights) {
+  g_unpack_rows = rows;
+  g_unpack_slab = slab_weights;
+}
+int64_t unpack_rows() { return g_unpack_rows; }
+
+bool unpacks(const torch::Tensor& x, int64_t path) {
+  return path == kBest && g_unpack_rows > 0 && x.size(0) >= g_unpack_rows && x.scalar_type() == at::kBFloat16;
+}
+
+torch::Tensor unpacked_linear(const torch::Tensor& x, bool q8, const torch::Tensor& packed, int64_t n,
+                              const float* row_scales, const c10::optional<torch::Tensor>& bias) {
+  RECORD_FUNCTION("semline::unpacked_linear", std::vector<c10::IValue>({x}));
+  const int64_t k = packed.size(1) * kGroup, blocks = packed.size(0);
+  const int64_t slab = std::max<int64_t>(1, std::min(blocks, g_unpack_slab / (kRows * k)));  // blocks at once
+  // One buffer a thread, kept: freshly allocated each call, a layer's bfloat16 weights (32 MiB
+  // at 2048 x 8192) would be first-touched page by page (unpacking alone 2-3 ms -> 11).
+  thread_local torch::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < slab * kRows * k)
+    buffer = torch::empty({slab * kRows * k}, torch::dtype(at::kBFloat16));
+  uint16_t* bytes = reinterpret_cast<uint16_t*>(buffer.data_ptr<at::BFloat16>());
+  torch::Tensor out;
+  if (slab < blocks) out = torch::empty({x.size(0), n}, x.options());
+  for (int64_t b0 = 0; b0 < blocks; b0 += slab) {
+    const int64_t b1 = std::min(blocks, b0 + slab), r0 = b0 * kRows, rows = std::min(n, b1 * kRows) - r0;
+    unpack_into(q8, packed, n, row_scales, bytes, b0, b1);
+    const torch::Tensor w = buffer.narrow(0, 0, rows * k).view({rows, k}).t();
+    if (slab >= blocks) return bias.has_value() ? at::addmm(*bias, x, w) : at::mm(x, w);
+    torch::Tensor part = out.narrow(1, r0, rows);
+    if (bias.has_value()) {
+      part.copy_(at::addmm(bias->narrow(0, r0, rows), x, w));
+    } else {
+      part.copy_(at::mm(x, w));
+    }
+  }
+  return out;
 }

@@ -930,6 +930,26 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
+c10::optional<torch::Tensor> silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up: contiguous [T, 2 * I]");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = torch::empty({rows, inter}, gate_up.options());
+  bool done = true;
+  SEMLINE_DISPATCH(gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* in = gate_up.data_ptr<scalar_t>();
+    scalar_t* y = out.data_ptr<scalar_t>();
+    done = silu_mul_rows<scalar_t>(in, y, 0, inter);  // whether this build matches ATen here
+    if (done) {
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        silu_mul_rows<scalar_t>(in + begin * 2 * inter, y + begin * inter, end - begin, inter);
+      });
+    }
+  });
+  if (!done) return c10::nullopt;
+  return out;
+}
+
 void rotary_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, "q, k: [T, heads, D]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes(), "cos, sin: [T, D]");
@@ -1320,6 +1340,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("softcap") = 0.0);
   m.def("rms_norm", &rms_norm, "Llama's RMSNorm, fused (CPU)", nogil());
   m.def("argmax_rows", &argmax_rows, "Each row's argmax, as torch.argmax(dim=-1) (float32, CPU)", nogil());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up] rows as PyTorch rounds it, threads over the "
+        "rows; None where this build cannot match ATen's (CPU)", nogil());
   m.def("rotary_", &rotary_, "Rotary embedding of q and k in place (CPU)", nogil());
 
   m.def("q4_paths", &q4_paths, "The W4A8 kernel paths compiled for this CPU");
@@ -1335,6 +1357,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x @ W^T for q4_pack'ed 4-bit weights (CPU)", nogil(), pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("path") = -1);
+  m.def("unpack_weights", &unpack_weights, "q4_pack'ed or q8_pack'ed weights as bfloat16 [N, K] (CPU)", nogil(),
+        pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("scales") = pybind11::none());
+  m.def("packed_rows", &packed_rows, "Rows of q4_pack'ed or q8_pack'ed weights in float32 (CPU)", nogil(),
+        pybind11::arg("packed"), pybind11::arg("ids"), pybind11::arg("n"), pybind11::arg("scales") = pybind11::none());
+  m.def("set_unpack_rows", &set_unpack_rows, "From how many activation rows q4_linear and q8_linear multiply "
+        "bfloat16 activations by unpacked bfloat16 weights (0: never), at most slab_weights at a time",
+        pybind11::arg("rows"), pybind11::arg("slab_weights") = int64_t{1} << 25);
+  m.def("unpack_rows", &unpack_rows);
   pybind11::class_<LinearSpec>(m, "LinearSpec")
       .def(pybind11::init([](int64_t kind, torch::Tensor weight, c10::optional<torch::Tensor> scales,
                              c10::optional<torch::Tensor> bias, int64_t group_size) {

@@ -293,6 +293,15 @@ def test_fused_rms_norm_and_rotary_round_as_pytorch_does(dtype):
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
     q_view, k_view = rotary(q, k, positions)  # in place, through the views into qkv
     assert q_view.data_ptr() == q.data_ptr() and torch.equal(qkv[:, :128].view(5, 4, 32), want_q)
+    # The gated MLP's SiLU product, its rows over the threads (a prefill chunk's 70 rows).
+    from engine.models.layers import GatedMLP
+
+    mlp = GatedMLP(64, 128, bias=False, activation="silu").to(dtype)
+    x = torch.randn(70, 64).to(dtype)
+    expected = mlp(x)
+    mlp.kernel = kernel  # (ATen's own calls where this build cannot match its vector width)
+    assert torch.equal(mlp(x), expected)
+    assert " avx512f " not in open("/proc/cpuinfo").read() or kernel.silu_mul(mlp.gate_up_proj(x)) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -498,6 +507,77 @@ def test_gguf_blocks_packed_in_place_are_the_records_of_their_integers(kinds):
     assert torch.equal(packed, record(want))
     with pytest.raises(RuntimeError, match="outside"):  # a window past the row's end
         kernel.gguf_pack(raws, types, first, row_part, torch.cat(orders), 768, size)
+
+
+# Every record format: the 4-bit one (320), 5-bit (352, 384), 6-bit (420, 448, 480), 8-bit
+# with group fields (544, 576, 608); the per-row 512 is the HF int8 layer's (below).
+UNPACK_CASES = [["Q4_K"], ["Q5_0"], ["Q5_K"], ["Q6_K"], ["Q5_0", "Q6_K"], ["Q4_K", "Q6_K"], ["Q8_0"],
+                ["Q8_0", "Q6_K"], ["Q4_K", "Q6_K", "Q8_0"]]
+
+
+@pytest.mark.parametrize("kinds", UNPACK_CASES + [["int8 rows"]], ids=lambda kinds: "+".join(kinds))
+def test_prefill_rows_multiply_the_records_unpacked_to_bfloat16(kinds):
+    """A prefill chunk's product on AMX: each record format unpacks to exactly the layer's
+    weights rounded to bfloat16 (rows read back in float32: the weights themselves); from
+    set_unpack_rows' rows up, q4_linear and q8_linear on bfloat16 activations compute
+    x @ unpacked^T (+ bias) through torch's matmul, and below it, on float32 activations or
+    on a named path, the int8 kernels as before."""
+    from engine.gguf_weights import blocks_to_float, packed_form, packed_linear, read_blocks
+    from engine.quantization import CpuW8A8Linear, packed_rows, quantize_rows
+
+    kernel = load_paged_attention()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available here")
+    k = 512
+    if kinds == ["int8 rows"]:
+        q, scales = quantize_rows(torch.randn(37, k))
+        layer = CpuW8A8Linear(q, scales, torch.randn(37), torch.bfloat16)
+        held = q.float() * scales[:, None]
+    else:
+        parts = []
+        for seed, kind in enumerate(kinds):
+            data, qtype = random_gguf_blocks(kind, 16 * (seed + 1) + 5, k, seed)
+            parts.append(read_blocks(data, 16 * (seed + 1) + 5, k, int(qtype)))
+        layer = packed_linear(parts, torch.randn(sum(len(part[0]) for part in parts)), torch.bfloat16)
+        held = blocks_to_float(*packed_form(parts)[1:])
+    four_bit = hasattr(layer, "q4_packed")
+    packed, n = (layer.q4_packed, layer.out_features) if four_bit else (layer.q8_packed, layer.out_features)
+    scales = None if four_bit else layer.scales
+    unpacked = kernel.unpack_weights(packed, n, scales)
+    assert unpacked.dtype == torch.bfloat16 and torch.equal(unpacked, held.bfloat16())
+    ids = torch.tensor([n - 1, 0, 17, 16, 15, 3, 17])
+    assert torch.equal(packed_rows(layer, ids), held[ids])
+    torch.manual_seed(4)
+    x = torch.randn(40, k).bfloat16()
+    bias = layer.bias.bfloat16()
+
+    def linear(x, path=-1):
+        b = bias.to(x.dtype)
+        return kernel.q4_linear(x, packed, n, b, path) if four_bit else kernel.q8_linear(x, packed, scales, b, path)
+
+    before = kernel.unpack_rows()
+    try:
+        kernel.set_unpack_rows(0)
+        int8 = linear(x)
+        kernel.set_unpack_rows(40)
+        assert torch.equal(linear(x), torch.addmm(bias, x, unpacked.t()))
+        kernel.set_unpack_rows(40, 16 * k)  # a larger layer's slabs of rows (one block at a time)
+        slabs = torch.addmm(bias, x, unpacked.t())
+        assert (linear(x) - slabs).abs().max() <= 2**-7 * slabs.abs().max()  # matmul's own blocking aside
+        kernel.set_unpack_rows(40)
+        assert not torch.equal(int8, linear(x))  # two different computations...
+        exact = x.double() @ held.double().t() + bias.double()
+        for got in (int8, linear(x)):  # ... of the same product
+            assert (got.double() - exact).norm() <= 0.04 * exact.norm()
+        assert torch.equal(linear(x[:39]), int8[:39])  # fewer rows than set: the int8 kernel
+        assert torch.equal(linear(x, len(kernel.q4_paths()) - 1), int8)  # a named path: that kernel
+        assert torch.equal(linear(x.float()), linear(x.float(), len(kernel.q4_paths()) - 1))
+    finally:
+        kernel.set_unpack_rows(before)
+    with pytest.raises(RuntimeError, match=f"not {n + 16} rows"):
+        kernel.unpack_weights(packed, n + 16, None)
+    with pytest.raises(RuntimeError, match="ids: rows"):
+        kernel.packed_rows(packed, torch.tensor([n]), n, scales)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
