@@ -1137,20 +1137,49 @@ void group_weights(const uint8_t* bytes, int64_t g, GroupWeights& gw) {
   }
 }
 
-// Row j of one group, its 32 weights q * (a * scale) + m * scale (a product, then a sum: as
+// The group's q as 16 rows of 32 (row j's inputs in order), from the step layout (step s holds
+// row j's inputs 4s .. 4s + 3 at bytes 64s + 4j): an 8 x 16 transpose of dwords.
+inline void rows_major(const int8_t* steps, int8_t* rows) {
+#ifdef SEMLINE_Q4_VNNI
+  __m512i w[8], t[8], u[8];
+  for (int s = 0; s < 8; ++s) w[s] = _mm512_load_si512(steps + 64 * s);
+  for (int s = 0; s < 8; s += 2) {  // per 128-bit lane L (rows 4L .. 4L + 3): steps s, s + 1 of rows 4L, 4L + 1 | 4L + 2, 4L + 3
+    t[s] = _mm512_unpacklo_epi32(w[s], w[s + 1]);
+    t[s + 1] = _mm512_unpackhi_epi32(w[s], w[s + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // u[4h + i], lane L: row 4L + i, steps 4h .. 4h + 3
+    u[4 * h + 0] = _mm512_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 1] = _mm512_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+    u[4 * h + 2] = _mm512_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+    u[4 * h + 3] = _mm512_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+  }
+  const __m512i lanes01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);  // rows i, 4 + i
+  const __m512i lanes23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);  // rows 8 + i, 12 + i
+  for (int i = 0; i < 4; ++i) {
+    const __m512i a = _mm512_permutex2var_epi64(u[i], lanes01, u[4 + i]);
+    const __m512i b = _mm512_permutex2var_epi64(u[i], lanes23, u[4 + i]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 32 * i), _mm512_castsi512_si256(a));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 32 * (4 + i)), _mm512_extracti64x4_epi64(a, 1));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 32 * (8 + i)), _mm512_castsi512_si256(b));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows + 32 * (12 + i)), _mm512_extracti64x4_epi64(b, 1));
+  }
+#else
+  for (int64_t j = 0; j < kRows; ++j)
+    for (int64_t s = 0; s < 8; ++s) std::memcpy(rows + 32 * j + 4 * s, steps + 64 * s + 4 * j, 4);
+#endif
+}
+
+// One row's 32 weights q[i] * (a[i / 16] * scale) + m * scale (a product, then a sum: as
 // blocks_to_float and PyTorch compute them), into out as float32 or bfloat16 (rounded once).
 template <typename Out>
-inline void write_row(const GroupWeights& gw, int64_t j, float scale, Out* out) {
+inline void write_row(const int8_t* q, float a0, float a1, float m_, float scale, Out* out) {
   static_assert(std::is_same<Out, float>::value || std::is_same<Out, uint16_t>::value, "float32 or bfloat16 bits");
 #ifdef SEMLINE_Q4_VNNI
-  // The row's 32 weights are 4 bytes of each of the 8 steps: one gather of 8 dwords.
-  const __m256i steps = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
-  const __m256i q = _mm256_i32gather_epi32(reinterpret_cast<const int*>(gw.q + 4 * j), steps, 1);
-  const __m512 m = _mm512_set1_ps(gw.m[j] * scale);
-  const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
-                                                _mm512_set1_ps(gw.a[0][j] * scale)), m);
-  const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
-                                                _mm512_set1_ps(gw.a[1][j] * scale)), m);
+  const __m512 m = _mm512_set1_ps(m_ * scale);
+  const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))), _mm512_set1_ps(a0 * scale)), m);
+  const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)))), _mm512_set1_ps(a1 * scale)), m);
   if constexpr (std::is_same<Out, float>::value) {
     _mm512_storeu_ps(out, lo);
     _mm512_storeu_ps(out + 16, hi);
@@ -1171,8 +1200,7 @@ inline void write_row(const GroupWeights& gw, int64_t j, float scale, Out* out) 
   }
 #else
   for (int64_t i = 0; i < kGroup; ++i) {
-    const float q = static_cast<float>(gw.q[(i / 4) * 64 + j * 4 + i % 4]);
-    const float w = q * (gw.a[i / 16][j] * scale) + gw.m[j] * scale;
+    const float w = static_cast<float>(q[i]) * ((i < 16 ? a0 : a1) * scale) + m_ * scale;
     if constexpr (std::is_same<Out, float>::value) {
       out[i] = w;
     } else {
@@ -1188,14 +1216,16 @@ void unpack_blocks(const uint8_t* weights, int64_t record, int64_t groups, int64
                    uint16_t* out, int64_t begin, int64_t end) {
   const int64_t k = groups * kGroup;
   GroupWeights gw;
+  alignas(64) int8_t rows[kRecord8];
   for (int64_t blk = begin; blk < end; ++blk) {
     const uint8_t* bytes = weights + blk * groups * record;
     const int64_t cols = std::min(kRows, n - blk * kRows);
     for (int64_t g = 0; g < groups; ++g) {
       group_weights<R>(bytes, g, gw);
+      rows_major(gw.q, rows);
       for (int64_t j = 0; j < cols; ++j)
-        write_row(gw, j, row_scales == nullptr ? 1.f : row_scales[blk * kRows + j],
-                  out + (blk * kRows + j) * k + g * kGroup);
+        write_row(rows + 32 * j, gw.a[0][j], gw.a[1][j], gw.m[j],
+                  row_scales == nullptr ? 1.f : row_scales[blk * kRows + j], out + (blk * kRows + j) * k + g * kGroup);
     }
   }
 }
@@ -1206,11 +1236,15 @@ void rows_of(const uint8_t* weights, int64_t record, int64_t groups, const int64
              float* out, int64_t begin, int64_t end) {
   const int64_t k = groups * kGroup;
   GroupWeights gw;
+  int8_t row[kGroup];
   for (int64_t i = begin; i < end; ++i) {
     const uint8_t* bytes = weights + (ids[i] / kRows) * groups * record;
+    const int64_t j = ids[i] % kRows;
     for (int64_t g = 0; g < groups; ++g) {
       group_weights<R>(bytes, g, gw);
-      write_row(gw, ids[i] % kRows, row_scales == nullptr ? 1.f : row_scales[ids[i]], out + i * k + g * kGroup);
+      for (int64_t s = 0; s < 8; ++s) std::memcpy(row + 4 * s, gw.q + 64 * s + 4 * j, 4);
+      write_row(row, gw.a[0][j], gw.a[1][j], gw.m[j], row_scales == nullptr ? 1.f : row_scales[ids[i]],
+                out + i * k + g * kGroup);
     }
   }
 }
