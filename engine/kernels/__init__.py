@@ -94,8 +94,8 @@ def load_paged_attention():
 
 # From this many activation rows (a prefill chunk's tokens), the 4- and 8-bit layers multiply
 # bfloat16 activations by their weights unpacked to bfloat16 through torch's matmul, where
-# oneDNN runs it on the AMX tiles: 2.9-3.9x the int8 kernels at 512 rows of a 2048 x 8192
-# layer on a 2-core Xeon (unpacking included); even at 64 rows, ahead from ~100.
+# oneDNN runs it on the AMX tiles: on a 2-core Xeon, a 2048 x 8192 layer (unpacking included)
+# ran 2.9-3.9x the int8 kernels' rate at 512 rows, 1.4-2.1x at 128, about even at 64.
 UNPACK_ROWS_WITH_AMX = 128
 
 
