@@ -174,8 +174,8 @@ async def large_prompt(http: httpx.AsyncClient, args) -> dict:
 
     async def large() -> None:
         await asyncio.sleep(3.0)
-        words = (" ".join(TEXT) + " ") * (args.large_prompt_mib * 2**20 // (len(" ".join(TEXT)) + 1) + 1)
-        body = {"model": MODEL, "messages": [{"role": "user", "content": words[:args.large_prompt_mib * 2**20]}],
+        text, size = " ".join(TEXT) + " ", args.large_prompt_mib * 2**20
+        body = {"model": MODEL, "messages": [{"role": "user", "content": (text * (size // len(text) + 1))[:size]}],
                 "max_tokens": 8, "stream": True}
         marks["sent"] = time.perf_counter()
         reply = await http.post("/v1/chat/completions", json=body)

@@ -313,13 +313,24 @@ void check_product(const char* name, const torch::Tensor& x, const torch::Tensor
   TORCH_CHECK(bias_fits(bias, x.scalar_type(), n), "bias: [N] in x's dtype");
 }
 
+}  // namespace
+
+// Prefill chunks' products through bfloat16 weights (the last section of this file).
+bool unpacks(const torch::Tensor& x, int64_t path);
+torch::Tensor unpacked_linear(const torch::Tensor& x, bool q8, const torch::Tensor& packed, int64_t n,
+                              const float* row_scales, const c10::optional<torch::Tensor>& bias);
+
+namespace {
+
 // What q4_linear and q8_linear share: the checks, the activations quantized once, the weight
-// blocks split over the threads (each thread's blocks stream from memory in one run).
+// blocks split over the threads (each thread's blocks stream from memory in one run); from the
+// unpacking threshold's rows up on the best path, the unpacked bfloat16 product instead.
 // kernels[path]: the pass for each path (scalar, AVX2, VNNI).
 torch::Tensor run_blocks(const char* name, const torch::Tensor& x, const torch::Tensor& packed, int64_t record,
                          int64_t n, const float* row_scales, const c10::optional<torch::Tensor>& bias,
                          int64_t path, const BlockFn* kernels) {
   check_product(name, x, packed, record, n, bias);
+  if (unpacks(x, path)) return unpacked_linear(x, packed.scalar_type() == at::kChar, packed, n, row_scales, bias);
   const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0);
   if (path == kBest) path = best_path();
   TORCH_CHECK(path >= kScalar && path <= best_path(), "path ", path, " is not compiled for this CPU");
@@ -406,18 +417,9 @@ const BlockFn* q4_kernels() {
 
 }  // namespace
 
-// Prefill chunks' products through bfloat16 weights (the last section of this file).
-bool unpacks(const torch::Tensor& x, int64_t path);
-torch::Tensor unpacked_linear(const torch::Tensor& x, bool q8, const torch::Tensor& packed, int64_t n,
-                              const float* row_scales, const c10::optional<torch::Tensor>& bias);
-
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                         const c10::optional<torch::Tensor>& bias, int64_t path) {
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed: q4_pack's bytes");
-  if (unpacks(x, path)) {
-    check_product("semline::q4_linear", x, packed, kRecord, n, bias);
-    return unpacked_linear(x, false, packed, n, nullptr, bias);
-  }
   return run_blocks("semline::q4_linear", x, packed, kRecord, n, nullptr, bias, path, q4_kernels());
 }
 
@@ -1004,10 +1006,6 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 3 && format8_of(packed.size(2)) >= 0,
               "packed: q8_pack's bytes");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: float32 [N]");
-  if (unpacks(x, path)) {
-    check_product("semline::q8_linear", x, packed, packed.size(2), scales.numel(), bias);
-    return unpacked_linear(x, true, packed, scales.numel(), scales.data_ptr<float>(), bias);
-  }
   return run_blocks("semline::q8_linear", x, packed, packed.size(2), scales.numel(), scales.data_ptr<float>(), bias,
                     path, q8_kernels(packed.size(2)));
 }
